@@ -1,0 +1,135 @@
+"""The collector contract: read one source from a saved cursor and yield typed raw events in batches.
+
+A collector knows one on-disk format and nothing else: no database, no config file, no torch. It yields
+`Batch`es; each batch carries the cursor that points just past it, and the store commits a batch's
+events, rejects and cursor in one transaction. So a crash between batches resumes exactly where the last
+committed batch ended, and a crash inside one re-reads it (upserts on each event's key make that a no-op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+EXCERPT_CHARS = 160
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds every collector honours; they come from the `[collect]` config section."""
+
+    batch_events: int = 2000  # events per batch, i.e. per store transaction
+    # Lines longer than this are rejected unread: a real Continue autocomplete line is 2-20 KB, and 1 MiB
+    # bounds the memory one bad line can take (a crashed writer can leave megabytes without a newline).
+    max_line_bytes: int = 1 << 20
+    max_file_bytes: int = 512 * 1024  # committed files (and per-file diffs) larger than this are not kept
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where collection stopped in one stream of a source.
+
+    A file stream is identified by a hash of its first `head_len` bytes rather than its inode: editors,
+    rsync and backups replace files, and an append-only log keeps its head. A git stream is a ref.
+    """
+
+    stream: str  # file path relative to the source root, or a git ref name
+    offset: int = 0  # file: bytes consumed (always at a line boundary)
+    head_sha1: str = ""  # file: sha1 of the first `head_len` bytes when the cursor was saved
+    head_len: int = 0
+    sha: str = ""  # git: the commit the ref pointed at when its history was last harvested
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One code suggestion shown to a developer, and what they did with it."""
+
+    key: str  # the writer's own id (Continue completionId, Tabby completion_id): the dedupe key
+    source_kind: str  # "continue" | "tabby"
+    event_kind: str  # "autocomplete", ...
+    shown_at: datetime  # UTC, naive
+    accepted: bool
+    partial: bool  # accepted only in part (Tabby accept-line/word)
+    filepath: str  # as logged: a file URI (Continue) or a repo-relative path (Tabby)
+    prefix: str | None  # raw editor text before the cursor, when recoverable
+    prefix_compiled: str | None  # the prefix exactly as logged (may hold retrieved-context headers)
+    prefix_recovery: str  # how `prefix` was obtained from the logged one: see continue_dev.recover_prefix
+    suffix: str | None
+    completion: str | None
+    repo: str | None  # "owner/name" when the writer knew the git remote
+    model: str | None
+    user_ids: tuple[str, ...]  # identities the writer logged, strongest first (userId, uniqueId, ...)
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One file a commit added or modified, with its new content when it is text and small enough."""
+
+    path: str
+    status: str  # "A" added, "M" modified, "D" deleted, "T" type change
+    blob: str  # new blob sha ("" when deleted)
+    added: tuple[tuple[int, int], ...]  # 1-based inclusive line ranges the commit added in the new file
+    diff: str  # the patch for this file, as `git log -p --unified=0` prints it
+    content: str | None  # the file after the commit; None when binary, deleted or too large
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One commit reachable from a repository's HEAD."""
+
+    sha: str
+    parents: tuple[str, ...]
+    author_name: str
+    author_email: str
+    authored_at: datetime  # UTC, naive
+    committed_at: datetime  # UTC, naive
+    message: str
+    files: tuple[FileChange, ...]
+
+
+RawEvent = Suggestion | Commit
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A line that could not be parsed: it goes to the quarantine table, and collection goes on."""
+
+    stream: str
+    offset: int
+    length: int
+    line_sha1: str
+    reason: str
+    excerpt: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Events and rejects read from one stream, and the cursor just past them."""
+
+    events: tuple[RawEvent, ...]
+    rejects: tuple[Reject, ...]
+    cursor: Cursor
+    note: str = ""  # something worth logging once, e.g. "file was replaced: re-reading from the start"
+
+
+class Collector(Protocol):
+    """Reads one kind of source. The built-ins and any third-party collector go through `COLLECTORS`."""
+
+    kind: str
+
+    def streams(self, root: Path) -> list[str]:
+        """The streams under `root` this collector reads (files relative to root, or git refs)."""
+        ...
+
+    def collect(self, root: Path, stream: str, cursor: Cursor | None, limits: Limits) -> Iterator[Batch]:
+        """Yield batches from `stream` after `cursor`; the last batch's cursor is where the next run starts."""
+        ...
+
+
+def excerpt(raw: bytes) -> str:
+    """A short printable prefix of a rejected line (scrubbed again before it is stored)."""
+    text = raw[: EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
+    return text[:EXCERPT_CHARS]

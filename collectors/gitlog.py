@@ -1,0 +1,200 @@
+"""Git history reachable from a repository's HEAD, streamed from one `git log` process.
+
+One `git log --raw -p --unified=0` process walks the whole history (a process per commit costs ~5 ms each,
+50 s for a 10k-commit repository); file contents come from GitPython's persistent `git cat-file --batch`.
+Merge commits are stored without files (`--diff-merges=off`): their changes are already in the commits
+they merge. The zero-context patch gives the exact line ranges each commit added, which is what the
+FIM builder cuts its middles from.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import git
+
+from collectors.base import Batch, Commit, Cursor, FileChange, Limits, RawEvent
+
+RECORD, FIELD = b"\x1e", b"\x1f"
+LOG_FORMAT = "%x1e%H%x1f%P%x1f%an%x1f%aE%x1f%at%x1f%ct%x1f%B%x1f"
+_HUNK = re.compile(rb"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@", re.M)
+_TEXT_MODES = {"100644", "100755"}  # regular files; 120000 links and 160000 submodules carry no code
+
+
+class GitError(Exception):
+    """A git source that cannot be read; the message says what to fix."""
+
+
+class GitCollector:
+    kind = "git"
+
+    def streams(self, root: Path) -> list[str]:
+        return ["HEAD"]
+
+    def collect(self, root: Path, stream: str, cursor: Cursor | None, limits: Limits) -> Iterator[Batch]:
+        repo = open_repo(root)
+        try:
+            head = repo.head.commit.hexsha
+        except ValueError:
+            return  # no commits yet
+        if cursor is not None and cursor.sha == head:
+            return
+        revs = [head]
+        note = ""
+        if cursor is not None and cursor.sha:
+            if _is_commit(repo, cursor.sha):
+                revs.append(f"^{cursor.sha}")
+                if not repo.is_ancestor(cursor.sha, head):
+                    note = f"{stream} moved from {cursor.sha[:12]} to {head[:12]} without fast-forward " \
+                           "(force-push or reset): harvesting the new history"
+            else:
+                note = f"last harvested commit {cursor.sha[:12]} is gone: re-walking the whole history"
+        unchanged = cursor or Cursor(stream=stream)
+        batch: list[RawEvent] = []
+        for commit in iter_commits(repo, revs, limits.max_file_bytes):
+            batch.append(commit)
+            if len(batch) >= limits.batch_events:
+                # git log walks newest first, so no single sha marks "everything before here is stored":
+                # the cursor moves only at the end, and a re-walk after a crash is deduplicated by sha.
+                yield Batch(tuple(batch), (), unchanged, note)
+                batch, note = [], ""
+        yield Batch(tuple(batch), (), Cursor(stream=stream, sha=head), note)
+
+
+def open_repo(root: Path) -> git.Repo:
+    try:
+        return git.Repo(root)
+    except git.NoSuchPathError as e:
+        raise GitError(f"git source {root} does not exist: fix [[sources]] path") from e
+    except git.InvalidGitRepositoryError as e:
+        raise GitError(f"git source {root} is not a git repository: point [[sources]] path at one") from e
+
+
+def count_commits(root: Path, cursor: Cursor | None) -> int:
+    """How many commits a harvest from `cursor` will walk (for progress and ETA)."""
+    repo = open_repo(root)
+    try:
+        revs = [repo.head.commit.hexsha]
+    except ValueError:
+        return 0
+    if cursor is not None and cursor.sha and _is_commit(repo, cursor.sha):
+        revs.append(f"^{cursor.sha}")
+    return int(repo.git.rev_list("--count", *revs))
+
+
+def remote_name(root: Path) -> str:
+    """The repository's "owner/name" from its origin remote, or its folder name when it has none."""
+    repo = open_repo(root)
+    remotes = {r.name: r for r in repo.remotes}
+    remote = remotes.get("origin") or next(iter(remotes.values()), None)
+    if remote is not None:
+        urls = list(remote.urls)
+        if urls:
+            from collectors.continue_dev import normalize_repo
+
+            return normalize_repo(urls[0])
+    return Path(repo.working_tree_dir or root).resolve().name.lower()
+
+
+def _is_commit(repo: git.Repo, sha: str) -> bool:
+    try:
+        return repo.commit(sha).type == "commit"
+    except (ValueError, git.BadName):
+        return False
+
+
+def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int) -> Iterator[Commit]:
+    """Every commit in `revs` (git rev-list syntax), newest first, with files, diffs and contents."""
+    # `repo.git(c=...)` puts the option before the subcommand: `git -c core.quotePath=false log ...`.
+    proc = repo.git(c="core.quotePath=false").log(
+        "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames", "--no-abbrev", "--full-index",
+        "--raw", "-p", "--unified=0", "--diff-merges=off", f"--format={LOG_FORMAT}", *revs, "--",
+        as_process=True,
+    )
+    assert proc.stdout is not None
+    pending = b""
+    try:
+        while chunk := proc.stdout.read(1 << 20):
+            pending += chunk
+            records = pending.split(RECORD)
+            pending = records.pop()
+            for record in records:
+                if record:
+                    yield _parse_record(repo, record, max_file_bytes)
+        if pending:
+            yield _parse_record(repo, pending, max_file_bytes)
+    finally:
+        proc.stdout.close()
+        proc.wait()
+
+
+def _parse_record(repo: git.Repo, record: bytes, max_file_bytes: int) -> Commit:
+    sha, parents, name, email, at, ct, message, rest = record.split(FIELD, 7)
+    raw_lines: list[bytes] = []
+    diffs: list[bytes] = []
+    for line in rest.split(b"\n"):
+        if line.startswith(b":") and not diffs:
+            raw_lines.append(line)
+        elif line.startswith(b"diff --git "):
+            diffs.append(line + b"\n")
+        elif diffs:
+            diffs[-1] += line + b"\n"
+    files = []
+    for i, raw in enumerate(raw_lines):
+        change = _file_change(repo, raw, diffs[i] if i < len(diffs) else b"", max_file_bytes)
+        if change is not None:
+            files.append(change)
+    return Commit(
+        sha=sha.decode(),
+        parents=tuple(parents.decode().split()),
+        author_name=name.decode("utf-8", "replace"),
+        author_email=email.decode("utf-8", "replace").strip().lower(),
+        authored_at=datetime.fromtimestamp(int(at), UTC).replace(tzinfo=None),
+        committed_at=datetime.fromtimestamp(int(ct), UTC).replace(tzinfo=None),
+        message=message.decode("utf-8", "replace").strip(),
+        files=tuple(files),
+    )
+
+
+def _file_change(repo: git.Repo, raw: bytes, diff: bytes, max_file_bytes: int) -> FileChange | None:
+    # ":100644 100644 <old sha> <new sha> M\tpath"
+    meta, _, path_bytes = raw.partition(b"\t")
+    _, new_mode, _, new_blob, status = meta[1:].decode().split(" ")
+    path = _unquote_path(path_bytes)
+    status = status[:1]
+    if status != "D" and new_mode not in _TEXT_MODES:
+        return None
+    added = tuple((int(m.group(1)), int(m.group(1)) + int(m.group(2) or 1) - 1)
+                  for m in _HUNK.finditer(diff) if m.group(2) != b"0")
+    content = None
+    if status != "D" and b"\nBinary files " not in diff:
+        content = _read_text_blob(repo, new_blob, max_file_bytes)
+    diff_text = diff.decode("utf-8", "replace")
+    if len(diff) > max_file_bytes:
+        diff_text = diff_text[:max_file_bytes] + f"\n[devtune: diff cut at {max_file_bytes} bytes]\n"
+    return FileChange(path=path, status=status, blob="" if status == "D" else new_blob, added=added,
+                      diff=diff_text, content=content)
+
+
+def _read_text_blob(repo: git.Repo, blob: str, max_file_bytes: int) -> str | None:
+    binsha = bytes.fromhex(blob)
+    if repo.odb.info(binsha).size > max_file_bytes:
+        return None
+    data = repo.odb.stream(binsha).read()
+    if b"\0" in data[:8000]:  # git's own binary heuristic
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _unquote_path(raw: bytes) -> str:
+    # Even with core.quotePath=false git C-quotes names holding '"', '\\' or control characters.
+    if raw.startswith(b'"') and raw.endswith(b'"'):
+        raw = codecs.escape_decode(raw[1:-1])[0]
+    return raw.decode("utf-8", "replace")

@@ -1,0 +1,120 @@
+"""Tail an append-only JSON Lines file from a byte offset, with the line policy every log collector shares.
+
+Policy: split on b"\\n"; skip blank lines; a line longer than `max_line_bytes` is rejected without being
+parsed or held in memory; a last line with no newline yet is left for the next run (Tabby flushes every
+5 s and Continue appends with a single write, so a missing newline means a write in progress, not garbage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from collectors.base import Cursor, Reject, excerpt
+
+HEAD_BYTES = 4096  # the identity of a log file: its first 4 KiB (or all of it while it is shorter)
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Line:
+    offset: int
+    raw: bytes  # without the trailing newline
+    end: int  # offset just past the newline
+
+
+@dataclass(frozen=True)
+class Oversized:
+    offset: int
+    head: bytes  # the first bytes, for the excerpt
+    end: int
+
+
+def head_digest(path: Path, length: int) -> str:
+    with path.open("rb") as f:
+        return hashlib.sha1(f.read(length)).hexdigest()
+
+
+def resume_offset(path: Path, cursor: Cursor | None) -> tuple[int, str]:
+    """Where to resume reading `path`, and a note when the saved cursor no longer fits the file."""
+    if cursor is None or cursor.offset == 0:
+        return 0, ""
+    size = path.stat().st_size
+    if size < cursor.offset:
+        return 0, f"file shrank from {cursor.offset} to {size} bytes (truncated?): re-reading from the start"
+    if cursor.head_len and head_digest(path, cursor.head_len) != cursor.head_sha1:
+        return 0, "file was replaced (its first bytes changed): re-reading from the start"
+    return cursor.offset, ""
+
+
+def cursor_at(path: Path, stream: str, offset: int) -> Cursor:
+    head_len = min(offset, HEAD_BYTES)
+    return Cursor(stream=stream, offset=offset, head_sha1=head_digest(path, head_len), head_len=head_len)
+
+
+def iter_lines(path: Path, start: int, max_line_bytes: int) -> Iterator[Line | Oversized]:
+    """Complete, non-blank lines from `start`; stops before a trailing line without a newline."""
+    with path.open("rb") as f:
+        f.seek(start)
+        pos = start  # file offset of buf[0]
+        buf = b""
+        skipping: Oversized | None = None  # inside an oversized line: discard until its newline
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            if not chunk:
+                return
+            buf += chunk
+            cut = 0
+            while True:
+                nl = buf.find(b"\n", cut)
+                if nl < 0:
+                    break
+                if skipping is not None:
+                    yield Oversized(skipping.offset, skipping.head, pos + nl + 1)
+                    skipping = None
+                elif nl - cut > max_line_bytes:
+                    yield Oversized(pos + cut, buf[cut : cut + 256], pos + nl + 1)
+                elif buf[cut:nl].strip():
+                    yield Line(pos + cut, buf[cut:nl], pos + nl + 1)
+                cut = nl + 1
+            buf = buf[cut:]
+            pos += cut
+            if skipping is None and len(buf) > max_line_bytes:
+                skipping = Oversized(pos, buf[:256], -1)
+            if skipping is not None:
+                pos += len(buf)
+                buf = b""
+
+
+def reject(stream: str, offset: int, raw: bytes, length: int, reason: str) -> Reject:
+    return Reject(stream=stream, offset=offset, length=length, line_sha1=hashlib.sha1(raw).hexdigest(),
+                  reason=reason, excerpt=excerpt(raw))
+
+
+def oversized_reject(stream: str, item: Oversized, max_line_bytes: int) -> Reject:
+    return Reject(stream=stream, offset=item.offset, length=item.end - item.offset,
+                  line_sha1=hashlib.sha1(item.head).hexdigest(),
+                  reason=f"line is {item.end - item.offset - 1} bytes, over the {max_line_bytes}-byte limit; "
+                         "not parsed",
+                  excerpt=excerpt(item.head))
+
+
+def decode_object(raw: bytes) -> dict[str, Any] | str:
+    """The line as a JSON object, or the reason it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 (byte {e.start})"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"not JSON: {e.msg} at column {e.colno}"
+    except RecursionError:
+        return "not JSON: nested too deeply"
+    if not isinstance(value, dict):
+        return f"not a JSON object (got {type(value).__name__})"
+    return value

@@ -1,0 +1,176 @@
+"""The service's local HTTP API (127.0.0.1 by default), and the client the CLI uses to reach it.
+
+While the service runs it owns the DuckDB file (one writer process per file; in DuckDB 2.0 another process
+cannot even open it read-only), so CLI commands are forwarded here instead of opening the store. Every
+/api/ route needs the bearer token the service writes to <state_dir>/api.token (mode 0600): whoever can
+read that file may drive the service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from pipelines.rundir import read_json, write_json_atomic
+
+log = logging.getLogger("devtune.api")
+
+MAX_BODY_BYTES = 1 << 20
+Route = Callable[[dict[str, Any]], tuple[int, Any]]
+
+
+class ApiError(Exception):
+    """The service answered with an error, or could not be reached."""
+
+
+def ensure_token(state_dir: Path) -> str:
+    path = state_dir / "api.token"
+    if path.is_file():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class ApiServer:
+    """A threaded HTTP server dispatching (method, path) to plain functions that return (status, body)."""
+
+    def __init__(self, host: str, port: int, token: str, routes: dict[tuple[str, str], Route],
+                 prefix_routes: dict[tuple[str, str], Callable[[str], tuple[int, Any]]]):
+        self.token = token
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("%s %s", self.address_string(), format % args)
+
+            def do_GET(self) -> None:
+                server._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                server._handle(self, "POST")
+
+        self.routes, self.prefix_routes = routes, prefix_routes
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="api", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> ApiServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handle(self, req: BaseHTTPRequestHandler, method: str) -> None:
+        path = req.path.split("?", 1)[0]
+        if path == "/healthz":
+            return _reply(req, HTTPStatus.OK, {"ok": True})
+        if req.headers.get("Authorization", "") != f"Bearer {self.token}":
+            return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token (see api.token "
+                                                                  "in the state directory)"})
+        length = int(req.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            return _reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {MAX_BODY_BYTES} bytes"})
+        body: dict[str, Any] = {}
+        if length:
+            try:
+                body = json.loads(req.rfile.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return _reply(req, HTTPStatus.BAD_REQUEST, {"error": "body is not JSON"})
+        route = self.routes.get((method, path))
+        if route is not None:
+            status, payload = route(body)
+            return _reply(req, status, payload)
+        for (m, prefix), handler in self.prefix_routes.items():
+            if m == method and path.startswith(prefix):
+                status, payload = handler(path[len(prefix):])
+                return _reply(req, status, payload)
+        return _reply(req, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {path}"})
+
+
+def _reply(req: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
+    data = json.dumps(payload, default=str).encode()
+    req.send_response(status)
+    req.send_header("Content-Type", "application/json")
+    req.send_header("Content-Length", str(len(data)))
+    req.end_headers()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        req.wfile.write(data)
+
+
+# -- service discovery and client ----------------------------------------------------------------------------
+
+def write_service_file(state_dir: Path, url: str) -> None:
+    write_json_atomic(state_dir / "service.json", {"pid": os.getpid(), "url": url})
+
+
+def remove_service_file(state_dir: Path) -> None:
+    path = state_dir / "service.json"
+    info = read_json(path)
+    if info and info.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
+
+
+class ApiClient:
+    def __init__(self, url: str, token: str):
+        self.url, self.token = url, token
+
+    @classmethod
+    def discover(cls, state_dir: Path) -> ApiClient | None:
+        """A client for the service running on `state_dir`, or None when none is running."""
+        info = read_json(state_dir / "service.json")
+        if not info or not _alive(int(info.get("pid", 0))):
+            return None
+        try:
+            token = (state_dir / "api.token").read_text().strip()
+        except PermissionError:
+            raise ApiError(f"the devtune service is running but {state_dir / 'api.token'} is not readable by "
+                           "this user: run the command as the service's user, e.g. sudo -u devtune devtune ...") \
+                from None
+        return cls(info["url"], token)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 600) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")
+            raise ApiError(f"the service answered {e.code} to {method} {path}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ApiError(f"cannot reach the devtune service at {self.url}: {e}") from None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

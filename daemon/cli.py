@@ -1,0 +1,271 @@
+"""The `devtune` command.
+
+Commands that touch the store go through the running service's API when there is one (it owns the DuckDB
+file), and open the store themselves otherwise. Nothing here imports torch or transformers: training and
+evaluation run in child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from daemon import jobs
+from daemon.api import ApiClient, ApiError
+from daemon.config import Config, ConfigError, find_config, load_config, render_config
+from daemon.logs import setup_logging
+from pipelines.progress import format_seconds
+from pipelines.store import Store, StoreBusy
+from pipelines.tokens import TokenizerError
+
+log = logging.getLogger("devtune")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level or "info")
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"devtune: {e}", file=sys.stderr)
+        return 2
+    except (StoreBusy, ApiError, TokenizerError) as e:
+        print(f"devtune: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="devtune", description="Nightly LoRA adapters from your team's "
+                                     "accepted, rejected and committed code.")
+    parser.add_argument("--config", metavar="FILE", help="config file (default: $DEVTUNE_CONFIG, ./config.toml, "
+                        "/etc/devtune/config.toml)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: the config's")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a complete, commented config.toml into DIR")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("collect", help="harvest every source into the store now")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("cycle", help="run one full cycle (collect, dataset, train, evaluate, gate, publish)")
+    p.add_argument("--team", help="only this team (default: every team)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cycle)
+
+    p = sub.add_parser("status", help="what is stored, served and running")
+    p.add_argument("--json", action="store_true", help="one JSON object (a stable contract)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("run", help="run the service: schedules, file watching, local API (systemd runs this)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="a full cycle on local sample data and a tiny model (no network)")
+    p.add_argument("--state-dir", type=Path, default=Path("devtune-state"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(find_config(args.config))
+    if args.log_level is None:
+        logging.getLogger().setLevel(cfg.log_level.upper())
+    return cfg
+
+
+@contextlib.contextmanager
+def local_store(cfg: Config) -> Iterator[Store]:
+    store = Store.open(cfg.state_dir / "store.duckdb", lock_timeout_s=cfg.api.lock_timeout_s)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# -- commands ------------------------------------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace) -> int:
+    target = args.dir / "config.toml"
+    if target.exists() and not args.force:
+        print(f"devtune: {target} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    args.dir.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_config())
+    print(f"wrote {target}\nnext: add [[sources]] and [[teams]], set base_model, then run "
+          f"`devtune --config {target} collect`")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    client = ApiClient.discover(cfg.state_dir)
+    if client is not None:
+        result = client.call("POST", "/api/collect", {})
+    else:
+        with local_store(cfg) as store:
+            result = jobs.collect(store, cfg)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for r in result["sources"]:
+            stored = ", ".join(f"{n} {k}" for k, n in r["stored"].items() if n) or "nothing new"
+            print(f"{r['source']}: read {r['seen']:,} records, stored {stored} ({r['seconds']:.1f}s)")
+            for note in r["notes"]:
+                print(f"  note: {note}")
+        if result["error"]:
+            print(f"devtune: collect failed: {result['error']}", file=sys.stderr)
+    return 1 if result["error"] else 0
+
+
+def cmd_cycle(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    teams = [args.team] if args.team else cfg.team_names()
+    unknown = [t for t in teams if t not in cfg.team_names()]
+    if unknown:
+        print(f"devtune: no team {unknown[0]!r}; teams are {', '.join(cfg.team_names())}", file=sys.stderr)
+        return 2
+    client = ApiClient.discover(cfg.state_dir)
+    results = []
+    for team in teams:
+        if client is not None:
+            results.append(_remote_cycle(client, team))
+        else:
+            with local_store(cfg) as store:
+                results.append(jobs.cycle(store, cfg, team))
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        for r in results:
+            print(describe_cycle(r))
+    return 1 if any(r["outcome"] in ("failed", "busy") for r in results) else 0
+
+
+def _remote_cycle(client: ApiClient, team: str) -> dict[str, Any]:
+    started = client.call("POST", "/api/cycle", {"team": team})
+    run_id, stage = started["run_id"], ""
+    log.info("run=%s started by the service", run_id)
+    while True:
+        run = client.call("GET", f"/api/runs/{run_id}")
+        if run["stage"] != stage:
+            stage = run["stage"]
+            log.info("run=%s stage=%s", run_id, stage)
+        if run["status"] != "running":
+            break
+        time.sleep(2.0)
+    summary = run["summary"]
+    outcome = {"succeeded": "promoted" if summary.get("version") else "kept"}.get(run["status"], run["status"])
+    return {"run_id": run_id, "scope": run["scope"], "outcome": outcome, "version": summary.get("version"),
+            "error": run["error"] if run["status"] == "failed" else None, "summary": summary}
+
+
+def describe_cycle(r: dict[str, Any]) -> str:
+    head = f"{r['scope']} run {r['run_id']}: {r['outcome']}"
+    s = r["summary"]
+    if r["outcome"] in ("failed", "busy"):
+        return f"{head}: {r['error']}"
+    if r["outcome"] == "skipped":
+        return f"{head}: {s['dataset']['skipped']}"
+    ev = s["eval"]
+    line = (f"{head}{' ' + r['version'] if r['version'] else ''}; held-out loss base "
+            f"{ev['base']['heldout_loss']:.4f}, candidate {ev['candidate']['heldout_loss']:.4f}")
+    if ev.get("served"):
+        line += f", served {ev['served']['heldout_loss']:.4f}"
+    return line + f" ({'; '.join(s['gate']['reasons'])})"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    client = ApiClient.discover(cfg.state_dir)
+    if client is not None:
+        report = client.call("GET", "/api/status")
+    else:
+        with local_store(cfg) as store:
+            report = jobs.status(store, cfg)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    sug = report["suggestions"]
+    print(f"state        {report['state_dir']}{'  (service running)' if client else ''}")
+    print(f"suggestions  {sug['total']:,} (accepted {sug['accepted']:,}, rejected {sug['rejected']:,})")
+    print(f"commits      {report['commits']['total']:,}")
+    print(f"quarantined  {report['quarantined']['total']:,}")
+    if report["dropped"]:
+        print("dropped      " + ", ".join(f"{k} {v:,}" for k, v in report["dropped"].items()))
+    if report["scrubbed"]:
+        print("scrubbed     " + ", ".join(f"{k} {v:,}" for k, v in report["scrubbed"].items()))
+    for scope, s in report["served"].items():
+        print(f"served       {scope} {s['version']}: held-out loss {s['heldout_loss']:.4f} "
+              f"(base {s['base_heldout_loss']:.4f}) at {s['path']}")
+    if not report["served"]:
+        print("served       nothing yet")
+    for run in report["runs"][:5]:
+        detail = run["error"] or run["summary"].get("version") or ""
+        print(f"run          {run['run_id']} {run['status']} ({run['stage']}) {detail}".rstrip())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.service import run_service
+
+    return run_service(_config(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import DEMO_TEAM, prepare_demo
+
+    started = time.monotonic()
+    state_dir = args.state_dir.resolve()
+    print(f"devtune demo: sample data, a tiny base model and one full cycle in {state_dir}", flush=True)
+    config_path = prepare_demo(state_dir)
+    cfg = load_config(config_path)
+    with local_store(cfg) as store:
+        result = jobs.cycle(store, cfg, DEMO_TEAM)
+        report = jobs.status(store, cfg)
+    print(demo_summary(result, report, time.monotonic() - started, config_path))
+    return 0 if result["outcome"] in ("promoted", "kept") else 1
+
+
+def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float, config_path: Path) -> str:
+    if result["outcome"] in ("failed", "skipped", "busy"):
+        return describe_cycle(result)
+    s = result["summary"]
+    collected = {r["source"]: r for r in s["collect"]}
+    ds, tr, ev = s["dataset"], s["train"], s["eval"]
+    base, cand = ev["base"]["heldout_loss"], ev["candidate"]["heldout_loss"]
+    served = report["served"].get(result["scope"])
+    lines = [
+        "",
+        f"collected   {report['suggestions']['total']:,} Continue suggestions "
+        f"({report['suggestions']['accepted']:,} accepted), {report['quarantined']['total']} malformed lines "
+        f"quarantined, {report['commits']['total']:,} commits "
+        f"(in {sum(r['seconds'] for r in collected.values()):.1f}s)",
+        f"dataset     {ds['train_rows']:,} training rows "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(ds['counts']['train'].items()))}), "
+        f"{ds['heldout_rows']:,} held-out rows (the most recent)",
+        f"training    {tr['steps']} steps in {format_seconds(tr['seconds'])}, {tr['tokens_per_s']:,.0f} tokens/s "
+        f"on {tr['device']}",
+        f"held-out    loss per token: base {base:.4f} -> candidate {cand:.4f} ({(cand - base) / base:+.1%})",
+    ]
+    if result["version"] and served:
+        lines.append(f"promoted    {result['scope']} {result['version']} -> {served['path']}")
+    else:
+        lines.append(f"not promoted: {'; '.join(s['gate']['reasons'])}")
+    lines.append(f"total       {format_seconds(seconds)}; now try: devtune --config {config_path} status")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

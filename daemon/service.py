@@ -1,0 +1,140 @@
+"""`devtune run`: the long-running service. It decides when things happen, never how.
+
+It keeps the store open for its lifetime (DuckDB allows one writer process), schedules a collect every
+`[collect] interval_s` and each team's nightly cycle, collects soon after watched files change, serves the
+local API, and tells systemd when it is ready and when it stops. SIGTERM stops it cleanly: new work stops,
+running training children are stopped (they resume from their checkpoint next time), the store is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import datetime
+from http import HTTPStatus
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from daemon import jobs
+from daemon.api import ApiServer, ensure_token, remove_service_file, write_service_file
+from daemon.config import Config
+from daemon.notify import notify
+from daemon.watch import Debouncer, start_watching
+from pipelines import child
+from pipelines.store import Store
+
+log = logging.getLogger("devtune.service")
+
+
+def run_service(cfg: Config) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit status."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store.open(cfg.state_dir / "store.duckdb", lock_timeout_s=cfg.api.lock_timeout_s)
+    interrupted = store.fail_interrupted_runs()
+    if interrupted:
+        log.warning("marked %d run(s) left running by a previous process as failed", interrupted)
+
+    def collect_now(only: str | None = None) -> dict[str, Any]:
+        return jobs.collect(store.cursor(), cfg, only)
+
+    def cycle_now(team: str) -> None:
+        result = jobs.cycle(store.cursor(), cfg, team)
+        if result["error"]:
+            log.warning("cycle team=%s run=%s: %s", team, result["run_id"], result["error"])
+
+    scheduler = _scheduler(cfg, collect_now, cycle_now)
+    api = ApiServer(cfg.api.host, cfg.api.port, ensure_token(cfg.state_dir),
+                    *_routes(cfg, store, collect_now)).start()
+    debouncer = Debouncer(cfg.collect.debounce_s, lambda name: collect_now(name))
+    observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
+    scheduler.start()
+    write_service_file(cfg.state_dir, api.url)
+    notify("READY=1")
+    notify(f"STATUS=serving {api.url}; {len(cfg.sources)} sources, teams {', '.join(cfg.team_names())}")
+    log.info("devtune service ready: api=%s state_dir=%s sources=%d teams=%s", api.url, cfg.state_dir,
+             len(cfg.sources), ",".join(cfg.team_names()))
+
+    watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
+    while not stop.wait(timeout=watchdog_s or 3600):
+        if watchdog_s:
+            notify("WATCHDOG=1")
+
+    notify("STOPPING=1")
+    log.info("stopping: finishing or stopping running work")
+    debouncer.cancel()
+    if observer is not None:
+        observer.stop()
+    scheduler.shutdown(wait=False)
+    stopped = child.stop_all()
+    if stopped:
+        log.info("stopped %d training/evaluation process(es); they resume from their checkpoints next cycle",
+                 stopped)
+    api.stop()
+    _wait_for_jobs(scheduler, timeout_s=60)
+    remove_service_file(cfg.state_dir)
+    store.close()
+    log.info("stopped")
+    return 0
+
+
+def _scheduler(cfg: Config, collect_now: Any, cycle_now: Any) -> BackgroundScheduler:
+    tz = cfg.schedule.timezone or None
+    scheduler = BackgroundScheduler(
+        timezone=tz,
+        # A job that missed its time while the machine slept runs once when it wakes, not once per miss.
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600},
+    )
+    scheduler.add_job(collect_now, "interval", seconds=cfg.collect.interval_s, id="collect",
+                      next_run_time=datetime.now().astimezone())
+    for team in cfg.team_names():
+        cron = next((t.cycle_cron for t in cfg.teams if t.name == team and t.cycle_cron), cfg.schedule.cycle_cron)
+        scheduler.add_job(cycle_now, CronTrigger.from_crontab(cron, timezone=tz), args=[team], id=f"cycle:{team}")
+        log.info("team=%s cycle cron=%r", team, cron)
+    return scheduler
+
+
+def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any], dict[Any, Any]]:
+    def status(_: dict[str, Any]) -> tuple[int, Any]:
+        return HTTPStatus.OK, jobs.status(store.cursor(), cfg)
+
+    def collect(body: dict[str, Any]) -> tuple[int, Any]:
+        return HTTPStatus.OK, collect_now(body.get("source"))
+
+    def cycle(body: dict[str, Any]) -> tuple[int, Any]:
+        team = body.get("team") or cfg.default_team
+        if team not in cfg.team_names():
+            return HTTPStatus.NOT_FOUND, {"error": f"no team {team!r}; teams are {', '.join(cfg.team_names())}"}
+        cursor = store.cursor()
+        run_id = jobs.start_cycle(cursor, cfg, team)
+        if run_id is None:
+            return HTTPStatus.CONFLICT, {"error": f"a cycle for team:{team} is already running"}
+        threading.Thread(target=jobs.finish_cycle, args=(cursor, cfg, team, run_id), name=f"cycle-{team}",
+                         daemon=True).start()
+        return HTTPStatus.ACCEPTED, {"run_id": run_id, "scope": f"team:{team}"}
+
+    def run(run_id: str) -> tuple[int, Any]:
+        found = store.cursor().run(run_id)
+        return (HTTPStatus.OK, found) if found else (HTTPStatus.NOT_FOUND, {"error": f"no run {run_id}"})
+
+    routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle}
+    return routes, {("GET", "/api/runs/"): run}
+
+
+def _wait_for_jobs(scheduler: BackgroundScheduler, timeout_s: float) -> None:
+    """Give running jobs (now without their children) a bounded time to record how they ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = [t for t in threading.enumerate() if t.name.startswith(("cycle-", "APScheduler", "ThreadPool"))]
+        if not any(t.is_alive() and not t.daemon for t in busy) and not jobs.running_cycles():
+            return
+        time.sleep(0.2)
+    log.warning("jobs still running after %.0fs; exiting anyway", timeout_s)

@@ -1,0 +1,98 @@
+"""Run a stage as a child process (`python -m pipelines.train RUN_DIR`) with a timeout and a log file.
+
+The child gets its own process group so a timeout or a service shutdown stops it and anything it started
+(dataloader workers, torchrun ranks). Running children are tracked so the service can stop them all on
+SIGTERM instead of leaving a GPU busy after it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pipelines
+
+PROJECT_ROOT = Path(pipelines.__file__).resolve().parent.parent
+STOP_GRACE_S = 30.0  # SIGTERM, then SIGKILL this much later: enough for a trainer to finish a checkpoint
+
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
+
+
+class ChildFailed(Exception):
+    """A stage's child process failed; the message holds the end of its log."""
+
+
+def run_child(module: str, args: list[str], log_path: Path, timeout_s: float,
+              on_tick: Callable[[], None] | None = None, tick_s: float = 30.0) -> float:
+    """Run `python -m <module> <args>`, appending its output to `log_path`; returns seconds taken."""
+    env = dict(os.environ)
+    # The children must import this checkout's packages even when devtune runs from a source tree.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.monotonic()
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        with _running_lock:
+            _running.add(proc)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=min(tick_s, max(0.1, timeout_s - (time.monotonic() - started))))
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_tick is not None:
+                        on_tick()
+                    if time.monotonic() - started >= timeout_s:
+                        stop(proc)
+                        raise ChildFailed(f"{module} ran past its {timeout_s:.0f}s timeout and was stopped; "
+                                          f"raise the timeout in the config or see {log_path}") from None
+        finally:
+            with _running_lock:
+                _running.discard(proc)
+            if proc.poll() is None:
+                stop(proc)
+    if proc.returncode != 0:
+        raise ChildFailed(f"{module} exited with status {proc.returncode}; last lines of {log_path}:\n"
+                          + tail(log_path, 20))
+    return time.monotonic() - started
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group, then SIGKILL it after STOP_GRACE_S."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def stop_all() -> int:
+    """Stop every running child (service shutdown); returns how many there were."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        stop(proc)
+    return len(procs)
+
+
+def tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,62 @@
+"""A run directory: everything a training or evaluation child needs, and everything it leaves behind.
+
+    runs/<run_id>/config.json      RunConfig (written by the cycle, read by the children)
+                  data/            sft.jsonl, heldout.jsonl, manifest.json
+                  checkpoints/     trainer checkpoints (resume after a crash)
+                  adapter/         the finished LoRA adapter (renamed into place when complete)
+                  train.json       training metrics        progress.json   live step/loss/ETA
+                  eval.json        evaluation report       train.log, eval.log
+
+The children read only this directory (and the base model), never the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.config import EvaluateConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str
+    scope: str
+    base_model: str
+    max_row_tokens: int
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    served_adapter: str | None  # the adapter served for this scope when the run started (the champion)
+
+    def write(self, run_dir: Path) -> None:
+        write_json_atomic(run_dir / "config.json", asdict(self))
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunConfig:
+        data = json.loads((run_dir / "config.json").read_text())
+        train = data.pop("train")
+        train["target_modules"] = tuple(train["target_modules"])
+        return cls(train=TrainConfig(**train), evaluate=EvaluateConfig(**data.pop("evaluate")), **data)
+
+
+def new_run_id(scope: str) -> str:
+    """Sortable and unique: "20261122-020000-team-payments-3f2a"."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{scope.replace(':', '-')}-{secrets.token_hex(2)}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so a reader never sees half a file: a temp file renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
