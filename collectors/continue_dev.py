@@ -57,6 +57,8 @@ class ContinueCollector:
         for item in iter_lines(path, start, limits.max_line_bytes):
             if isinstance(item, Oversized):
                 rejects.append(oversized_reject(stream, item, limits.max_line_bytes))
+            elif not item.raw.strip():
+                pass  # blank lines carry nothing; the cursor still moves past them
             else:
                 parsed = parse_autocomplete(item.raw, fallback_ts)
                 if isinstance(parsed, str):

@@ -1,8 +1,9 @@
 """Tail an append-only JSON Lines file from a byte offset, with the line policy every log collector shares.
 
-Policy: split on b"\\n"; skip blank lines; a line longer than `max_line_bytes` is rejected without being
-parsed or held in memory; a last line with no newline yet is left for the next run (Tabby flushes every
-5 s and Continue appends with a single write, so a missing newline means a write in progress, not garbage).
+Policy: split on b"\\n"; blank lines are yielded (so the cursor moves past them) and skipped by callers;
+a line longer than `max_line_bytes` is rejected without being parsed or held in memory; a last line with
+no newline yet is left for the next run (Tabby flushes every 5 s and Continue appends with a single
+write, so a missing newline means a write in progress, not garbage).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def cursor_at(path: Path, stream: str, offset: int) -> Cursor:
 
 
 def iter_lines(path: Path, start: int, max_line_bytes: int) -> Iterator[Line | Oversized]:
-    """Complete, non-blank lines from `start`; stops before a trailing line without a newline."""
+    """Complete lines from `start` (blank ones too); stops before a trailing line without a newline."""
     with path.open("rb") as f:
         f.seek(start)
         pos = start  # file offset of buf[0]
@@ -78,7 +79,7 @@ def iter_lines(path: Path, start: int, max_line_bytes: int) -> Iterator[Line | O
                     skipping = None
                 elif nl - cut > max_line_bytes:
                     yield Oversized(pos + cut, buf[cut : cut + 256], pos + nl + 1)
-                elif buf[cut:nl].strip():
+                else:
                     yield Line(pos + cut, buf[cut:nl], pos + nl + 1)
                 cut = nl + 1
             buf = buf[cut:]

@@ -88,10 +88,11 @@ class DatasetsConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lora_r: int = key(16, "LoRA rank")
+    lora_r: int = key(16, "LoRA rank: the adapter's capacity (8-64 is typical for code completion)")
     lora_alpha: int = key(32, "LoRA scaling numerator (scale = lora_alpha / lora_r)")
-    lora_dropout: float = key(0.05, "dropout on the LoRA path")
-    target_modules: tuple[str, ...] = key(("all-linear",), "modules that get adapters; \"all-linear\" = every linear but the LM head")
+    lora_dropout: float = key(0.05, "dropout on the LoRA path (regularises small datasets)")
+    target_modules: tuple[str, ...] = key(
+        ("all-linear",), "modules that get adapters; \"all-linear\" = every linear layer but the LM head")
     learning_rate: float = key(2e-4, "peak AdamW learning rate")
     epochs: float = key(1.0, "passes over the training rows (ignored when max_steps > 0)")
     max_steps: int = key(0, "optimizer steps; 0 = derive from epochs")

@@ -54,7 +54,7 @@ def run_service(cfg: Config) -> int:
     scheduler = _scheduler(cfg, collect_now, cycle_now)
     api = ApiServer(cfg.api.host, cfg.api.port, ensure_token(cfg.state_dir),
                     *_routes(cfg, store, collect_now)).start()
-    debouncer = Debouncer(cfg.collect.debounce_s, lambda name: collect_now(name))
+    debouncer = Debouncer(cfg.collect.debounce_s, collect_now)
     observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
     scheduler.start()
     write_service_file(cfg.state_dir, api.url)

@@ -23,7 +23,7 @@ log = logging.getLogger("devtune.watch")
 class Debouncer:
     """Calls `fn(key)` once `delay_s` has passed since the last `trigger(key)`."""
 
-    def __init__(self, delay_s: float, fn: Callable[[str], None]):
+    def __init__(self, delay_s: float, fn: Callable[[str], object]):
         self.delay_s, self.fn = delay_s, fn
         self._timers: dict[str, threading.Timer] = {}
         self._lock = threading.Lock()

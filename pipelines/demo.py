@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from daemon.config import render_config
 from pipelines.child import run_child
@@ -20,7 +21,7 @@ DEMO_TEAM = "payments"
 # Sized for 2 CPU cores and the ~0.6M-parameter tiny model: about a minute of training, and enough steps
 # for the adapter to beat the base model on the held-out week (measured: 5.6 -> 4.6 nats/token, exp. in
 # bench/README.md).
-DEMO_OVERRIDES: dict[str, dict[str, object]] = {
+DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
     "collect": {"interval_s": 60.0},
     "datasets": {"max_prefix_chars": 1200, "max_suffix_chars": 400, "max_row_tokens": 512,
                  "heldout_fraction": 0.15, "min_train_rows": 32, "min_heldout_rows": 8},

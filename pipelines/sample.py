@@ -84,11 +84,10 @@ def function_source(rng: random.Random, verb: str, noun: str) -> str:
     extras = rng.sample(EXTRA_ARGS, rng.randint(0, 2))
     params = ", ".join(["account: Account", "amount: Decimal", *(f"{a}: {t}" for a, t in extras)])
     kwargs = "".join(f", {a}={a if t == 'str' else f'str({a})'}" for a, t in extras)
-    guard = rng.choice([
-        f'    if amount <= Decimal("0"):\n        raise LedgerError("{noun} amount must be positive", account=account.id)\n',
-        f'    if amount > account.balance:\n        raise LedgerError("{noun} exceeds balance", account=account.id)\n',
-        f'    if account.currency != "EUR":\n        raise LedgerError("{noun} needs a EUR account", account=account.id)\n',
-    ])
+    condition, problem = rng.choice([('amount <= Decimal("0")', "amount must be positive"),
+                                     ("amount > account.balance", "exceeds balance"),
+                                     ('account.currency != "EUR"', "needs a EUR account")])
+    guard = f'    if {condition}:\n        raise LedgerError("{noun} {problem}", account=account.id)\n'
     reference = next((a for a, _ in extras if a == "reference"), None)
     entry_ref = f", reference={reference}" if reference else ""
     return (
@@ -163,7 +162,7 @@ def _make_repo(repo_dir: Path, rng: random.Random, n_commits: int, start: dateti
             # A feature branch with two commits, merged with a merge commit.
             base = repo.active_branch.name
             repo.git.checkout("-q", "-b", "feature/statements")
-            for i in range(2):
+            for _ in range(2):
                 verb, noun = pairs.pop()
                 path = f"ledger/{noun}s.py"
                 files[path] = files.get(path) or module_header(noun)

@@ -11,6 +11,7 @@ where secrets live, so hashes and identifiers in ordinary code are left alone.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -89,9 +90,9 @@ def _looks_random(token: str) -> bool:
     has_alpha = any(ch.isalpha() for ch in token)
     if not (has_digit and has_alpha):
         return False
-    if token.isupper() or token.islower():  # CONSTANT_NAMES_2 and snake_case_ids_3 are not keys
-        if "_" in token or "-" in token or "." in token:
-            return False
+    # CONSTANT_NAMES_2 and snake_case_ids_3 are not keys
+    if (token.isupper() or token.islower()) and ("_" in token or "-" in token or "." in token):
+        return False
     return shannon_entropy(token) >= ENTROPY_BITS
 
 
@@ -103,13 +104,30 @@ def scrub(text: str, counts: Counter[str] | None = None) -> str:
     for (kind, pattern), markers in zip(_COMPILED, _MARKERS, strict=True):
         if not any(m in lower for m in markers):
             continue
-        text = pattern.sub(lambda m, kind=kind: _replace(m, kind, counts), text)
+        text = pattern.sub(functools.partial(_replace, kind=kind, counts=counts), text)
     return _LITERAL.sub(lambda m: _replace_entropy(m, counts), text)
+
+
+# Values a keyword assignment holds that are not secrets: prose ("Enter your password"), templates and
+# placeholders ("${TOKEN}", "<your-key>", "%s", "changeme"), and names that themselves contain the keyword
+# ("bearer_token_kind", "api-key-header"). Everything else assigned to a secret-sounding name is scrubbed:
+# a false positive costs one literal in a training row, a false negative leaks a credential.
+_PLACEHOLDER = re.compile(r"\s|[${}%<>]|^(?:changeme|change_me|example|placeholder|redacted|dummy|test|none|null"
+                          r"|x{3,}|\*+)$", re.I)
+_IDENTIFIER = re.compile(r"^[a-z]+(?:[_\-.][a-z]+)*$", re.I)
+_KEYWORDS = ("pass", "pwd", "secret", "token", "key", "credential", "auth")
+
+
+def not_a_secret(value: str) -> bool:
+    return bool(_PLACEHOLDER.search(value)) or (
+        bool(_IDENTIFIER.match(value)) and any(k in value.lower() for k in _KEYWORDS))
 
 
 def _replace(m: re.Match[str], kind: str, counts: Counter[str] | None) -> str:
     if "<SECRET:" in m.group(0):
         return m.group(0)  # already scrubbed by an earlier pattern
+    if kind == "secret_assignment" and not_a_secret(m.group("s")):
+        return m.group(0)
     if counts is not None:
         counts[kind] += 1
     if "s" in m.re.groupindex and m.group("s") is not None:

@@ -113,7 +113,8 @@ def clip_suffix(text: str, max_chars: int) -> str:
     return clipped[: nl + 1] if nl > 0 else clipped
 
 
-def accepted_examples(rows: Iterable[dict[str, Any]], cfg: DatasetsConfig, dropped: Counter[str]) -> Iterator[FimExample]:
+def accepted_examples(rows: Iterable[dict[str, Any]], cfg: DatasetsConfig,
+                      dropped: Counter[str]) -> Iterator[FimExample]:
     for r in rows:
         if not r["completion"].strip():
             dropped["empty_middle"] += 1
@@ -127,7 +128,8 @@ def accepted_examples(rows: Iterable[dict[str, Any]], cfg: DatasetsConfig, dropp
         )
 
 
-def committed_examples(files: Iterable[dict[str, Any]], cfg: DatasetsConfig, dropped: Counter[str]) -> Iterator[FimExample]:
+def committed_examples(files: Iterable[dict[str, Any]], cfg: DatasetsConfig,
+                       dropped: Counter[str]) -> Iterator[FimExample]:
     """Up to `fim_spans_per_file` middles per (commit, file), cut from the lines that commit added."""
     for f in files:
         lines = f["content"].splitlines(keepends=True)

@@ -372,7 +372,8 @@ class Store:
 
     def update_run(self, run_id: str, *, stage: str | None = None, status: str | None = None,
                    summary: dict[str, Any] | None = None, error: str | None = None) -> None:
-        sets, args = [], []
+        sets: list[str] = []
+        args: list[Any] = []
         if stage is not None:
             sets.append("stage = ?")
             args.append(stage)

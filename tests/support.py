@@ -1,0 +1,172 @@
+"""Helpers for the tests: real git repositories, real Continue logs, configs and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import git
+
+from daemon.config import render_config
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = datetime(2026, 10, 1, 9, 0, 0)
+
+
+@dataclass
+class CommitSpec:
+    files: dict[str, str | bytes | None]  # path -> new content (None deletes)
+    author: tuple[str, str] = ("Alice", "alice@example.com")
+    when: datetime = T0
+    message: str = "change"
+
+
+def make_repo(path: Path, commits: list[CommitSpec],
+              origin: str | None = "git@github.com:acme/payments.git") -> git.Repo:
+    path.mkdir(parents=True, exist_ok=True)
+    repo = git.Repo.init(path, initial_branch="main")
+    if origin:
+        repo.git.remote("add", "origin", origin)
+    for spec in commits:
+        commit(repo, spec)
+    return repo
+
+
+def commit(repo: git.Repo, spec: CommitSpec) -> str:
+    root = Path(repo.working_tree_dir or ".")
+    for rel, content in spec.files.items():
+        target = root / rel
+        if content is None:
+            repo.git.rm("-q", rel)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+        repo.git.add(rel)
+    stamp = spec.when.strftime("%Y-%m-%dT%H:%M:%S+0000")
+    env = {"GIT_AUTHOR_NAME": spec.author[0], "GIT_AUTHOR_EMAIL": spec.author[1], "GIT_AUTHOR_DATE": stamp,
+           "GIT_COMMITTER_NAME": spec.author[0], "GIT_COMMITTER_EMAIL": spec.author[1], "GIT_COMMITTER_DATE": stamp}
+    repo.git.commit("-q", "--allow-empty", "--no-verify", "-m", spec.message, env=env)
+    return repo.head.commit.hexsha
+
+
+def merge(repo: git.Repo, branch: str, when: datetime, author: tuple[str, str] = ("Alice", "alice@example.com")) -> str:
+    stamp = when.strftime("%Y-%m-%dT%H:%M:%S+0000")
+    env = {"GIT_AUTHOR_NAME": author[0], "GIT_AUTHOR_EMAIL": author[1], "GIT_AUTHOR_DATE": stamp,
+           "GIT_COMMITTER_NAME": author[0], "GIT_COMMITTER_EMAIL": author[1], "GIT_COMMITTER_DATE": stamp}
+    repo.git.merge("--no-ff", "-q", "-m", f"Merge {branch}", branch, env=env)
+    return repo.head.commit.hexsha
+
+
+def autocomplete_event(**overrides: Any) -> dict[str, Any]:
+    """A Continue 0.2.0 autocomplete line as Continue writes it (FORMATS.md §1.3)."""
+    event: dict[str, Any] = {
+        "eventName": "autocomplete", "schema": "0.2.0", "timestamp": "2026-10-01T09:00:00.000Z", "userId": "",
+        "userAgent": "Visual Studio Code/1.105.1 (Continue/1.2.10)", "selectedProfileId": "local",
+        "disable": False, "maxPromptTokens": 1024, "debounceDelay": 350, "maxSuffixPercentage": 0.2,
+        "prefixPercentage": 0.3, "transform": True, "multilineCompletions": "auto",
+        "slidingWindowPrefixPercentage": 0.75, "slidingWindowSize": 500, "useCache": True, "onlyMyCode": True,
+        "useRecentlyEdited": True, "accepted": True, "time": 420,
+        "prefix": "def add(a, b):\n", "suffix": "\n",
+        "prompt": "<|fim_prefix|>def add(a, b):\n<|fim_suffix|>\n<|fim_middle|>",
+        "completion": "    return a + b\n", "modelProvider": "ollama", "modelName": "qwen2.5-coder:1.5b-base",
+        "cacheHit": False, "filepath": "file:///home/alice/src/payments/ledger/math.py",
+        "gitRepo": "git@github.com:acme/payments", "completionId": str(uuid.uuid4()), "uniqueId": "ab" * 32,
+    }
+    event.update(overrides)
+    return event
+
+
+def continue_log(folder: Path, lines: list[dict[str, Any] | str | bytes], schema: str = "0.2.0",
+                 append: bool = False) -> Path:
+    """Write (or append) autocomplete lines under folder/dev_data/<schema>/autocomplete.jsonl."""
+    path = folder / "dev_data" / schema / "autocomplete.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = b""
+    for line in lines:
+        if isinstance(line, dict):
+            data += json.dumps(line, separators=(",", ":")).encode() + b"\n"
+        elif isinstance(line, str):
+            data += line.encode() + b"\n"
+        else:
+            data += line
+    with path.open("ab" if append else "wb") as f:
+        f.write(data)
+    return path
+
+
+@dataclass
+class Setup:
+    """A config file on disk with its sources."""
+
+    config: Path
+    state_dir: Path
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+
+def write_config(folder: Path, sources: list[dict[str, Any]], teams: list[dict[str, Any]] | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> Setup:
+    folder.mkdir(parents=True, exist_ok=True)
+    merged: dict[str, dict[str, Any]] = {"": {"state_dir": "state"}, "api": {"port": 0, "lock_timeout_s": 2.0}}
+    for section, values in (overrides or {}).items():
+        merged[section] = {**merged.get(section, {}), **values}
+    path = folder / "config.toml"
+    path.write_text(render_config(merged, sources=sources, teams=teams))
+    return Setup(config=path, state_dir=folder / "state", sources=sources)
+
+
+def run_devtune(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `devtune` entry point in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def devtune_json(*args: str, **kw: Any) -> Any:
+    result = run_devtune(*args, **kw)
+    assert result.returncode == 0, f"devtune {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def table_rows(db: Path, table: str) -> list[tuple[Any, ...]]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+        order = ", ".join(f'"{c}"' for c in cols if c not in ("ingested_at", "quarantined_at", "updated_at"))
+        return con.execute(f"SELECT {order} FROM {table} ORDER BY {order}").fetchall()
+    finally:
+        con.close()
+
+
+def all_text(db: Path) -> str:
+    """Every text value in every table of a store, joined: what a secret scan must not find anything in."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        out = []
+        for (table,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall():
+            for (col, typ) in con.execute(f"SELECT column_name, data_type FROM information_schema.columns "
+                                          f"WHERE table_name = '{table}'").fetchall():
+                if "VARCHAR" in typ or "[]" in typ:
+                    out += [str(v) for (v,) in con.execute(f'SELECT "{col}" FROM {table}').fetchall()]
+        return "\n".join(out)
+    finally:
+        con.close()
+
+
+def days(n: float) -> timedelta:
+    return timedelta(days=n)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None, microsecond=0)

@@ -1,0 +1,124 @@
+"""Git history into a real DuckDB store, from real repositories built in the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from daemon import jobs
+from daemon.config import load_config
+from pipelines.store import Store
+from support import T0, CommitSpec, commit, days, make_repo, merge, table_rows, write_config
+
+BOB = ("Bob", "bob@example.com")
+
+
+def collect(tmp_path: Path, repo: Path, **collect_overrides: Any) -> tuple[dict[str, Any], Path]:
+    setup = write_config(tmp_path / "site", [{"kind": "git", "path": str(repo), "name": "repo"}],
+                         teams=[{"name": "payments", "members": ["bob@example.com"]}],
+                         overrides={"collect": collect_overrides} if collect_overrides else None)
+    cfg = load_config(setup.config)
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    try:
+        return {**jobs.collect(store, cfg), "status": jobs.status(store, cfg)}, cfg.state_dir / "store.duckdb"
+    finally:
+        store.close()
+
+
+def history(repo_dir: Path) -> Any:
+    repo = make_repo(repo_dir, [
+        CommitSpec({"app/a.py": "def a():\n    return 1\n", "logo.png": b"\x89PNG\x00\x01\x02"}, when=T0,
+                   message="first"),
+        CommitSpec({"app/a.py": "def a():\n    return 2\n\n\ndef b():\n    return 3\n"}, author=BOB,
+                   when=T0 + days(1), message="second"),
+    ])
+    repo.git.checkout("-q", "-b", "feature")
+    commit(repo, CommitSpec({"app/c.py": "C = 1\n"}, when=T0 + days(2), message="feature work"))
+    repo.git.checkout("-q", "main")
+    commit(repo, CommitSpec({"app/d.py": "D = 1\n"}, when=T0 + days(3), message="main work"))
+    merge(repo, "feature", T0 + days(4))
+    return repo
+
+
+def test_every_reachable_commit_is_stored_once_with_merges(tmp_path: Path) -> None:
+    repo = history(tmp_path / "repo")
+    reachable = set(repo.git.rev_list("HEAD").split())
+    assert len(reachable) == 5
+    result, db = collect(tmp_path, tmp_path / "repo")
+    assert result["status"]["commits"]["total"] == 5
+    commits = {r[0]: r for r in table_rows(db, "commits")}
+    assert set(commits) == reachable
+    merge_row = commits[repo.head.commit.hexsha]
+    assert len(merge_row[3]) == 2  # both parents kept
+    assert {r[1] for r in commits.values()} == {"acme/payments"}  # repo name from the origin remote
+    assert commits[repo.head.commit.parents[0].parents[0].hexsha][7] == "payments"  # bob's team
+
+
+def test_files_added_lines_and_contents(tmp_path: Path) -> None:
+    repo = history(tmp_path / "repo")
+    _, db = collect(tmp_path, tmp_path / "repo")
+    second = next(c for c in repo.iter_commits() if c.message.strip() == "second").hexsha
+    files = {(r[0], r[1]): r for r in table_rows(db, "commit_files")}
+    status, blob, added = files[(second, "app/a.py")][2:5]
+    assert status == "M" and added == [[2, 6]]  # line 2 changed, lines 3-6 new
+    blobs = dict(table_rows(db, "blobs"))
+    assert blobs[blob] == "def a():\n    return 2\n\n\ndef b():\n    return 3\n"
+    first = next(c for c in repo.iter_commits() if c.message.strip() == "first").hexsha
+    assert files[(first, "logo.png")][3] is None  # binary: listed, no content kept
+    merged = repo.head.commit.hexsha
+    assert not any(sha == merged for sha, _ in files)  # a merge's changes belong to the merged commits
+
+
+def test_incremental_harvest_and_second_run_is_a_no_op(tmp_path: Path) -> None:
+    repo = history(tmp_path / "repo")
+    collect(tmp_path, tmp_path / "repo")
+    commit(repo, CommitSpec({"app/e.py": "E = 1\n"}, when=T0 + days(5), message="later"))
+    result, db = collect(tmp_path, tmp_path / "repo")
+    assert result["sources"][0]["stored"]["commits"] == 1
+    assert result["sources"][0]["seen"] == 1  # only the new commit was walked
+    before = {t: table_rows(db, t) for t in ("commits", "commit_files", "blobs")}
+    again, _ = collect(tmp_path, tmp_path / "repo")
+    assert again["sources"][0]["seen"] == 0
+    assert {t: table_rows(db, t) for t in before} == before
+
+
+def test_force_push_harvests_the_new_history(tmp_path: Path) -> None:
+    repo = history(tmp_path / "repo")
+    collect(tmp_path, tmp_path / "repo")
+    repo.git.reset("--hard", "-q", "HEAD~2")
+    new = commit(repo, CommitSpec({"app/f.py": "F = 1\n"}, when=T0 + days(6), message="rewritten"))
+    result, db = collect(tmp_path, tmp_path / "repo")
+    assert result["sources"][0]["stored"]["commits"] == 1
+    assert any("without fast-forward" in n for n in result["sources"][0]["notes"])
+    assert new in {r[0] for r in table_rows(db, "commits")}
+
+
+def test_opted_out_author_keeps_only_sha_and_time(tmp_path: Path) -> None:
+    make_repo(tmp_path / "repo", [
+        CommitSpec({"a.py": "A = 1\n"}, when=T0, message="alice"),
+        CommitSpec({"b.py": "SECRET_SAUCE = 42\n"}, author=BOB, when=T0 + days(1), message="bob's private work"),
+    ])
+    result, db = collect(tmp_path, tmp_path / "repo", opt_out=["Bob@Example.com"])
+    assert result["status"]["commits"]["total"] == 2  # history counts stay whole
+    text = " ".join(str(v) for t in ("commits", "commit_files", "blobs") for r in table_rows(db, t) for v in r)
+    assert "bob" not in text.lower() and "SECRET_SAUCE" not in text
+    assert result["status"]["dropped"] == {"opted_out_commit": 1}
+
+
+def test_excluded_paths_are_never_stored(tmp_path: Path) -> None:
+    make_repo(tmp_path / "repo", [CommitSpec({
+        "app/main.py": "print('hi')\n", ".env.production": "DB_URL=postgres://u:hunter2@db/app\n",
+        "deploy/server.pem": "-----BEGIN CERTIFICATE-----\nabc\n", "config/secrets/prod.yaml": "k: v\n"},
+        when=T0)])
+    result, db = collect(tmp_path, tmp_path / "repo")
+    paths = {r[1] for r in table_rows(db, "commit_files")}
+    assert paths == {"app/main.py"}
+    assert result["status"]["dropped"]["excluded_path"] == 3
+    assert "hunter2" not in " ".join(str(v) for r in table_rows(db, "blobs") for v in r)
+
+
+def test_a_path_that_is_not_a_repository_fails_with_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    result, _ = collect(tmp_path, tmp_path / "plain")
+    assert result["error"] is not None
+    assert "is not a git repository: point [[sources]] path at one" in result["error"]

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ARRAYS, SECTIONS, Config, ConfigError, load_config, parse_config, render_config
+from support import ROOT, run_devtune
+
+
+def test_reference_config_is_rendered_from_the_code() -> None:
+    # config.toml at the top of the repo is the documentation of every key: it must match the dataclasses.
+    assert (ROOT / "config.toml").read_text() == render_config(), \
+        "config.toml is stale: regenerate it with `devtune init . --force`"
+
+
+def test_every_key_has_a_default_and_a_comment_in_config_toml() -> None:
+    text = (ROOT / "config.toml").read_text()
+    classes = {"": Config, **SECTIONS, **ARRAYS}
+    for cls in classes.values():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal") or f.name in SECTIONS or f.name in ARRAYS:
+                continue
+            lines = [ln for ln in text.splitlines() if ln.lstrip("# ").startswith(f"{f.name} = ")]
+            assert lines, f"{cls.__name__}.{f.name} is not in config.toml"
+            assert any("  # " in ln and len(ln.split("  # ", 1)[1]) > 10 for ln in lines), \
+                f"{cls.__name__}.{f.name} has no comment in config.toml"
+
+
+def test_reference_config_loads_with_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(render_config())
+    cfg = load_config(path)
+    assert cfg.state_dir == tmp_path / "devtune-state"  # relative to the config file, not the cwd
+    assert cfg.train.lora_r == 16 and cfg.collect.exclude_paths[0] == ".env*"
+    assert cfg.sources == () and cfg.team_names() == ["default"]
+
+
+def test_all_errors_are_reported_together_with_key_value_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('bogus = 1\nlog_level = "loud"\n[train]\nlora_r = "16"\ndevice = "tpu"\nbatch_size = 0\n'
+                    '[[sources]]\nkind = "svn"\n[[teams]]\nname = "a b"\ncycle_cron = "99 * * *"\n'
+                    '[gate]\nmin_improvment = 0.1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    errors = info.value.errors
+    expected = [
+        "unknown key 'bogus'", 'log_level = "loud": use one of', '[train] lora_r = "16": must be a whole number',
+        '[train] device = "tpu"', "[train] batch_size = 0: must be at least 1", "missing required key 'path'",
+        '[[sources]] #1 kind = "svn"', '[[teams]] #1 name = "a b"', "cycle_cron = \"99 * * *\"",
+        "unknown key 'min_improvment' (did you mean min_improvement?)",
+    ]
+    for fragment in expected:
+        assert any(fragment in e for e in errors), f"no error mentions {fragment!r}: {errors}"
+    assert len(errors) == len(expected)
+
+
+def test_strings_are_not_coerced_to_numbers_or_booleans(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"watch = \"true\": must be true or false"):
+        parse_config({"collect": {"watch": "true"}}, tmp_path / "c.toml")
+
+
+def test_sources_get_stable_default_names_and_paths_resolve(tmp_path: Path) -> None:
+    cfg = parse_config(tomllib.loads('[[sources]]\nkind = "git"\npath = "repos/a"\n'), tmp_path / "c.toml")
+    assert cfg.sources[0].path == tmp_path / "repos" / "a"
+    assert cfg.sources[0].name == f"git:{tmp_path / 'repos' / 'a'}"
+
+
+def test_duplicate_source_names_are_an_error(tmp_path: Path) -> None:
+    data = {"sources": [{"kind": "git", "path": "a", "name": "x"}, {"kind": "git", "path": "b", "name": "x"}]}
+    with pytest.raises(ConfigError, match="two sources share it"):
+        parse_config(data, tmp_path / "c.toml")
+
+
+def test_init_writes_a_complete_config_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    result = run_devtune("init", str(tmp_path / "site"))
+    assert result.returncode == 0, result.stderr
+    cfg = load_config(tmp_path / "site" / "config.toml")
+    assert cfg.state_dir == tmp_path / "site" / "devtune-state"
+    again = run_devtune("init", str(tmp_path / "site"))
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_cli_reports_config_errors_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlora_r = -3\n")
+    result = run_devtune("--config", str(path), "status")
+    assert result.returncode == 2
+    assert "[train] lora_r = -3: must be at least 1 (default 16)" in result.stderr
+    assert "Traceback" not in result.stderr

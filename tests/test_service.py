@@ -1,0 +1,126 @@
+"""`devtune run` as systemd runs it: READY/STOPPING over a real notify socket, the API, file watching."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import (
+    ROOT,
+    T0,
+    CommitSpec,
+    autocomplete_event,
+    continue_log,
+    devtune_json,
+    make_repo,
+    run_devtune,
+    write_config,
+)
+
+
+class Service:
+    def __init__(self, proc: subprocess.Popen[str], notify: socket.socket, config: Path, state_dir: Path):
+        self.proc, self.notify, self.config, self.state_dir = proc, notify, config, state_dir
+        self.messages: list[str] = []
+
+    def wait_for(self, message: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while message not in self.messages:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                out = self.proc.stdout.read() if self.proc.poll() is not None and self.proc.stdout else ""
+                raise AssertionError(f"no {message!r} from the service; got {self.messages}; output:\n{out}")
+            self.notify.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.notify.recv(4096).decode())
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = devtune_json("--config", str(self.config), "status", "--json")
+        return result
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    continue_log(tmp_path / "alice", [autocomplete_event(completionId=f"start-{i}") for i in range(3)])
+    make_repo(tmp_path / "repo", [CommitSpec({"a.py": "A = 1\n"}, when=T0)])
+    setup = write_config(tmp_path / "site", [
+        {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": "alice@example.com"},
+        {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}],
+        overrides={"collect": {"interval_s": 3600.0, "debounce_s": 0.3},
+                   "schedule": {"cycle_cron": "0 3 1 1 *"}})
+    # AF_UNIX paths are limited to 108 bytes: keep the socket out of pytest's long tmp paths.
+    sock_dir = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
+    sock_path = os.path.join(sock_dir, "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(sock_path)
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(setup.config), "run"], cwd=ROOT,
+                            env={**os.environ, "NOTIFY_SOCKET": sock_path}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    svc = Service(proc, notify, setup.config, setup.state_dir)
+    try:
+        yield svc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+        os.unlink(sock_path)
+        os.rmdir(sock_dir)
+
+
+def wait_until(check: Any, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError("condition not met in time")
+
+
+def test_service_lifecycle(service: Service, tmp_path: Path) -> None:
+    service.wait_for("READY=1")
+    info = json.loads((service.state_dir / "service.json").read_text())
+    assert info["pid"] == service.proc.pid and info["url"].startswith("http://127.0.0.1:")
+
+    # The first collect runs at start; CLI reads go through the API while the service holds the store.
+    wait_until(lambda: service.status()["suggestions"]["total"] == 3)
+    human = run_devtune("--config", str(service.config), "status")
+    assert human.returncode == 0 and "(service running)" in human.stdout
+    assert service.status()["commits"]["total"] == 1
+
+    # A new line in a watched log is collected without waiting for the hourly interval.
+    continue_log(tmp_path / "alice", [autocomplete_event(completionId="live-1")], append=True)
+    wait_until(lambda: service.status()["suggestions"]["total"] == 4)
+
+    collect = run_devtune("--config", str(service.config), "collect")
+    assert collect.returncode == 0 and "nothing new" in collect.stdout
+
+    # Real HTTP on 127.0.0.1: the API refuses requests without the token.
+    with pytest.raises(urllib.error.HTTPError) as info_401:
+        urllib.request.urlopen(info["url"] + "/api/status", timeout=5)
+    assert info_401.value.code == 401
+    with urllib.request.urlopen(info["url"] + "/healthz", timeout=5) as resp:
+        assert json.loads(resp.read()) == {"ok": True}
+
+    service.proc.send_signal(signal.SIGTERM)
+    service.wait_for("STOPPING=1")
+    assert service.proc.wait(timeout=60) == 0
+    assert not (service.state_dir / "service.json").exists()
+    # the store was closed cleanly: this process can open it now
+    from pipelines.store import Store
+
+    Store.open(service.state_dir / "store.duckdb").close()
