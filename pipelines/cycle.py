@@ -19,7 +19,8 @@ from pipelines.gate import EvalReport, gate
 from pipelines.ingest import Directory, collect_all
 from pipelines.progress import format_seconds
 from pipelines.rundir import RunConfig, read_json
-from pipelines.sft import build_sft
+from pipelines.datasets import build_datasets
+from pipelines.scope import team as team_scope
 from pipelines.store import Store
 from pipelines.tokens import load_base_tokenizer
 
@@ -37,7 +38,7 @@ class CycleResult:
 
 def run_cycle(store: Store, cfg: Config, team: str, run_id: str) -> CycleResult:
     """Run one full cycle for `team:<team>` as run `run_id` (already recorded as running)."""
-    scope = f"team:{team}"
+    scope = str(team_scope(team))
     run_dir = cfg.state_dir / "runs" / run_id
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
 
@@ -45,7 +46,7 @@ def run_cycle(store: Store, cfg: Config, team: str, run_id: str) -> CycleResult:
     summary["collect"] = [r.as_dict() for r in collect_all(store, cfg.sources, cfg.collect, directory)]
 
     tokenizer = load_base_tokenizer(cfg.base_model)
-    dataset = build_sft(store, team, cfg.datasets, tokenizer, run_dir / "data")
+    dataset = build_datasets(store, team_scope(team), cfg.datasets, tokenizer, run_dir / "data")
     summary["dataset"] = dataset.as_dict()
     if dataset.skipped:
         log.info("run %s %s skipped: %s", run_id, scope, dataset.skipped)

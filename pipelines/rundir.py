@@ -8,6 +8,18 @@
                   eval.json        evaluation report       train.log, eval.log
 
 The children read only this directory (and the base model), never the store.
+
+Dataset files (one JSON object per line, oldest first; `ts` is ISO-8601 UTC; every row has `id`,
+`signal`, `developer`, `ts`). `prompt` is always a complete FIM prompt in the base tokenizer's own
+tokens, and every completion / chosen / rejected ends with the tokenizer's end-of-middle token:
+    sft.jsonl      {"prompt", "completion"}                      supervised FIM rows
+    dpo.jsonl      {"prompt", "chosen", "rejected"}              preference pairs sharing one context
+    kto.jsonl      {"prompt", "completion", "label": bool}       unpaired desirable / undesirable rows
+    heldout.jsonl  {"kind": "fim", "prompt", "completion"}       held-out FIM rows (loss, generation)
+                   {"kind": "pair", "prompt", "chosen", "rejected"}  held-out logged pairs (preference)
+    manifest.json  scope, counts per split/signal, drops by reason, sha256, fim_family, max_row_tokens,
+                   and for KTO "kto": {"desirable_weight", "undesirable_weight"}
+A file with no rows may be absent; readers treat a missing file as empty.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import DatasetsConfig
+from pipelines.scope import Scope
 from pipelines.split import drop_leaks, time_split
 from pipelines.store import Store, now
 from pipelines.tokens import BaseTokenizer
@@ -55,12 +56,12 @@ class DatasetReport:
         return asdict(self)
 
 
-def build_sft(store: Store, team: str, cfg: DatasetsConfig, tokenizer: BaseTokenizer, out_dir: Path) -> DatasetReport:
-    """Write `sft.jsonl`, `heldout.jsonl` and `manifest.json` for `team:<team>` into `out_dir`."""
-    scope = f"team:{team}"
+def build_sft(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer,
+              out_dir: Path) -> DatasetReport:
+    """Write `sft.jsonl`, `heldout.jsonl` and `manifest.json` for `scope` into `out_dir`."""
     dropped: Counter[str] = Counter()
-    examples = list(accepted_examples(store.accepted_suggestions(team), cfg, dropped))
-    examples += list(committed_examples(store.committed_files(team), cfg, dropped))
+    examples = list(accepted_examples(store.accepted_suggestions(scope), cfg, dropped))
+    examples += list(committed_examples(store.committed_files(scope), cfg, dropped))
     examples = _dedupe(examples, dropped)
     examples = _cap_tokens(examples, tokenizer, cfg.max_row_tokens, dropped)
     train, heldout = time_split(examples, lambda e: e.ts, cfg.heldout_fraction)
@@ -80,7 +81,7 @@ def build_sft(store: Store, team: str, cfg: DatasetsConfig, tokenizer: BaseToken
         digest.update(data)
         (out_dir / name).write_bytes(data)
     report = DatasetReport(
-        scope=scope, out_dir=str(out_dir), train_rows=len(train), heldout_rows=len(heldout),
+        scope=str(scope), out_dir=str(out_dir), train_rows=len(train), heldout_rows=len(heldout),
         counts={"train": dict(Counter(e.signal for e in train)), "heldout": dict(Counter(e.signal for e in heldout))},
         dropped=dict(dropped), sha256=digest.hexdigest(), skipped=skipped,
     )
@@ -91,7 +92,7 @@ def build_sft(store: Store, team: str, cfg: DatasetsConfig, tokenizer: BaseToken
 
 
 def _row(e: FimExample, tokenizer: BaseTokenizer) -> dict[str, Any]:
-    return {"id": e.id, "signal": e.signal, "developer": e.developer, "ts": e.ts.isoformat(), "path": e.path,
+    return {"kind": "fim", "id": e.id, "signal": e.signal, "developer": e.developer, "ts": e.ts.isoformat(), "path": e.path,
             "prompt": tokenizer.fim.psm(e.prefix, e.suffix), "completion": e.middle + tokenizer.fim.eos}
 
 

@@ -24,6 +24,7 @@ import duckdb
 import pyarrow as pa
 
 from collectors.base import Cursor
+from pipelines.scope import Scope
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", """
@@ -342,22 +343,24 @@ class Store:
 
     # -- datasets ------------------------------------------------------------------------------------------
 
-    def accepted_suggestions(self, team: str) -> list[dict[str, Any]]:
-        """Accepted suggestions of a team whose raw prefix is known, oldest first."""
+    def accepted_suggestions(self, scope: Scope) -> list[dict[str, Any]]:
+        """Accepted suggestions of a scope (a team's, or one developer's) whose raw prefix is known, oldest first."""
+        column = "team" if scope.kind == "team" else "developer"
         cur = self.con.execute(
             "SELECT id, developer, shown_at, filepath, language, prefix, suffix, completion, partial "
-            "FROM suggestions WHERE team = ? AND accepted AND prefix IS NOT NULL AND completion IS NOT NULL "
-            "ORDER BY shown_at, id", [team])
+            f"FROM suggestions WHERE {column} = ? AND accepted AND prefix IS NOT NULL AND completion IS NOT NULL "
+            "ORDER BY shown_at, id", [scope.name])
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
-    def committed_files(self, team: str) -> Iterator[dict[str, Any]]:
-        """Files a team's commits added lines to, with the content after the commit, oldest first."""
+    def committed_files(self, scope: Scope) -> Iterator[dict[str, Any]]:
+        """Files a scope's commits added lines to, with the content after the commit, oldest first."""
+        column = "c.team" if scope.kind == "team" else "c.developer"
         cur = self.con.execute(
             "SELECT c.sha, c.developer, c.committed_at, f.path, f.added, b.content "
             "FROM commits c JOIN commit_files f ON f.sha = c.sha JOIN blobs b ON b.blob = f.blob "
-            "WHERE c.team = ? AND NOT c.opted_out AND len(f.added) > 0 "
-            "ORDER BY c.committed_at, c.sha, f.path", [team])
+            f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 "
+            "ORDER BY c.committed_at, c.sha, f.path", [scope.name])
         names = [d[0] for d in cur.description]
         while rows := cur.fetchmany(1000):
             for r in rows:

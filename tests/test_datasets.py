@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from daemon import jobs
 from daemon.config import DatasetsConfig, load_config
+from pipelines.scope import team
 from pipelines.sft import build_sft, clip_prefix, clip_suffix
 from pipelines.split import time_split
 from pipelines.store import Store
@@ -90,7 +91,7 @@ def test_sft_rows_use_the_base_tokens_and_hold_out_the_latest(tmp_path: Path, ti
     store, _ = store_with_team_data(tmp_path)
     tokenizer = load_base_tokenizer(str(tiny_model))
     cfg = DatasetsConfig(heldout_fraction=0.2, min_train_rows=10, min_heldout_rows=3, max_row_tokens=512)
-    report = build_sft(store, "payments", cfg, tokenizer, tmp_path / "data")
+    report = build_sft(store, team("payments"), cfg, tokenizer, tmp_path / "data")
     store.close()
     assert report.skipped == ""
     train = [json.loads(x) for x in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()]
@@ -118,7 +119,7 @@ def test_rows_over_the_token_cap_lose_context_not_their_middle(tmp_path: Path, t
     tokenizer = load_base_tokenizer(str(tiny_model))
     cfg = DatasetsConfig(heldout_fraction=0.2, min_train_rows=1, min_heldout_rows=1, max_row_tokens=64,
                          max_prefix_chars=3000)
-    build_sft(store, "payments", cfg, tokenizer, tmp_path / "data")
+    build_sft(store, team("payments"), cfg, tokenizer, tmp_path / "data")
     store.close()
     rows = [json.loads(x) for x in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()]
     assert rows
@@ -128,7 +129,7 @@ def test_rows_over_the_token_cap_lose_context_not_their_middle(tmp_path: Path, t
 
 def test_a_team_without_enough_data_is_skipped_with_the_reason(tmp_path: Path, tiny_model: Path) -> None:
     store, _ = store_with_team_data(tmp_path, n_commits=2)
-    report = build_sft(store, "payments", DatasetsConfig(min_train_rows=500), load_base_tokenizer(str(tiny_model)),
+    report = build_sft(store, team("payments"), DatasetsConfig(min_train_rows=500), load_base_tokenizer(str(tiny_model)),
                        tmp_path / "data")
     store.close()
     assert "fewer than [datasets] min_train_rows = 500" in report.skipped
