@@ -15,11 +15,11 @@ from typing import Any
 from daemon.config import Config
 from pipelines import registry
 from pipelines.child import run_child
+from pipelines.datasets import build_datasets
 from pipelines.gate import EvalReport, gate
 from pipelines.ingest import Directory, collect_all
 from pipelines.progress import format_seconds
 from pipelines.rundir import RunConfig, read_json
-from pipelines.datasets import build_datasets
 from pipelines.scope import team as team_scope
 from pipelines.store import Store
 from pipelines.tokens import load_base_tokenizer
