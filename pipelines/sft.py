@@ -92,8 +92,9 @@ def build_sft(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTo
 
 
 def _row(e: FimExample, tokenizer: BaseTokenizer) -> dict[str, Any]:
-    return {"kind": "fim", "id": e.id, "signal": e.signal, "developer": e.developer, "ts": e.ts.isoformat(), "path": e.path,
-            "prompt": tokenizer.fim.psm(e.prefix, e.suffix), "completion": e.middle + tokenizer.fim.eos}
+    return {"kind": "fim", "id": e.id, "signal": e.signal, "developer": e.developer, "ts": e.ts.isoformat(),
+            "path": e.path, "prompt": tokenizer.fim.psm(e.prefix, e.suffix),
+            "completion": e.middle + tokenizer.fim.eos}
 
 
 def clip_prefix(text: str, max_chars: int) -> str:

@@ -129,7 +129,7 @@ def test_rows_over_the_token_cap_lose_context_not_their_middle(tmp_path: Path, t
 
 def test_a_team_without_enough_data_is_skipped_with_the_reason(tmp_path: Path, tiny_model: Path) -> None:
     store, _ = store_with_team_data(tmp_path, n_commits=2)
-    report = build_sft(store, team("payments"), DatasetsConfig(min_train_rows=500), load_base_tokenizer(str(tiny_model)),
-                       tmp_path / "data")
+    tokenizer = load_base_tokenizer(str(tiny_model))
+    report = build_sft(store, team("payments"), DatasetsConfig(min_train_rows=500), tokenizer, tmp_path / "data")
     store.close()
     assert "fewer than [datasets] min_train_rows = 500" in report.skipped
