@@ -119,6 +119,29 @@ MIGRATIONS: list[tuple[str, str]] = [
             error VARCHAR
         );
     """),
+    # Continue Edit-mode and Next Edit outcomes (FORMATS.md §1.3): an accepted or rejected rewrite of a
+    # region, the signal for chat-format SFT rows and edit preference pairs.
+    ("0002_edit_outcomes", """
+        CREATE TABLE edit_outcomes (
+            id VARCHAR PRIMARY KEY,           -- nextEditOutcome: completionId; editOutcome: sha1 of its content
+            source VARCHAR NOT NULL,
+            source_kind VARCHAR NOT NULL,     -- continue
+            event_kind VARCHAR NOT NULL,      -- editOutcome | nextEditOutcome
+            decided_at TIMESTAMP NOT NULL,    -- UTC
+            developer VARCHAR NOT NULL,
+            team VARCHAR NOT NULL,
+            repo VARCHAR,
+            filepath VARCHAR NOT NULL,
+            accepted BOOLEAN NOT NULL,
+            instruction VARCHAR,              -- editOutcome: the user's instruction; nextEdit: NULL
+            before_text VARCHAR,              -- editOutcome: previousCode; nextEdit: originalEditableRange
+            after_text VARCHAR,               -- editOutcome: newCode; nextEdit: completion
+            model VARCHAR,
+            ingested_at TIMESTAMP NOT NULL
+        );
+    """),
+    # Migration names by area, so parallel work never collides: 0003-0009 collectors and ingest,
+    # 0010-0019 datasets, 0020-0029 training and registry.
 ]
 
 
