@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import render_config
-from pipelines.child import run_child
+from pipelines.child import run_child, tail
 from pipelines.sample import DEVELOPERS, generic_corpus, make_sample
 
 log = logging.getLogger("devtune.demo")
@@ -32,18 +32,19 @@ DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
 PRETRAIN_STEPS = 300
 
 
-def prepare_demo(state_dir: Path) -> Path:
+def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
     """Sample data, tiny model and config under `state_dir` (reused when present); returns the config path."""
     state_dir.mkdir(parents=True, exist_ok=True)
     sample = make_sample(state_dir / "sample")
     model_dir = state_dir / "tiny-model"
     if not (model_dir / "model.safetensors").is_file():
         log.info("building the tiny base model: a BPE tokenizer and a %d-step pretraining on Python's "
-                 "standard library (about 30 s on 2 cores; log in %s)", PRETRAIN_STEPS, state_dir / "tiny-model.log")
+                 "standard library (about 30 s on 2 cores; log in %s)", pretrain_steps, state_dir / "tiny-model.log")
         corpus = state_dir / "sample" / "generic-corpus.py.txt"
         corpus.write_text("\n\n".join(generic_corpus()), encoding="utf-8")
-        run_child("pipelines.tiny", [str(model_dir), str(corpus), "--pretrain-steps", str(PRETRAIN_STEPS)],
-                  state_dir / "tiny-model.log", timeout_s=1800)
+        log_path = state_dir / "tiny-model.log"
+        run_child("pipelines.tiny", [str(model_dir), str(corpus), "--pretrain-steps", str(pretrain_steps)],
+                  log_path, timeout_s=1800, tick_s=10, on_tick=lambda: log.info("%s", tail(log_path, 1)))
     sources = [{"kind": "git", "path": str(sample.repo.relative_to(state_dir)), "name": "payments-repo"}]
     for email, folder in sorted(sample.continue_dirs.items()):
         sources.append({"kind": "continue", "path": str(folder.relative_to(state_dir)),
