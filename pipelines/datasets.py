@@ -198,7 +198,8 @@ def build_datasets(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: B
         scope=str(scope), out_dir=str(out_dir), train_rows=len(fim_train), heldout_rows=heldout_rows,
         counts={"train": dict(sorted(Counter(e.signal for e in fim_train).items())),
                 "heldout": dict(sorted(held_counts.items()))},
-        dropped={k: n for k, n in sorted(dropped.items()) if n}, sha256=digest.hexdigest(), skipped=skipped, files=files,
+        dropped={k: n for k, n in sorted(dropped.items()) if n}, sha256=digest.hexdigest(), skipped=skipped,
+        files=files,
         kto={"desirable_weight": weights[0], "undesirable_weight": weights[1]}, links=dict(sorted(links.items())),
         seconds=seconds,
     )
@@ -222,31 +223,42 @@ def drop_near_duplicates(fim_train: list[FimExample], fim_held: list[FimExample]
                                                          list[PairExample], list[KtoExample]]:
     """Near duplicates within each set and split (the earliest row stays), then every training row that is a
     near duplicate of a held-out FIM row or of either side of a held-out pair (pipelines.quality)."""
-    fim_sig = sketch([near_text(e.prefix, e.middle, e.suffix) for e in fim_train + fim_held])
-    train_sig, held_sig = fim_sig[: len(fim_train)], fim_sig[len(fim_train):]
-    keep_train, keep_held = ~near_duplicates(train_sig, threshold), ~near_duplicates(held_sig, threshold)
+    fim = fim_train + fim_held
+    fim_sig = sketch([near_text(e.prefix, e.middle, e.suffix) for e in fim])
+    fim_mid = sketch([e.middle for e in fim])
+    nf = len(fim_train)
+    keep_train = ~near_duplicates(fim_sig[:nf], fim_mid[:nf], threshold)
+    keep_held = ~near_duplicates(fim_sig[nf:], fim_mid[nf:], threshold)
 
-    pair_sig = sketch([near_text(p.prefix, p.chosen + "\x02" + p.rejected, p.suffix) for p in pair_train + pair_held])
-    chosen_sig = sketch([near_text(p.prefix, p.chosen, p.suffix) for p in pair_train + pair_held])
-    rejected_sig = sketch([near_text(p.prefix, p.rejected, p.suffix) for p in pair_train + pair_held])
+    pairs = pair_train + pair_held
+    both = [p.chosen + "\x02" + p.rejected for p in pairs]
+    pair_sig = sketch([near_text(p.prefix, text, p.suffix) for p, text in zip(pairs, both, strict=True)])
+    pair_mid = sketch(both)
+    chosen_sig = sketch([near_text(p.prefix, p.chosen, p.suffix) for p in pairs])
+    chosen_mid = sketch([p.chosen for p in pairs])
+    rejected_sig = sketch([near_text(p.prefix, p.rejected, p.suffix) for p in pairs])
+    rejected_mid = sketch([p.rejected for p in pairs])
     n = len(pair_train)
-    keep_pair_train = ~near_duplicates(pair_sig[:n], threshold)
-    keep_pair_held = ~near_duplicates(pair_sig[n:], threshold)
+    keep_pair_train = ~near_duplicates(pair_sig[:n], pair_mid[:n], threshold)
+    keep_pair_held = ~near_duplicates(pair_sig[n:], pair_mid[n:], threshold)
 
     kto_sig = sketch([near_text(k.prefix, k.completion, k.suffix) for k in kto_train])
+    kto_mid = sketch([k.completion for k in kto_train])
     labels = np.array([k.label for k in kto_train], dtype=bool)
     keep_kto = np.ones(len(kto_train), dtype=bool)
     for label in (True, False):  # a desirable and an undesirable row may share text: that is not a repeat
         at = np.flatnonzero(labels == label)
-        keep_kto[at[near_duplicates(kto_sig[at], threshold)]] = False
+        keep_kto[at[near_duplicates(kto_sig[at], kto_mid[at], threshold)]] = False
     dropped["near_duplicate"] += int((~keep_train).sum() + (~keep_held).sum() + (~keep_pair_train).sum()
                                      + (~keep_pair_held).sum() + (~keep_kto).sum())
 
-    reference = np.concatenate([held_sig[keep_held], chosen_sig[n:][keep_pair_held], rejected_sig[n:][keep_pair_held]])
-    leak_fim = keep_train & near_duplicates_of(train_sig, reference, threshold)
-    leak_pair = keep_pair_train & (near_duplicates_of(chosen_sig[:n], reference, threshold)
-                                   | near_duplicates_of(rejected_sig[:n], reference, threshold))
-    leak_kto = keep_kto & near_duplicates_of(kto_sig, reference, threshold)
+    held = keep_pair_held
+    ref = np.concatenate([fim_sig[nf:][keep_held], chosen_sig[n:][held], rejected_sig[n:][held]])
+    ref_mid = np.concatenate([fim_mid[nf:][keep_held], chosen_mid[n:][held], rejected_mid[n:][held]])
+    leak_fim = keep_train & near_duplicates_of(fim_sig[:nf], fim_mid[:nf], ref, ref_mid, threshold)
+    leak_pair = keep_pair_train & (near_duplicates_of(chosen_sig[:n], chosen_mid[:n], ref, ref_mid, threshold)
+                                   | near_duplicates_of(rejected_sig[:n], rejected_mid[:n], ref, ref_mid, threshold))
+    leak_kto = keep_kto & near_duplicates_of(kto_sig, kto_mid, ref, ref_mid, threshold)
     dropped["near_duplicate_of_heldout"] += int(leak_fim.sum() + leak_pair.sum() + leak_kto.sum())
     return (_take(fim_train, keep_train & ~leak_fim), _take(fim_held, keep_held),
             _take(pair_train, keep_pair_train & ~leak_pair), _take(pair_held, keep_pair_held),
