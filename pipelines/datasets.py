@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,25 +172,23 @@ def build_datasets(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: B
     elif heldout_rows < cfg.min_heldout_rows:
         skipped = f"{heldout_rows} held-out rows, fewer than [datasets] min_heldout_rows = {cfg.min_heldout_rows}"
 
-    heldout = sorted([(e.ts, e.id, fim_row(e, fim_tokens)) for e in fim_held]
-                     + [(p.ts, p.id, pair_row(p, fim_tokens, kind="pair")) for p in pair_held],
+    heldout = sorted([(e.ts, e.id, e) for e in fim_held] + [(p.ts, p.id, p) for p in pair_held],
                      key=lambda t: (t[0], t[1]))
-    rows: dict[str, list[dict[str, Any]]] = {
-        "sft.jsonl": [fim_row(e, fim_tokens) for e in fim_train],
-        "dpo.jsonl": [pair_row(p, fim_tokens) for p in pair_train],
-        "kto.jsonl": [kto_row(k, fim_tokens) for k in kto_train],
-        "chat.jsonl": [chat_row(c) for c in chat_train],
-        "heldout.jsonl": [r for _, _, r in heldout],
+    rows: dict[str, Iterable[dict[str, Any]]] = {
+        "sft.jsonl": (fim_row(e, fim_tokens) for e in fim_train),
+        "dpo.jsonl": (pair_row(p, fim_tokens) for p in pair_train),
+        "kto.jsonl": (kto_row(k, fim_tokens) for k in kto_train),
+        "chat.jsonl": (chat_row(c) for c in chat_train),
+        "heldout.jsonl": (fim_row(r, fim_tokens) if isinstance(r, FimExample) else pair_row(r, fim_tokens, kind="pair")
+                          for _, _, r in heldout),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
+    files: dict[str, dict[str, int]] = {}
     for name in FILES:
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name]).encode()
-        digest.update(data)
-        (out_dir / name).write_bytes(data)
+        files[name] = write_jsonl(out_dir / name, rows[name], digest)
     clock.lap("write")
 
-    files = {name: dict(sorted(Counter(r["signal"] for r in rows[name]).items())) for name in FILES}
     held_counts = Counter(e.signal for e in fim_held)
     if pair_held:
         held_counts["pair"] = len(pair_held)
@@ -215,6 +213,29 @@ def build_datasets(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: B
              len(fim_train), len(pair_train), len(kto_train), len(chat_train), heldout_rows,
              f"; skipped: {skipped}" if skipped else "", format_seconds(sum(seconds.values())))
     return report
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], digest: Any) -> dict[str, int]:
+    """Write rows one per line, streaming (a million rows of 2 KB would otherwise sit in memory twice), adding
+    the bytes to `digest`; returns the rows written per signal."""
+    counts: Counter[str] = Counter()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        batch: list[str] = []
+        for r in rows:
+            counts[r["signal"]] += 1
+            batch.append(json.dumps(r, ensure_ascii=False))
+            if len(batch) >= 1000:
+                data = ("\n".join(batch) + "\n").encode()
+                digest.update(data)
+                f.write(data)
+                batch = []
+        if batch:
+            data = ("\n".join(batch) + "\n").encode()
+            digest.update(data)
+            f.write(data)
+    tmp.replace(path)
+    return dict(sorted(counts.items()))
 
 
 def drop_near_duplicates(fim_train: list[FimExample], fim_held: list[FimExample], pair_train: list[PairExample],

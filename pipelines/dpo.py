@@ -93,10 +93,19 @@ def sides(items: Iterable[Outcome]) -> list[Side]:
 
 def context_key(s: Side) -> bytes:
     """The context two sides must share to be paired (see the module docstring)."""
-    prefix = clip_prefix(s.prefix, PREFIX_MATCH_CHARS).replace("\r\n", "\n")
-    suffix = clip_suffix(s.suffix, SUFFIX_MATCH_CHARS).replace("\r\n", "\n")
-    return exact_key(s.developer, s.path, _TRAILING_SPACE.sub("\n", prefix),
-                     _TRAILING_SPACE.sub("\n", suffix + "\n").rstrip("\n"))
+    prefix = _strip_line_ends(clip_prefix(s.prefix, PREFIX_MATCH_CHARS))
+    suffix = _strip_line_ends(clip_suffix(s.suffix, SUFFIX_MATCH_CHARS) + "\n").rstrip("\n")
+    return exact_key(s.developer, s.path, prefix, suffix)
+
+
+def _strip_line_ends(text: str) -> str:
+    """Trailing spaces and tabs removed from every line but the last (the checks skip the regex for the
+    common text that has none: a third of this module's time went there)."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING_SPACE.sub("\n", text)
+    return text
 
 
 def same_text(a: str, b: str) -> bool:

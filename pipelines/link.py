@@ -270,8 +270,10 @@ class Site:
 
 def site_of(prefix: str, suffix: str, text: str) -> Site:
     before_cursor = prefix[prefix.rfind("\n") + 1:]
-    nl = suffix.find("\n")
-    after_cursor = suffix if nl < 0 else suffix[:nl]
+    # A suggestion ending with a line break ends its line: the suffix then starts on the next line and has no
+    # rest of the cursor line (taking its first line for one made an inserted-then-deleted line look kept).
+    nl = -1 if text.endswith("\n") else suffix.find("\n")
+    after_cursor = "" if text.endswith("\n") else suffix if nl < 0 else suffix[:nl]
     before: list[str] = []
     end = len(prefix) - len(before_cursor)
     while end > 0 and len(before) < ANCHOR_LINES:  # walk back line by line: prefixes run to thousands of chars
@@ -281,7 +283,7 @@ def site_of(prefix: str, suffix: str, text: str) -> Site:
             before.insert(0, n)
         end = start
     after: list[str] = []
-    if nl >= 0:
+    if nl >= 0 or text.endswith("\n"):
         for line in suffix[nl + 1:].split("\n", 64):
             n = normalise(line)
             if n:
