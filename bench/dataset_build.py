@@ -51,11 +51,15 @@ def main() -> int:
     parser.add_argument("--commits", type=int, default=10_000)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/devtune-bench"))
     parser.add_argument("--compare-rows", type=int, default=100_000)
+    parser.add_argument("--compare-only", action="store_true", help="only step 3, on an already prepared --dir")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = args.dir / f"{args.commits}c-{args.suggestions}s"
     if args.measure:
         return measure(folder)
+    if args.compare_only:
+        compare_near_dup(folder, args.compare_rows)
+        return 0
     prepare(folder, args.commits, args.suggestions)
     print(f"measuring: build_datasets(team:{TEAM}) in a child process", flush=True)
     child = subprocess.run([sys.executable, __file__, "--measure", "--dir", str(args.dir), "--commits",
@@ -313,9 +317,8 @@ def compare_near_dup(folder: Path, limit: int) -> None:
 
     from daemon.config import load_config
     from pipelines.dpo import pair_examples, sides
-    from pipelines.kto import kto_examples
     from pipelines.link import PathIndex
-    from pipelines.quality import EMPTY, near_duplicates, near_text, sketch
+    from pipelines.quality import EMPTY, _bands, near_duplicates, near_text, sketch
     from pipelines.scope import team
     from pipelines.sft import accepted_examples, outcomes
     from pipelines.store import Store
@@ -330,7 +333,7 @@ def compare_near_dup(folder: Path, limit: int) -> None:
     fim = list(accepted_examples(items, dropped))
     _, unpaired = pair_examples(sides(items), cfg.datasets.max_pairs_per_context, dropped)
     rows = sorted([(e.ts, e.prefix, e.middle, e.suffix) for e in fim]
-                  + [(k.ts, k.prefix, k.completion, k.suffix) for k in kto_examples(unpaired)])[:limit]
+                  + [(k.ts, k.prefix, k.text, k.suffix) for k in unpaired])[:limit]
     texts = [near_text(p, m, s) for _, p, m, s in rows]
     threshold = cfg.datasets.near_dup_threshold
 
@@ -368,6 +371,23 @@ def compare_near_dup(folder: Path, limit: int) -> None:
           f"same verdict on {agree:.2%} of rows (flagged by both {(ours_window & theirs).sum():,}, "
           f"only devtune {(ours_window & ~theirs).sum():,}, only datasketch {(~ours_window & theirs).sum():,}); "
           f"rows too short to sketch {int(((sig == EMPTY).all(axis=1)).sum())}")
+    # Who is right where they disagree: the exact Jaccard of a row with the earlier rows either method could
+    # have matched it with (sharing one of devtune's bands, or returned by datasketch's query).
+    bands = _bands(sig)
+    rng = random.Random(5)
+    for label, where in (("only devtune", ours_window & ~theirs), ("only datasketch", ~ours_window & theirs)):
+        rows_at = np.flatnonzero(where)
+        sample = sorted(rng.sample(list(rows_at), min(200, len(rows_at))))
+        right = 0
+        for i in sample:
+            earlier = set(np.flatnonzero((bands[:i] == bands[i]).any(axis=1)).tolist())
+            earlier |= {int(k) for k in lsh.query(minhashes[i]) if int(k) < i}
+            mine = set(shingled[i])
+            best = max((len(mine & set(shingled[j])) / len(mine | set(shingled[j])) for j in earlier), default=0.0)
+            right += best >= threshold
+        if sample:
+            print(f"  {label}: {len(rows_at):,} rows; in a sample of {len(sample)}, {right / len(sample):.0%} have an "
+                  f"earlier row at exact Jaccard >= {threshold}")
 
 
 if __name__ == "__main__":

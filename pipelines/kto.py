@@ -3,7 +3,8 @@
 Desirable: kept, accepted (link unknown) and rewritten-to (committed) completions left without a rejected
 partner in their context. Undesirable: rejected suggestions left without a chosen partner, accepted
 suggestions that were rewritten (when the replacement could not be laid out as a middle, or the context
-reached its pair cap) and accepted suggestions that were deleted before commit.
+reached its pair cap) and accepted suggestions that were deleted before commit. The rows are the
+unpaired `pipelines.dpo.Side`s themselves: `desirable` is the label.
 
 The weights. Developers accept about 25-35% of suggestions, so undesirable rows outnumber desirable ones.
 TRL's KTOTrainer wants desirable_weight x n_desirable / (undesirable_weight x n_undesirable) between 1 and
@@ -14,32 +15,12 @@ values rounded to 2 decimals) cannot fall just outside it; both stay 1.0 when th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from pipelines.dpo import Side
 from pipelines.tokens import FimTokens
 
 TARGET_RATIO = 7 / 6  # desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
-
-
-@dataclass(frozen=True)
-class KtoExample:
-    id: str
-    signal: str
-    developer: str
-    ts: datetime
-    path: str
-    prefix: str
-    suffix: str
-    completion: str
-    label: bool  # True: desirable
-
-
-def kto_examples(unpaired: list[Side]) -> list[KtoExample]:
-    return [KtoExample(id=s.id, signal=s.signal, developer=s.developer, ts=s.ts, path=s.path, prefix=s.prefix,
-                       suffix=s.suffix, completion=s.text, label=s.desirable) for s in unpaired]
 
 
 def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
@@ -54,6 +35,7 @@ def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
     return 1.0, round(ratio / TARGET_RATIO, 4)
 
 
-def kto_row(e: KtoExample, fim: FimTokens) -> dict[str, Any]:
-    return {"id": e.id, "signal": e.signal, "developer": e.developer, "ts": e.ts.isoformat(), "path": e.path,
-            "prompt": fim.psm(e.prefix, e.suffix), "completion": e.completion + fim.eos, "label": e.label}
+def kto_row(s: Side, fim: FimTokens) -> dict[str, Any]:
+    """An unpaired side as a KTO row: its completion, labelled desirable or not."""
+    return {"id": s.id, "signal": s.signal, "developer": s.developer, "ts": s.ts.isoformat(), "path": s.path,
+            "prompt": fim.psm(s.prefix, s.suffix), "completion": s.text + fim.eos, "label": s.desirable}

@@ -36,7 +36,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -85,9 +85,13 @@ MINIFIED_MEAN_LINE_CHARS = 120
 MINIFIED_MAX_LINE_CHARS = 1000
 
 
-def file_problem(path: str, content: str | None = None, starts_file: bool = True) -> str | None:
-    """Why rows from this file should not train an adapter, or None. `content` is the file, or (with
-    `starts_file` false) a part of it that need not start at its top, where generated-file markers live."""
+def file_problem(path: str, content: str | None = None) -> str | None:
+    """Why rows from this file should not train an adapter, or None: its path, then its content."""
+    return path_problem(path) or (content_problem(content) if content is not None else None)
+
+
+def path_problem(path: str) -> str | None:
+    """Why a file should not train an adapter, judged by its path alone, or None."""
     parts = [p.lower() for p in path.replace("\\", "/").split("/") if p]
     if not parts:
         return None
@@ -100,8 +104,12 @@ def file_problem(path: str, content: str | None = None, starts_file: bool = True
         return "minified" if ".min." in name else "generated"
     if "." in name and name.rsplit(".", 1)[1] in BINARY_EXTENSIONS:
         return "binary"
-    if content is None:
-        return None
+    return None
+
+
+def content_problem(content: str, starts_file: bool = True) -> str | None:
+    """Why text should not train an adapter, or None. With `starts_file` false the text is part of a file
+    (a suggestion's context) and need not hold its top, where generated-file markers and binary headers live."""
     head = content[:4000]
     if "\x00" in head or (starts_file and len(_CONTROL.findall(head)) > len(head) // 100 + 1):
         return "binary"  # a NUL, or more than 1% control characters at a file's start
@@ -273,21 +281,26 @@ def _similar(sig: np.ndarray, middle: np.ndarray, rows: np.ndarray, other: np.nd
 
 # -- token caps ----------------------------------------------------------------------------------------------
 
-def fit_tokens(rows: list[T], render: Callable[[T], str], shrink: Callable[[T], T | None],
-               tokenizer: BaseTokenizer, max_tokens: int, ratio: float | None, dropped: Counter[str],
-               counted: Counter[str]) -> list[T]:
+def fit_tokens(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Callable[[T], str],
+               shrink: Callable[[T], T | None], tokenizer: BaseTokenizer, max_tokens: int, ratio: float | None,
+               dropped: Counter[str], counted: Counter[str]) -> list[T]:
     """Fit rows into `max_tokens` by cutting their context (`shrink` keeps 3/4 of it, None when there is
-    nothing left to cut); drop a row only when it cannot fit. `ratio` is the tokens-per-byte bound from
-    `calibrate`, or None to tokenize every row longer in bytes than the cap. `counted` tallies how each row's
-    length was established: "bytes" (short enough), "estimated" (under the bound) or "tokenized"."""
+    nothing left to cut); drop a row only when it cannot fit. `parts` gives the strings a row's text is made
+    of (their sizes bound its length without building it), `render` the text itself, built only for rows
+    that must be tokenized. `ratio` is the tokens-per-byte bound from `calibrate`, or None to tokenize every
+    row longer in bytes than the cap. `counted` tallies how each row's length was established: "bytes"
+    (short enough), "estimated" (under the bound) or "tokenized"."""
     out: list[T | None] = list(rows)
     todo = list(range(len(out)))
     for round_ in range(_MAX_ROUNDS + 1):
         if not todo:
             break
-        texts = [render(r) for r in (out[i] for i in todo) if r is not None]
-        bounds = _upper_bounds(texts, tokenizer, ratio, max_tokens, counted, round_ == 0)
-        over = [i for i, n in zip(todo, bounds, strict=True) if n > max_tokens]
+        over = []
+        for lo in range(0, len(todo), 10_000):  # rendered in chunks: a million rendered rows would be GBs
+            chunk = todo[lo:lo + 10_000]
+            bounds = _upper_bounds([out[i] for i in chunk], parts, render, tokenizer, ratio, max_tokens, counted,
+                                   round_ == 0)
+            over += [i for i, n in zip(chunk, bounds, strict=True) if n > max_tokens]
         if round_ == _MAX_ROUNDS:
             dropped["over_max_row_tokens"] += len(over)
             for i in over:
@@ -314,17 +327,21 @@ def calibrate(sample: list[str], tokenizer: BaseTokenizer) -> float | None:
     return max(c / s for c, s in zip(counts, sizes, strict=True)) * SAMPLE_MARGIN
 
 
-def _upper_bounds(texts: list[str], tokenizer: BaseTokenizer, ratio: float | None, max_tokens: int,
-                  counted: Counter[str], first_round: bool) -> list[int]:
-    """Per text, its token count or an upper bound of it that is enough to compare with `max_tokens`."""
-    out = [0] * len(texts)
+def _upper_bounds(rows: list[Any], parts: Callable[[Any], tuple[str, ...]], render: Callable[[Any], str],
+                  tokenizer: BaseTokenizer, ratio: float | None, max_tokens: int, counted: Counter[str],
+                  first_round: bool) -> list[int]:
+    """Per row, its token count or an upper bound of it that is enough to compare with `max_tokens`."""
+    out = [0] * len(rows)
     exact_needed = []
-    for i, t in enumerate(texts):
-        size = len(t.encode("utf-8", "surrogatepass"))
+    for i, r in enumerate(rows):
+        pieces = parts(r)
+        chars = sum(map(len, pieces))
+        # str.isascii is O(1) in CPython (a flag on the string), so ASCII text is sized without encoding it
+        size = chars + sum(len(p.encode("utf-8", "surrogatepass")) - len(p) for p in pieces if not p.isascii())
         if size + 1 <= max_tokens:
             out[i] = size + 1
             how = "bytes"
-        elif ratio is not None and (size - len(t)) <= NON_ASCII_SHARE * size and size * ratio <= max_tokens:
+        elif ratio is not None and (size - chars) <= NON_ASCII_SHARE * size and size * ratio <= max_tokens:
             out[i] = int(size * ratio) + 1
             how = "estimated"
         else:
@@ -333,7 +350,7 @@ def _upper_bounds(texts: list[str], tokenizer: BaseTokenizer, ratio: float | Non
         if first_round:
             counted[how] += 1
     if exact_needed:
-        for i, n in zip(exact_needed, tokenizer.count([texts[i] for i in exact_needed]), strict=True):
+        for i, n in zip(exact_needed, tokenizer.count([render(rows[i]) for i in exact_needed]), strict=True):
             out[i] = n
         if first_round:
             counted["tokenized"] += len(exact_needed)

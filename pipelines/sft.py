@@ -28,7 +28,7 @@ from typing import Any
 
 from daemon.config import DatasetsConfig
 from pipelines.link import PathIndex, accepted_part, path_parts
-from pipelines.quality import file_problem
+from pipelines.quality import content_problem, file_problem, path_problem
 from pipelines.tokens import FimTokens
 
 NEXT_EDIT_INSTRUCTION = "Make the next edit to this code."
@@ -111,11 +111,11 @@ def outcomes(rows: Iterable[dict[str, Any]], index: PathIndex, cfg: DatasetsConf
             target = (r["link_repo"], r["link_path"]) if r["link_path"] else index.map(r["repo"], r["filepath"])
             path = f"{target[0]}/{target[1]}" if target else r["filepath"]
             relative = target[1] if target else "/".join(path_parts(r["filepath"]))
-            files[where] = (path, relative, file_problem(relative))
+            files[where] = (path, relative, path_problem(relative))
         path, relative, problem = files[where]
         suffix = r["suffix"] or ""
         if problem is None:
-            problem = file_problem(relative, r["prefix"] + text + suffix, starts_file=False)
+            problem = content_problem(r["prefix"] + text + suffix, starts_file=False)
         if problem is not None:
             dropped[problem] += 1
             continue

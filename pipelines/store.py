@@ -412,6 +412,11 @@ class Store:
             [max_prefix_chars + 1, max_suffix_chars + 1, scope.name])
         yield from _dicts(cur)
 
+    def count_scope_suggestions(self, scope: Scope) -> int:
+        column = "team" if scope.kind == "team" else "developer"
+        row = self.con.execute(f"SELECT count(*) FROM suggestions WHERE {column} = ?", [scope.name]).fetchone()
+        return int(row[0]) if row else 0
+
     def scope_edit_outcomes(self, scope: Scope) -> Iterator[dict[str, Any]]:
         """Continue edit outcomes of a scope, oldest first."""
         column = "team" if scope.kind == "team" else "developer"

@@ -11,7 +11,7 @@ from typing import Any
 from daemon.config import DatasetsConfig
 from pipelines.datasets import build_datasets
 from pipelines.dpo import pair_examples, same_text, sides
-from pipelines.kto import kto_examples, kto_weights
+from pipelines.kto import kto_weights
 from pipelines.scope import dev, team
 from pipelines.sft import Outcome
 from pipelines.store import Store
@@ -55,9 +55,9 @@ def test_pairs_share_one_context_and_never_have_equal_sides() -> None:
                    ("    return math.tau * r / 2\n", "    return r\n", "replaced")}
     assert all(not same_text(p.chosen, p.rejected) and p.developer == "alice" for p in pairs)
     assert dropped == {"rejected_equals_accepted": 1}
-    kto = {k.id: k for k in kto_examples(unpaired)}
+    kto = {k.id: k for k in unpaired}
     assert set(kto) == {"s5", "s6", "s8"}  # bob's and the other spot's rejections, the deleted suggestion
-    assert not any(k.label for k in kto.values()) and kto["s8"].signal == "deleted"
+    assert not any(k.desirable for k in kto.values()) and kto["s8"].signal == "deleted"
 
 
 def test_pairs_per_context_are_capped_and_the_rest_go_to_kto() -> None:
