@@ -318,7 +318,7 @@ def compare_near_dup(folder: Path, limit: int) -> None:
     from daemon.config import load_config
     from pipelines.dpo import pair_examples, sides
     from pipelines.link import PathIndex
-    from pipelines.quality import EMPTY, _bands, near_duplicates, near_text, sketch
+    from pipelines.quality import EMPTY, band_keys, near_duplicates, near_text, sketch
     from pipelines.scope import team
     from pipelines.sft import accepted_examples, outcomes
     from pipelines.store import Store
@@ -373,7 +373,7 @@ def compare_near_dup(folder: Path, limit: int) -> None:
           f"rows too short to sketch {int(((sig == EMPTY).all(axis=1)).sum())}")
     # Who is right where they disagree: the exact Jaccard of a row with the earlier rows either method could
     # have matched it with (sharing one of devtune's bands, or returned by datasketch's query).
-    bands = _bands(sig)
+    bands = band_keys(sig)
     rng = random.Random(5)
     for label, where in (("only devtune", ours_window & ~theirs), ("only datasketch", ~ours_window & theirs)):
         rows_at = np.flatnonzero(where)

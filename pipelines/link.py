@@ -100,8 +100,12 @@ def link_suggestions(store: Store, cfg: DatasetsConfig) -> LinkReport:
     counts: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     mapped: dict[str, list[str]] = {"id": [], "repo": [], "path": []}
+    targets: dict[tuple[str | None, str], tuple[str, str] | None] = {}  # many suggestions share a file
     for s in todo:
-        target = index.map(s["repo"], s["filepath"])
+        where = (s["repo"], s["filepath"])
+        if where not in targets:
+            targets[where] = index.map(*where)
+        target = targets[where]
         if target is None:
             rows.append(_link_row(s["id"], Decision("unknown", "file_not_in_repo"), None, None,
                                   s["shown_at"] + window, linked_at))

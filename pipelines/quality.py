@@ -218,7 +218,7 @@ def _densify(sig: np.ndarray) -> None:
     sig[todo] = out
 
 
-def _bands(sig: np.ndarray) -> np.ndarray:
+def band_keys(sig: np.ndarray) -> np.ndarray:
     per = BINS // BANDS
     v = sig.reshape(len(sig), BANDS, per).astype(np.uint64)
     key = np.zeros((len(sig), BANDS), dtype=np.uint64)
@@ -237,7 +237,7 @@ def near_duplicates(sig: np.ndarray, middle: np.ndarray, threshold: float) -> np
     if n < 2:
         return dup
     usable = (sig != EMPTY).any(axis=1)
-    bands = _bands(sig)
+    bands = band_keys(sig)
     for b in range(BANDS):
         keys = bands[:, b]
         order = np.argsort(keys, kind="stable")  # equal keys stay in row order: the first is the earliest
@@ -261,7 +261,7 @@ def near_duplicates_of(sig: np.ndarray, middle: np.ndarray, reference: np.ndarra
         return hit
     usable = (sig != EMPTY).any(axis=1)
     ref_usable = (reference != EMPTY).any(axis=1)
-    bands, ref_bands = _bands(sig), _bands(reference)
+    bands, ref_bands = band_keys(sig), band_keys(reference)
     for b in range(BANDS):
         ref_keys, ref_first = np.unique(ref_bands[:, b], return_index=True)
         at = np.searchsorted(ref_keys, bands[:, b]).clip(max=len(ref_keys) - 1)
