@@ -126,9 +126,11 @@ def _tokenizer_files(base_model: str) -> dict[str, Path]:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         try:
             out[name] = Path(hf_hub_download(base_model, name))
-        except EntryNotFoundError:
-            continue
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+            # LocalEntryNotFoundError (offline, and not in the cache) subclasses EntryNotFoundError, but it
+            # says nothing about whether the file exists: only a plain EntryNotFoundError means "no such file".
+            if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
+                continue
             raise TokenizerError(
                 f"cannot load the tokenizer of base_model {base_model!r}: {e}. Use a Hugging Face id this "
                 "machine can download (or has in its cache), or a local directory holding the model") from e

@@ -63,6 +63,12 @@ def test_a_tokenizer_without_fim_tokens_is_a_clear_error(tmp_path: Path) -> None
         load_base_tokenizer(str(folder))
 
 
+def test_a_hub_model_that_cannot_be_fetched_is_not_called_missing(tmp_path: Path) -> None:
+    # conftest sets HF_HUB_OFFLINE: the hub cannot be asked, which is not the same as "no tokenizer.json"
+    with pytest.raises(TokenizerError, match="cannot load the tokenizer of base_model 'acme/no-such-coder'"):
+        load_base_tokenizer("acme/no-such-coder")
+
+
 def test_time_split_holds_out_the_most_recent_rows_and_never_splits_a_timestamp() -> None:
     rows = [(datetime(2026, 1, d), i) for i, d in enumerate([1, 2, 3, 4, 5, 6, 7, 8, 9, 9])]
     train, held = time_split(rows, lambda r: r[0], 0.1)
