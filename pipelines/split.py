@@ -2,12 +2,13 @@
 
 A random split would let the gate score an adapter on code written in the same week as its training rows,
 often the same function edited twice; holding out the most recent slice asks the question that matters
-(does it help with tomorrow's code?) and mirrors how the adapter is used.
+(does it help with tomorrow's code?) and mirrors how the adapter is used. Training rows that repeat or
+nearly repeat a held-out row are removed by the dataset build (pipelines.datasets, near-dup stage).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -42,10 +43,3 @@ def split_at(rows: Sequence[T], ts: Callable[[T], datetime], cutoff: datetime | 
     if cutoff is None:
         return ordered, []
     return [r for r in ordered if ts(r) < cutoff], [r for r in ordered if ts(r) >= cutoff]
-
-
-def drop_leaks(train: list[T], heldout: list[T], key: Callable[[T], Hashable]) -> tuple[list[T], int]:
-    """Train rows that exactly repeat a held-out row would let the adapter be scored on what it memorised."""
-    held = {key(r) for r in heldout}
-    kept = [r for r in train if key(r) not in held]
-    return kept, len(train) - len(kept)
