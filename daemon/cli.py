@@ -21,9 +21,11 @@ from daemon import jobs
 from daemon.api import ApiClient, ApiError
 from daemon.config import Config, ConfigError, find_config, load_config, render_config
 from daemon.logs import setup_logging
+from pipelines.datasets import build_datasets
 from pipelines.progress import format_seconds
+from pipelines.scope import Scope, ScopeError
 from pipelines.store import Store, StoreBusy
-from pipelines.tokens import TokenizerError
+from pipelines.tokens import TokenizerError, load_base_tokenizer
 
 log = logging.getLogger("devtune")
 
@@ -65,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--team", help="only this team (default: every team)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cycle)
+
+    p = sub.add_parser("dataset", help="build a scope's datasets into a folder, or show one as a table")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("build", help="write sft/dpo/kto/chat/heldout.jsonl and manifest.json for a scope")
+    a.add_argument("--scope", required=True, help="team:NAME or dev:ID")
+    a.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write (created if missing)")
+    a.add_argument("--json", action="store_true", help="print the report as JSON")
+    a.set_defaults(func=cmd_dataset_build)
+    a = actions.add_parser("show", help="a dataset folder's rows per file and signal, and its drops, as tables")
+    a.add_argument("dir", type=Path, nargs="?", metavar="DIR", help="default: the newest run's data/ folder")
+    a.set_defaults(func=cmd_dataset_show)
 
     p = sub.add_parser("status", help="what is stored, served and running")
     p.add_argument("--json", action="store_true", help="one JSON object (a stable contract)")
@@ -184,6 +197,82 @@ def describe_cycle(r: dict[str, Any]) -> str:
     if ev.get("served"):
         line += f", served {ev['served']['heldout_loss']:.4f}"
     return line + f" ({'; '.join(s['gate']['reasons'])})"
+
+
+def cmd_dataset_build(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    try:
+        scope = Scope.parse(args.scope)
+    except ScopeError as e:
+        print(f"devtune: {e}", file=sys.stderr)
+        return 2
+    if scope.kind == "team" and scope.name not in cfg.team_names():
+        print(f"devtune: no team {scope.name!r}; teams are {', '.join(cfg.team_names())}", file=sys.stderr)
+        return 2
+    out = args.out.resolve()
+    client = ApiClient.discover(cfg.state_dir)
+    if client is not None:
+        try:
+            report = client.call("POST", "/api/dataset", {"scope": str(scope), "out": str(out)})
+        except ApiError as e:
+            raise ApiError(f"{e}. The running service holds the store; if it has no dataset route, stop it "
+                           "(systemctl stop devtune) and run this again, or read the data/ folder of its next "
+                           "cycle's run, which holds the same files") from None
+    else:
+        tokenizer = load_base_tokenizer(cfg.base_model)
+        with local_store(cfg) as store:
+            report = build_datasets(store, scope, cfg.datasets, tokenizer, out).as_dict()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"{report['scope']}: {report['train_rows']:,} SFT training rows, {report['heldout_rows']:,} held out "
+              f"-> {report['out_dir']}")
+        if report["skipped"]:
+            print(f"skipped: {report['skipped']}")
+        print(f"next: devtune dataset show {report['out_dir']}")
+    return 0
+
+
+def cmd_dataset_show(args: argparse.Namespace) -> int:
+    folder = args.dir or _newest_dataset(_config(args).state_dir)
+    manifest_path = folder / "manifest.json" if folder else None
+    if manifest_path is None or not manifest_path.is_file():
+        where = manifest_path or "any run directory"
+        print(f"devtune: no manifest.json in {where}: build one with `devtune dataset build --scope team:NAME "
+              "--out DIR`, or run a cycle", file=sys.stderr)
+        return 1
+    print(dataset_tables(json.loads(manifest_path.read_text())))
+    return 0
+
+
+def _newest_dataset(state_dir: Path) -> Path | None:
+    manifests = sorted((state_dir / "runs").glob("*/data/manifest.json"), key=lambda p: p.stat().st_mtime)
+    return manifests[-1].parent if manifests else None
+
+
+def dataset_tables(m: dict[str, Any]) -> str:
+    """A manifest as two tables: rows per signal and file, and rows dropped per reason."""
+    files = list(m["files"])
+    signals = sorted({s for counts in m["files"].values() for s in counts})
+    heads = [f.removesuffix(".jsonl") for f in files]
+    width = max([len("signal"), *map(len, signals)]) + 2
+    lines = [f"{m['scope']}  sha256 {m['sha256'][:16]}  {m.get('created_at', '')}",
+             f"skipped: {m['skipped']}" if m["skipped"] else "usable: yes", ""]
+    lines.append("signal".ljust(width) + "".join(h.rjust(10) for h in heads))
+    for s in signals:
+        lines.append(s.ljust(width) + "".join(
+            (f"{m['files'][f][s]:,}" if s in m["files"][f] else "-").rjust(10) for f in files))
+    lines.append("total".ljust(width) + "".join(f"{sum(m['files'][f].values()):,}".rjust(10) for f in files))
+    kto = m.get("kto", {})
+    if kto:
+        lines.append(f"\nKTO weights: desirable {kto['desirable_weight']}, undesirable {kto['undesirable_weight']}")
+    if m.get("links"):
+        lines.append("links: " + ", ".join(f"{k} {v:,}" for k, v in m["links"].items()))
+    if m["dropped"]:
+        reason_width = max(map(len, m["dropped"])) + 2
+        lines += ["", "dropped".ljust(reason_width) + "rows".rjust(10)]
+        lines += [r.ljust(reason_width) + f"{n:,}".rjust(10) for r, n in m["dropped"].items()]
+    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

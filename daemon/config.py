@@ -77,12 +77,24 @@ class ScheduleConfig:
 class DatasetsConfig:
     max_prefix_chars: int = key(3000, "FIM prefix kept before the middle (cut at a line start)")
     max_suffix_chars: int = key(1000, "FIM suffix kept after the middle (cut at a line end)")
-    max_middle_lines: int = key(6, "longest middle cut from committed code, in lines")
+    max_middle_lines: int = key(6, "longest line-granularity middle cut from committed code, in lines")
+    max_block_lines: int = key(30, "longest block-granularity middle (an indented block) cut from committed code")
     fim_spans_per_file: int = key(2, "FIM rows cut from the lines each commit added to a file")
+    block_fraction: float = key(0.3, "share of committed-code middles that are a whole indented block, not lines")
+    spm_fraction: float = key(0.5, "share of committed-code rows laid out suffix-first (SPM), where the family has it")
     max_row_tokens: int = key(1280, "longest row in base-tokenizer tokens; context is cut to fit, long middles dropped")
+    exact_token_counts: bool = key(
+        False, "count every row's tokens; false = count only rows a byte estimate puts near max_row_tokens")
+    link_window_h: float = key(72.0, "an accepted suggestion is linked to its developer's commits this long after it")
+    link_min_similarity: float = key(
+        0.8, "committed text at least this similar (0-1, whitespace ignored) to a suggestion counts as kept")
+    max_pairs_per_context: int = key(4, "most DPO pairs taken from one context (developer, file, prefix, suffix)")
+    near_dup_threshold: float = key(0.85, "rows whose estimated Jaccard similarity reaches this are near-duplicates")
     heldout_fraction: float = key(0.1, "share of each scope's most recent rows held out for the gate")
+    heldout_days: float = key(0.0, "hold out each scope's last this many days instead; 0 = use heldout_fraction")
     min_train_rows: int = key(32, "a scope with fewer training rows is skipped (with the reason)")
     min_heldout_rows: int = key(8, "a scope with fewer held-out rows is skipped (with the reason)")
+    min_dev_examples: int = key(200, "a developer's own dataset is built only from this many training rows (all sets)")
     seed: int = key(0, "seed for span sampling, so a rebuild of the same data gives the same rows")
 
 
@@ -348,6 +360,11 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("datasets", "max_middle_lines", 1, None), ("datasets", "fim_spans_per_file", 0, None),
     ("datasets", "max_row_tokens", 16, None), ("datasets", "heldout_fraction", 0.01, 0.9),
     ("datasets", "min_train_rows", 1, None), ("datasets", "min_heldout_rows", 1, None),
+    ("datasets", "max_block_lines", 1, None), ("datasets", "block_fraction", 0, 1),
+    ("datasets", "spm_fraction", 0, 1), ("datasets", "link_window_h", 0, None),
+    ("datasets", "link_min_similarity", 0.5, 1), ("datasets", "max_pairs_per_context", 1, None),
+    ("datasets", "near_dup_threshold", 0.5, 1), ("datasets", "heldout_days", 0, None),
+    ("datasets", "min_dev_examples", 1, None),
     ("train", "lora_r", 1, None), ("train", "lora_alpha", 1, None), ("train", "lora_dropout", 0, 0.9),
     ("train", "learning_rate", 1e-8, 1.0), ("train", "epochs", 0.01, None), ("train", "max_steps", 0, None),
     ("train", "batch_size", 1, None), ("train", "grad_accum_steps", 1, None),

@@ -1,22 +1,375 @@
 """Every dataset of one scope, written into one folder: the files a run directory's data/ holds.
 
-This is the single entry point the cycle and `devtune dataset build` call; each signal has its own
-module (sft.py today). The file formats are the contract with training and evaluation, documented in
-pipelines/rundir.py.
+This is the single entry point the cycle and `devtune dataset build` call. In order:
+  1. link       accepted suggestions to their developer's commits (pipelines.link; stored, incremental)
+  2. rows       FIM rows (pipelines.sft), DPO pairs (pipelines.dpo), KTO rows (pipelines.kto), chat rows
+                from edit outcomes (pipelines.sft); rows from vendored/generated/lock/minified/binary
+                files dropped (pipelines.quality)
+  3. dedup      exact duplicates within each set
+  4. split      one time cutoff for the scope (pipelines.split): FIM rows and pairs at or after it are the
+                held-out set (FIM rows in PSM, the layout editors send); KTO and chat rows after it are
+                not trained on
+  5. near-dup   near duplicates within each set and split, then every training row near a held-out row
+  6. tokens     rows fitted into max_row_tokens of the base tokenizer (context cut, middle kept)
+  7. write      sft/dpo/kto/chat/heldout.jsonl and manifest.json (formats: pipelines/rundir.py)
+
+Scopes: a team scope reads its members' suggestions and edits and its commits (the `team` columns); a
+developer scope reads rows whose `developer` is that developer and nothing else, and links a suggestion
+only to its own developer's commits, so no row of one developer reaches another developer's dataset.
+Every dropped row is counted by reason in `dropped`.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
 
 from daemon.config import DatasetsConfig
+from pipelines.dpo import PairExample, Side, pair_examples, pair_row, sides
+from pipelines.kto import kto_row, kto_weights
+from pipelines.link import PathIndex, link_suggestions
+from pipelines.progress import Progress, format_seconds
+from pipelines.quality import (
+    calibrate,
+    drop_exact_duplicates,
+    exact_key,
+    fit_tokens,
+    near_duplicates,
+    near_duplicates_of,
+    near_text,
+    sketch,
+)
 from pipelines.scope import Scope
-from pipelines.sft import DatasetReport, build_sft
-from pipelines.store import Store
-from pipelines.tokens import BaseTokenizer
+from pipelines.sft import (
+    ChatExample,
+    FimExample,
+    accepted_examples,
+    chat_row,
+    clip_prefix,
+    clip_suffix,
+    committed_examples,
+    edit_examples,
+    fim_prompt,
+    fim_row,
+    outcomes,
+)
+from pipelines.split import heldout_cutoff, split_at
+from pipelines.store import Store, now
+from pipelines.tokens import BaseTokenizer, FimTokens
+
+log = logging.getLogger("devtune.datasets")
+
+T = TypeVar("T")
+Ctx = TypeVar("Ctx", FimExample, PairExample, Side)  # rows with a prefix and suffix to cut
+# A chat template wraps the two turns in role markers (Qwen2.5's adds ~20 tokens with its default system
+# turn): rows are fitted into max_row_tokens minus this.
+CHAT_TEMPLATE_TOKENS = 32
+FILES = ("sft.jsonl", "dpo.jsonl", "kto.jsonl", "chat.jsonl", "heldout.jsonl")
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What a dataset build wrote, or why the scope was skipped."""
+
+    scope: str
+    out_dir: str
+    train_rows: int  # sft.jsonl rows
+    heldout_rows: int  # heldout.jsonl rows (FIM rows and pairs)
+    counts: dict[str, dict[str, int]]  # split -> signal -> rows: "train" = sft.jsonl, "heldout" (pairs: "pair")
+    dropped: dict[str, int]  # reason -> rows
+    sha256: str
+    skipped: str  # "" when the dataset is usable, else why it is not
+    files: dict[str, dict[str, int]]  # file -> signal -> rows, for every file written
+    kto: dict[str, float]  # desirable_weight, undesirable_weight (TRL KTOConfig)
+    links: dict[str, int]  # the scope's accepted suggestions by link status
+    seconds: dict[str, float]  # stage -> seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def build_datasets(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer,
                    out_dir: Path) -> DatasetReport:
     """Write the scope's datasets and manifest.json into `out_dir`; `report.skipped` says why not, if not."""
-    return build_sft(store, scope, cfg, tokenizer, out_dir)
+    # A build makes millions of small acyclic records; the cyclic collector would rescan them all again and
+    # again as they pile up (creating 1M records plus 1M dicts took 3.5 s with it, 2.6 s without).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _build(store, scope, cfg, tokenizer, out_dir)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer, out_dir: Path) -> DatasetReport:
+    seconds: dict[str, float] = {}
+    clock = _Clock(seconds, str(scope))
+    fim_tokens = tokenizer.fim
+    link = link_suggestions(store, cfg)
+    clock.lap("link")
+
+    dropped: Counter[str] = Counter()
+    index = PathIndex.build(store.repo_paths())
+    progress = Progress(log, f"dataset {scope}: read suggestions", store.count_scope_suggestions(scope), "rows")
+    suggestions = _advancing(store.scope_suggestions(scope, cfg.max_prefix_chars, cfg.max_suffix_chars), progress)
+    items = list(outcomes(suggestions, index, cfg, dropped))
+    progress.finish()
+    fim = list(accepted_examples(items, dropped))
+    fim += committed_examples(store.committed_files(scope), cfg, fim_tokens, dropped)
+    pairs, kto = pair_examples(sides(items), cfg.max_pairs_per_context, dropped)  # the unpaired sides: KTO
+    chat = list(edit_examples(store.scope_edit_outcomes(scope), dropped))
+    links = dict(Counter(o.link for o in items if o.accepted))
+    shown = len(items)
+    accept_rate = sum(o.accepted for o in items) / shown if shown else 0.0
+    del items
+    clock.lap("rows")
+
+    fim = drop_exact_duplicates(fim, lambda e: exact_key(e.prefix, e.suffix, e.middle), dropped)
+    pairs = drop_exact_duplicates(pairs, lambda p: exact_key(p.prefix, p.suffix, p.chosen, p.rejected), dropped)
+    kto = drop_exact_duplicates(kto, lambda k: exact_key(k.prefix, k.suffix, k.text, str(k.desirable)), dropped)
+    chat = drop_exact_duplicates(chat, lambda c: exact_key(c.user, c.assistant), dropped)
+    clock.lap("dedup")
+
+    cutoff = heldout_cutoff([e.ts for e in fim] + [p.ts for p in pairs] + [k.ts for k in kto],
+                            cfg.heldout_fraction, cfg.heldout_days)
+    fim_train, fim_held = split_at(fim, _ts, cutoff)
+    fim_held = [replace(e, order="psm") if e.order != "psm" else e for e in fim_held]
+    pair_train, pair_held = split_at(pairs, _ts, cutoff)
+    kto_train, kto_late = split_at(kto, _ts, cutoff)
+    chat_train, chat_late = split_at(chat, _ts, cutoff)
+    dropped["after_heldout_cutoff"] += len(kto_late) + len(chat_late)
+    del fim, pairs, kto, chat
+    clock.lap("split")
+
+    fim_train, fim_held, pair_train, pair_held, kto_train = drop_near_duplicates(
+        fim_train, fim_held, pair_train, pair_held, kto_train, cfg.near_dup_threshold, dropped)
+    clock.lap("near_dup")
+
+    counted: Counter[str] = Counter()
+    ratio = None if cfg.exact_token_counts else calibrate(
+        [_fim_text(e, fim_tokens.psm(e.prefix, e.suffix), fim_tokens.eos) for e in _spread(fim_train + fim_held)]
+        + [kto_text(k, fim_tokens) for k in _spread(kto_train)], tokenizer)
+
+    def fit(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Callable[[T], str],
+            shrink: Callable[[T], T | None], cap: int) -> list[T]:
+        return fit_tokens(rows, parts, render, shrink, tokenizer, cap, ratio, dropped, counted)
+
+    cap = cfg.max_row_tokens
+    sentinels = fim_tokens.psm("", "") + fim_tokens.eos  # the same characters in either layout
+
+    def fim_parts(e: FimExample) -> tuple[str, ...]:
+        return e.prefix, e.suffix, e.middle, sentinels
+
+    def fim_render(e: FimExample) -> str:
+        return _fim_text(e, fim_prompt(e, fim_tokens), fim_tokens.eos)
+
+    fim_train = fit(fim_train, fim_parts, fim_render, _shrink, cap)
+    fim_held = fit(fim_held, fim_parts, fim_render, _shrink, cap)
+    pair_train = fit(pair_train, lambda p: (p.prefix, p.suffix, max(p.chosen, p.rejected, key=len), sentinels),
+                     lambda p: pair_text(p, fim_tokens), _shrink, cap)
+    pair_held = fit(pair_held, lambda p: (p.prefix, p.suffix, max(p.chosen, p.rejected, key=len), sentinels),
+                    lambda p: pair_text(p, fim_tokens), _shrink, cap)
+    kto_train = fit(kto_train, lambda k: (k.prefix, k.suffix, k.text, sentinels),
+                    lambda k: kto_text(k, fim_tokens), _shrink, cap)
+    chat_train = fit(chat_train, lambda c: (c.user, "\n", c.assistant), lambda c: c.user + "\n" + c.assistant,
+                     _no_shrink, cap - CHAT_TEMPLATE_TOKENS)
+    clock.lap("tokens")
+
+    desirable = sum(k.desirable for k in kto_train)
+    weights = kto_weights(desirable, len(kto_train) - desirable)
+    heldout_rows = len(fim_held) + len(pair_held)
+    train_total = len(fim_train) + len(pair_train) + len(kto_train) + len(chat_train)
+    skipped = ""
+    if scope.kind == "dev" and train_total < cfg.min_dev_examples:
+        skipped = (f"{train_total} training rows of {scope.name} (SFT, DPO, KTO and chat together), fewer than "
+                   f"[datasets] min_dev_examples = {cfg.min_dev_examples}")
+    elif len(fim_train) < cfg.min_train_rows:
+        skipped = f"{len(fim_train)} training rows, fewer than [datasets] min_train_rows = {cfg.min_train_rows}"
+    elif heldout_rows < cfg.min_heldout_rows:
+        skipped = f"{heldout_rows} held-out rows, fewer than [datasets] min_heldout_rows = {cfg.min_heldout_rows}"
+
+    heldout = sorted([(e.ts, e.id, e) for e in fim_held] + [(p.ts, p.id, p) for p in pair_held],
+                     key=lambda t: (t[0], t[1]))
+    rows: dict[str, Iterable[dict[str, Any]]] = {
+        "sft.jsonl": (fim_row(e, fim_tokens) for e in fim_train),
+        "dpo.jsonl": (pair_row(p, fim_tokens) for p in pair_train),
+        "kto.jsonl": (kto_row(k, fim_tokens) for k in kto_train),
+        "chat.jsonl": (chat_row(c) for c in chat_train),
+        "heldout.jsonl": (fim_row(r, fim_tokens) if isinstance(r, FimExample) else pair_row(r, fim_tokens, kind="pair")
+                          for _, _, r in heldout),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    files: dict[str, dict[str, int]] = {}
+    for name in FILES:
+        files[name] = write_jsonl(out_dir / name, rows[name], digest)
+    clock.lap("write")
+
+    held_counts = Counter(e.signal for e in fim_held)
+    if pair_held:
+        held_counts["pair"] = len(pair_held)
+    report = DatasetReport(
+        scope=str(scope), out_dir=str(out_dir), train_rows=len(fim_train), heldout_rows=heldout_rows,
+        counts={"train": dict(sorted(Counter(e.signal for e in fim_train).items())),
+                "heldout": dict(sorted(held_counts.items()))},
+        dropped={k: n for k, n in sorted(dropped.items()) if n}, sha256=digest.hexdigest(), skipped=skipped,
+        files=files,
+        kto={"desirable_weight": weights[0], "undesirable_weight": weights[1]}, links=dict(sorted(links.items())),
+        seconds=seconds,
+    )
+    manifest = {
+        **report.as_dict(), "base_model": tokenizer.name, "fim_family": fim_tokens.family,
+        "spm": fim_tokens.spm_supported, "max_row_tokens": cfg.max_row_tokens, "created_at": now().isoformat(),
+        "heldout_cutoff": cutoff.isoformat() if cutoff else None, "accept_rate": round(accept_rate, 4),
+        "suggestions": shown, "link_pass": link.as_dict(), "token_counts": dict(counted),
+        "kto": {**report.kto, "desirable": desirable, "undesirable": len(kto_train) - desirable},
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("dataset %s: %d SFT, %d DPO, %d KTO, %d chat training rows, %d held out%s (%s)", scope,
+             len(fim_train), len(pair_train), len(kto_train), len(chat_train), heldout_rows,
+             f"; skipped: {skipped}" if skipped else "", format_seconds(sum(seconds.values())))
+    return report
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], digest: Any) -> dict[str, int]:
+    """Write rows one per line, streaming (a million rows of 2 KB would otherwise sit in memory twice), adding
+    the bytes to `digest`; returns the rows written per signal."""
+    counts: Counter[str] = Counter()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        batch: list[str] = []
+        for r in rows:
+            counts[r["signal"]] += 1
+            batch.append(json.dumps(r, ensure_ascii=False))
+            if len(batch) >= 1000:
+                data = ("\n".join(batch) + "\n").encode()
+                digest.update(data)
+                f.write(data)
+                batch = []
+        if batch:
+            data = ("\n".join(batch) + "\n").encode()
+            digest.update(data)
+            f.write(data)
+    tmp.replace(path)
+    return dict(sorted(counts.items()))
+
+
+def drop_near_duplicates(fim_train: list[FimExample], fim_held: list[FimExample], pair_train: list[PairExample],
+                         pair_held: list[PairExample], kto_train: list[Side], threshold: float,
+                         dropped: Counter[str]) -> tuple[list[FimExample], list[FimExample], list[PairExample],
+                                                         list[PairExample], list[Side]]:
+    """Near duplicates within each set and split (the earliest row stays), then every training row that is a
+    near duplicate of a held-out FIM row or of either side of a held-out pair (pipelines.quality)."""
+    fim = fim_train + fim_held
+    fim_sig = sketch([near_text(e.prefix, e.middle, e.suffix) for e in fim])
+    fim_mid = sketch([e.middle for e in fim])
+    nf = len(fim_train)
+    keep_train = ~near_duplicates(fim_sig[:nf], fim_mid[:nf], threshold)
+    keep_held = ~near_duplicates(fim_sig[nf:], fim_mid[nf:], threshold)
+
+    pairs = pair_train + pair_held
+    both = [p.chosen + "\x02" + p.rejected for p in pairs]
+    pair_sig = sketch([near_text(p.prefix, text, p.suffix) for p, text in zip(pairs, both, strict=True)])
+    pair_mid = sketch(both)
+    chosen_sig = sketch([near_text(p.prefix, p.chosen, p.suffix) for p in pairs])
+    chosen_mid = sketch([p.chosen for p in pairs])
+    rejected_sig = sketch([near_text(p.prefix, p.rejected, p.suffix) for p in pairs])
+    rejected_mid = sketch([p.rejected for p in pairs])
+    n = len(pair_train)
+    keep_pair_train = ~near_duplicates(pair_sig[:n], pair_mid[:n], threshold)
+    keep_pair_held = ~near_duplicates(pair_sig[n:], pair_mid[n:], threshold)
+
+    kto_sig = sketch([near_text(k.prefix, k.text, k.suffix) for k in kto_train])
+    kto_mid = sketch([k.text for k in kto_train])
+    labels = np.array([k.desirable for k in kto_train], dtype=bool)
+    keep_kto = np.ones(len(kto_train), dtype=bool)
+    for label in (True, False):  # a desirable and an undesirable row may share text: that is not a repeat
+        at = np.flatnonzero(labels == label)
+        keep_kto[at[near_duplicates(kto_sig[at], kto_mid[at], threshold)]] = False
+    dropped["near_duplicate"] += int((~keep_train).sum() + (~keep_held).sum() + (~keep_pair_train).sum()
+                                     + (~keep_pair_held).sum() + (~keep_kto).sum())
+
+    held = keep_pair_held
+    ref = np.concatenate([fim_sig[nf:][keep_held], chosen_sig[n:][held], rejected_sig[n:][held]])
+    ref_mid = np.concatenate([fim_mid[nf:][keep_held], chosen_mid[n:][held], rejected_mid[n:][held]])
+    leak_fim = keep_train & near_duplicates_of(fim_sig[:nf], fim_mid[:nf], ref, ref_mid, threshold)
+    leak_pair = keep_pair_train & (near_duplicates_of(chosen_sig[:n], chosen_mid[:n], ref, ref_mid, threshold)
+                                   | near_duplicates_of(rejected_sig[:n], rejected_mid[:n], ref, ref_mid, threshold))
+    leak_kto = keep_kto & near_duplicates_of(kto_sig, kto_mid, ref, ref_mid, threshold)
+    dropped["near_duplicate_of_heldout"] += int(leak_fim.sum() + leak_pair.sum() + leak_kto.sum())
+    return (_take(fim_train, keep_train & ~leak_fim), _take(fim_held, keep_held),
+            _take(pair_train, keep_pair_train & ~leak_pair), _take(pair_held, keep_pair_held),
+            _take(kto_train, keep_kto & ~leak_kto))
+
+
+def _advancing(rows: Iterable[T], progress: Progress) -> Iterator[T]:
+    """`rows`, advancing `progress` as they are read (it logs rate and ETA every few seconds)."""
+    for i, r in enumerate(rows, 1):
+        if i % 10_000 == 0:
+            progress.advance(10_000)
+        yield r
+    progress.advance(progress.total - progress.done if progress.total else 0)
+
+
+def _take(rows: list[T], keep: np.ndarray) -> list[T]:
+    return [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
+
+
+def _ts(row: FimExample | PairExample | Side | ChatExample) -> Any:
+    return row.ts
+
+
+def _spread(rows: list[T], k: int = 500) -> list[T]:
+    if len(rows) <= k:
+        return rows
+    step = len(rows) / k
+    return [rows[int(i * step)] for i in range(k)]
+
+
+def _fim_text(e: FimExample, prompt: str, eos: str) -> str:
+    return prompt + e.middle + eos
+
+
+def pair_text(p: PairExample, fim: FimTokens) -> str:
+    """The longer of a pair's two rows: the one the cap must hold."""
+    return fim.psm(p.prefix, p.suffix) + max(p.chosen, p.rejected, key=len) + fim.eos
+
+
+def kto_text(k: Side, fim: FimTokens) -> str:
+    return fim.psm(k.prefix, k.suffix) + k.text + fim.eos
+
+
+def _shrink(row: Ctx) -> Ctx | None:
+    """The row with 3/4 of its context, or None when it has none left to cut."""
+    if not row.prefix and not row.suffix:
+        return None
+    return replace(row, prefix=clip_prefix(row.prefix, len(row.prefix) * 3 // 4),
+                   suffix=clip_suffix(row.suffix, len(row.suffix) * 3 // 4))
+
+
+def _no_shrink(row: ChatExample) -> None:
+    return None
+
+
+class _Clock:
+    """Seconds per stage, logged as they finish."""
+
+    def __init__(self, seconds: dict[str, float], scope: str):
+        self.seconds, self.scope, self.last = seconds, scope, time.monotonic()
+
+    def lap(self, stage: str) -> None:
+        t = time.monotonic()
+        self.seconds[stage] = round(t - self.last, 3)
+        self.last = t
+        log.info("dataset %s: %s done in %s", self.scope, stage, format_seconds(self.seconds[stage]))

@@ -78,6 +78,7 @@ def evaluate_run(run_dir: Path) -> EvalReport:
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     base = AutoModelForCausalLM.from_pretrained(run.base_model, dtype=dtype).to(device)
     rows = [json.loads(x) for x in (run_dir / "data" / "heldout.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("kind", "fim") == "fim"]  # held-out pairs (kind "pair") are for preference
     rows = rows[-run.evaluate.max_rows:]  # held-out rows are oldest first: score the most recent
     encoded = encode_rows(tokenizer, rows, run.max_row_tokens)
 

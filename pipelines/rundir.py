@@ -1,7 +1,7 @@
 """A run directory: everything a training or evaluation child needs, and everything it leaves behind.
 
     runs/<run_id>/config.json      RunConfig (written by the cycle, read by the children)
-                  data/            sft.jsonl, heldout.jsonl, manifest.json
+                  data/            sft.jsonl, dpo.jsonl, kto.jsonl, chat.jsonl, heldout.jsonl, manifest.json
                   checkpoints/     trainer checkpoints (resume after a crash)
                   adapter/         the finished LoRA adapter (renamed into place when complete)
                   train.json       training metrics        progress.json   live step/loss/ETA
@@ -20,6 +20,24 @@ tokens, and every completion / chosen / rejected ends with the tokenizer's end-o
     manifest.json  scope, counts per split/signal, drops by reason, sha256, fim_family, max_row_tokens,
                    and for KTO "kto": {"desirable_weight", "undesirable_weight"}
 A file with no rows may be absent; readers treat a missing file as empty.
+
+Added keys (pipelines/datasets.py writes them; readers may ignore them):
+    every row      "path": the file it comes from ("owner/name/path" for a suggestion mapped onto a repository)
+    FIM rows       "order": "psm" or "spm". An SPM row's prompt is laid out suffix-first in the family's own
+                   way (FimTokens.spm: StarCoder/StarCoder2 and CodeLlama only); the completion still
+                   follows the prompt directly. held-out FIM rows are always "psm".
+    dpo / pairs    "chosen_signal": where the chosen side came from ("kept", "accepted", "rewritten");
+                   `signal` is the rejected side's ("rejected": shown and not accepted; "replaced": accepted,
+                   then rewritten before commit, the chosen side being what replaced it)
+    signals        FIM: "kept", "rewritten", "accepted" (no commit to check it against), "committed" (code
+                   cut from commits); KTO also "rejected", "replaced", "deleted" (label false)
+    chat.jsonl     {"prompt": [{"role": "user", "content"}], "completion": [{"role": "assistant", "content"}]}
+                   TRL's conversational prompt-completion shape, from accepted Continue edit outcomes
+                   (signal "edit"): the instruction and the code before, then the code after. A trainer may
+                   skip it for a base model without a chat template.
+    manifest.json  "files": rows per file and signal; "links": the scope's accepted suggestions by link
+                   status; "kto" also holds "desirable"/"undesirable" row counts; "heldout_cutoff";
+                   "accept_rate"; "seconds" per build stage; "token_counts" (how row lengths were checked)
 """
 
 from __future__ import annotations

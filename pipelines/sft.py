@@ -1,100 +1,77 @@
-"""FIM SFT rows for one scope: accepted suggestions, plus middles cut from the scope's committed code.
+"""FIM SFT rows for one scope: what developers kept, plus middles cut from the scope's committed code.
 
-A row is a prefix-suffix-middle prompt in the base tokenizer's own FIM tokens and the middle the model
-should write, ended with its end token. Two signals feed it:
-  - "accepted": a suggestion the developer accepted (its raw editor prefix, suffix and completion);
+A FIM row is a prompt in the base tokenizer's own FIM tokens and the middle the model should write, ended
+with its end token. Its `signal` says where the middle comes from:
+  - "kept": an accepted suggestion found in its developer's next commits (pipelines.link);
+  - "rewritten": the committed text that replaced an accepted suggestion (the developer's version wins);
+  - "accepted": an accepted suggestion with no commit to check it against (link unknown) - still the
+    developer's choice at the time;
   - "committed": a span of lines a commit added, with the file around it as context, so a team with few
-    IDE events still gets its own code and conventions.
-The most recent rows are held out (pipelines.split) and the rest written as the training set.
+    IDE events still gets its own code and conventions. Middles are 1..max_middle_lines lines, or (a
+    `block_fraction` share) the body of an indented block whose header stays in the prefix; a
+    `spm_fraction` share is laid out suffix-first (SPM) when the base model's family was trained on it.
+Accepted suggestions that were later deleted, and the suggested text of rewritten ones, are never SFT
+targets: they become DPO rejections or KTO undesirable rows (pipelines.dpo, pipelines.kto).
+
+Continue Edit-mode and Next Edit outcomes that were accepted become chat rows (signal "edit"): the
+instruction and the code before as the user turn, the code after as the assistant turn.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from daemon.config import DatasetsConfig
-from pipelines.scope import Scope
-from pipelines.split import drop_leaks, time_split
-from pipelines.store import Store, now
-from pipelines.tokens import BaseTokenizer
+from pipelines.link import PathIndex, accepted_part, path_parts
+from pipelines.quality import content_problem, file_problem, path_problem
+from pipelines.tokens import FimTokens
+
+NEXT_EDIT_INSTRUCTION = "Make the next edit to this code."
 
 
 @dataclass(frozen=True)
 class FimExample:
     id: str
-    signal: str  # "accepted" | "committed"
+    signal: str  # "kept" | "rewritten" | "accepted" | "committed"
     developer: str
     ts: datetime
     path: str
     prefix: str
     suffix: str
     middle: str
+    order: str = "psm"  # "psm" | "spm"
 
 
 @dataclass(frozen=True)
-class DatasetReport:
-    """What a dataset build wrote, or why the scope was skipped."""
+class Outcome:
+    """One shown suggestion, what the developer did with it, and what became of it in git."""
 
-    scope: str
-    out_dir: str
-    train_rows: int
-    heldout_rows: int
-    counts: dict[str, dict[str, int]]  # split -> signal -> rows
-    dropped: dict[str, int]  # reason -> rows
-    sha256: str
-    skipped: str  # "" when the dataset is usable, else why it is not
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def build_sft(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer,
-              out_dir: Path) -> DatasetReport:
-    """Write `sft.jsonl`, `heldout.jsonl` and `manifest.json` for `scope` into `out_dir`."""
-    dropped: Counter[str] = Counter()
-    examples = list(accepted_examples(store.accepted_suggestions(scope), cfg, dropped))
-    examples += list(committed_examples(store.committed_files(scope), cfg, dropped))
-    examples = _dedupe(examples, dropped)
-    examples = _cap_tokens(examples, tokenizer, cfg.max_row_tokens, dropped)
-    train, heldout = time_split(examples, lambda e: e.ts, cfg.heldout_fraction)
-    train, leaks = drop_leaks(train, heldout, key=lambda e: (e.prefix[-500:], e.middle))
-    dropped["duplicate_of_heldout"] += leaks
-
-    skipped = ""
-    if len(train) < cfg.min_train_rows:
-        skipped = f"{len(train)} training rows, fewer than [datasets] min_train_rows = {cfg.min_train_rows}"
-    elif len(heldout) < cfg.min_heldout_rows:
-        skipped = f"{len(heldout)} held-out rows, fewer than [datasets] min_heldout_rows = {cfg.min_heldout_rows}"
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    for name, rows in (("sft.jsonl", train), ("heldout.jsonl", heldout)):
-        data = "".join(json.dumps(_row(e, tokenizer), ensure_ascii=False) + "\n" for e in rows).encode()
-        digest.update(data)
-        (out_dir / name).write_bytes(data)
-    report = DatasetReport(
-        scope=str(scope), out_dir=str(out_dir), train_rows=len(train), heldout_rows=len(heldout),
-        counts={"train": dict(Counter(e.signal for e in train)), "heldout": dict(Counter(e.signal for e in heldout))},
-        dropped=dict(dropped), sha256=digest.hexdigest(), skipped=skipped,
-    )
-    manifest = {**report.as_dict(), "base_model": tokenizer.name, "fim_family": tokenizer.fim.family,
-                "max_row_tokens": cfg.max_row_tokens, "created_at": now().isoformat()}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return report
+    id: str
+    developer: str
+    ts: datetime
+    path: str  # "owner/name/repo-relative path" when the file maps onto a stored repository, else as logged
+    prefix: str  # clipped to max_prefix_chars
+    suffix: str  # clipped to max_suffix_chars
+    text: str  # the suggestion (its accepted part for a partial accept)
+    accepted: bool
+    link: str  # "kept" | "rewritten" | "deleted" | "unknown" (accepted); "" (rejected)
+    committed_text: str | None  # rewritten: the committed middle that replaced it (None: not alignable)
 
 
-def _row(e: FimExample, tokenizer: BaseTokenizer) -> dict[str, Any]:
-    return {"kind": "fim", "id": e.id, "signal": e.signal, "developer": e.developer, "ts": e.ts.isoformat(),
-            "path": e.path, "prompt": tokenizer.fim.psm(e.prefix, e.suffix),
-            "completion": e.middle + tokenizer.fim.eos}
+@dataclass(frozen=True)
+class ChatExample:
+    id: str
+    signal: str  # "edit"
+    developer: str
+    ts: datetime
+    path: str
+    user: str
+    assistant: str
 
 
 def clip_prefix(text: str, max_chars: int) -> str:
@@ -115,22 +92,61 @@ def clip_suffix(text: str, max_chars: int) -> str:
     return clipped[: nl + 1] if nl > 0 else clipped
 
 
-def accepted_examples(rows: Iterable[dict[str, Any]], cfg: DatasetsConfig,
-                      dropped: Counter[str]) -> Iterator[FimExample]:
+def outcomes(rows: Iterable[dict[str, Any]], index: PathIndex, cfg: DatasetsConfig,
+             dropped: Counter[str]) -> Iterator[Outcome]:
+    """Suggestions from the store (`Store.scope_suggestions`) as Outcomes, minus the rows no set can use."""
+    files: dict[tuple[str | None, str], tuple[str, str, str | None]] = {}
     for r in rows:
-        if not r["completion"].strip():
+        if r["prefix"] is None:
+            dropped["no_raw_prefix"] += 1  # the logged prefix held context we could not strip (FORMATS §1.5)
+            continue
+        text = r["completion"] or ""
+        if r["partial"]:
+            text = accepted_part(text)
+        if not text.strip():
             dropped["empty_middle"] += 1
             continue
-        yield FimExample(
-            id=r["id"], signal="accepted", developer=r["developer"], ts=r["shown_at"], path=r["filepath"],
+        where = (r["repo"], r["filepath"])
+        if where not in files:  # many suggestions share a file: map and check each file once
+            target = (r["link_repo"], r["link_path"]) if r["link_path"] else index.map(r["repo"], r["filepath"])
+            path = f"{target[0]}/{target[1]}" if target else r["filepath"]
+            relative = target[1] if target else "/".join(path_parts(r["filepath"]))
+            files[where] = (path, relative, path_problem(relative))
+        path, relative, problem = files[where]
+        suffix = r["suffix"] or ""
+        if problem is None:
+            problem = content_problem(r["prefix"] + text + suffix, starts_file=False)
+        if problem is not None:
+            dropped[problem] += 1
+            continue
+        yield Outcome(
+            id=r["id"], developer=r["developer"], ts=r["shown_at"], path=path,
             prefix=clip_prefix(r["prefix"], cfg.max_prefix_chars),
             # Continue logs "\n" for an empty suffix; the model saw "\n" too, so keep it as logged.
-            suffix=clip_suffix(r["suffix"] or "", cfg.max_suffix_chars),
-            middle=r["completion"],
+            suffix=clip_suffix(suffix, cfg.max_suffix_chars),
+            text=text, accepted=bool(r["accepted"]),
+            link=(r["link_status"] or "unknown") if r["accepted"] else "",
+            committed_text=r["committed_text"],
         )
 
 
-def committed_examples(files: Iterable[dict[str, Any]], cfg: DatasetsConfig,
+def accepted_examples(items: Iterable[Outcome], dropped: Counter[str]) -> Iterator[FimExample]:
+    """FIM rows whose middle is what the developer kept."""
+    for o in items:
+        if not o.accepted or o.link == "deleted":
+            continue
+        if o.link == "rewritten":
+            if o.committed_text is None:
+                dropped["rewrite_not_aligned"] += 1
+                continue
+            signal, middle = "rewritten", o.committed_text
+        else:
+            signal, middle = ("kept" if o.link == "kept" else "accepted"), o.text
+        yield FimExample(id=o.id, signal=signal, developer=o.developer, ts=o.ts, path=o.path, prefix=o.prefix,
+                         suffix=o.suffix, middle=middle)
+
+
+def committed_examples(files: Iterable[dict[str, Any]], cfg: DatasetsConfig, fim: FimTokens,
                        dropped: Counter[str]) -> Iterator[FimExample]:
     """Up to `fim_spans_per_file` middles per (commit, file), cut from the lines that commit added."""
     for f in files:
@@ -139,66 +155,111 @@ def committed_examples(files: Iterable[dict[str, Any]], cfg: DatasetsConfig,
         if not ranges:
             continue
         rng = random.Random(f"{cfg.seed}:{f['sha']}:{f['path']}")
-        taken: set[tuple[int, int]] = set()
-        for _ in range(cfg.fim_spans_per_file):
-            first, last = rng.choices(ranges, weights=[b - a + 1 for a, b in ranges])[0]
-            start = rng.randint(first, last)
-            end = min(last, start + rng.randint(1, cfg.max_middle_lines) - 1)
-            if (start, end) in taken:
-                continue
-            taken.add((start, end))
+        spans = _spans(lines, ranges, cfg, rng)
+        problem = file_problem(f["path"], f["content"])
+        if problem is not None:
+            dropped[problem] += len(spans)
+            continue
+        for start, end in spans:  # 1-based, inclusive: the middle is lines[start-1:end]
             middle = "".join(lines[start - 1: end])
             if not middle.strip():
                 dropped["empty_middle"] += 1
                 continue
+            order = "spm" if fim.spm_supported and rng.random() < cfg.spm_fraction else "psm"
             yield FimExample(
                 id=f"{f['sha']}:{f['path']}:{start}-{end}", signal="committed", developer=f["developer"],
                 ts=f["committed_at"], path=f["path"],
                 prefix=clip_prefix("".join(lines[: start - 1]), cfg.max_prefix_chars),
                 suffix=clip_suffix("".join(lines[end:]), cfg.max_suffix_chars),
-                middle=middle,
+                middle=middle, order=order,
             )
 
 
-def _dedupe(examples: list[FimExample], dropped: Counter[str]) -> list[FimExample]:
-    seen: set[tuple[str, str, str]] = set()
+def _spans(lines: list[str], ranges: list[tuple[int, int]], cfg: DatasetsConfig,
+           rng: random.Random) -> list[tuple[int, int]]:
+    """Distinct (start, end) line spans inside the added ranges: blocks for a `block_fraction` share of the
+    draws (when the file has any), else 1..max_middle_lines lines."""
+    blocks: list[tuple[int, int]] | None = None
+    out: list[tuple[int, int]] = []
+    for _ in range(cfg.fim_spans_per_file):
+        span = None
+        if rng.random() < cfg.block_fraction:
+            if blocks is None:
+                blocks = block_bodies(lines, ranges, cfg.max_block_lines)
+            if blocks:
+                span = rng.choice(blocks)
+        if span is None:
+            first, last = rng.choices(ranges, weights=[b - a + 1 for a, b in ranges])[0]
+            start = rng.randint(first, last)
+            span = (start, min(last, start + rng.randint(1, cfg.max_middle_lines) - 1))
+        if span not in out:
+            out.append(span)
+    return out
+
+
+def block_bodies(lines: list[str], ranges: list[tuple[int, int]], max_lines: int) -> list[tuple[int, int]]:
+    """(first, last) 1-based lines of each indented block body lying inside one added range: the lines
+    after a header line that are indented deeper than it (blank lines inside included), at most `max_lines`.
+    Indentation, not syntax, so it works for Python and for brace languages written with indentation."""
     out = []
-    for e in examples:
-        key = (e.prefix, e.suffix, e.middle)
-        if key in seen:
-            dropped["duplicate"] += 1
+    for first, last in ranges:
+        for h in range(first, last):  # h: 1-based header line; its body starts at h+1
+            header = lines[h - 1]
+            if not header.strip():
+                continue
+            depth = _indent(header)
+            end = h
+            for j in range(h + 1, last + 1):
+                line = lines[j - 1]
+                if line.strip() and _indent(line) <= depth:
+                    break
+                end = j
+            while end > h and not lines[end - 1].strip():
+                end -= 1
+            if end > h and end - h <= max_lines and any(_indent(lines[j - 1]) > depth for j in range(h + 1, end + 1)
+                                                        if lines[j - 1].strip()):
+                out.append((h + 1, end))
+    return out
+
+
+def _indent(line: str) -> int:
+    return len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
+
+
+def edit_examples(rows: Iterable[dict[str, Any]], dropped: Counter[str]) -> Iterator[ChatExample]:
+    """Chat rows from accepted Continue edit outcomes (`Store.scope_edit_outcomes`)."""
+    for r in rows:
+        if not r["accepted"]:
             continue
-        seen.add(key)
-        out.append(e)
-    return out
+        before, after = r["before_text"], r["after_text"]
+        if before is None or after is None:
+            dropped["edit_without_code"] += 1
+            continue
+        if before == after:
+            dropped["edit_without_change"] += 1
+            continue
+        parts = path_parts(r["filepath"])
+        problem = file_problem("/".join(parts), after)
+        if problem is not None:
+            dropped[problem] += 1
+            continue
+        instruction = (r["instruction"] or "").strip() or NEXT_EDIT_INSTRUCTION
+        shown = "/".join(parts[-2:])
+        yield ChatExample(
+            id=r["id"], signal="edit", developer=r["developer"], ts=r["decided_at"], path=shown,
+            user=f"{instruction}\n\n{shown}:\n```\n{before}\n```", assistant=f"```\n{after}\n```")
 
 
-def _cap_tokens(examples: list[FimExample], tokenizer: BaseTokenizer, max_tokens: int,
-                dropped: Counter[str]) -> list[FimExample]:
-    """Fit rows into `max_tokens` by shortening their context; drop a row only when its middle cannot fit.
-
-    Continue sends at most maxPromptTokens = 1024 prompt tokens by default, so longer training contexts
-    would teach the model something it never sees at inference; the middle itself is never cut.
-    """
-    out = list(examples)
-    todo = list(range(len(out)))
-    for _ in range(8):  # each round keeps 3/4 of the context: 8 rounds reach 10%
-        if not todo:
-            break
-        counts = tokenizer.count([_text(out[i], tokenizer) for i in todo])
-        over = [i for i, n in zip(todo, counts, strict=True) if n > max_tokens]
-        for i in over:
-            e = out[i]
-            out[i] = replace(e, prefix=clip_prefix(e.prefix, len(e.prefix) * 3 // 4),
-                             suffix=clip_suffix(e.suffix, len(e.suffix) * 3 // 4))
-        todo = over
-    if todo:
-        counts = tokenizer.count([_text(out[i], tokenizer) for i in todo])
-        too_long = {i for i, n in zip(todo, counts, strict=True) if n > max_tokens}
-        dropped["over_max_row_tokens"] += len(too_long)
-        out = [e for i, e in enumerate(out) if i not in too_long]
-    return out
+def fim_prompt(e: FimExample, fim: FimTokens) -> str:
+    return fim.spm(e.prefix, e.suffix) if e.order == "spm" else fim.psm(e.prefix, e.suffix)
 
 
-def _text(e: FimExample, tokenizer: BaseTokenizer) -> str:
-    return tokenizer.fim.psm(e.prefix, e.suffix) + e.middle + tokenizer.fim.eos
+def fim_row(e: FimExample, fim: FimTokens) -> dict[str, Any]:
+    return {"kind": "fim", "id": e.id, "signal": e.signal, "developer": e.developer, "ts": e.ts.isoformat(),
+            "path": e.path, "order": e.order, "prompt": fim_prompt(e, fim), "completion": e.middle + fim.eos}
+
+
+def chat_row(e: ChatExample) -> dict[str, Any]:
+    return {"id": e.id, "signal": e.signal, "developer": e.developer, "ts": e.ts.isoformat(), "path": e.path,
+            "prompt": [{"role": "user", "content": e.user}],
+            "completion": [{"role": "assistant", "content": e.assistant}]}

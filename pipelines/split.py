@@ -2,32 +2,44 @@
 
 A random split would let the gate score an adapter on code written in the same week as its training rows,
 often the same function edited twice; holding out the most recent slice asks the question that matters
-(does it help with tomorrow's code?) and mirrors how the adapter is used.
+(does it help with tomorrow's code?) and mirrors how the adapter is used. Training rows that repeat or
+nearly repeat a held-out row are removed by the dataset build (pipelines.datasets, near-dup stage).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def time_split(rows: Sequence[T], ts: Callable[[T], datetime], fraction: float) -> tuple[list[T], list[T]]:
-    """(train, held-out): rows at or after the cutoff time are held out, the cutoff chosen so that about
-    `fraction` of the rows fall after it. Rows sharing the cutoff's timestamp all go to held-out, so a
-    commit's rows never straddle the split."""
-    if not rows:
-        return [], []
-    ordered = sorted(rows, key=ts)
+def heldout_cutoff(times: Sequence[datetime], fraction: float, days: float = 0.0) -> datetime | None:
+    """The time from which rows are held out: `days` before the latest row when `days` > 0, else the time
+    that leaves about `fraction` of the rows at or after it. None when there are no rows."""
+    if not times:
+        return None
+    if days > 0:
+        return max(times) - timedelta(days=days)
+    ordered = sorted(times)
     n_held = max(1, round(len(ordered) * fraction))
-    cutoff = ts(ordered[len(ordered) - n_held])
+    return ordered[len(ordered) - n_held]
+
+
+def time_split(rows: Sequence[T], ts: Callable[[T], datetime], fraction: float,
+               days: float = 0.0) -> tuple[list[T], list[T]]:
+    """(train, held-out): rows at or after the cutoff time (`heldout_cutoff`) are held out. Rows sharing the
+    cutoff's timestamp all go to held-out, so a commit's rows never straddle the split."""
+    cutoff = heldout_cutoff([ts(r) for r in rows], fraction, days)
+    if cutoff is None:
+        return [], []
+    return split_at(rows, ts, cutoff)
+
+
+def split_at(rows: Sequence[T], ts: Callable[[T], datetime], cutoff: datetime | None) -> tuple[list[T], list[T]]:
+    """(rows before `cutoff`, rows at or after it), each oldest first; no cutoff holds nothing out."""
+    ordered = sorted(rows, key=ts)
+    if cutoff is None:
+        return ordered, []
     return [r for r in ordered if ts(r) < cutoff], [r for r in ordered if ts(r) >= cutoff]
-
-
-def drop_leaks(train: list[T], heldout: list[T], key: Callable[[T], Hashable]) -> tuple[list[T], int]:
-    """Train rows that exactly repeat a held-out row would let the adapter be scored on what it memorised."""
-    held = {key(r) for r in heldout}
-    kept = [r for r in train if key(r) not in held]
-    return kept, len(train) - len(kept)

@@ -142,6 +142,23 @@ MIGRATIONS: list[tuple[str, str]] = [
     """),
     # Migration names by area, so parallel work never collides: 0003-0009 collectors and ingest,
     # 0010-0019 datasets, 0020-0029 training and registry.
+    # What became of each accepted suggestion in its developer's later commits (pipelines/link.py): the
+    # evidence a dataset build reads instead of re-reading history, and what `kept`/`rewritten` counts rest on.
+    ("0010_suggestion_links", """
+        CREATE TABLE suggestion_links (
+            suggestion_id VARCHAR PRIMARY KEY,
+            status VARCHAR NOT NULL,          -- kept | rewritten | deleted | unknown
+            reason VARCHAR NOT NULL,          -- how it was decided, e.g. exact, similar, no_commit_in_window
+            repo VARCHAR,                     -- the committed file the suggestion's file maps to
+            path VARCHAR,
+            sha VARCHAR,                      -- the commit that decided it
+            line INTEGER,                     -- 1-based line of the matched (or replacing) text in that file
+            similarity DOUBLE,                -- 0-1, suggestion vs the committed text at its place, whitespace ignored
+            committed_text VARCHAR,           -- rewritten: what replaced it, as a middle for the logged prefix/suffix
+            window_closes_at TIMESTAMP NOT NULL,
+            linked_at TIMESTAMP NOT NULL
+        );
+    """),
 ]
 
 
@@ -173,6 +190,18 @@ FILE_SCHEMA = pa.schema([
     ("added", pa.list_(pa.list_(pa.int32()))), ("diff", pa.string()),
 ])
 BLOB_SCHEMA = pa.schema([("blob", pa.string()), ("content", pa.string())])
+LINK_SCHEMA = pa.schema([
+    ("suggestion_id", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("repo", pa.string()),
+    ("path", pa.string()), ("sha", pa.string()), ("line", pa.int32()), ("similarity", pa.float64()),
+    ("committed_text", pa.string()), ("window_closes_at", pa.timestamp("us")), ("linked_at", pa.timestamp("us")),
+])
+EDIT_OUTCOME_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("source_kind", pa.string()), ("event_kind", pa.string()),
+    ("decided_at", pa.timestamp("us")), ("developer", pa.string()), ("team", pa.string()), ("repo", pa.string()),
+    ("filepath", pa.string()), ("accepted", pa.bool_()), ("instruction", pa.string()),
+    ("before_text", pa.string()), ("after_text", pa.string()), ("model", pa.string()),
+    ("ingested_at", pa.timestamp("us")),
+])
 REJECT_SCHEMA = pa.schema([
     ("source", pa.string()), ("stream", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
     ("line_sha1", pa.string()), ("reason", pa.string()), ("excerpt", pa.string()),
@@ -184,7 +213,7 @@ REJECT_SCHEMA = pa.schema([
 # fail, so the first wins, as it does against rows stored by earlier batches.
 KEYS = {
     "suggestions": ("id",), "commits": ("sha",), "commit_files": ("sha", "path"), "blobs": ("blob",),
-    "quarantine": ("source", "stream", "offset", "line_sha1"),
+    "quarantine": ("source", "stream", "offset", "line_sha1"), "edit_outcomes": ("id",),
 }
 
 
@@ -366,15 +395,40 @@ class Store:
 
     # -- datasets ------------------------------------------------------------------------------------------
 
-    def accepted_suggestions(self, scope: Scope) -> list[dict[str, Any]]:
-        """Accepted suggestions of a scope (a team's, or one developer's) whose raw prefix is known, oldest first."""
+    def scope_suggestions(self, scope: Scope, max_prefix_chars: int, max_suffix_chars: int
+                          ) -> Iterator[dict[str, Any]]:
+        """Every suggestion of a scope (a team's, or one developer's) with its link, oldest first.
+
+        Prefix and suffix come cut to one character more than the dataset keeps, so `clip_prefix` /
+        `clip_suffix` still see a cut to move to a line boundary, without pulling whole files into Python.
+        """
+        column = "s.team" if scope.kind == "team" else "s.developer"
+        cur = self.con.execute(
+            "SELECT s.id, s.source_kind, s.developer, s.shown_at, s.repo, s.filepath, s.accepted, s.partial, "
+            "right(s.prefix, ?) AS prefix, left(s.suffix, ?) AS suffix, s.completion, "
+            "l.status AS link_status, l.committed_text, l.repo AS link_repo, l.path AS link_path "
+            "FROM suggestions s LEFT JOIN suggestion_links l ON l.suggestion_id = s.id "
+            f"WHERE {column} = ? ORDER BY s.shown_at, s.id",
+            [max_prefix_chars + 1, max_suffix_chars + 1, scope.name])
+        yield from _dicts(cur)
+
+    def count_scope_suggestions(self, scope: Scope) -> int:
+        column = "team" if scope.kind == "team" else "developer"
+        row = self.con.execute(f"SELECT count(*) FROM suggestions WHERE {column} = ?", [scope.name]).fetchone()
+        return int(row[0]) if row else 0
+
+    def scope_edit_outcomes(self, scope: Scope) -> Iterator[dict[str, Any]]:
+        """Continue edit outcomes of a scope, oldest first."""
         column = "team" if scope.kind == "team" else "developer"
         cur = self.con.execute(
-            "SELECT id, developer, shown_at, filepath, language, prefix, suffix, completion, partial "
-            f"FROM suggestions WHERE {column} = ? AND accepted AND prefix IS NOT NULL AND completion IS NOT NULL "
-            "ORDER BY shown_at, id", [scope.name])
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            "SELECT id, event_kind, developer, decided_at, repo, filepath, accepted, instruction, before_text, "
+            f"after_text FROM edit_outcomes WHERE {column} = ? ORDER BY decided_at, id", [scope.name])
+        yield from _dicts(cur)
+
+    def insert_edit_outcomes(self, rows: list[dict[str, Any]]) -> int:
+        """Store edit outcomes (the issue-3 collector's table); rows already present are left as they are."""
+        with self.transaction():
+            return self._insert("edit_outcomes", rows, EDIT_OUTCOME_SCHEMA)
 
     def committed_files(self, scope: Scope) -> Iterator[dict[str, Any]]:
         """Files a scope's commits added lines to, with the content after the commit, oldest first."""
@@ -384,10 +438,66 @@ class Store:
             "FROM commits c JOIN commit_files f ON f.sha = c.sha JOIN blobs b ON b.blob = f.blob "
             f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 "
             "ORDER BY c.committed_at, c.sha, f.path", [scope.name])
-        names = [d[0] for d in cur.description]
-        while rows := cur.fetchmany(1000):
-            for r in rows:
-                yield dict(zip(names, r, strict=True))
+        yield from _dicts(cur)
+
+    # -- linking -------------------------------------------------------------------------------------------
+
+    def repo_paths(self) -> dict[str, list[str]]:
+        """Every file path each repository's stored commits touched: what suggestion paths are mapped onto."""
+        out: dict[str, list[str]] = {}
+        for repo, path in self.con.execute(
+                "SELECT DISTINCT c.repo, f.path FROM commits c JOIN commit_files f ON f.sha = c.sha "
+                "WHERE NOT c.opted_out ORDER BY 1, 2").fetchall():
+            out.setdefault(repo, []).append(path)
+        return out
+
+    def suggestions_to_link(self) -> Iterator[dict[str, Any]]:
+        """Accepted suggestions whose link may still change: never linked, linked before their window closed,
+        or left unknown and followed by newly stored commits of their developer."""
+        cur = self.con.execute(
+            "SELECT s.id, s.developer, s.shown_at, s.repo, s.filepath FROM suggestions s "
+            "LEFT JOIN suggestion_links l ON l.suggestion_id = s.id "
+            "WHERE s.accepted AND s.prefix IS NOT NULL AND s.completion IS NOT NULL AND (l.suggestion_id IS NULL "
+            "OR l.linked_at < l.window_closes_at OR (l.status = 'unknown' AND EXISTS (SELECT 1 FROM commits c "
+            "WHERE c.developer = s.developer AND c.ingested_at > l.linked_at))) ORDER BY s.id")
+        yield from _dicts(cur)
+
+    def link_groups(self, mapped: pa.Table, window_h: float
+                    ) -> tuple[Iterator[dict[str, Any]], Iterator[dict[str, Any]]]:
+        """Two streams sorted alike by (repo, path, developer): the mapped suggestions (`mapped` holds id, repo,
+        path), and every version of those files their developers committed inside some suggestion's window.
+
+        They come as two streams, merged by the caller, so no more than one file's history is held at once.
+        """
+        sug = self.con.cursor()
+        sug.register("mapped", mapped)
+        suggestions = sug.execute(
+            "SELECT m.repo, m.path, s.developer, s.id, s.shown_at, s.partial, s.prefix, s.suffix, s.completion "
+            "FROM mapped m JOIN suggestions s ON s.id = m.id ORDER BY m.repo, m.path, s.developer, s.shown_at, s.id")
+        com = self.con.cursor()
+        com.register("mapped", mapped)
+        versions = com.execute(
+            "WITH wanted AS (SELECT m.repo, m.path, s.developer, min(s.shown_at) AS first_at, "
+            "  max(s.shown_at) + to_microseconds(CAST(? * 3600e6 AS BIGINT)) AS last_at "
+            "  FROM mapped m JOIN suggestions s ON s.id = m.id GROUP BY ALL) "
+            "SELECT w.repo, w.path, c.developer, c.sha, c.committed_at, f.status, b.content "
+            "FROM wanted w JOIN commits c ON c.repo = w.repo AND c.developer = w.developer "
+            "  AND c.committed_at > w.first_at AND c.committed_at <= w.last_at "
+            "JOIN commit_files f ON f.sha = c.sha AND f.path = w.path LEFT JOIN blobs b ON b.blob = f.blob "
+            "WHERE NOT c.opted_out ORDER BY w.repo, w.path, c.developer, c.committed_at, c.sha", [window_h])
+        return _dicts(suggestions), _dicts(versions)
+
+    def save_links(self, rows: list[dict[str, Any]]) -> None:
+        """Insert or replace links (a relink replaces the earlier decision)."""
+        if not rows:
+            return
+        batch = pa.Table.from_pylist(rows, schema=LINK_SCHEMA)  # noqa: F841 - read by DuckDB
+        with self.transaction():
+            self.con.execute("INSERT OR REPLACE INTO suggestion_links SELECT * FROM batch")
+
+    def link_counts(self) -> dict[str, int]:
+        return dict(self.con.execute("SELECT status, count(*) FROM suggestion_links GROUP BY 1 ORDER BY 1")
+                    .fetchall())
 
     # -- runs ----------------------------------------------------------------------------------------------
 
@@ -437,6 +547,14 @@ class Store:
                 "error = coalesce(error, 'interrupted: the process running it stopped') "
                 "WHERE status = 'running'", [now()]).fetchone()
         return int(row[0]) if row else 0
+
+
+def _dicts(cur: duckdb.DuckDBPyConnection, batch_rows: int = 2000) -> Iterator[dict[str, Any]]:
+    """A query's rows as dicts, fetched in batches so a large result never sits in memory twice."""
+    names = [d[0] for d in cur.description]
+    while rows := cur.fetchmany(batch_rows):
+        for r in rows:
+            yield dict(zip(names, r, strict=True))
 
 
 def _run_dict(r: tuple[Any, ...]) -> dict[str, Any]:

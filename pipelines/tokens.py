@@ -30,6 +30,7 @@ class FimTokens:
     middle: str
     eos: str  # what ends the middle
     space_after_sentinels: bool = False  # CodeLlama's "<PRE> {prefix} <SUF>{suffix} <MID>"
+    spm_supported: bool = False  # the family was pretrained on suffix-first prompts too
 
     def psm(self, prefix: str, suffix: str) -> str:
         """Prefix-suffix-middle prompt; the model continues with the middle, then `eos`."""
@@ -37,14 +38,29 @@ class FimTokens:
             return f"{self.prefix} {prefix} {self.suffix}{suffix} {self.middle}"
         return f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
 
+    def spm(self, prefix: str, suffix: str) -> str:
+        """Suffix-prefix-middle prompt, for families pretrained on it; the model continues with the middle.
 
-# (family, models that use it, (prefix, suffix, middle) spellings to look for, end-of-middle token or "").
-FAMILIES: list[tuple[str, str, tuple[str, str, str], str]] = [
-    ("qwen2.5-coder", "Qwen2.5-Coder, CodeGemma", ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ""),
-    ("starcoder", "StarCoder, StarCoder2, SantaCoder", ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ""),
-    ("codellama", "CodeLlama", ("▁<PRE>", "▁<SUF>", "▁<MID>"), "▁<EOT>"),
-    ("codellama", "CodeLlama", ("<PRE>", "<SUF>", "<MID>"), "<EOT>"),
-    ("deepseek-coder", "DeepSeek-Coder", ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"), ""),
+        StarCoder/StarCoder2 (BigCode's Megatron FIM, fim_spm_rate 0.5): <fim_prefix><fim_suffix>{suffix}
+        <fim_middle>{prefix}. CodeLlama (its reference `infilling_prompt_tokens(suffix_first=True)`):
+        "<PRE> <SUF>{suffix} <MID> {prefix}". The prefix comes last, so the middle continues it directly.
+        """
+        if not self.spm_supported:
+            raise ValueError(f"the {self.family} family has no suffix-first (SPM) FIM layout")
+        if self.space_after_sentinels:
+            return f"{self.prefix} {self.suffix}{suffix} {self.middle} {prefix}"
+        return f"{self.prefix}{self.suffix}{suffix}{self.middle}{prefix}"
+
+
+# (family, models that use it, (prefix, suffix, middle) spellings to look for, end-of-middle token or "",
+# whether the family was pretrained on SPM prompts). Qwen2.5-Coder and DeepSeek-Coder document PSM only
+# (CodeGemma, which shares Qwen's tokens, trained on both, but the tokens cannot tell the two apart).
+FAMILIES: list[tuple[str, str, tuple[str, str, str], str, bool]] = [
+    ("qwen2.5-coder", "Qwen2.5-Coder, CodeGemma", ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), "", False),
+    ("starcoder", "StarCoder, StarCoder2, SantaCoder", ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), "", True),
+    ("codellama", "CodeLlama", ("▁<PRE>", "▁<SUF>", "▁<MID>"), "▁<EOT>", True),
+    ("codellama", "CodeLlama", ("<PRE>", "<SUF>", "<MID>"), "<EOT>", True),
+    ("deepseek-coder", "DeepSeek-Coder", ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"), "", False),
 ]
 
 
@@ -76,14 +92,14 @@ def load_base_tokenizer(base_model: str) -> BaseTokenizer:
 
 
 def find_fim_tokens(vocab: dict[str, int], eos: str, model: str) -> FimTokens:
-    for family, _, (p, s, m), end in FAMILIES:
+    for family, _, (p, s, m), end, spm in FAMILIES:
         if p in vocab and s in vocab and m in vocab:
             if not (end or eos):
                 raise TokenizerError(f"{model}: the tokenizer has {family} FIM tokens but no eos_token in "
                                      "tokenizer_config.json: add one so the middle has an end")
             return FimTokens(family=family, prefix=p, suffix=s, middle=m, eos=end or eos,
-                             space_after_sentinels=family == "codellama")
-    known = "; ".join(f"{models}: {p} {s} {m}" for _, models, (p, s, m), _ in FAMILIES)
+                             space_after_sentinels=family == "codellama", spm_supported=spm)
+    known = "; ".join(f"{models}: {p} {s} {m}" for _, models, (p, s, m), _, _ in FAMILIES)
     raise TokenizerError(
         f"base_model {model!r} has no fill-in-the-middle tokens in its tokenizer (looked for {known}). "
         "Set base_model to a code model trained with FIM, such as Qwen/Qwen2.5-Coder-1.5B.")
@@ -110,9 +126,11 @@ def _tokenizer_files(base_model: str) -> dict[str, Path]:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         try:
             out[name] = Path(hf_hub_download(base_model, name))
-        except EntryNotFoundError:
-            continue
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+            # LocalEntryNotFoundError (offline, and not in the cache) subclasses EntryNotFoundError, but it
+            # says nothing about whether the file exists: only a plain EntryNotFoundError means "no such file".
+            if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
+                continue
             raise TokenizerError(
                 f"cannot load the tokenizer of base_model {base_model!r}: {e}. Use a Hugging Face id this "
                 "machine can download (or has in its cache), or a local directory holding the model") from e

@@ -170,3 +170,47 @@ def days(n: float) -> timedelta:
 
 def utc_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+
+
+def family_tokenizer(folder: Path, specials: list[str], eos: str) -> Path:
+    """A small byte-level BPE tokenizer with one model family's special tokens, saved as a base model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[eos, *specials], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
+    return folder
+
+
+QWEN = (["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"], "<|endoftext|>")
+STARCODER = (["<fim_prefix>", "<fim_suffix>", "<fim_middle>"], "<|endoftext|>")
+
+
+def tabby_suggestion(**overrides: Any) -> dict[str, Any]:
+    """A suggestions row as the Tabby collector stores it: a repo-relative path, raw editor prefix/suffix."""
+    row: dict[str, Any] = {
+        "id": f"cmpl-{uuid.uuid4()}", "source": "tabby", "source_kind": "tabby", "event_kind": "completion",
+        "shown_at": T0, "developer": "alice@example.com", "team": "payments", "repo": "acme/payments",
+        "filepath": "ledger/math.py", "language": "python", "accepted": True, "partial": False,
+        "prefix": "def f(x):\n", "prefix_compiled": "def f(x):\n", "prefix_recovery": "raw", "suffix": "",
+        "completion": "    return x\n", "model": "tabby", "ingested_at": T0,
+    }
+    row.update(overrides)
+    return row
+
+
+def store_suggestions(store: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert suggestion rows into a real store (for sources whose collector is not part of this tree)."""
+    from collectors.base import Cursor
+    from pipelines.store import Rows
+
+    store.apply_batch("tabby", Rows(rows, [], [], [], [], {}, {}), Cursor(stream="events"))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []

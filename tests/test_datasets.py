@@ -1,4 +1,4 @@
-"""FIM tokens from the base tokenizer, the time-based split, and SFT rows built from a real store."""
+"""FIM tokens from the base tokenizer, the time-based split, and the dataset files built from a real store."""
 
 from __future__ import annotations
 
@@ -8,52 +8,65 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from daemon import jobs
 from daemon.config import DatasetsConfig, load_config
+from pipelines.datasets import FILES, build_datasets
 from pipelines.scope import team
-from pipelines.sft import build_sft, clip_prefix, clip_suffix
-from pipelines.split import time_split
+from pipelines.sft import block_bodies, clip_prefix, clip_suffix
+from pipelines.split import heldout_cutoff, time_split
 from pipelines.store import Store
 from pipelines.tokens import TokenizerError, load_base_tokenizer
-from support import T0, CommitSpec, autocomplete_event, continue_log, days, make_repo, write_config
+from support import (
+    QWEN,
+    STARCODER,
+    T0,
+    CommitSpec,
+    autocomplete_event,
+    continue_log,
+    days,
+    family_tokenizer,
+    make_repo,
+    read_jsonl,
+    run_devtune,
+    write_config,
+)
 
 
-def family_tokenizer(folder: Path, specials: list[str], eos: str) -> Path:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[eos, *specials], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    folder.mkdir(parents=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos}))
-    return folder
-
-
-@pytest.mark.parametrize(("specials", "eos", "family", "prompt", "end"), [
-    (["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"], "<|endoftext|>", "qwen2.5-coder",
-     "<|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>", "<|endoftext|>"),
-    (["<fim_prefix>", "<fim_suffix>", "<fim_middle>"], "<|endoftext|>", "starcoder",
-     "<fim_prefix>P<fim_suffix>S<fim_middle>", "<|endoftext|>"),
-    (["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"], "</s>", "codellama", "▁<PRE> P ▁<SUF>S ▁<MID>", "▁<EOT>"),
+@pytest.mark.parametrize(("specials", "eos", "family", "psm", "spm", "end"), [
+    (*QWEN, "qwen2.5-coder", "<|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>", None, "<|endoftext|>"),
+    (*STARCODER, "starcoder", "<fim_prefix>P<fim_suffix>S<fim_middle>", "<fim_prefix><fim_suffix>S<fim_middle>P",
+     "<|endoftext|>"),
+    (["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"], "</s>", "codellama", "▁<PRE> P ▁<SUF>S ▁<MID>",
+     "▁<PRE> ▁<SUF>S ▁<MID> P", "▁<EOT>"),
     (["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"], "<｜end▁of▁sentence｜>", "deepseek-coder",
-     "<｜fim▁begin｜>P<｜fim▁hole｜>S<｜fim▁end｜>", "<｜end▁of▁sentence｜>"),
+     "<｜fim▁begin｜>P<｜fim▁hole｜>S<｜fim▁end｜>", None, "<｜end▁of▁sentence｜>"),
 ])
 def test_fim_tokens_come_from_the_tokenizer(tmp_path: Path, specials: list[str], eos: str, family: str,
-                                            prompt: str, end: str) -> None:
+                                            psm: str, spm: str | None, end: str) -> None:
     base = load_base_tokenizer(str(family_tokenizer(tmp_path / family, specials, eos)))
     assert base.fim.family == family
-    assert base.fim.psm("P", "S") == prompt and base.fim.eos == end
+    assert base.fim.psm("P", "S") == psm and base.fim.eos == end
+    assert base.fim.spm_supported == (spm is not None)
+    if spm is None:
+        with pytest.raises(ValueError, match="no suffix-first"):
+            base.fim.spm("P", "S")
+    else:
+        assert base.fim.spm("P", "S") == spm
     # each sentinel is one token, as the model saw it in pretraining
     assert base.count([specials[0]]) == [1]
 
 
 def test_a_tokenizer_without_fim_tokens_is_a_clear_error(tmp_path: Path) -> None:
     folder = family_tokenizer(tmp_path / "plain", ["<pad>"], "</s>")
-    with pytest.raises(TokenizerError, match=r"has no fill-in-the-middle tokens.*Qwen2\.5-Coder.*CodeLlama"):
+    with pytest.raises(TokenizerError, match=r"'.*plain' has no fill-in-the-middle tokens.*Qwen2\.5-Coder.*CodeLlama"):
         load_base_tokenizer(str(folder))
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_not_called_missing(tmp_path: Path) -> None:
+    # conftest sets HF_HUB_OFFLINE: the hub cannot be asked, which is not the same as "no tokenizer.json"
+    with pytest.raises(TokenizerError, match="cannot load the tokenizer of base_model 'acme/no-such-coder'"):
+        load_base_tokenizer("acme/no-such-coder")
 
 
 def test_time_split_holds_out_the_most_recent_rows_and_never_splits_a_timestamp() -> None:
@@ -61,6 +74,9 @@ def test_time_split_holds_out_the_most_recent_rows_and_never_splits_a_timestamp(
     train, held = time_split(rows, lambda r: r[0], 0.1)
     assert [r[1] for r in held] == [8, 9]  # both rows of the last day, though 10% asked for one
     assert max(r[0] for r in train) < min(r[0] for r in held)
+    # or by days: the last 3 days before the newest row
+    assert heldout_cutoff([r[0] for r in rows], 0.1, days=3) == datetime(2026, 1, 6)
+    assert [r[1] for r in time_split(rows, lambda r: r[0], 0.1, days=3)[1]] == [5, 6, 7, 8, 9]
 
 
 def test_clipping_keeps_whole_lines() -> None:
@@ -69,7 +85,15 @@ def test_clipping_keeps_whole_lines() -> None:
     assert clip_suffix(text, 12) == "line one\n"
 
 
-def store_with_team_data(tmp_path: Path, n_commits: int = 14) -> tuple[Store, Path]:
+def test_block_middles_are_indented_bodies_inside_added_lines() -> None:
+    text = "class A:\n    def f(self):\n        x = 1\n\n        return x\n\n    y = 2\nz = 3\n"
+    lines = text.splitlines(keepends=True)
+    assert block_bodies(lines, [(1, 8)], max_lines=30) == [(2, 7), (3, 5)]  # class body, method body
+    assert block_bodies(lines, [(2, 5)], max_lines=30) == [(3, 5)]
+    assert block_bodies(lines, [(1, 8)], max_lines=4) == [(3, 5)]
+
+
+def store_with_team_data(tmp_path: Path, n_commits: int = 14) -> Store:
     specs = [CommitSpec({f"ledger/m{i}.py": "".join(f"def op_{i}_{j}(x):\n    return x * {j}\n\n" for j in range(6))},
                         author=("Bob", "bob@example.com") if i % 2 else ("Alice", "alice@example.com"),
                         when=T0 + days(i), message=f"m{i}") for i in range(n_commits)]
@@ -84,52 +108,104 @@ def store_with_team_data(tmp_path: Path, n_commits: int = 14) -> tuple[Store, Pa
     cfg = load_config(setup.config)
     store = Store.open(cfg.state_dir / "store.duckdb")
     assert jobs.collect(store, cfg)["error"] is None
-    return store, tmp_path
+    return store
 
 
 def test_sft_rows_use_the_base_tokens_and_hold_out_the_latest(tmp_path: Path, tiny_model: Path) -> None:
-    store, _ = store_with_team_data(tmp_path)
+    store = store_with_team_data(tmp_path)
     tokenizer = load_base_tokenizer(str(tiny_model))
     cfg = DatasetsConfig(heldout_fraction=0.2, min_train_rows=10, min_heldout_rows=3, max_row_tokens=512)
-    report = build_sft(store, team("payments"), cfg, tokenizer, tmp_path / "data")
+    report = build_datasets(store, team("payments"), cfg, tokenizer, tmp_path / "data")
     store.close()
     assert report.skipped == ""
-    train = [json.loads(x) for x in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()]
-    held = [json.loads(x) for x in (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()]
+    train = read_jsonl(tmp_path / "data" / "sft.jsonl")
+    held = read_jsonl(tmp_path / "data" / "heldout.jsonl")
     assert len(train) == report.train_rows and len(held) == report.heldout_rows
-    # 30 events, every third accepted: all ten are rows, on one side of the split or the other
+    # 30 events, every third accepted, none with a commit to check against: all ten are "accepted" rows
     assert report.counts["train"].get("accepted", 0) + report.counts["heldout"].get("accepted", 0) == 10
+    assert report.links == {"unknown": 10}
     assert report.counts["train"]["committed"] + report.counts["heldout"].get("committed", 0) > 0
     for row in train + held:
         assert row["prompt"].startswith("<|fim_prefix|>") and row["prompt"].endswith("<|fim_middle|>")
-        assert row["completion"].endswith("<|endoftext|>")
+        assert row["completion"].endswith("<|endoftext|>") and row["order"] == "psm"  # Qwen: no SPM
     assert max(r["ts"] for r in train) < min(r["ts"] for r in held)
     assert not {(r["prompt"], r["completion"]) for r in train} & {(r["prompt"], r["completion"]) for r in held}
     # a committed middle is text the commit added, with the file around it as context
     committed = next(r for r in train if r["signal"] == "committed")
     assert committed["completion"].startswith(("def op_", "    return x *", "\n"))
+    # rejected suggestions with no accepted one at their spot are KTO's undesirable rows
+    kto = read_jsonl(tmp_path / "data" / "kto.jsonl")
+    assert {r["label"] for r in kto} == {False, True} and all(r["prompt"].startswith("<|fim_prefix|>") for r in kto)
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
-    digest = hashlib.sha256((tmp_path / "data" / "sft.jsonl").read_bytes()
-                            + (tmp_path / "data" / "heldout.jsonl").read_bytes()).hexdigest()
+    digest = hashlib.sha256(b"".join((tmp_path / "data" / name).read_bytes() for name in FILES)).hexdigest()
     assert manifest["sha256"] == digest and manifest["fim_family"] == "qwen2.5-coder"
+    assert manifest["files"]["sft.jsonl"] == report.counts["train"]
+
+
+def test_committed_rows_use_blocks_and_suffix_first_layouts_where_the_family_has_them(tmp_path: Path) -> None:
+    store = store_with_team_data(tmp_path)
+    tokenizer = load_base_tokenizer(str(family_tokenizer(tmp_path / "tok", *STARCODER)))
+    cfg = DatasetsConfig(heldout_fraction=0.2, min_train_rows=1, min_heldout_rows=1, spm_fraction=1.0,
+                         block_fraction=1.0, fim_spans_per_file=3)
+    build_datasets(store, team("payments"), cfg, tokenizer, tmp_path / "data")
+    store.close()
+    committed = [r for r in read_jsonl(tmp_path / "data" / "sft.jsonl") if r["signal"] == "committed"]
+    assert committed and all(r["order"] == "spm" for r in committed)
+    for r in committed:
+        assert r["prompt"].startswith("<fim_prefix><fim_suffix>")
+        prefix = r["prompt"].split("<fim_middle>")[1]
+        # a block body: the function's header ends the prefix, its body is the middle
+        assert prefix.endswith(":\n") and r["completion"].startswith("    return x * ")
+        assert not r["prompt"].endswith("<fim_middle>")  # the prefix comes last
+    # held-out rows are scored in the layout editors send: PSM, the prompt ending with <fim_middle>
+    held = [r for r in read_jsonl(tmp_path / "data" / "heldout.jsonl") if r["kind"] == "fim"]
+    assert held and all(r["order"] == "psm" and r["prompt"].endswith("<fim_middle>") for r in held)
 
 
 def test_rows_over_the_token_cap_lose_context_not_their_middle(tmp_path: Path, tiny_model: Path) -> None:
-    store, _ = store_with_team_data(tmp_path)
+    store = store_with_team_data(tmp_path)
     tokenizer = load_base_tokenizer(str(tiny_model))
-    cfg = DatasetsConfig(heldout_fraction=0.2, min_train_rows=1, min_heldout_rows=1, max_row_tokens=64,
-                         max_prefix_chars=3000)
-    build_sft(store, team("payments"), cfg, tokenizer, tmp_path / "data")
+    for exact in (True, False):
+        cfg = DatasetsConfig(heldout_fraction=0.2, min_train_rows=1, min_heldout_rows=1, max_row_tokens=64,
+                             max_prefix_chars=3000, exact_token_counts=exact)
+        out = tmp_path / f"data-{exact}"
+        build_datasets(store, team("payments"), cfg, tokenizer, out)
+        rows = read_jsonl(out / "sft.jsonl") + read_jsonl(out / "kto.jsonl")
+        assert rows
+        for r in rows:
+            assert tokenizer.count([r["prompt"] + r["completion"]])[0] <= 64
+        counted = json.loads((out / "manifest.json").read_text())["token_counts"]
+        # exact: every row longer in bytes than the cap is tokenized; else most are bounded by the estimate
+        assert counted["tokenized"] > 0 and ("estimated" not in counted if exact else counted["estimated"] > 0)
     store.close()
-    rows = [json.loads(x) for x in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()]
-    assert rows
-    for r in rows:
-        assert tokenizer.count([r["prompt"] + r["completion"]])[0] <= 64
 
 
-def test_a_team_without_enough_data_is_skipped_with_the_reason(tmp_path: Path, tiny_model: Path) -> None:
-    store, _ = store_with_team_data(tmp_path, n_commits=2)
-    tokenizer = load_base_tokenizer(str(tiny_model))
-    report = build_sft(store, team("payments"), DatasetsConfig(min_train_rows=500), tokenizer, tmp_path / "data")
+def test_a_team_without_enough_data_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    store = store_with_team_data(tmp_path, n_commits=2)
+    tokenizer = load_base_tokenizer(str(family_tokenizer(tmp_path / "tok", *QWEN)))
+    report = build_datasets(store, team("payments"), DatasetsConfig(min_train_rows=500), tokenizer, tmp_path / "data")
     store.close()
     assert "fewer than [datasets] min_train_rows = 500" in report.skipped
+
+
+def test_dataset_build_and_show_on_the_command_line(tmp_path: Path) -> None:
+    store_with_team_data(tmp_path).close()
+    family_tokenizer(tmp_path / "tok", *QWEN)
+    config = tmp_path / "site" / "config.toml"
+    text = config.read_text().replace('base_model = "Qwen/Qwen2.5-Coder-1.5B"', f'base_model = "{tmp_path / "tok"}"')
+    config.write_text(text.replace("min_train_rows = 32", "min_train_rows = 4"))
+    out = tmp_path / "snapshot"
+    built = run_devtune("--config", str(config), "dataset", "build", "--scope", "team:payments", "--out", str(out))
+    assert built.returncode == 0, built.stderr
+    assert "team:payments:" in built.stdout and "SFT training rows" in built.stdout
+    assert {p.name for p in out.iterdir()} == {*FILES, "manifest.json"}
+    shown = run_devtune("--config", str(config), "dataset", "show", str(out))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    header = next(ln for ln in lines if ln.startswith("signal"))
+    assert header.split() == ["signal", "sft", "dpo", "kto", "chat", "heldout"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    total = next(ln for ln in lines if ln.startswith("total")).split()
+    assert total[1:] == [f"{sum(manifest['files'][f].values()):,}" for f in FILES]
+    bad = run_devtune("--config", str(config), "dataset", "build", "--scope", "team:nosuch", "--out", str(out))
+    assert bad.returncode == 2 and "no team 'nosuch'" in bad.stderr

@@ -1,0 +1,115 @@
+"""DPO pairing rules, KTO rows and weights, and chat rows from edit outcomes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from daemon.config import DatasetsConfig
+from pipelines.datasets import build_datasets
+from pipelines.dpo import pair_examples, same_text, sides
+from pipelines.kto import kto_weights
+from pipelines.scope import dev, team
+from pipelines.sft import Outcome
+from pipelines.store import Store
+from pipelines.tokens import load_base_tokenizer
+from support import QWEN, T0, days, family_tokenizer, read_jsonl, store_suggestions, tabby_suggestion
+
+PREFIX = "".join(f"CONST_{i} = {i}\n" for i in range(100)) + "import math\n\n\ndef area(r):\n"  # ~1,400 chars
+SUFFIX = "\n\ndef perimeter(r):\n    return 2 * math.pi * r\n"
+
+
+def outcome(n: int, text: str, accepted: bool, link: str = "", developer: str = "alice", prefix: str = PREFIX,
+            suffix: str = SUFFIX, committed: str | None = None) -> Outcome:
+    return Outcome(id=f"s{n}", developer=developer, ts=T0 + timedelta(minutes=n), path="acme/geo/geo.py",
+                   prefix=prefix, suffix=suffix, text=text, accepted=accepted,
+                   link=link or ("unknown" if accepted else ""), committed_text=committed)
+
+
+def test_pairs_share_one_context_and_never_have_equal_sides() -> None:
+    far_prefix = "# pruned differently\n" * 40 + PREFIX.replace("import math", "import math  ")
+    items = [
+        outcome(1, "    return math.pi * r ** 2\n", accepted=True, link="kept"),
+        outcome(2, "    return r * r\n", accepted=False),
+        # the same spot: the far prefix and trailing spaces differ
+        outcome(3, "    return 3.14 * r\n", accepted=False, prefix=far_prefix, suffix=SUFFIX.replace("\n", "  \n", 1)),
+        # the same text as the accepted one, spaced differently: accepted and rejected at once says nothing
+        outcome(4, "    return  math.pi*r ** 2\n", accepted=False),
+        # another developer at the same spot: never paired with alice's choice
+        outcome(5, "    return 0\n", accepted=False, developer="bob"),
+        # another spot in the file (the cursor line differs)
+        outcome(6, "return 1\n", accepted=False, prefix=PREFIX + "    "),
+        # a rewritten suggestion: paired with what replaced it
+        outcome(7, "    return r\n", accepted=True, link="rewritten", committed="    return math.tau * r / 2\n",
+                prefix=PREFIX.replace("area", "half")),
+        outcome(8, "    pass\n", accepted=True, link="deleted", prefix=PREFIX.replace("area", "gone")),
+    ]
+    dropped: Counter[str] = Counter()
+    pairs, unpaired = pair_examples(sides(items), max_pairs_per_context=4, dropped=dropped)
+    got = {(p.chosen, p.rejected, p.signal) for p in pairs}
+    assert got == {("    return math.pi * r ** 2\n", "    return r * r\n", "rejected"),
+                   ("    return math.pi * r ** 2\n", "    return 3.14 * r\n", "rejected"),
+                   ("    return math.tau * r / 2\n", "    return r\n", "replaced")}
+    assert all(not same_text(p.chosen, p.rejected) and p.developer == "alice" for p in pairs)
+    assert dropped == {"rejected_equals_accepted": 1}
+    kto = {k.id: k for k in unpaired}
+    assert set(kto) == {"s5", "s6", "s8"}  # bob's and the other spot's rejections, the deleted suggestion
+    assert not any(k.desirable for k in kto.values()) and kto["s8"].signal == "deleted"
+
+
+def test_pairs_per_context_are_capped_and_the_rest_go_to_kto() -> None:
+    items = [outcome(0, "    return math.pi * r ** 2\n", accepted=True)]
+    items += [outcome(i, f"    return {i}\n", accepted=False) for i in range(1, 8)]
+    pairs, unpaired = pair_examples(sides(items), max_pairs_per_context=4, dropped=Counter())
+    assert len(pairs) == 4 and len({p.rejected for p in pairs}) == 4
+    assert sorted(s.id for s in unpaired) == ["s5", "s6", "s7"]  # the accepted side was used, so not in KTO
+
+
+def test_kto_weights_bring_the_weighted_ratio_into_trls_range() -> None:
+    for n_desirable, n_undesirable in [(30, 70), (1, 99), (100, 20), (55, 45), (50, 60), (7, 7)]:
+        d, u = kto_weights(n_desirable, n_undesirable)
+        assert 1.0 <= round(d * n_desirable / (u * n_undesirable), 2) <= 1.33
+        assert min(d, u) == 1.0
+    assert kto_weights(30, 70) == (round(7 / 6 * 70 / 30, 4), 1.0)
+    assert kto_weights(0, 10) == (1.0, 1.0)
+
+
+def test_kto_weights_and_chat_rows_in_a_built_dataset(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store.duckdb")
+    rows = []
+    for i in range(40):  # 10 spots, one suggestion each, a quarter accepted: no pairs, all KTO
+        rows.append(tabby_suggestion(id=f"t{i}", shown_at=T0 + timedelta(hours=i), accepted=i % 4 == 0,
+                                     filepath=f"lib/m{i}.py", prefix=f"def f{i}(x):\n",
+                                     completion=f"    return x + {i}\n"))
+    store_suggestions(store, rows)
+    store.insert_edit_outcomes([edit(1, accepted=True), edit(2, accepted=False),
+                                edit(3, accepted=True, developer="bob@example.com")])
+    tokenizer = load_base_tokenizer(str(family_tokenizer(tmp_path / "tok", *QWEN)))
+    cfg = DatasetsConfig(min_train_rows=1, min_heldout_rows=1, heldout_fraction=0.1)
+    build_datasets(store, team("payments"), cfg, tokenizer, tmp_path / "team")
+    manifest = json.loads((tmp_path / "team" / "manifest.json").read_text())
+    kto = read_jsonl(tmp_path / "team" / "kto.jsonl")
+    n_desirable = sum(r["label"] for r in kto)
+    assert (manifest["kto"]["desirable"], manifest["kto"]["undesirable"]) == (n_desirable, len(kto) - n_desirable)
+    weights, n_undesirable = manifest["kto"], len(kto) - n_desirable
+    assert 0 < n_desirable < n_undesirable
+    assert 1.0 <= weights["desirable_weight"] * n_desirable / (weights["undesirable_weight"] * n_undesirable) <= 4 / 3
+    chat = read_jsonl(tmp_path / "team" / "chat.jsonl")
+    assert [r["id"] for r in chat] == ["e1", "e3"]  # accepted edits only, oldest first
+    assert chat[0]["prompt"] == [{"role": "user", "content": "Add a guard.\n\nledger/x.py:\n```\nv1\n```"}]
+    assert chat[0]["completion"] == [{"role": "assistant", "content": "```\nv1 + guard 1\n```"}]
+    build_datasets(store, dev("alice@example.com"), DatasetsConfig(min_dev_examples=1, min_train_rows=1,
+                                                                   min_heldout_rows=1), tokenizer, tmp_path / "alice")
+    store.close()
+    assert [r["id"] for r in read_jsonl(tmp_path / "alice" / "chat.jsonl")] == ["e1"]
+
+
+def edit(n: int, accepted: bool, developer: str = "alice@example.com") -> dict[str, Any]:
+    return {"id": f"e{n}", "source": "continue", "source_kind": "continue", "event_kind": "editOutcome",
+            "decided_at": T0 + days(n / 10), "developer": developer, "team": "payments", "repo": "acme/payments",
+            "filepath": "file:///home/a/src/payments/ledger/x.py", "accepted": accepted,
+            "instruction": "Add a guard.", "before_text": "v1", "after_text": f"v1 + guard {n}", "model": "m",
+            "ingested_at": T0}
