@@ -2,6 +2,9 @@
 
 One `git log --raw -p --unified=0` process walks the whole history (a process per commit costs ~5 ms each,
 50 s for a 10k-commit repository); file contents come from GitPython's persistent `git cat-file --batch`.
+The walk is oldest first in topological order (`--reverse --topo-order`): when a batch ends at commit C,
+every ancestor of C is stored, so C is a valid cursor and a harvest killed half-way resumes there
+(`HEAD ^C`) instead of walking the whole history again.
 Merge commits are stored without files (`--diff-merges=off`): their changes are already in the commits
 they merge. The zero-context patch gives the exact line ranges each commit added, which is what the
 FIM builder cuts its middles from.
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import git
 
-from collectors.base import Batch, Commit, Cursor, FileChange, Limits, RawEvent
+from collectors.base import Batch, Commit, Cursor, FileChange, Limits, LineParser, RawEvent
 
 RECORD, FIELD = b"\x1e", b"\x1f"
 LOG_FORMAT = "%x1e%H%x1f%P%x1f%an%x1f%aE%x1f%at%x1f%ct%x1f%B%x1f"
@@ -53,16 +56,19 @@ class GitCollector:
                            "(force-push or reset): harvesting the new history"
             else:
                 note = f"last harvested commit {cursor.sha[:12]} is gone: re-walking the whole history"
-        unchanged = cursor or Cursor(stream=stream)
         batch: list[RawEvent] = []
+        last = ""
         for commit in iter_commits(repo, revs, limits.max_file_bytes):
             batch.append(commit)
+            last = commit.sha
             if len(batch) >= limits.batch_events:
-                # git log walks newest first, so no single sha marks "everything before here is stored":
-                # the cursor moves only at the end, and a re-walk after a crash is deduplicated by sha.
-                yield Batch(tuple(batch), (), unchanged, note)
+                # Parents come before children, so all of `last`'s history is in this batch or earlier ones.
+                yield Batch(tuple(batch), (), Cursor(stream=stream, sha=last), note)
                 batch, note = [], ""
         yield Batch(tuple(batch), (), Cursor(stream=stream, sha=head), note)
+
+    def line_parser(self, root: Path, stream: str) -> LineParser | None:
+        return None  # git output is read whole; nothing is ever quarantined line by line
 
 
 def open_repo(root: Path) -> git.Repo:
@@ -108,11 +114,13 @@ def _is_commit(repo: git.Repo, sha: str) -> bool:
 
 
 def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int) -> Iterator[Commit]:
-    """Every commit in `revs` (git rev-list syntax), newest first, with files, diffs and contents."""
+    """Every commit in `revs` (git rev-list syntax), oldest first (parents before children), with files,
+    diffs and contents."""
     # `repo.git(c=...)` puts the option before the subcommand: `git -c core.quotePath=false log ...`.
     proc = repo.git(c="core.quotePath=false").log(
         "--no-color", "--no-ext-diff", "--no-textconv", "--no-renames", "--no-abbrev", "--full-index",
-        "--raw", "-p", "--unified=0", "--diff-merges=off", f"--format={LOG_FORMAT}", *revs, "--",
+        "--raw", "-p", "--unified=0", "--diff-merges=off", "--reverse", "--topo-order", f"--format={LOG_FORMAT}",
+        *revs, "--",
         as_process=True,
     )
     assert proc.stdout is not None

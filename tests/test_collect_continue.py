@@ -140,12 +140,12 @@ def test_replaced_and_truncated_files_are_reread_without_duplicates(tmp_path: Pa
 def test_timestamps_iso_and_epoch_ms() -> None:
     from datetime import datetime
 
-    iso = parse_autocomplete(json.dumps(autocomplete_event(timestamp="2025-07-09T10:11:12.500Z")).encode(), None)
-    ms = parse_autocomplete(json.dumps(autocomplete_event(timestamp=1751000000000)).encode(), None)
+    iso = parse_autocomplete(autocomplete_event(timestamp="2025-07-09T10:11:12.500Z"), None)
+    ms = parse_autocomplete(autocomplete_event(timestamp=1751000000000), None)
     assert not isinstance(iso, str) and not isinstance(ms, str)
     assert iso.shown_at == datetime(2025, 7, 9, 10, 11, 12, 500000)
     assert ms.shown_at == datetime(2025, 6, 27, 4, 53, 20)
-    bad = parse_autocomplete(json.dumps(autocomplete_event(timestamp=True)).encode(), None)
+    bad = parse_autocomplete(autocomplete_event(timestamp=True), None)
     assert bad == "field 'timestamp' must be an ISO string or epoch milliseconds, got boolean"
 
 
