@@ -406,3 +406,27 @@ def _retry(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig, 
         repo = remote_name(source.path) if source.kind == "git" else None
         store.apply_batch(source.name, to_rows(batch, source, repo, cfg, directory), None, settle=(row,))
         yield RetryResult(*where, "stored", f"{len(parsed)} event(s) parsed and stored")
+
+
+def inspect_quarantined(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig,
+                        qid: str) -> dict[str, Any] | None:
+    """One quarantined line: its row, its file, the line as it reads now (scrubbed) and whether it parses now."""
+    found = store.quarantined(limit=1, qid=qid)
+    if not found:
+        return None
+    row = found[0]
+    source = {s.name: s for s in sources}.get(row["source"])
+    if source is None:
+        return {**row, "file": None, "now": None, "parses_now": None,
+                "verdict": f"source {row['source']!r} is no longer configured"}
+    path = source.path / row["stream"]
+    parser = COLLECTORS[source.kind].line_parser(source.path, row["stream"])
+    raw = read_line(path, row["offset"], row["length"]) if row["length"] - 1 <= cfg.max_line_bytes \
+        else "over the line limit: not read"
+    if isinstance(raw, str) or parser is None:
+        return {**row, "file": str(path), "now": None, "parses_now": False,
+                "verdict": raw if isinstance(raw, str) else "not a line-based source"}
+    parsed = parser(raw)
+    text = raw[:4000].decode("utf-8", errors="replace")
+    return {**row, "file": str(path), "now": scrub(text), "parses_now": not isinstance(parsed, str),
+            "verdict": parsed if isinstance(parsed, str) else f"parses now into {len(parsed)} event(s): retry it"}
