@@ -77,7 +77,7 @@ RULES: tuple[Rule, ...] = (
           "/api/webhooks/"),
     _rule("teams_webhook", r"https://[A-Za-z0-9.\-]+\.webhook\.office\.com/webhookb2/[A-Za-z0-9@/\-]{40,}",
           "webhook.office.com"),
-    _rule("telegram_token", r"\b\d{8,10}:AA[A-Za-z0-9_\-]{33}\b", ":AA"),
+    _rule("telegram_token", r"\b\d{5,16}:AA[A-Za-z0-9_\-]{30,40}\b", ":AA"),
     # payments
     _rule("stripe_key", r"\b(?:sk|rk|pk|whsec)_(?:live|test)_[A-Za-z0-9]{16,}\b|\bwhsec_[A-Za-z0-9]{24,}\b",
           "_live_", "_test_", "whsec_"),
@@ -103,7 +103,9 @@ _SECRET_NAME = (r"[a-z0-9_.\-]*(?:passw(?:or)?d|passwd|passphrase|pwd|secret|tok
 _KEYWORDS = ("pass", "pwd", "secret", "token", "key", "credential")
 # password = "...", "apiKey": "...", token: '...', secret := f"..." (a quoted literal, not an expression).
 _ASSIGN_QUOTED = re.compile(
-    rf"(?i)(?P<name>{_SECRET_NAME})[\"']?\s*(?::=|=|:|=>)\s*(?:[a-z_]\w*\()?[rbuf]?(?P<q>[\"'`])(?P<s>[^\"'`\n]{{4,}})(?P=q)")
+    rf"(?i)(?P<name>{_SECRET_NAME})\\?[\"']?\s*(?::=|=|:|=>)\s*(?:[a-z_]\w*\()?[rbuf]?\\?(?P<q>[\"'`])"
+    # The value may sit in JSON-encoded text (tool arguments), where its quotes arrive as \".
+    r"(?P<s>[^\"'`\n]{4,}?)\\?(?P=q)")
 # PASSWORD=hunter2 in .env files and shells, db_password: s3cret in YAML (unquoted, the rest of the line).
 _ASSIGN_BARE = re.compile(
     rf"(?im)^[ \t]*(?:export[ \t]+)?[\"']?(?P<name>{_SECRET_NAME})[\"']?[ \t]*[=:][ \t]*"
@@ -198,8 +200,9 @@ def find_secrets(text: str, scanned: tuple[list[Rule], list[int]] | None = None)
     for m in _LITERAL.finditer(text):
         end = m.end("s")
         if m.group("q") != "=":
-            if end >= len(text) or text[end] != m.group("q"):
-                continue  # not a whole quoted literal
+            closing = text[end:end + 2]
+            if not (closing[:1] == m.group("q") or closing == "\\" + m.group("q")):
+                continue  # not a whole quoted literal (a JSON-escaped \" closes one too)
         elif m.start() > 0 and (text[m.start() - 1].isalnum() or text[m.start() - 1] in "_.=!<>"):
             continue  # "a==b", "x.y=...", "name=value" inside an identifier run: not a literal
         elif end < len(text) and (text[end].isalnum() or text[end] in "_"):
