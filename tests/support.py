@@ -115,13 +115,14 @@ class Setup:
 
 
 def write_config(folder: Path, sources: list[dict[str, Any]], teams: list[dict[str, Any]] | None = None,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> Setup:
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 developers: list[dict[str, Any]] | None = None) -> Setup:
     folder.mkdir(parents=True, exist_ok=True)
     merged: dict[str, dict[str, Any]] = {"": {"state_dir": "state"}, "api": {"port": 0, "lock_timeout_s": 2.0}}
     for section, values in (overrides or {}).items():
         merged[section] = {**merged.get(section, {}), **values}
     path = folder / "config.toml"
-    path.write_text(render_config(merged, sources=sources, teams=teams))
+    path.write_text(render_config(merged, sources=sources, teams=teams, developers=developers))
     return Setup(config=path, state_dir=folder / "state", sources=sources)
 
 
