@@ -10,6 +10,7 @@ feeds the same function, so a POSTed event and a file line are parsed alike.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterator
@@ -336,6 +337,7 @@ def _after_comment_header(compiled: str, filepath: str) -> str | None:
 _REPO = re.compile(r"(?:[:/])?([^/:\s]+)/([^/:\s]+?)(?:\.git)?/?$")
 
 
+@functools.lru_cache(maxsize=4096)  # a developer's events name a handful of repositories, over and over
 def normalize_repo(value: str) -> str:
     """Normalise a git remote or Continue `gitRepo` value to lower-case "owner/name"."""
     m = _REPO.search(value.strip())

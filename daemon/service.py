@@ -150,8 +150,7 @@ def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbo
     inbox.mkdir(parents=True, exist_ok=True)
     token_path = http_token_file(cfg)
     token = ensure_token(token_path)
-    log.info("continue http destination: POST http://%s:%d/continue/devdata (token in %s)", cfg.api.host,
-             cfg.api.port, token_path)
+    log.info("continue http destination on: POST /continue/devdata with the token in %s", token_path)
 
     def devdata(headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
         body = check_body(raw)

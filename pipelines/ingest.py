@@ -4,9 +4,6 @@ For each event: map the identities its writer logged to a developer (through `[[
 drop it if that developer opted out or its file matches an exclude glob (counted by reason, never stored);
 scrub every text field; then store the batch and its cursor in one transaction. Running it twice over the
 same data stores nothing the second time, and every counter is a keyed row, so replays count nothing twice.
-
-Parsing and scrubbing (Python, one core) overlap with the previous batch's store transaction (DuckDB,
-which releases the GIL): on 2 cores that hides most of the store's time (bench/README.md).
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -173,41 +169,40 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
         log.warning("source=%s: %s does not exist yet; nothing collected", name, root)
         return report
     repo = remote_name(root) if source.kind == "git" else None
-    # One batch is stored while the next is parsed and scrubbed; the store's connection is used by the
-    # writer thread only, and `pending.result()` is awaited before anything else touches it.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"store-{name}") as writer:
-        for stream in collector.streams(root):
-            cursor = store.load_cursor(name, stream)
-            if cursor is None and source.kind != "git":
+    for stream in collector.streams(root):
+        cursor = store.load_cursor(name, stream)
+        if source.kind == "git":
+            # Progress in commits for a repository, in bytes for a log file: both give a rate and an ETA.
+            progress = Progress(log, f"collect source={name} stream={stream}", count_commits(root, cursor),
+                                "commits")
+        else:
+            if cursor is None:
                 log.info("source=%s: new file %s", name, stream)
-            total = count_commits(root, cursor) if source.kind == "git" else None
-            progress = Progress(log, f"collect source={name} stream={stream}", total,
-                                "commits" if source.kind == "git" else "records")
-            pending: Future[Applied] | None = None
-            pending_n = 0
-            for batch in collector.collect(root, stream, cursor, limits):
-                if batch.note:
-                    log.warning("source=%s stream=%s: %s", name, stream, batch.note)
-                    report.notes.append(f"{stream}: {batch.note}")
-                rows = to_rows(batch, source, repo, cfg, directory)
-                if pending is not None:
-                    _account(report, pending.result(), pending_n, progress)
-                pending = writer.submit(store.apply_batch, name, rows, batch.cursor)
-                pending_n = len(batch.events) + len(batch.rejects)
-            if pending is not None:
-                _account(report, pending.result(), pending_n, progress)
-            report.seconds += progress.finish()
+            done = cursor.offset if cursor else 0
+            progress = Progress(log, f"collect source={name} stream={stream}",
+                                max(0, (root / stream).stat().st_size - done), "bytes")
+        for batch in collector.collect(root, stream, cursor, limits):
+            if batch.note:
+                log.warning("source=%s stream=%s: %s", name, stream, batch.note)
+                report.notes.append(f"{stream}: {batch.note}")
+            rows = to_rows(batch, source, repo, cfg, directory)
+            _account(report, store.apply_batch(name, rows, batch.cursor), len(batch.events) + len(batch.rejects))
+            if source.kind == "git":
+                progress.advance(len(batch.events))
+            else:
+                progress.advance(max(0, batch.cursor.offset - done))
+                done = batch.cursor.offset
+        report.seconds += progress.finish()
     return report
 
 
-def _account(report: SourceReport, applied: Applied, n: int, progress: Progress) -> None:
+def _account(report: SourceReport, applied: Applied, n: int) -> None:
     report.seen += n
     report.stored["suggestions"] += applied.suggestions
     report.stored["commits"] += applied.commits
     report.stored["quarantined"] += applied.rejects
     report.stored["edit_outcomes"] += applied.edits
     report.stored["interactions"] += applied.interactions
-    progress.advance(n)
 
 
 def to_rows(batch: Batch, source: SourceConfig, repo: str | None, cfg: CollectConfig,
