@@ -390,6 +390,11 @@ class Store:
                         "finish or stop it.") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        # DuckDB checkpoints (compresses and writes the WAL into the file) every 16 MB of WAL by default: with
+        # 2-20 KB events that is every few batches. 64 MB made the ingest's storage path 1.4-1.5x faster and
+        # the file 25% smaller (bigger checkpoints compress better; bench/README.md), while keeping the WAL a
+        # crash replays small.
+        con.execute("SET checkpoint_threshold = '64MB'")
         store = cls(con, path)
         store.migrate()
         return store
