@@ -136,23 +136,39 @@ def _bearer_ok(req: BaseHTTPRequestHandler, token: str) -> bool:
 def _handle_inbound(req: BaseHTTPRequestHandler, method: str, route: Inbound) -> None:
     if method != "POST":
         return _reply(req, HTTPStatus.METHOD_NOT_ALLOWED, {"error": "POST events here"})
+    length_header = req.headers.get("Content-Length")
+    length = int(length_header) if length_header is not None and length_header.isdigit() else -1
     if not _bearer_ok(req, route.token):
-        req.close_connection = True  # the body is not read
+        _discard(req, length)  # never parsed, never kept
         return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token: set the data "
                                                               "destination's apiKey to the service's token"})
-    length_header = req.headers.get("Content-Length")
-    if length_header is None or not length_header.isdigit():
+    if length < 0:
         req.close_connection = True
         return _reply(req, HTTPStatus.LENGTH_REQUIRED, {"error": "send a Content-Length"})
-    length = int(length_header)
     if length > route.max_body_bytes:
-        req.close_connection = True
+        _discard(req, length)
         return _reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                       {"error": f"body of {length} bytes is over the {route.max_body_bytes}-byte limit "
                                 "([continue_http] max_body_bytes)"})
     headers = {k.lower(): v for k, v in req.headers.items()}
     status, payload = route.handle(headers, req.rfile.read(length))
     return _reply(req, status, payload)
+
+
+DISCARD_MAX_BYTES = 16 << 20
+
+
+def _discard(req: BaseHTTPRequestHandler, length: int) -> None:
+    """Read and drop a refused body, so that closing the socket does not reset it before the client has read
+    the answer (Linux sends RST when unread data remains); past 16 MiB, close instead of reading."""
+    if length < 0 or length > DISCARD_MAX_BYTES:
+        req.close_connection = True
+        return
+    while length > 0:
+        chunk = req.rfile.read(min(length, 1 << 16))
+        if not chunk:
+            break
+        length -= len(chunk)
 
 
 def _reply(req: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
