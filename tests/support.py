@@ -90,19 +90,7 @@ def autocomplete_event(**overrides: Any) -> dict[str, Any]:
 def continue_log(folder: Path, lines: list[dict[str, Any] | str | bytes], schema: str = "0.2.0",
                  append: bool = False) -> Path:
     """Write (or append) autocomplete lines under folder/dev_data/<schema>/autocomplete.jsonl."""
-    path = folder / "dev_data" / schema / "autocomplete.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = b""
-    for line in lines:
-        if isinstance(line, dict):
-            data += json.dumps(line, separators=(",", ":")).encode() + b"\n"
-        elif isinstance(line, str):
-            data += line.encode() + b"\n"
-        else:
-            data += line
-    with path.open("ab" if append else "wb") as f:
-        f.write(data)
-    return path
+    return write_lines(folder / "dev_data" / schema / "autocomplete.jsonl", lines, append)
 
 
 @dataclass
@@ -124,6 +112,20 @@ def write_config(folder: Path, sources: list[dict[str, Any]], teams: list[dict[s
     path = folder / "config.toml"
     path.write_text(render_config(merged, sources=sources, teams=teams, developers=developers))
     return Setup(config=path, state_dir=folder / "state", sources=sources)
+
+
+def collect_site(config: Path) -> tuple[dict[str, Any], Path]:
+    """Collect every source of a config into its store in this process: (collect result + "status", store)."""
+    from daemon import jobs
+    from daemon.config import load_config
+    from pipelines.store import Store
+
+    cfg = load_config(config)
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    try:
+        return {**jobs.collect(store, cfg), "status": jobs.status(store, cfg)}, store.path
+    finally:
+        store.close()
 
 
 def run_devtune(*args: str, timeout: float = 600, env: dict[str, str] | None = None,

@@ -13,25 +13,15 @@ from hypothesis import strategies as st
 
 from collectors.base import Limits
 from collectors.continue_dev import ContinueCollector, normalize_repo, parse_autocomplete, recover_prefix
-from daemon import jobs
-from daemon.config import load_config
-from pipelines.store import Store
-from support import autocomplete_event, continue_log, table_rows, write_config
+from support import autocomplete_event, collect_site, continue_log, table_rows, write_config
 
 STREAM = "dev_data/0.2.0/autocomplete.jsonl"
 
 
 def collect(tmp_path: Path, folder: Path, **collect_overrides: Any) -> tuple[dict[str, Any], Path]:
-    setup = write_config(tmp_path / "site", [{"kind": "continue", "path": str(folder), "name": "alice",
-                                             "developer": "alice@example.com"}],
-                         overrides={"collect": collect_overrides} if collect_overrides else None)
-    cfg = load_config(setup.config)
-    store = Store.open(cfg.state_dir / "store.duckdb")
-    try:
-        result = jobs.collect(store, cfg)
-        return {**result, "status": jobs.status(store, cfg)}, cfg.state_dir / "store.duckdb"
-    finally:
-        store.close()
+    return collect_site(write_config(tmp_path / "site", [{"kind": "continue", "path": str(folder), "name": "alice",
+                                                         "developer": "alice@example.com"}],
+                                     overrides={"collect": collect_overrides} if collect_overrides else None).config)
 
 
 def test_valid_lines_are_stored_with_identity_and_recovered_prefix(tmp_path: Path) -> None:

@@ -12,24 +12,15 @@ from hypothesis import strategies as st
 
 from collectors.base import Limits
 from collectors.tabby import TabbyCollector, parse_line
-from daemon import jobs
-from daemon.config import load_config
-from pipelines.store import Store
-from support import day_ms, tabby_action, tabby_completion, table_rows, write_config, write_lines
+from support import collect_site, day_ms, tabby_action, tabby_completion, table_rows, write_config, write_lines
 
 D1, D2 = "2026-10-01", "2026-10-02"
 
 
 def collect(tmp_path: Path, root: Path, **collect_overrides: Any) -> tuple[dict[str, Any], Path]:
-    setup = write_config(tmp_path / "site", [{"kind": "tabby", "path": str(root), "name": "tabby"}],
-                         teams=[{"name": "payments", "members": ["tabby-u1"]}],
-                         overrides={"collect": collect_overrides} if collect_overrides else None)
-    cfg = load_config(setup.config)
-    store = Store.open(cfg.state_dir / "store.duckdb")
-    try:
-        return {**jobs.collect(store, cfg), "status": jobs.status(store, cfg)}, cfg.state_dir / "store.duckdb"
-    finally:
-        store.close()
+    return collect_site(write_config(tmp_path / "site", [{"kind": "tabby", "path": str(root), "name": "tabby"}],
+                                     teams=[{"name": "payments", "members": ["tabby-u1"]}],
+                                     overrides={"collect": collect_overrides} if collect_overrides else None).config)
 
 
 def suggestions(db: Path) -> dict[str, dict[str, Any]]:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon import jobs
-from daemon.config import load_config
-from pipelines.store import Store
 from support import (
     T0,
     CommitSpec,
     autocomplete_event,
+    collect_site,
     continue_log,
     day_ms,
     make_repo,
@@ -45,15 +43,9 @@ def test_identities_map_to_one_developer_and_the_rest_are_listed(tmp_path: Path)
         developers=[{"id": "alice@example.com", "aliases": [MACHINE, "tabby-alice", "alice@old.org"]},
                     {"id": "carol@example.com", "aliases": ["tabby-carol"]}],
         overrides={"collect": {"opt_out": ["carol@example.com"]}})
-    cfg = load_config(setup.config)
-    store = Store.open(cfg.state_dir / "store.duckdb")
-    try:
-        result = jobs.collect(store, cfg)
-        report = jobs.status(store, cfg)
-    finally:
-        store.close()
+    result, db = collect_site(setup.config)
+    report = result["status"]
     assert result["error"] is None
-    db = cfg.state_dir / "store.duckdb"
     sug = {r[0]: (r[5], r[6]) for r in table_rows(db, "suggestions")}
     assert sug == {"c1": ("alice@example.com", "payments"), "cmpl-a": ("alice@example.com", "payments"),
                    "c2": ("cd" * 32, "default"), "cmpl-z": ("tabby-zed", "default")}

@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 
 from collectors.continue_http import append_to_inbox
-from daemon import jobs
 from daemon.config import load_config
 from pipelines.scrub import is_excluded, scrub
-from pipelines.store import Store
 from support import (
     T0,
     CommitSpec,
     all_text,
     autocomplete_event,
+    collect_site,
     continue_event,
     continue_log,
     day_ms,
@@ -116,15 +115,11 @@ def test_no_planted_secret_reaches_any_table(tmp_path: Path) -> None:
     inbox.mkdir(parents=True)
     append_to_inbox(inbox, {"name": "autocomplete", "data": autocomplete_event(completion=code), "schema": "0.2.0",
                             "level": "all"}, "", datetime(2026, 10, 2))
-    store = Store.open(cfg.state_dir / "store.duckdb")
-    try:
-        report = jobs.collect(store, cfg)
-        counts = jobs.status(store, cfg)
-    finally:
-        store.close()
+    report, db = collect_site(setup.config)
+    counts = report["status"]
     assert report["error"] is None and counts["suggestions"]["total"] == 6 and counts["quarantined"]["total"] == 1
     assert counts["edit_outcomes"]["total"] == 2 and counts["interactions"]["total"] == 2
-    text = all_text(cfg.state_dir / "store.duckdb")
+    text = all_text(db)
     for kind, secret in SECRETS.items():
         assert secret not in text, f"{kind} reached the store"
         assert secret.splitlines()[1 if "\n" in secret else 0] not in text
