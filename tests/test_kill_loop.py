@@ -81,19 +81,20 @@ def make_sources(root: Path) -> list[dict[str, str]]:
             {"kind": "git", "path": str(root / "repo"), "name": "repo"}]
 
 
-def run(config: Path, kill_after_s: float | None) -> bool:
-    """One ingest; SIGKILLed `kill_after_s` after its imports. True when it was killed before finishing."""
+def run(config: Path, kill_after_s: float | None) -> tuple[bool, float]:
+    """One ingest, SIGKILLed `kill_after_s` after its imports: (killed before it finished, seconds after imports)."""
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(config)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
     if kill_after_s is None:
         assert proc.wait(timeout=300) == 0
-        return False
+        return False, time.monotonic() - started
     time.sleep(kill_after_s)
     killed = proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    return killed
+    return killed, time.monotonic() - started
 
 
 def tables(db: Path) -> dict[str, list[tuple[object, ...]]]:
@@ -117,17 +118,15 @@ def test_kill_9_at_random_points_neither_loses_nor_duplicates(tmp_path: Path) ->
             append_to_inbox(inbox, {"name": "autocomplete", "data": autocomplete_event(completionId=f"h{i % 30}"),
                                     "schema": "0.2.0", "level": "all"}, "alice@example.com", datetime(2026, 10, 3))
 
-    started = time.monotonic()
-    run(clean.config, None)
-    clean_s = time.monotonic() - started
+    _, ingest_s = run(clean.config, None)
     expected = tables(clean.state_dir / "store.duckdb")
     assert len(expected["suggestions"]) > 1500 and len(expected["commits"]) == 40 and expected["quarantine"]
 
     rng = random.Random(11)
     interrupted = 0
     for _ in range(KILLS):
-        # Short random lifetimes: together they cover the whole ingest, each landing somewhere inside it.
-        interrupted += run(killed.config, rng.uniform(0.05, max(0.2, clean_s / 8)))
+        # Lifetimes of up to 1/15 of the ingest: together about 3/4 of it, so the kills land all along it.
+        interrupted += run(killed.config, rng.uniform(0.02, max(0.1, ingest_s / 15)))[0]
     assert interrupted >= KILLS // 2, f"only {interrupted} of {KILLS} runs were killed before finishing"
     run(killed.config, None)
     assert tables(killed.state_dir / "store.duckdb") == expected
