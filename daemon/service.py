@@ -160,8 +160,13 @@ def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbo
         if not wanted(body):
             return HTTPStatus.OK, {"stored": False, "reason": f"devtune does not keep {body['name']} events"}
         # Continue never retries, so the answer waits for the fsync: a crash after it loses nothing.
-        append_to_inbox(inbox, body, headers.get("x-developer", "").strip(),
-                        datetime.now(UTC).replace(tzinfo=None))
+        try:
+            append_to_inbox(inbox, body, headers.get("x-developer", "").strip(),
+                            datetime.now(UTC).replace(tzinfo=None))
+        except OSError as e:
+            log.error("continue http destination: cannot write to %s (%s): free space or fix its permissions; "
+                      "events are refused with 503 meanwhile", inbox, e.strerror)
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"the devtune inbox is not writable: {e.strerror}"}
         collect_soon(HTTP_SOURCE)
         return HTTPStatus.OK, {"stored": True}
 
