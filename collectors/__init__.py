@@ -6,9 +6,14 @@ collector would be (add an entry mapping a `[[sources]] kind` to an object satis
 
 from collectors.base import Collector
 from collectors.continue_dev import ContinueCollector
+from collectors.continue_http import ContinueHttpCollector
 from collectors.gitlog import GitCollector
+from collectors.tabby import TabbyCollector
 
 COLLECTORS: dict[str, Collector] = {
     "continue": ContinueCollector(),
+    "tabby": TabbyCollector(),
     "git": GitCollector(),
+    # The service's own inbox for Continue's HTTP `data:` destination (enabled by [continue_http]).
+    "continue_http": ContinueHttpCollector(),
 }

@@ -8,11 +8,11 @@ committed batch ended, and a crash inside one re-reads it (upserts on each event
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 EXCERPT_CHARS = 160
 
@@ -90,7 +90,75 @@ class Commit:
     files: tuple[FileChange, ...]
 
 
-RawEvent = Suggestion | Commit
+@dataclass(frozen=True)
+class EditOutcome:
+    """A rewrite of a region that the developer accepted or rejected (Continue editOutcome, nextEditOutcome)."""
+
+    key: str  # nextEditOutcome: completionId; editOutcome: sha1 of its content (see continue_dev.content_key)
+    source_kind: str  # "continue"
+    event_kind: str  # "editOutcome" | "nextEditOutcome"
+    decided_at: datetime  # UTC, naive
+    accepted: bool
+    filepath: str  # file URI
+    instruction: str | None  # editOutcome: the user's instruction; nextEdit: None
+    before_text: str | None  # editOutcome: previousCode; nextEdit: originalEditableRange (None at noCode level)
+    after_text: str | None  # editOutcome: newCode; nextEdit: completion
+    repo: str | None
+    model: str | None
+    user_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """A chat or tool event without an accept flag on code (chat feedback, chat/edit/tool interactions, quickEdit)."""
+
+    key: str  # toolCallId for toolUsage, else sha1 of the content
+    source_kind: str  # "continue"
+    event_kind: str  # "chatFeedback" | "chatInteraction" | "editInteraction" | "toolUsage" | "quickEdit"
+    occurred_at: datetime  # UTC, naive
+    filepath: str | None
+    model: str | None
+    session_id: str | None
+    prompt: str | None
+    completion: str | None
+    label: bool | None  # chatFeedback: thumbs up (True) / down (False); toolUsage: approved; else None
+    detail: dict[str, Any] | None  # the kind's other fields (tool name and arguments, diffs, rules, ...)
+    user_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TabbyCompletion:
+    """A completion the Tabby server generated; it becomes a suggestion once a `view` or `select` links to it."""
+
+    key: str  # completion_id ("cmpl-<uuid>")
+    created_at: datetime  # UTC, naive
+    language: str
+    filepath: str  # relative to the git root ("" before Tabby v0.12, which did not log it)
+    prefix: str | None  # raw editor text (None when the request used a raw prompt)
+    suffix: str | None
+    choices: tuple[str, ...]  # choices[i].text by index
+    repo: str | None
+    user_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TabbyAction:
+    """A view, select or dismiss of a Tabby completion."""
+
+    key: str  # sha1 of the event (identical lines are the same event)
+    completion_id: str
+    kind: str  # "view" | "select" | "dismiss"
+    at: datetime  # UTC, naive
+    choice_index: int
+    line_select: bool  # a select of kind "line" (accept-line or accept-word): a partial accept
+    user_ids: tuple[str, ...]
+
+
+RawEvent = Suggestion | Commit | EditOutcome | Interaction | TabbyCompletion | TabbyAction
+
+# Parses one complete line (without its newline) of a log stream: the events it holds (none for a line that
+# carries nothing to store) or the reason it was rejected.
+LineParser = Callable[[bytes], "tuple[RawEvent, ...] | str"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +194,10 @@ class Collector(Protocol):
 
     def collect(self, root: Path, stream: str, cursor: Cursor | None, limits: Limits) -> Iterator[Batch]:
         """Yield batches from `stream` after `cursor`; the last batch's cursor is where the next run starts."""
+        ...
+
+    def line_parser(self, root: Path, stream: str) -> LineParser | None:
+        """How one line of `stream` is parsed (for `devtune quarantine retry`); None for line-less sources."""
         ...
 
 

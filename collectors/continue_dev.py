@@ -1,12 +1,17 @@
-"""Continue.dev "dev data": `<root>/dev_data/<schema>/autocomplete.jsonl` (FORMATS.md §1.1-1.6).
+"""Continue.dev "dev data": `<root>/dev_data/<schema>/<eventName>.jsonl` (FORMATS.md §1.1-1.6).
 
 `root` is the folder that holds `dev_data/` (`~/.continue`, or `$CONTINUE_GLOBAL_DIR`). Continue writes
 each event with one `appendFileSync(JSON.stringify(event) + "\\n")`, so a line is either whole or, after a
 crash, cut short; it never rotates or truncates these files.
+
+`parse_event` turns one event object into typed records; the HTTP destination (collectors/continue_http.py)
+feeds the same function, so a POSTed event and a file line are parsed alike.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -14,30 +19,31 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from collectors.base import Batch, Cursor, Limits, RawEvent, Reject, Suggestion
-from collectors.jsonl import (
-    Oversized,
-    cursor_at,
-    decode_object,
-    iter_lines,
-    oversized_reject,
-    reject,
-    resume_offset,
-)
+import orjson
 
-# Newest first. 0.1.0 holds files migrated from the 2024 layout; the root-level file is the pre-2025
-# layout when the migration never ran. All three carry the same autocomplete fields.
-STREAMS = (
-    "dev_data/0.2.0/autocomplete.jsonl",
-    "dev_data/0.1.0/autocomplete.jsonl",
-    "dev_data/autocomplete.jsonl",
-)
+from collectors.base import Batch, Cursor, EditOutcome, Interaction, Limits, LineParser, RawEvent, Suggestion
+from collectors.jsonl import collect_lines, decode_object
+
+# Stream -> the event its lines hold. 0.2.0 is what Continue writes today; 0.1.0 holds files migrated from
+# the 2024 layout; root-level files are that layout when the migration never ran (FORMATS.md §1.1). Not
+# read: tokensGenerated (token counts only) and nextEditWithHistory (no accept signal).
+STREAMS: dict[str, str] = {
+    **{f"dev_data/0.2.0/{name}.jsonl": name for name in (
+        "autocomplete", "editOutcome", "nextEditOutcome", "chatFeedback", "chatInteraction", "editInteraction",
+        "toolUsage")},
+    "dev_data/0.1.0/autocomplete.jsonl": "autocomplete",
+    "dev_data/0.1.0/quickEdit.jsonl": "quickEdit",
+    "dev_data/0.1.0/chatFeedback.jsonl": "chatFeedback",
+    "dev_data/autocomplete.jsonl": "autocomplete",
+    "dev_data/chat.jsonl": "chatFeedback",
+    "dev_data/quickEdit.jsonl": "quickEdit",
+}
+EVENT_NAMES = frozenset(STREAMS.values())
 
 # Epoch-ms timestamps outside 2000-2100 are corrupt, not old (Continue was first released in 2023).
 MIN_TS_MS, MAX_TS_MS = 946_684_800_000, 4_102_444_800_000
 
 QWEN_REPO_SEPARATOR = "<|system_separator_istruction_repository_level|>"  # sic: Continue's spelling
-
 
 class ContinueCollector:
     kind = "continue"
@@ -46,44 +52,49 @@ class ContinueCollector:
         return [s for s in STREAMS if (root / s).is_file()]
 
     def collect(self, root: Path, stream: str, cursor: Cursor | None, limits: Limits) -> Iterator[Batch]:
-        path = root / stream
-        start, note = resume_offset(path, cursor)
-        # 0.1.0 lines carry no timestamp (the versioned 0.1.0 schema has no base fields): the file's mtime
-        # is the best bound we have, and it only ever errs towards "more recent".
-        fallback_ts = datetime.fromtimestamp(path.stat().st_mtime, UTC).replace(tzinfo=None)
-        events: list[RawEvent] = []
-        rejects: list[Reject] = []
-        end = start
-        for item in iter_lines(path, start, limits.max_line_bytes):
-            if isinstance(item, Oversized):
-                rejects.append(oversized_reject(stream, item, limits.max_line_bytes))
-            elif not item.raw.strip():
-                pass  # blank lines carry nothing; the cursor still moves past them
-            else:
-                parsed = parse_autocomplete(item.raw, fallback_ts)
-                if isinstance(parsed, str):
-                    rejects.append(reject(stream, item.offset, item.raw, item.end - item.offset, parsed))
-                else:
-                    events.append(parsed)
-            end = item.end
-            if len(events) + len(rejects) >= limits.batch_events:
-                yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note)
-                events, rejects, note = [], [], ""
-        if events or rejects or end != (cursor.offset if cursor else 0) or note:
-            yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note)
+        yield from collect_lines(root / stream, stream, cursor, limits, self.line_parser(root, stream))
+
+    def line_parser(self, root: Path, stream: str) -> LineParser:
+        name = STREAMS[stream]
+        # Legacy chat and quickEdit lines carry no timestamp: the file's mtime is the best bound we have,
+        # and it only ever errs towards "more recent".
+        fallback_ts = datetime.fromtimestamp((root / stream).stat().st_mtime, UTC).replace(tzinfo=None)
+
+        def parse(raw: bytes) -> tuple[RawEvent, ...] | str:
+            obj = decode_object(raw)
+            return obj if isinstance(obj, str) else parse_event(name, obj, fallback_ts)
+
+        return parse
 
 
-def parse_autocomplete(raw: bytes, fallback_ts: datetime) -> Suggestion | str:
-    """One autocomplete line as a `Suggestion`, or the reason it was rejected."""
-    obj = decode_object(raw)
-    if isinstance(obj, str):
-        return obj
+def parse_event(name: str, obj: dict[str, Any], fallback_ts: datetime,
+                level: str = "all") -> tuple[RawEvent, ...] | str:
+    """One Continue event object as typed records (none when it carries no label), or why it was rejected.
+
+    `level` is the `data:` destination's level: at "noCode" the code fields are absent by design.
+    """
+    if name == "autocomplete":
+        one: RawEvent | str = parse_autocomplete(obj, fallback_ts, level)
+    elif name in ("editOutcome", "nextEditOutcome"):
+        if name == "nextEditOutcome" and obj.get("aborted") is True:
+            return ()  # cancelled after display: no label (FORMATS.md §1.3)
+        one = parse_edit_outcome(name, obj, fallback_ts)
+    elif name in ("chatFeedback", "chatInteraction", "editInteraction", "toolUsage", "quickEdit"):
+        one = parse_interaction(name, obj, fallback_ts)
+    else:
+        return f"event {name!r} is not one devtune reads"
+    return one if isinstance(one, str) else (one,)
+
+
+def parse_autocomplete(obj: dict[str, Any], fallback_ts: datetime | None, level: str = "all") -> Suggestion | str:
+    """One autocomplete event as a `Suggestion`, or the reason it was rejected."""
+    code = level != "noCode"
     problems = [p for p in (
         _require(obj, "completionId", str),
         _require(obj, "accepted", bool),
-        _require(obj, "prefix", str),
-        _require(obj, "suffix", str),
-        _require(obj, "completion", str),
+        _require(obj, "prefix", str) if code else _optional(obj, "prefix", str),
+        _require(obj, "suffix", str) if code else _optional(obj, "suffix", str),
+        _require(obj, "completion", str) if code else _optional(obj, "completion", str),
         _require(obj, "filepath", str),
     ) if p]
     if problems:
@@ -94,7 +105,9 @@ def parse_autocomplete(raw: bytes, fallback_ts: datetime) -> Suggestion | str:
     if isinstance(shown_at, str):
         return shown_at
     model = _optional_str(obj, "modelName")
-    raw_prefix, how = recover_prefix(obj["prefix"], obj["filepath"], model or "", "template" in obj)
+    compiled = obj.get("prefix")
+    raw_prefix, how = (recover_prefix(compiled, obj["filepath"], model or "", "template" in obj)
+                       if compiled is not None else (None, "no_code"))
     repo = _optional_str(obj, "gitRepo")
     return Suggestion(
         key=obj["completionId"],
@@ -105,14 +118,105 @@ def parse_autocomplete(raw: bytes, fallback_ts: datetime) -> Suggestion | str:
         partial=False,  # Continue does not distinguish word/line accepts (FORMATS.md §1.4)
         filepath=obj["filepath"],
         prefix=raw_prefix,
-        prefix_compiled=obj["prefix"],
+        prefix_compiled=compiled,
         prefix_recovery=how,
-        suffix=obj["suffix"],
-        completion=obj["completion"],
+        suffix=obj.get("suffix"),
+        completion=obj.get("completion"),
         repo=normalize_repo(repo) if repo else None,
         model=model,
-        user_ids=tuple(u for u in (_optional_str(obj, "userId"), _optional_str(obj, "uniqueId")) if u),
+        user_ids=_user_ids(obj),
     )
+
+
+def parse_edit_outcome(name: str, obj: dict[str, Any], fallback_ts: datetime | None) -> EditOutcome | str:
+    """An editOutcome or a (not aborted) nextEditOutcome, or the reason it was rejected."""
+    next_edit = name == "nextEditOutcome"
+    texts = (("originalEditableRange", "completion") if next_edit else ("prompt", "previousCode", "newCode"))
+    problems = [p for p in (
+        _require(obj, "completionId", str) if next_edit else "",
+        _require(obj, "accepted", bool),
+        _optional(obj, "fileUri" if next_edit else "filepath", str),
+        _optional(obj, "gitRepo", str),
+        *(_optional(obj, t, str) for t in texts),
+    ) if p]
+    if problems:
+        return "; ".join(problems)
+    if next_edit and not obj["completionId"]:
+        return "field 'completionId' is empty"
+    decided_at = parse_timestamp(obj.get("timestamp"), fallback_ts)
+    if isinstance(decided_at, str):
+        return decided_at
+    repo = _optional_str(obj, "gitRepo")
+    return EditOutcome(
+        key=obj["completionId"] if next_edit else content_key(name, obj),
+        source_kind="continue",
+        event_kind=name,
+        decided_at=decided_at,
+        accepted=obj["accepted"],
+        filepath=obj.get("fileUri" if next_edit else "filepath") or "",
+        instruction=None if next_edit else obj.get("prompt"),
+        before_text=obj.get("originalEditableRange" if next_edit else "previousCode"),
+        after_text=obj.get("completion" if next_edit else "newCode"),
+        repo=normalize_repo(repo) if repo else None,
+        model=_optional_str(obj, "modelName") or _optional_str(obj, "modelTitle"),
+        user_ids=_user_ids(obj),
+    )
+
+
+# Per interaction kind: (optional string fields, optional boolean label field, fields kept as detail).
+_INTERACTIONS: dict[str, tuple[tuple[str, ...], str | None, tuple[str, ...]]] = {
+    "chatFeedback": (("prompt", "completion", "sessionId"), "feedback", ()),
+    "chatInteraction": (("prompt", "completion", "sessionId"), None, ("tools", "rules")),
+    "editInteraction": (("prompt", "completion", "filepath"), None, ()),
+    "toolUsage": (("toolCallId", "functionName", "toolCallArgs"), "accepted",
+                  ("functionName", "functionParams", "toolCallArgs", "succeeded", "output")),
+    "quickEdit": (("prompt", "path", "label"), None, ("label", "diffs")),
+}
+
+
+def parse_interaction(name: str, obj: dict[str, Any], fallback_ts: datetime | None) -> Interaction | str:
+    """A chat, edit or tool event (no code accept flag), or the reason it was rejected."""
+    strings, label_field, detail_fields = _INTERACTIONS[name]
+    problems = [p for p in (
+        *(_optional(obj, f, str) for f in strings),
+        _optional(obj, label_field, bool) if label_field else "",
+        _require(obj, "toolCallId", str) if name == "toolUsage" else "",
+    ) if p]
+    if problems:
+        return "; ".join(problems)
+    occurred_at = parse_timestamp(obj.get("timestamp"), fallback_ts)
+    if isinstance(occurred_at, str):
+        return occurred_at
+    detail = {f: obj[f] for f in detail_fields if f in obj}
+    return Interaction(
+        key=obj["toolCallId"] if name == "toolUsage" and obj["toolCallId"] else content_key(name, obj),
+        source_kind="continue",
+        event_kind=name,
+        occurred_at=occurred_at,
+        filepath=obj.get("filepath") or obj.get("path") or None,
+        model=_optional_str(obj, "modelName") or _optional_str(obj, "modelTitle") or _optional_str(obj, "model"),
+        session_id=_optional_str(obj, "sessionId"),
+        prompt=obj.get("prompt"),
+        completion=obj.get("completion"),
+        label=obj.get(label_field) if label_field else None,
+        detail=detail or None,
+        user_ids=_user_ids(obj),
+    )
+
+
+def content_key(name: str, obj: dict[str, Any]) -> str:
+    """A stable id for an event that has none: sha1 of its content with the timestamp left out.
+
+    Continue stamps the local file copy and each HTTP destination's copy separately (`addBaseValues` runs per
+    destination, core/data/log.ts), so one event's two copies can differ by a few ms in `timestamp` and in
+    nothing else. A copy sent at level noCode lacks the code fields and so gets a key of its own.
+    """
+    body = orjson.dumps({k: v for k, v in obj.items() if k != "timestamp"}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha1(name.encode() + b"\0" + body).hexdigest()
+
+
+def _user_ids(obj: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(u for u in (_optional_str(obj, "userId"), _optional_str(obj, "uniqueId")) if u)
 
 
 def _type_name(value: Any) -> str:
@@ -129,6 +233,13 @@ def _require(obj: dict[str, Any], key: str, typ: type) -> str:
         want = "boolean" if typ is bool else "string" if typ is str else typ.__name__
         return f"field '{key}' must be a {want}, got {_type_name(value)}"
     return ""
+
+
+def _optional(obj: dict[str, Any], key: str, typ: type) -> str:
+    """A problem when `key` is present with another type (null counts as absent)."""
+    if obj.get(key) is None:
+        return ""
+    return _require(obj, key, typ)
 
 
 def _optional_str(obj: dict[str, Any], key: str) -> str | None:
@@ -226,6 +337,7 @@ def _after_comment_header(compiled: str, filepath: str) -> str | None:
 _REPO = re.compile(r"(?:[:/])?([^/:\s]+)/([^/:\s]+?)(?:\.git)?/?$")
 
 
+@functools.lru_cache(maxsize=4096)  # a developer's events name a handful of repositories, over and over
 def normalize_repo(value: str) -> str:
     """Normalise a git remote or Continue `gitRepo` value to lower-case "owner/name"."""
     m = _REPO.search(value.strip())

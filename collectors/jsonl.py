@@ -9,13 +9,14 @@ write, so a missing newline means a write in progress, not garbage).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collectors.base import Cursor, Reject, excerpt
+import orjson
+
+from collectors.base import Batch, Cursor, Limits, LineParser, RawEvent, Reject, excerpt
 
 HEAD_BYTES = 4096  # the identity of a log file: its first 4 KiB (or all of it while it is shorter)
 CHUNK_BYTES = 1 << 20
@@ -107,15 +108,53 @@ def oversized_reject(stream: str, item: Oversized, max_line_bytes: int) -> Rejec
 def decode_object(raw: bytes) -> dict[str, Any] | str:
     """The line as a JSON object, or the reason it is not one."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"not UTF-8 (byte {e.start})"
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as u:
+            return f"not UTF-8 (byte {u.start})"
         return f"not JSON: {e.msg} at column {e.colno}"
-    except RecursionError:
-        return "not JSON: nested too deeply"
     if not isinstance(value, dict):
         return f"not a JSON object (got {type(value).__name__})"
     return value
+
+
+def collect_lines(path: Path, stream: str, cursor: Cursor | None, limits: Limits,
+                  parse: LineParser) -> Iterator[Batch]:
+    """Batches of what `parse` makes of each complete line after `cursor`: the loop every log collector shares."""
+    start, note = resume_offset(path, cursor)
+    events: list[RawEvent] = []
+    rejects: list[Reject] = []
+    end = start
+    for item in iter_lines(path, start, limits.max_line_bytes):
+        if isinstance(item, Oversized):
+            rejects.append(oversized_reject(stream, item, limits.max_line_bytes))
+        elif item.raw.strip():  # blank lines carry nothing; the cursor still moves past them
+            parsed = parse(item.raw)
+            if isinstance(parsed, str):
+                rejects.append(reject(stream, item.offset, item.raw, item.end - item.offset, parsed))
+            else:
+                events.extend(parsed)
+        end = item.end
+        if len(events) + len(rejects) >= limits.batch_events:
+            yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note)
+            events, rejects, note = [], [], ""
+    if events or rejects or end != (cursor.offset if cursor else 0) or note:
+        yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note)
+
+
+def read_line(path: Path, offset: int, length: int) -> bytes | str:
+    """The line of `length` bytes (newline included) at `offset`, without its newline, or why it is not there."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    if len(data) < length or not data.endswith(b"\n") or b"\n" in data[:-1]:
+        # A fix must keep the line's length (pad it with spaces: JSON allows them), or every saved cursor
+        # after it would point into the middle of a line.
+        return (f"{path} no longer holds a line of {length} bytes at offset {offset}: fix the line in place "
+                "keeping its length (pad with spaces), then retry")
+    return data[:-1]

@@ -4,11 +4,15 @@ While the service runs it owns the DuckDB file (one writer process per file; in 
 cannot even open it read-only), so CLI commands are forwarded here instead of opening the store. Every
 /api/ route needs the bearer token the service writes to <state_dir>/api.token (mode 0600): whoever can
 read that file may drive the service.
+
+Inbound routes (Continue's `data:` destination) have a token of their own, which lets a client post
+events and nothing else; the token and the body size are checked before the body is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -16,7 +20,8 @@ import secrets
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,23 +39,37 @@ class ApiError(Exception):
     """The service answered with an error, or could not be reached."""
 
 
-def ensure_token(state_dir: Path) -> str:
-    path = state_dir / "api.token"
+def ensure_token(path: Path) -> str:
+    """The token in `path`, created (random, mode 0600) when the file does not exist."""
     if path.is_file():
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        if token:
+            return token
+    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A POST route for events from outside (not the CLI): its own token, its own body limit."""
+
+    token: str
+    max_body_bytes: int
+    handle: Callable[[Mapping[str, str], bytes], tuple[int, Any]]  # (lower-cased headers, body) -> reply
 
 
 class ApiServer:
     """A threaded HTTP server dispatching (method, path) to plain functions that return (status, body)."""
 
     def __init__(self, host: str, port: int, token: str, routes: dict[tuple[str, str], Route],
-                 prefix_routes: dict[tuple[str, str], Callable[[str], tuple[int, Any]]]):
+                 prefix_routes: dict[tuple[str, str], Callable[[str], tuple[int, Any]]],
+                 inbound: dict[str, Inbound] | None = None):
         self.token = token
+        self.inbound = inbound or {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,7 +104,9 @@ class ApiServer:
         path = req.path.split("?", 1)[0]
         if path == "/healthz":
             return _reply(req, HTTPStatus.OK, {"ok": True})
-        if req.headers.get("Authorization", "") != f"Bearer {self.token}":
+        if path in self.inbound:
+            return _handle_inbound(req, method, self.inbound[path])
+        if not _bearer_ok(req, self.token):
             return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token (see api.token "
                                                                   "in the state directory)"})
         length = int(req.headers.get("Content-Length") or 0)
@@ -106,6 +127,48 @@ class ApiServer:
                 status, payload = handler(path[len(prefix):])
                 return _reply(req, status, payload)
         return _reply(req, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {path}"})
+
+
+def _bearer_ok(req: BaseHTTPRequestHandler, token: str) -> bool:
+    return hmac.compare_digest(req.headers.get("Authorization", "").encode(), f"Bearer {token}".encode())
+
+
+def _handle_inbound(req: BaseHTTPRequestHandler, method: str, route: Inbound) -> None:
+    if method != "POST":
+        return _reply(req, HTTPStatus.METHOD_NOT_ALLOWED, {"error": "POST events here"})
+    length_header = req.headers.get("Content-Length")
+    length = int(length_header) if length_header is not None and length_header.isdigit() else -1
+    if not _bearer_ok(req, route.token):
+        _discard(req, length)  # never parsed, never kept
+        return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token: set the data "
+                                                              "destination's apiKey to the service's token"})
+    if length < 0:
+        req.close_connection = True
+        return _reply(req, HTTPStatus.LENGTH_REQUIRED, {"error": "send a Content-Length"})
+    if length > route.max_body_bytes:
+        _discard(req, length)
+        return _reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                      {"error": f"body of {length} bytes is over the {route.max_body_bytes}-byte limit "
+                                "([continue_http] max_body_bytes)"})
+    headers = {k.lower(): v for k, v in req.headers.items()}
+    status, payload = route.handle(headers, req.rfile.read(length))
+    return _reply(req, status, payload)
+
+
+DISCARD_MAX_BYTES = 16 << 20
+
+
+def _discard(req: BaseHTTPRequestHandler, length: int) -> None:
+    """Read and drop a refused body, so that closing the socket does not reset it before the client has read
+    the answer (Linux sends RST when unread data remains); past 16 MiB, close instead of reading."""
+    if length < 0 or length > DISCARD_MAX_BYTES:
+        req.close_connection = True
+        return
+    while length > 0:
+        chunk = req.rfile.read(min(length, 1 << 16))
+        if not chunk:
+            break
+        length -= len(chunk)
 
 
 def _reply(req: BaseHTTPRequestHandler, status: int, payload: Any) -> None:

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -83,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (a stable contract)")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("quarantine", help="lines that could not be parsed: list, show, retry after a fix")
+    qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = qsub.add_parser("list", help="quarantined lines, newest first, with their ids")
+    q.add_argument("--source", help="only this source")
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quarantine)
+    q = qsub.add_parser("show", help="one line: source, file, offset, reason, the line as it reads now")
+    q.add_argument("id")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quarantine)
+    q = qsub.add_parser("retry", help="re-parse quarantined lines (after fixing the file or upgrading devtune)")
+    q.add_argument("id", nargs="?", help="one line's id (default: every quarantined line)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quarantine)
+
     p = sub.add_parser("run", help="run the service: schedules, file watching, local API (systemd runs this)")
     p.set_defaults(func=cmd_run)
 
@@ -116,10 +133,27 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"devtune: {target} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
     args.dir.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_config())
-    print(f"wrote {target}\nnext: add [[sources]] and [[teams]], set base_model, then run "
+    found = local_sources()
+    target.write_text(render_config(sources=[{k: v for k, v in s.items() if k != "why"} for s in found]))
+    print(f"wrote {target}")
+    for s in found:
+        print(f"  added [[sources]] kind = {s['kind']!r} path = {s['path']!r} ({s['why']})")
+    print("next: add [[sources]], [[developers]] and [[teams]], set base_model, then run "
           f"`devtune --config {target} collect`")
     return 0
+
+
+def local_sources() -> list[dict[str, str]]:
+    """This machine's IDE log folders, where tools put them by default: Continue's at $CONTINUE_GLOBAL_DIR
+    (else ~/.continue) when it holds dev_data/, Tabby's at $TABBY_ROOT (else ~/.tabby) when it holds events/."""
+    found = []
+    for kind, env, default, marker in (("continue", "CONTINUE_GLOBAL_DIR", "~/.continue", "dev_data"),
+                                       ("tabby", "TABBY_ROOT", "~/.tabby", "events")):
+        root = Path(os.environ.get(env) or default).expanduser()
+        if (root / marker).is_dir():
+            why = f"${env}" if os.environ.get(env) else f"the default {default}"
+            found.append({"kind": kind, "path": str(root.resolve()), "why": f"{marker}/ found at {why}"})
+    return found
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -289,12 +323,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     sug = report["suggestions"]
     print(f"state        {report['state_dir']}{'  (service running)' if client else ''}")
     print(f"suggestions  {sug['total']:,} (accepted {sug['accepted']:,}, rejected {sug['rejected']:,})")
+    for kind, n in sug.get("by_kind", {}).items():
+        print(f"  {kind:11s}{n['total']:,} (accepted {n['accepted']:,})")
+    for table in ("edit_outcomes", "interactions"):
+        if report.get(table, {}).get("total"):
+            kinds = ", ".join(f"{k} {v if isinstance(v, int) else v['total']:,}"
+                              for k, v in report[table]["by_kind"].items())
+            print(f"{table.replace('_', ' '):13s}{report[table]['total']:,} ({kinds})")
     print(f"commits      {report['commits']['total']:,}")
     print(f"quarantined  {report['quarantined']['total']:,}")
     if report["dropped"]:
         print("dropped      " + ", ".join(f"{k} {v:,}" for k, v in report["dropped"].items()))
     if report["scrubbed"]:
         print("scrubbed     " + ", ".join(f"{k} {v:,}" for k, v in report["scrubbed"].items()))
+    for u in report.get("unassigned", []):
+        print(f"unassigned   {u['identity']} ({u['source_kind']}: {u['suggestions']:,} suggestions, "
+              f"{u['commits']:,} commits): map it in [[developers]] or [[teams]]")
     for scope, s in report["served"].items():
         print(f"served       {scope} {s['version']}: held-out loss {s['heldout_loss']:.4f} "
               f"(base {s['base_heldout_loss']:.4f}) at {s['path']}")
@@ -304,6 +348,58 @@ def cmd_status(args: argparse.Namespace) -> int:
         detail = run["error"] or run["summary"].get("version") or ""
         print(f"run          {run['run_id']} {run['status']} ({run['stage']}) {detail}".rstrip())
     return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    client = ApiClient.discover(cfg.state_dir)
+    if args.action == "list":
+        if client is not None:
+            rows = client.call("POST", "/api/quarantine/list", {"source": args.source, "limit": args.limit})
+        else:
+            with local_store(cfg) as store:
+                rows = jobs.quarantine_list(store, args.source, args.limit)
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+        for r in [] if args.json else rows:
+            print(f"{r['id']}  {r['source']}  {r['stream']}@{r['offset']}  {r['reason']}\n"
+                  f"              {r['excerpt'][:100]!r}")
+        if not rows and not args.json:
+            print("nothing quarantined")
+        return 0
+    if args.action == "show":
+        if client is not None:
+            found = client.call("GET", f"/api/quarantine/{args.id}")  # a 404 is an ApiError naming the id
+        else:
+            with local_store(cfg) as store:
+                found = jobs.quarantine_show(store, cfg, args.id)
+        if found is None:
+            print(f"devtune: no quarantined line {args.id}; `devtune quarantine list` shows the ids", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(found, indent=2, default=str))
+            return 0
+        for k in ("id", "source", "file", "offset", "length", "reason", "quarantined_at", "excerpt"):
+            print(f"{k:15s}{found[k]}")
+        print(f"{'now':15s}{found['verdict']}")
+        if found["now"] is not None:
+            print(f"{'line now':15s}{found['now']}")
+        return 0
+    if client is not None:
+        result = client.call("POST", "/api/quarantine/retry", {"id": args.id})
+    else:
+        with local_store(cfg) as store:
+            result = jobs.quarantine_retry(store, cfg, args.id)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for r in result["results"]:
+            print(f"{r['id']}  {r['source']}  {r['stream']}@{r['offset']}  {r['outcome']}: {r['detail']}")
+        if not result["results"]:
+            print("nothing to retry" if args.id is None else f"no quarantined line {args.id}")
+        if result["error"]:
+            print(f"devtune: retry failed: {result['error']}", file=sys.stderr)
+    return 1 if result["error"] or any(r["outcome"] != "stored" for r in result["results"]) else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SOURCE_KINDS = ("continue", "git")
+SOURCE_KINDS = ("continue", "tabby", "git")
+HTTP_SOURCE = "continue-http"  # the source name of Continue's HTTP destination inbox ([continue_http])
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG_PATHS = ("config.toml", "/etc/devtune/config.toml")
@@ -37,10 +38,21 @@ def required(doc: str) -> Any:
 class SourceConfig:
     """One `[[sources]]` table: a folder of IDE logs or a git repository to harvest."""
 
-    kind: str = required('"continue" (path = the folder holding dev_data/) or "git" (path = a repository)')
+    kind: str = required('"continue" (path = the folder holding dev_data/), "tabby" (path = a Tabby root, the '
+                         'folder holding events/) or "git" (path = a repository)')
     path: Path = required("the folder to read; ~ and paths relative to this file work")
     name: str = key("", "stable id for cursors and status; default \"<kind>:<absolute path>\"")
-    developer: str = key("", "whose data a Continue folder holds (email or id); overrides the ids in the log")
+    developer: str = key("", "whose data the folder holds (email or id); overrides the ids in the log")
+
+
+@dataclass(frozen=True)
+class DeveloperConfig:
+    """One `[[developers]]` table: one person, and every identity their tools log for them."""
+
+    id: str = required("the developer's canonical id (e.g. an email): what suggestions.developer and "
+                       "commits.developer hold for everything below")
+    aliases: tuple[str, ...] = key((), "other identities of the same person: Continue uniqueId/userId, Tabby user "
+                                   "ids, other git author emails, X-Developer header values")
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,7 @@ class TeamConfig:
     """One `[[teams]]` table: who and which repositories belong to a team."""
 
     name: str = required("team name; adapters are served as team:<name>")
-    members: tuple[str, ...] = key((), "developer emails, Continue userId/uniqueId values, Tabby user ids")
+    members: tuple[str, ...] = key((), "developer ids ([[developers]] id or alias), emails, Continue or Tabby ids")
     repos: tuple[str, ...] = key((), "repositories as \"owner/name\" (or a git source's folder name)")
     cycle_cron: str = key("", "when this team's cycle runs (crontab); empty = [schedule] cycle_cron")
 
@@ -56,7 +68,7 @@ class TeamConfig:
 @dataclass(frozen=True)
 class CollectConfig:
     interval_s: float = key(300.0, "collect every source this often even when no file event arrives")
-    watch: bool = key(True, "watch Continue dev_data folders and collect soon after they change")
+    watch: bool = key(True, "watch log folders and git refs, and collect soon after they change")
     debounce_s: float = key(5.0, "after a file event, wait this long for more before collecting")
     batch_events: int = key(2000, "events per store transaction; the cursor is saved with each batch")
     max_line_bytes: int = key(1 << 20, "log lines longer than this are quarantined without being parsed")
@@ -65,6 +77,18 @@ class CollectConfig:
         (".env*", "*.pem", "*.key", "id_rsa*", "**/secrets/**"),
         "file globs whose content is never stored (matched against the path and its file name)")
     opt_out: tuple[str, ...] = key((), "developers (emails or ids) whose data is never stored")
+    # The top-level [[developers]] tables: collecting is where identities are mapped, so they travel with
+    # this section (filled in by parse_config, not written under [collect]).
+    developers: tuple[DeveloperConfig, ...] = field(default=(), metadata={"internal": True})
+
+
+@dataclass(frozen=True)
+class ContinueHttpConfig:
+    enabled: bool = key(False, "accept Continue's `data:` POSTs at http://<[api] host>:<[api] port>/continue/devdata")
+    token_file: str = key("", "file holding the bearer token Continue must send (its apiKey); empty = "
+                              "<state_dir>/continue.token, created (mode 0600) when the service starts")
+    max_body_bytes: int = key(1_000_000, "larger POST bodies are refused with 413 (at most [collect] "
+                                       "max_line_bytes - 512: an accepted event must fit one inbox line)")
 
 
 @dataclass(frozen=True)
@@ -147,8 +171,10 @@ class Config:
     default_team: str = key("default", "team of every developer and repository no [[teams]] entry names")
     log_level: str = key("info", "debug, info, warning or error")
     sources: tuple[SourceConfig, ...] = key((), "")
+    developers: tuple[DeveloperConfig, ...] = key((), "")
     teams: tuple[TeamConfig, ...] = key((), "")
     collect: CollectConfig = field(default_factory=CollectConfig)
+    continue_http: ContinueHttpConfig = field(default_factory=ContinueHttpConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -170,10 +196,11 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {
-    "collect": CollectConfig, "schedule": ScheduleConfig, "datasets": DatasetsConfig,
-    "train": TrainConfig, "evaluate": EvaluateConfig, "gate": GateConfig, "api": ApiConfig,
+    "collect": CollectConfig, "continue_http": ContinueHttpConfig, "schedule": ScheduleConfig,
+    "datasets": DatasetsConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "gate": GateConfig,
+    "api": ApiConfig,
 }
-ARRAYS: dict[str, type] = {"sources": SourceConfig, "teams": TeamConfig}
+ARRAYS: dict[str, type] = {"sources": SourceConfig, "developers": DeveloperConfig, "teams": TeamConfig}
 
 
 class ConfigError(Exception):
@@ -226,7 +253,22 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     errors.extend(_check(cfg))
     if errors:
         raise ConfigError(path, errors)
+    cfg = dataclasses.replace(cfg, collect=dataclasses.replace(cfg.collect, developers=cfg.developers))
+    if cfg.continue_http.enabled:
+        # The HTTP destination's inbox is collected like any folder of logs (collectors/continue_http.py).
+        inbox = SourceConfig(kind="continue_http", path=inbox_dir(cfg.state_dir), name=HTTP_SOURCE)
+        cfg = dataclasses.replace(cfg, sources=(*cfg.sources, inbox))
     return cfg
+
+
+def inbox_dir(state_dir: Path) -> Path:
+    """Where the service keeps the events Continue POSTs until they are collected."""
+    return state_dir / "inbox" / "continue"
+
+
+def http_token_file(cfg: Config) -> Path:
+    return resolve_path(cfg.continue_http.token_file, cfg.path.parent) if cfg.continue_http.token_file \
+        else cfg.state_dir / "continue.token"
 
 
 def _build(cls: type, table: dict[str, Any], where: str, base: Path, errors: list[str],
@@ -315,9 +357,21 @@ def _check(cfg: Config) -> list[str]:
         where = f"[[sources]] #{i + 1} "
         if s.kind and s.kind not in SOURCE_KINDS:
             errors.append(f"{where}kind = {_show(s.kind)}: use one of {', '.join(SOURCE_KINDS)}")
-        if s.name in seen:
-            errors.append(f"{where}name = {_show(s.name)}: two sources share it; give each a distinct name")
+        if s.name in seen or s.name == HTTP_SOURCE:
+            errors.append(f"{where}name = {_show(s.name)}: two sources share it; give each a distinct name"
+                          + (" (the HTTP destination's inbox is named so)" if s.name == HTTP_SOURCE else ""))
         seen.add(s.name)
+    ids: dict[str, str] = {}
+    for i, d in enumerate(cfg.developers):
+        where = f"[[developers]] #{i + 1} "
+        for identity in (d.id, *d.aliases):
+            owner = ids.get(identity.strip().lower())
+            if owner is not None and owner != d.id:
+                errors.append(f"{where}{identity!r} is also listed for developer {owner!r}: an identity can "
+                              "belong to one developer only")
+            ids[identity.strip().lower()] = d.id
+        if not d.id.strip():
+            errors.append(f"{where}id = \"\": give the developer an id, e.g. their email")
     teams: set[str] = set()
     for i, t in enumerate(cfg.teams):
         where = f"[[teams]] #{i + 1} "
@@ -373,6 +427,7 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("evaluate", "batch_size", 1, None), ("evaluate", "max_rows", 1, None),
     ("evaluate", "eval_timeout_s", 1, None), ("gate", "min_improvement", -1, 1),
     ("api", "port", 0, 65535), ("api", "lock_timeout_s", 0, None),
+    ("continue_http", "max_body_bytes", 1024, None),
 ]
 
 
@@ -384,6 +439,11 @@ def _check_ranges(cfg: Config) -> list[str]:
             bounds = f"at least {low}" if high is None else f"between {low} and {high}"
             default = next(f.default for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
             errors.append(f"[{section}] {name} = {value}: must be {bounds} (default {default})")
+    limit = cfg.collect.max_line_bytes - 512
+    if cfg.continue_http.enabled and cfg.continue_http.max_body_bytes > limit:
+        errors.append(f"[continue_http] max_body_bytes = {cfg.continue_http.max_body_bytes}: must be at most "
+                      f"[collect] max_line_bytes - 512 = {limit}, or an accepted event could not be read back; "
+                      "lower it or raise max_line_bytes")
     if cfg.train.device not in DEVICES:
         errors.append(f"[train] device = {_show(cfg.train.device)}: use one of {', '.join(DEVICES)}")
     return errors
@@ -420,8 +480,19 @@ EXAMPLES = {
         "# developer = \"alice@example.com\"\n"
         "#\n"
         "# [[sources]]\n"
+        "# kind = \"tabby\"\n"
+        "# path = \"/var/lib/tabby\"         # the Tabby server's root ($TABBY_ROOT, default ~/.tabby)\n"
+        "#\n"
+        "# [[sources]]\n"
         "# kind = \"git\"\n"
         "# path = \"/srv/git/payments\"\n"
+    ),
+    "developers": (
+        "# One [[developers]] table per person whose tools log several identities, for example:\n"
+        "#\n"
+        "# [[developers]]\n"
+        "# id = \"alice@example.com\"\n"
+        "# aliases = [\"alice@users.noreply.github.com\", \"3f9a...machine-id\", \"tabby-user-8a1b\"]\n"
     ),
     "teams": (
         "# One [[teams]] table per team; developers and repositories no team names go to default_team.\n"
@@ -465,12 +536,13 @@ def _render_keys(cls: type, prefix: str = "", overrides: dict[str, Any] | None =
 
 def render_config(overrides: dict[str, dict[str, Any]] | None = None,
                   sources: list[dict[str, Any]] | None = None,
-                  teams: list[dict[str, Any]] | None = None) -> str:
+                  teams: list[dict[str, Any]] | None = None,
+                  developers: list[dict[str, Any]] | None = None) -> str:
     """The commented config file: defaults, or `overrides` per section ("" = top level)."""
     overrides = overrides or {}
     out = [HEADER, *_render_keys(Config, overrides=overrides.get("")), ""]
     for name, cls in ARRAYS.items():
-        items = sources if name == "sources" else teams
+        items = {"sources": sources, "developers": developers, "teams": teams}[name]
         out.append(EXAMPLES[name].rstrip("\n"))
         out.append(f"# Keys of a [[{name}]] table:")
         out.extend(_render_keys(cls, prefix="#   "))

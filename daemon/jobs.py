@@ -57,3 +57,27 @@ def cycle(store: Store, cfg: Config, team: str) -> dict[str, Any]:
 
 def status(store: Store, cfg: Config) -> dict[str, Any]:
     return {**status_report(store, cfg.state_dir), "cycles_running": running_cycles()}
+
+
+# -- quarantine (issue 3) ------------------------------------------------------------------------------------
+
+def quarantine_list(store: Store, source: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    return store.quarantined(limit=limit, source=source)
+
+
+def quarantine_show(store: Store, cfg: Config, qid: str) -> dict[str, Any] | None:
+    from pipelines.ingest import inspect_quarantined
+
+    return inspect_quarantined(store, cfg.sources, cfg.collect, qid)
+
+
+def quarantine_retry(store: Store, cfg: Config, qid: str | None) -> dict[str, Any]:
+    """Re-parse one quarantined line (or all): those that parse now are stored and leave the quarantine."""
+    from dataclasses import asdict
+
+    from pipelines.ingest import retry_quarantined
+
+    directory = Directory.from_config(cfg.teams, cfg.default_team, cfg.collect.opt_out, cfg.developers)
+    outcome = run_job("quarantine-retry",
+                      lambda: retry_quarantined(store, cfg.sources, cfg.collect, directory, qid))
+    return {"results": [asdict(r) for r in outcome.value or []], "error": outcome.error}

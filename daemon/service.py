@@ -13,16 +13,18 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from collectors.continue_http import append_to_inbox, check_body, wanted
 from daemon import jobs
-from daemon.api import ApiServer, ensure_token, remove_service_file, write_service_file
-from daemon.config import Config
+from daemon.api import ApiServer, Inbound, ensure_token, remove_service_file, write_service_file
+from daemon.config import HTTP_SOURCE, Config, http_token_file, inbox_dir
 from daemon.notify import notify
 from daemon.watch import Debouncer, start_watching
 from pipelines import child
@@ -52,9 +54,9 @@ def run_service(cfg: Config) -> int:
             log.warning("cycle team=%s run=%s: %s", team, result["run_id"], result["error"])
 
     scheduler = _scheduler(cfg, collect_now, cycle_now)
-    api = ApiServer(cfg.api.host, cfg.api.port, ensure_token(cfg.state_dir),
-                    *_routes(cfg, store, collect_now)).start()
     debouncer = Debouncer(cfg.collect.debounce_s, collect_now)
+    api = ApiServer(cfg.api.host, cfg.api.port, ensure_token(cfg.state_dir / "api.token"),
+                    *_routes(cfg, store, collect_now), inbound=_inbound(cfg, debouncer.trigger)).start()
     observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
     scheduler.start()
     write_service_file(cfg.state_dir, api.url)
@@ -125,8 +127,50 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
         found = store.cursor().run(run_id)
         return (HTTPStatus.OK, found) if found else (HTTPStatus.NOT_FOUND, {"error": f"no run {run_id}"})
 
-    routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle}
-    return routes, {("GET", "/api/runs/"): run}
+    def quarantine_list(body: dict[str, Any]) -> tuple[int, Any]:
+        return HTTPStatus.OK, jobs.quarantine_list(store.cursor(), body.get("source"), int(body.get("limit", 50)))
+
+    def quarantine_show(qid: str) -> tuple[int, Any]:
+        found = jobs.quarantine_show(store.cursor(), cfg, qid)
+        return (HTTPStatus.OK, found) if found else (HTTPStatus.NOT_FOUND, {"error": f"no quarantined line {qid}"})
+
+    def quarantine_retry(body: dict[str, Any]) -> tuple[int, Any]:
+        return HTTPStatus.OK, jobs.quarantine_retry(store.cursor(), cfg, body.get("id"))
+
+    routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle,
+              ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry}
+    return routes, {("GET", "/api/runs/"): run, ("GET", "/api/quarantine/"): quarantine_show}
+
+
+def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbound]:
+    """Continue's HTTP `data:` destination: append each event durably to the inbox, then answer."""
+    if not cfg.continue_http.enabled:
+        return {}
+    inbox = inbox_dir(cfg.state_dir)
+    inbox.mkdir(parents=True, exist_ok=True)
+    token_path = http_token_file(cfg)
+    token = ensure_token(token_path)
+    log.info("continue http destination on: POST /continue/devdata with the token in %s", token_path)
+
+    def devdata(headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+        body = check_body(raw)
+        if isinstance(body, str):
+            log.warning("continue http destination: refused a body: %s", body)
+            return HTTPStatus.BAD_REQUEST, {"error": body}
+        if not wanted(body):
+            return HTTPStatus.OK, {"stored": False, "reason": f"devtune does not keep {body['name']} events"}
+        # Continue never retries, so the answer waits for the fsync: a crash after it loses nothing.
+        try:
+            append_to_inbox(inbox, body, headers.get("x-developer", "").strip(),
+                            datetime.now(UTC).replace(tzinfo=None))
+        except OSError as e:
+            log.error("continue http destination: cannot write to %s (%s): free space or fix its permissions; "
+                      "events are refused with 503 meanwhile", inbox, e.strerror)
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": f"the devtune inbox is not writable: {e.strerror}"}
+        collect_soon(HTTP_SOURCE)
+        return HTTPStatus.OK, {"stored": True}
+
+    return {"/continue/devdata": Inbound(token, cfg.continue_http.max_body_bytes, devdata)}
 
 
 def _wait_for_jobs(scheduler: BackgroundScheduler, timeout_s: float) -> None:

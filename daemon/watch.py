@@ -1,4 +1,5 @@
-"""File events that trigger a collect: Continue dev_data folders and git refs, debounced per source.
+"""File events that trigger a collect: Continue dev_data and Tabby events folders and git refs, debounced per
+source.
 
 Continue appends one line per event, often several a second while someone types; collecting on each
 write would re-open the store dozens of times a minute. A per-source timer restarted by every event
@@ -65,11 +66,32 @@ def watch_paths(source: SourceConfig) -> list[tuple[Path, bool, tuple[str, ...]]
     """(folder, recursive, file suffixes that matter) to watch for one source."""
     if source.kind == "continue":
         return [(source.path / "dev_data", True, (".jsonl",))]
+    if source.kind == "tabby":
+        # A new day file is a "created" event in this folder, so it is picked up like an append.
+        return [(source.path / "events", False, (".json",))]
     if source.kind == "git":
-        git_dir = source.path / ".git"
-        # HEAD and packed-refs live in .git itself; branch tips under .git/refs.
-        return [(git_dir, False, ("HEAD", "packed-refs")), (git_dir / "refs", True, ())]
-    return []
+        git_dir, common_dir = git_dirs(source.path)
+        # HEAD lives in the (worktree's) git dir; branch tips under refs/ and in packed-refs in the common dir.
+        if git_dir == common_dir:
+            return [(git_dir, False, ("HEAD", "packed-refs")), (git_dir / "refs", True, ())]
+        return [(git_dir, False, ("HEAD",)), (common_dir, False, ("packed-refs",)), (common_dir / "refs", True, ())]
+    return []  # continue_http: the route that appends to the inbox asks for a collect itself
+
+
+def git_dirs(path: Path) -> tuple[Path, Path]:
+    """A repository's git dir and common dir: `.git` itself, a linked worktree's, or a bare repository."""
+    dot_git = path / ".git"
+    if dot_git.is_file():  # a linked worktree or submodule: "gitdir: <path>"
+        text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
+        git_dir = (path / text.removeprefix("gitdir:").strip()).resolve()
+    elif dot_git.is_dir():
+        git_dir = dot_git
+    else:
+        git_dir = path  # bare
+    common = git_dir / "commondir"
+    if common.is_file():
+        return git_dir, (git_dir / common.read_text(encoding="utf-8").strip()).resolve()
+    return git_dir, git_dir
 
 
 def start_watching(sources: tuple[SourceConfig, ...], debouncer: Debouncer) -> Observer:

@@ -1,26 +1,46 @@
 """Collect every source into the store: identity, privacy and scrubbing happen here, before storage.
 
-For each event: drop it if its developer opted out or its file matches an exclude glob (counted by reason,
-never stored); map its identities to a developer and a team; scrub every text field; then store the batch
-and its cursor in one transaction. Running it twice over the same data stores nothing the second time.
+For each event: map the identities its writer logged to a developer (through `[[developers]]`) and a team;
+drop it if that developer opted out or its file matches an exclude glob (counted by reason, never stored);
+scrub every text field; then store the batch and its cursor in one transaction. Running it twice over the
+same data stores nothing the second time, and every counter is a keyed row, so replays count nothing twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import logging
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import orjson
+
 from collectors import COLLECTORS
-from collectors.base import Batch, Commit, Limits, Suggestion
+from collectors.base import (
+    Batch,
+    Commit,
+    Cursor,
+    EditOutcome,
+    Interaction,
+    Limits,
+    RawEvent,
+    Suggestion,
+    TabbyAction,
+    TabbyCompletion,
+)
 from collectors.continue_dev import language_of, normalize_repo
 from collectors.gitlog import count_commits, remote_name
-from daemon.config import CollectConfig, SourceConfig, TeamConfig
+from collectors.jsonl import read_line
+from daemon.config import CollectConfig, DeveloperConfig, SourceConfig, TeamConfig
 from pipelines.progress import Progress
-from pipelines.scrub import is_excluded, scrub
-from pipelines.store import Rows, Store, now
+from pipelines.scrub import is_excluded, scrub, scrub_fields, scrub_json
+from pipelines.store import Applied, Rows, Store, now
 
 log = logging.getLogger("devtune.ingest")
 
@@ -28,27 +48,72 @@ UNKNOWN_DEVELOPER = "unknown"
 
 # A timer, a file event and a cycle can all ask for a collect at once inside the service; serialising them
 # keeps two threads from reading one stream from the same cursor (their upserts would agree, but the work
-# would be done twice and the drop counters double-counted).
+# would be done twice).
 _collect_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
-class Directory:
-    """Who is who: identities to developers and teams, and who opted out."""
+class Identity:
+    developer: str  # the canonical id when the config knows the identity, else the raw identity
+    mapped: bool  # the config named it ([[developers]], [[teams]] members, a source's developer)
+    raw: str  # the identity that decided it ("" when the writer logged none)
 
-    member_team: dict[str, str]  # lower-cased identity -> team
-    repo_team: dict[str, str]  # normalised "owner/name" -> team
+
+@dataclass(frozen=True)
+class Directory:
+    """Who is who: identities to canonical developers and teams, and who opted out."""
+
+    teams: tuple[TeamConfig, ...]
     default_team: str
-    opt_out: frozenset[str]
+    opt_out_ids: tuple[str, ...]
+    developers: tuple[DeveloperConfig, ...] = ()
 
     @classmethod
-    def from_config(cls, teams: tuple[TeamConfig, ...], default_team: str, opt_out: tuple[str, ...]) -> Directory:
-        return cls(
-            member_team={m.strip().lower(): t.name for t in teams for m in t.members},
-            repo_team={normalize_repo(r): t.name for t in teams for r in t.repos},
-            default_team=default_team,
-            opt_out=frozenset(o.strip().lower() for o in opt_out),
-        )
+    def from_config(cls, teams: tuple[TeamConfig, ...], default_team: str, opt_out: tuple[str, ...],
+                    developers: tuple[DeveloperConfig, ...] = ()) -> Directory:
+        return cls(teams, default_team, tuple(opt_out), tuple(developers))
+
+    def with_developers(self, developers: tuple[DeveloperConfig, ...]) -> Directory:
+        return dataclasses.replace(self, developers=developers) if developers != self.developers else self
+
+    @functools.cached_property
+    def canonical(self) -> dict[str, str]:
+        """Lower-cased identity ([[developers]] ids and aliases, team members) -> canonical developer id."""
+        found: dict[str, str] = {}
+        for d in self.developers:
+            for identity in (d.id, *d.aliases):
+                found[identity.strip().lower()] = d.id.strip()
+        for t in self.teams:
+            for m in t.members:
+                found.setdefault(m.strip().lower(), m.strip())
+        return found
+
+    @functools.cached_property
+    def member_team(self) -> dict[str, str]:
+        """Lower-cased canonical id -> team."""
+        return {self.canonical[m.strip().lower()].lower(): t.name for t in self.teams for m in t.members}
+
+    @functools.cached_property
+    def repo_team(self) -> dict[str, str]:
+        return {normalize_repo(r): t.name for t in self.teams for r in t.repos}
+
+    @functools.cached_property
+    def opt_out(self) -> frozenset[str]:
+        """Lower-cased opted-out identities and the canonical ids they map to."""
+        raw = {o.strip().lower() for o in self.opt_out_ids}
+        return frozenset(raw | {self.canonical.get(o, o).lower() for o in raw})
+
+    def resolve(self, configured: str, logged: tuple[str, ...]) -> Identity:
+        """The developer behind an event: a source's configured owner first, else the first logged identity
+        the config knows, else the first logged one as it is."""
+        if configured:
+            return Identity(self.canonical.get(configured.lower(), configured), True, configured)
+        for identity in logged:
+            found = self.canonical.get(identity.lower())
+            if found is not None:
+                return Identity(found, True, identity)
+        first = next((i for i in logged if i), "")
+        return Identity(first or UNKNOWN_DEVELOPER, False, first or UNKNOWN_DEVELOPER)
 
     def team(self, developer: str, repo: str | None) -> str:
         """The developer's team, else the repository's, else the default team."""
@@ -65,7 +130,7 @@ class Directory:
 @dataclass
 class SourceReport:
     source: str
-    stored: Counter[str] = field(default_factory=Counter)  # suggestions, commits, quarantined
+    stored: Counter[str] = field(default_factory=Counter)  # suggestions, commits, quarantined, ...
     seen: int = 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -78,6 +143,7 @@ class SourceReport:
 def collect_all(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig,
                 directory: Directory) -> list[SourceReport]:
     """Collect every configured source."""
+    directory = directory.with_developers(cfg.developers)
     return [collect_source(store, s, cfg, directory) for s in sources]
 
 
@@ -87,110 +153,275 @@ def collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, direc
         return _collect_source(store, source, cfg, directory)
 
 
+def limits_of(cfg: CollectConfig) -> Limits:
+    return Limits(batch_events=cfg.batch_events, max_line_bytes=cfg.max_line_bytes,
+                  max_file_bytes=cfg.max_file_bytes)
+
+
 def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, directory: Directory) -> SourceReport:
     name = source.name
     collector = COLLECTORS[source.kind]
-    limits = Limits(batch_events=cfg.batch_events, max_line_bytes=cfg.max_line_bytes,
-                    max_file_bytes=cfg.max_file_bytes)
+    limits = limits_of(cfg)
     report = SourceReport(source=name)
     root = source.path
     if not root.exists():
         report.notes.append(f"{root} does not exist yet: nothing to collect")
-        log.warning("source %s: %s does not exist yet; nothing collected", name, root)
+        log.warning("source=%s: %s does not exist yet; nothing collected", name, root)
         return report
     repo = remote_name(root) if source.kind == "git" else None
     for stream in collector.streams(root):
         cursor = store.load_cursor(name, stream)
-        total = count_commits(root, cursor) if source.kind == "git" else None
-        unit = "commits" if source.kind == "git" else "lines"
-        progress = Progress(log, f"collect {name} {stream}", total, unit)
+        if source.kind == "git":
+            # Progress in commits for a repository, in bytes for a log file: both give a rate and an ETA.
+            progress = Progress(log, f"collect source={name} stream={stream}", count_commits(root, cursor),
+                                "commits")
+        else:
+            if cursor is None:
+                log.info("source=%s: new file %s", name, stream)
+            done = cursor.offset if cursor else 0
+            progress = Progress(log, f"collect source={name} stream={stream}",
+                                max(0, (root / stream).stat().st_size - done), "bytes")
         for batch in collector.collect(root, stream, cursor, limits):
             if batch.note:
-                log.warning("source %s stream %s: %s", name, stream, batch.note)
+                log.warning("source=%s stream=%s: %s", name, stream, batch.note)
                 report.notes.append(f"{stream}: {batch.note}")
             rows = to_rows(batch, source, repo, cfg, directory)
-            applied = store.apply_batch(name, rows, batch.cursor)
-            report.seen += len(batch.events) + len(batch.rejects)
-            report.stored["suggestions"] += applied.suggestions
-            report.stored["commits"] += applied.commits
-            report.stored["quarantined"] += applied.rejects
-            progress.advance(len(batch.events) + len(batch.rejects))
+            _account(report, store.apply_batch(name, rows, batch.cursor), len(batch.events) + len(batch.rejects))
+            if source.kind == "git":
+                progress.advance(len(batch.events))
+            else:
+                progress.advance(max(0, batch.cursor.offset - done))
+                done = batch.cursor.offset
         report.seconds += progress.finish()
     return report
 
 
+def _account(report: SourceReport, applied: Applied, n: int) -> None:
+    report.seen += n
+    report.stored["suggestions"] += applied.suggestions
+    report.stored["commits"] += applied.commits
+    report.stored["quarantined"] += applied.rejects
+    report.stored["edit_outcomes"] += applied.edits
+    report.stored["interactions"] += applied.interactions
+
+
 def to_rows(batch: Batch, source: SourceConfig, repo: str | None, cfg: CollectConfig,
             directory: Directory) -> Rows:
-    """Apply privacy rules and scrubbing to a batch and lay it out for the store."""
-    source_name = source.name
-    rows = Rows([], [], [], [], [], Counter(), Counter())
-    scrubs: Counter[str] = Counter()
+    """Apply identity, privacy rules and scrubbing to a batch and lay it out for the store."""
+    rows = Rows()
     ingested = now()
     for event in batch.events:
-        if isinstance(event, Suggestion):
-            _suggestion_row(event, rows, source_name, source, cfg, directory, scrubs, ingested)
-        elif isinstance(event, Commit):
-            _commit_rows(event, rows, source_name, repo or "", cfg, directory, scrubs, ingested)
+        _event_rows(event, rows, source, repo, cfg, directory, ingested)
     for r in batch.rejects:
-        rows.rejects.append({
-            "source": source_name, "stream": r.stream, "offset": r.offset, "length": r.length,
+        scrubs: Counter[str] = Counter()
+        rows.add("quarantine", {
+            "source": source.name, "stream": r.stream, "offset": r.offset, "length": r.length,
             "line_sha1": r.line_sha1, "reason": r.reason, "excerpt": scrub(r.excerpt, scrubs),
             "quarantined_at": ingested,
         })
-    rows.scrubs = dict(scrubs)
+        _scrubbed(rows, "quarantine", f"{r.stream}/{r.offset}/{r.line_sha1}", scrubs)
     return rows
 
 
-def _suggestion_row(s: Suggestion, rows: Rows, source_name: str, source: SourceConfig, cfg: CollectConfig,
-                    directory: Directory, scrubs: Counter[str], ingested: Any) -> None:
-    # The source's configured owner beats the ids in the log: Continue's userId is usually "" and its
-    # uniqueId is a machine id, not a person (FORMATS.md §1.2).
-    developer = source.developer or next(iter(s.user_ids), UNKNOWN_DEVELOPER)
-    if directory.opted_out(developer, *s.user_ids):
-        rows.drops["opted_out"] += 1
+def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | None, cfg: CollectConfig,
+                directory: Directory, ingested: datetime) -> None:
+    if isinstance(event, Commit):
+        _commit_rows(event, rows, source.name, repo or "", cfg, directory, ingested)
         return
-    if is_excluded(s.filepath, cfg.exclude_paths):
-        rows.drops["excluded_path"] += 1
+    if isinstance(event, TabbyAction):
+        # An action holds ids and times only; it is dropped with its developer, and links to nothing when
+        # its completion was dropped for its path.
+        who = directory.resolve(source.developer, event.user_ids)
+        if directory.opted_out(who.developer, *event.user_ids):
+            _dropped(rows, source.name, "opted_out", event.key)
+            return
+        rows.add("tabby_actions", {"id": event.key, "completion_id": event.completion_id, "source": source.name,
+                                   "kind": event.kind, "acted_at": event.at, "choice_index": event.choice_index,
+                                   "line_select": event.line_select})
+        rows.tabby_touched.add(event.completion_id)
         return
-    rows.suggestions.append({
-        "id": s.key, "source": source_name, "source_kind": s.source_kind, "event_kind": s.event_kind,
-        "shown_at": s.shown_at, "developer": developer, "team": directory.team(developer, s.repo),
-        "repo": s.repo, "filepath": s.filepath, "language": language_of(s.filepath), "accepted": s.accepted,
-        "partial": s.partial, "prefix": _scrub(s.prefix, scrubs), "prefix_compiled": _scrub(s.prefix_compiled, scrubs),
-        "prefix_recovery": s.prefix_recovery, "suffix": _scrub(s.suffix, scrubs),
-        "completion": _scrub(s.completion, scrubs), "model": s.model, "ingested_at": ingested,
-    })
+    who = directory.resolve(source.developer, event.user_ids)
+    if directory.opted_out(who.developer, *event.user_ids):
+        _dropped(rows, source.name, "opted_out", event.key)
+        return
+    filepath = event.filepath
+    if filepath and is_excluded(filepath, cfg.exclude_paths):
+        _dropped(rows, source.name, "excluded_path", event.key)
+        return
+    repo_of_event = getattr(event, "repo", None)
+    team = directory.team(who.developer, repo_of_event)
+    _identity(rows, who, event.source_kind if not isinstance(event, TabbyCompletion) else "tabby")
+    scrubs: Counter[str] = Counter()
+    if isinstance(event, Suggestion):
+        prefix, compiled, suffix, completion = _scrub_prefixes(event, scrubs)
+        rows.add("suggestions", {
+            "id": event.key, "source": source.name, "source_kind": event.source_kind, "event_kind": event.event_kind,
+            "shown_at": event.shown_at, "developer": who.developer, "team": team, "repo": event.repo,
+            "filepath": event.filepath, "language": language_of(event.filepath), "accepted": event.accepted,
+            "partial": event.partial, "prefix": prefix, "prefix_compiled": compiled,
+            "prefix_recovery": event.prefix_recovery, "suffix": suffix, "completion": completion,
+            "model": event.model, "ingested_at": ingested,
+        })
+        _scrubbed(rows, "suggestions", event.key, scrubs)
+    elif isinstance(event, EditOutcome):
+        instruction, before, after = scrub_fields([event.instruction, event.before_text, event.after_text], scrubs)
+        rows.add("edit_outcomes", {
+            "id": event.key, "source": source.name, "source_kind": event.source_kind, "event_kind": event.event_kind,
+            "decided_at": event.decided_at, "developer": who.developer, "team": team, "repo": event.repo,
+            "filepath": event.filepath, "accepted": event.accepted, "instruction": instruction,
+            "before_text": before, "after_text": after, "model": event.model, "ingested_at": ingested,
+        })
+        _scrubbed(rows, "edit_outcomes", event.key, scrubs)
+    elif isinstance(event, Interaction):
+        prompt, completion = scrub_fields([event.prompt, event.completion], scrubs)
+        detail = orjson.dumps(scrub_json(event.detail, scrubs)).decode() if event.detail is not None else None
+        rows.add("interactions", {
+            "id": event.key, "source": source.name, "source_kind": event.source_kind, "event_kind": event.event_kind,
+            "occurred_at": event.occurred_at, "developer": who.developer, "team": team, "filepath": event.filepath,
+            "model": event.model, "session_id": event.session_id, "prompt": prompt, "completion": completion,
+            "label": event.label, "detail": detail, "ingested_at": ingested,
+        })
+        _scrubbed(rows, "interactions", event.key, scrubs)
+    elif isinstance(event, TabbyCompletion):
+        prefix, suffix, *choices = scrub_fields([event.prefix, event.suffix, *event.choices], scrubs)
+        rows.add("tabby_completions", {
+            "id": event.key, "source": source.name, "created_at": event.created_at, "developer": who.developer,
+            "team": team, "repo": event.repo, "filepath": event.filepath, "language": event.language,
+            "prefix": prefix, "suffix": suffix, "choices": [c or "" for c in choices], "ingested_at": ingested,
+        })
+        rows.tabby_touched.add(event.key)
+        _scrubbed(rows, "tabby_completions", event.key, scrubs)
+
+
+def _scrub_prefixes(s: Suggestion, scrubs: Counter[str]) -> tuple[str | None, ...]:
+    """The four texts of a suggestion, scrubbed; the compiled prefix is scrubbed once when it ends with the
+    raw one (always, when recovered: the header before it is scrubbed on its own)."""
+    prefix, compiled = s.prefix, s.prefix_compiled
+    if prefix is not None and compiled is not None and compiled.endswith(prefix):
+        # Template headers end at a line break or a special token, so no secret spans the seam.
+        header = compiled[: len(compiled) - len(prefix)]
+        header_s, prefix_s, suffix_s, completion_s = scrub_fields([header, prefix, s.suffix, s.completion], scrubs)
+        return prefix_s, (header_s or "") + (prefix_s or ""), suffix_s, completion_s
+    return tuple(scrub_fields([prefix, compiled, s.suffix, s.completion], scrubs))
 
 
 def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: CollectConfig, directory: Directory,
-                 scrubs: Counter[str], ingested: Any) -> None:
-    opted_out = directory.opted_out(c.author_email)
-    developer = "" if opted_out else c.author_email or UNKNOWN_DEVELOPER
-    rows.commits.append({
+                 ingested: datetime) -> None:
+    who = directory.resolve("", (c.author_email,))
+    opted_out = directory.opted_out(who.developer, c.author_email)
+    scrubs: Counter[str] = Counter()
+    rows.add("commits", {
         "sha": c.sha, "repo": repo, "source": source_name, "parents": list(c.parents),
         # An opted-out author's commit keeps only its sha, parents and time, so history counts stay
         # whole; no name, email, message or file of theirs is stored.
         "author_name": None if opted_out else c.author_name,
         "author_email": None if opted_out else c.author_email,
-        "developer": developer, "team": "" if opted_out else directory.team(developer, repo),
+        "developer": "" if opted_out else who.developer,
+        "team": "" if opted_out else directory.team(who.developer, repo),
         "authored_at": c.authored_at, "committed_at": c.committed_at,
         "message": None if opted_out else scrub(c.message, scrubs), "opted_out": opted_out,
         "ingested_at": ingested,
     })
+    _scrubbed(rows, "commits", c.sha, scrubs)
     if opted_out:
-        rows.drops["opted_out_commit"] += 1
+        _dropped(rows, source_name, "opted_out_commit", c.sha)
         return
+    _identity(rows, who, "git")
     for f in c.files:
         if is_excluded(f.path, cfg.exclude_paths):
-            rows.drops["excluded_path"] += 1
+            _dropped(rows, source_name, "excluded_path", f"{c.sha}:{f.path}")
             continue
         keep_blob = f.content is not None
-        rows.files.append({"sha": c.sha, "path": f.path, "status": f.status,
-                           "blob": f.blob if keep_blob else None,
-                           "added": [list(r) for r in f.added], "diff": scrub(f.diff, scrubs)})
+        scrubs = Counter()
+        rows.add("commit_files", {"sha": c.sha, "path": f.path, "status": f.status,
+                                  "blob": f.blob if keep_blob else None,
+                                  "added": [list(r) for r in f.added], "diff": scrub(f.diff, scrubs)})
+        _scrubbed(rows, "commit_files", f"{c.sha}:{f.path}", scrubs)
         if keep_blob:
-            rows.blobs.append({"blob": f.blob, "content": scrub(f.content or "", scrubs)})
+            scrubs = Counter()
+            rows.add("blobs", {"blob": f.blob, "content": scrub(f.content or "", scrubs)})
+            _scrubbed(rows, "blobs", f.blob, scrubs)
 
 
-def _scrub(text: str | None, scrubs: Counter[str]) -> str | None:
-    return None if text is None else scrub(text, scrubs)
+def _dropped(rows: Rows, source: str, reason: str, key: str) -> None:
+    # The key is hashed: a count needs no more, and a dropped event's id says nothing about it.
+    rows.add("drops", {"source": source, "reason": reason, "key": hashlib.sha1(key.encode()).hexdigest()})
+
+
+def _scrubbed(rows: Rows, target: str, key: str, scrubs: Counter[str]) -> None:
+    for kind, n in scrubs.items():
+        rows.add("scrubs", {"target": target, "key": key, "kind": kind, "count": n})
+
+
+def _identity(rows: Rows, who: Identity, source_kind: str) -> None:
+    rows.add("identities", {"identity": who.raw, "source_kind": source_kind, "developer": who.developer,
+                            "mapped": who.mapped})
+
+
+# -- quarantine retry ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetryResult:
+    id: str
+    source: str
+    stream: str
+    offset: int
+    outcome: str  # "stored" | "still quarantined" | "skipped"
+    detail: str
+
+
+def retry_quarantined(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig, directory: Directory,
+                      qid: str | None = None) -> list[RetryResult]:
+    """Re-read and re-parse quarantined lines (one by id, or all): a line that parses now is stored (with
+    identity, privacy and scrubbing, as in a collect) and leaves the quarantine, in one transaction."""
+    with _collect_lock:
+        return list(_retry(store, sources, cfg, directory.with_developers(cfg.developers), qid))
+
+
+def _retry(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig, directory: Directory,
+           qid: str | None) -> Iterator[RetryResult]:
+    by_name = {s.name: s for s in sources}
+    for row in store.quarantined(limit=1_000_000, qid=qid):
+        where = (row["id"], row["source"], row["stream"], row["offset"])
+        source = by_name.get(row["source"])
+        if source is None:
+            yield RetryResult(*where, "skipped", f"source {row['source']!r} is no longer configured")
+            continue
+        parser = COLLECTORS[source.kind].line_parser(source.path, row["stream"])
+        if parser is None or row["length"] - 1 > cfg.max_line_bytes:
+            yield RetryResult(*where, "skipped", "this line cannot be re-parsed (over the line limit, or not a log)")
+            continue
+        raw = read_line(source.path / row["stream"], row["offset"], row["length"])
+        parsed = parser(raw) if isinstance(raw, bytes) else raw
+        if isinstance(parsed, str):
+            store.requarantine(row, parsed)
+            yield RetryResult(*where, "still quarantined", parsed)
+            continue
+        batch = Batch(events=parsed, rejects=(), cursor=Cursor(stream=row["stream"]))
+        repo = remote_name(source.path) if source.kind == "git" else None
+        store.apply_batch(source.name, to_rows(batch, source, repo, cfg, directory), None, settle=(row,))
+        yield RetryResult(*where, "stored", f"{len(parsed)} event(s) parsed and stored")
+
+
+def inspect_quarantined(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig,
+                        qid: str) -> dict[str, Any] | None:
+    """One quarantined line: its row, its file, the line as it reads now (scrubbed) and whether it parses now."""
+    found = store.quarantined(limit=1, qid=qid)
+    if not found:
+        return None
+    row = found[0]
+    source = {s.name: s for s in sources}.get(row["source"])
+    if source is None:
+        return {**row, "file": None, "now": None, "parses_now": None,
+                "verdict": f"source {row['source']!r} is no longer configured"}
+    path = source.path / row["stream"]
+    parser = COLLECTORS[source.kind].line_parser(source.path, row["stream"])
+    raw = read_line(path, row["offset"], row["length"]) if row["length"] - 1 <= cfg.max_line_bytes \
+        else "over the line limit: not read"
+    if isinstance(raw, str) or parser is None:
+        return {**row, "file": str(path), "now": None, "parses_now": False,
+                "verdict": raw if isinstance(raw, str) else "not a line-based source"}
+    parsed = parser(raw)
+    text = raw[:4000].decode("utf-8", errors="replace")
+    return {**row, "file": str(path), "now": scrub(text), "parses_now": not isinstance(parsed, str),
+            "verdict": parsed if isinstance(parsed, str) else f"parses now into {len(parsed)} event(s): retry it"}

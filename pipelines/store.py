@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,75 @@ MIGRATIONS: list[tuple[str, str]] = [
     """),
     # Migration names by area, so parallel work never collides: 0003-0009 collectors and ingest,
     # 0010-0019 datasets, 0020-0029 training and registry.
+    ("0003_collectors", """
+        -- Continue chat, edit and tool events that carry no accept flag on code (FORMATS.md §1.3).
+        CREATE TABLE interactions (
+            id VARCHAR PRIMARY KEY,           -- toolUsage: toolCallId; else sha1 of the content
+            source VARCHAR NOT NULL,
+            source_kind VARCHAR NOT NULL,     -- continue
+            event_kind VARCHAR NOT NULL,      -- chatFeedback|chatInteraction|editInteraction|toolUsage|quickEdit
+            occurred_at TIMESTAMP NOT NULL,   -- UTC
+            developer VARCHAR NOT NULL,
+            team VARCHAR NOT NULL,
+            filepath VARCHAR,
+            model VARCHAR,
+            session_id VARCHAR,
+            prompt VARCHAR,
+            completion VARCHAR,
+            label BOOLEAN,                    -- chatFeedback: thumbs up; toolUsage: the call was approved
+            detail VARCHAR,                   -- JSON: the kind's other fields (tool name and arguments, diffs, ...)
+            ingested_at TIMESTAMP NOT NULL
+        );
+        -- Tabby logs a completion and its view/select/dismiss lines separately, possibly in different day
+        -- files; both are kept, and `suggestions` rows are derived from them (Store.link_tabby).
+        CREATE TABLE tabby_completions (
+            id VARCHAR PRIMARY KEY,           -- completion_id
+            source VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL,
+            developer VARCHAR NOT NULL,
+            team VARCHAR NOT NULL,
+            repo VARCHAR,
+            filepath VARCHAR NOT NULL,
+            language VARCHAR NOT NULL,
+            prefix VARCHAR,
+            suffix VARCHAR,
+            choices VARCHAR[] NOT NULL,
+            ingested_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE tabby_actions (
+            id VARCHAR PRIMARY KEY,           -- sha1 of the event
+            completion_id VARCHAR NOT NULL,
+            source VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,            -- view | select | dismiss
+            acted_at TIMESTAMP NOT NULL,
+            choice_index INTEGER NOT NULL,
+            line_select BOOLEAN NOT NULL      -- a select of kind "line": a partial accept
+        );
+        -- Counters become keyed rows, so a batch stored twice (a replaced file re-read, a harvest resumed,
+        -- one event arriving by file and by HTTP) is counted once.
+        DROP TABLE drops;
+        CREATE TABLE drops (                  -- events not stored, by reason
+            source VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,          -- opted_out | excluded_path | opted_out_commit
+            key VARCHAR NOT NULL,             -- sha1 of the dropped event's own key
+            PRIMARY KEY (source, reason, key)
+        );
+        DROP TABLE scrubs;
+        CREATE TABLE scrubs (                 -- secrets replaced before storage
+            target VARCHAR NOT NULL,          -- the table the scrubbed row went to
+            key VARCHAR NOT NULL,             -- that row's key
+            kind VARCHAR NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (target, key, kind)
+        );
+        CREATE TABLE identities (             -- identities that decided an event's developer
+            identity VARCHAR NOT NULL,
+            source_kind VARCHAR NOT NULL,     -- continue | tabby | git
+            developer VARCHAR NOT NULL,       -- what it resolved to when last seen
+            mapped BOOLEAN NOT NULL,          -- named by the config ([[developers]], [[teams]], a source's developer)
+            PRIMARY KEY (identity, source_kind)
+        );
+    """),
     # What became of each accepted suggestion in its developer's later commits (pipelines/link.py): the
     # evidence a dataset build reads instead of re-reading history, and what `kept`/`rewritten` counts rest on.
     ("0010_suggestion_links", """
@@ -195,13 +264,34 @@ LINK_SCHEMA = pa.schema([
     ("path", pa.string()), ("sha", pa.string()), ("line", pa.int32()), ("similarity", pa.float64()),
     ("committed_text", pa.string()), ("window_closes_at", pa.timestamp("us")), ("linked_at", pa.timestamp("us")),
 ])
-EDIT_OUTCOME_SCHEMA = pa.schema([
+EDIT_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("source_kind", pa.string()), ("event_kind", pa.string()),
     ("decided_at", pa.timestamp("us")), ("developer", pa.string()), ("team", pa.string()), ("repo", pa.string()),
     ("filepath", pa.string()), ("accepted", pa.bool_()), ("instruction", pa.string()),
     ("before_text", pa.string()), ("after_text", pa.string()), ("model", pa.string()),
     ("ingested_at", pa.timestamp("us")),
 ])
+INTERACTION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("source_kind", pa.string()), ("event_kind", pa.string()),
+    ("occurred_at", pa.timestamp("us")), ("developer", pa.string()), ("team", pa.string()),
+    ("filepath", pa.string()), ("model", pa.string()), ("session_id", pa.string()), ("prompt", pa.string()),
+    ("completion", pa.string()), ("label", pa.bool_()), ("detail", pa.string()), ("ingested_at", pa.timestamp("us")),
+])
+TABBY_COMPLETION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("created_at", pa.timestamp("us")), ("developer", pa.string()),
+    ("team", pa.string()), ("repo", pa.string()), ("filepath", pa.string()), ("language", pa.string()),
+    ("prefix", pa.string()), ("suffix", pa.string()), ("choices", pa.list_(pa.string())),
+    ("ingested_at", pa.timestamp("us")),
+])
+TABBY_ACTION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("completion_id", pa.string()), ("source", pa.string()), ("kind", pa.string()),
+    ("acted_at", pa.timestamp("us")), ("choice_index", pa.int32()), ("line_select", pa.bool_()),
+])
+DROP_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("key", pa.string())])
+SCRUB_SCHEMA = pa.schema([("target", pa.string()), ("key", pa.string()), ("kind", pa.string()),
+                          ("count", pa.int32())])
+IDENTITY_SCHEMA = pa.schema([("identity", pa.string()), ("source_kind", pa.string()), ("developer", pa.string()),
+                             ("mapped", pa.bool_())])
 REJECT_SCHEMA = pa.schema([
     ("source", pa.string()), ("stream", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
     ("line_sha1", pa.string()), ("reason", pa.string()), ("excerpt", pa.string()),
@@ -209,12 +299,41 @@ REJECT_SCHEMA = pa.schema([
 ])
 
 
-# Primary keys, for dropping in-batch duplicates: two rows with one key in a single INSERT make ON CONFLICT
-# fail, so the first wins, as it does against rows stored by earlier batches.
-KEYS = {
-    "suggestions": ("id",), "commits": ("sha",), "commit_files": ("sha", "path"), "blobs": ("blob",),
-    "quarantine": ("source", "stream", "offset", "line_sha1"), "edit_outcomes": ("id",),
-}
+# Per table: its Arrow schema, its primary key (for dropping in-batch duplicates: two rows with one key in a
+# single INSERT make ON CONFLICT fail, so the first wins, as it does against rows stored by earlier
+# batches) and what a conflict does.
+@dataclass(frozen=True)
+class Table:
+    name: str
+    schema: pa.Schema
+    key: tuple[str, ...]
+    on_conflict: str = "DO NOTHING"
+
+
+# One event can arrive twice with different amounts of text: a Continue `data:` destination at level noCode
+# sends no code, the local file sends all of it. The copy with text fills in what the other lacks.
+_FILL_TEXT = ("DO UPDATE SET prefix = excluded.prefix, prefix_compiled = excluded.prefix_compiled, "
+              "prefix_recovery = excluded.prefix_recovery, suffix = excluded.suffix, completion = excluded.completion "
+              "WHERE suggestions.prefix_compiled IS NULL AND excluded.prefix_compiled IS NOT NULL")
+_FILL_EDIT = ("DO UPDATE SET instruction = excluded.instruction, before_text = excluded.before_text, "
+              "after_text = excluded.after_text "
+              "WHERE edit_outcomes.after_text IS NULL AND excluded.after_text IS NOT NULL")
+TABLES = {t.name: t for t in (
+    Table("suggestions", SUGGESTION_SCHEMA, ("id",), _FILL_TEXT),
+    Table("edit_outcomes", EDIT_SCHEMA, ("id",), _FILL_EDIT),
+    Table("interactions", INTERACTION_SCHEMA, ("id",)),
+    Table("commits", COMMIT_SCHEMA, ("sha",)),
+    Table("commit_files", FILE_SCHEMA, ("sha", "path")),
+    Table("blobs", BLOB_SCHEMA, ("blob",)),
+    Table("tabby_completions", TABBY_COMPLETION_SCHEMA, ("id",)),
+    Table("tabby_actions", TABBY_ACTION_SCHEMA, ("id",)),
+    Table("quarantine", REJECT_SCHEMA, ("source", "stream", "offset", "line_sha1")),
+    Table("drops", DROP_SCHEMA, ("source", "reason", "key")),
+    Table("scrubs", SCRUB_SCHEMA, ("target", "key", "kind")),
+    # An identity resolves as the config says now: a later sighting after a config change updates it.
+    Table("identities", IDENTITY_SCHEMA, ("identity", "source_kind"),
+          "DO UPDATE SET developer = excluded.developer, mapped = excluded.mapped"),
+)}
 
 
 def _unique(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -230,15 +349,17 @@ def _unique(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, 
 
 @dataclass
 class Rows:
-    """Column-oriented rows for one batch, ready for a bulk insert."""
+    """Rows for one batch, per table, ready for a bulk insert (see TABLES)."""
 
-    suggestions: list[dict[str, Any]]
-    commits: list[dict[str, Any]]
-    files: list[dict[str, Any]]
-    blobs: list[dict[str, Any]]
-    rejects: list[dict[str, Any]]
-    drops: dict[str, int]
-    scrubs: dict[str, int]
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    tabby_touched: set[str] = field(default_factory=set)  # completion ids whose suggestion may change
+
+    def add(self, table: str, row: dict[str, Any]) -> None:
+        assert table in TABLES, table
+        self.tables.setdefault(table, []).append(row)
+
+    def count(self, table: str) -> int:
+        return len(self.tables.get(table, ()))
 
 
 @dataclass(frozen=True)
@@ -248,6 +369,18 @@ class Applied:
     suggestions: int
     commits: int
     rejects: int
+    edits: int = 0
+    interactions: int = 0
+
+
+def quarantine_id(source: str, stream: str, offset: int, line_sha1: str) -> str:
+    """The short id `devtune quarantine show|retry` take (the same as the SQL in Store.quarantined)."""
+    import hashlib
+
+    return hashlib.md5(f"{source}/{stream}/{offset}/{line_sha1}".encode()).hexdigest()[:12]
+
+
+_QUARANTINE_ID = "substr(md5(concat_ws('/', source, stream, \"offset\", line_sha1)), 1, 12)"
 
 
 class Store:
@@ -279,6 +412,11 @@ class Store:
                         "finish or stop it.") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        # DuckDB checkpoints (compresses and writes the WAL into the file) every 16 MB of WAL by default: with
+        # 2-20 KB events that is every few batches. 64 MB made the ingest's storage path 1.4-1.5x faster and
+        # the file 25% smaller (bigger checkpoints compress better; bench/README.md), while keeping the WAL a
+        # crash replays small.
+        con.execute("SET checkpoint_threshold = '64MB'")
         store = cls(con, path)
         store.migrate()
         return store
@@ -331,67 +469,146 @@ class Store:
             return None
         return Cursor(stream=stream, offset=row[0], head_sha1=row[1], head_len=row[2], sha=row[3])
 
-    def apply_batch(self, source: str, rows: Rows, cursor: Cursor) -> Applied:
-        """Store one batch and its cursor atomically; rows already present are left as they are."""
-        with self.transaction():
-            n_sug = self._insert("suggestions", rows.suggestions, SUGGESTION_SCHEMA)
-            n_com = self._insert("commits", rows.commits, COMMIT_SCHEMA)
-            self._insert("commit_files", rows.files, FILE_SCHEMA)
-            self._insert("blobs", rows.blobs, BLOB_SCHEMA)
-            n_rej = self._insert("quarantine", rows.rejects, REJECT_SCHEMA)
-            for reason, n in rows.drops.items():
-                self.con.execute("INSERT INTO drops VALUES (?, ?, ?) ON CONFLICT (source, reason) "
-                                 "DO UPDATE SET count = count + excluded.count", [source, reason, n])
-            for kind, n in rows.scrubs.items():
-                self.con.execute("INSERT INTO scrubs VALUES (?, ?) ON CONFLICT (kind) "
-                                 "DO UPDATE SET count = count + excluded.count", [kind, n])
-            self.con.execute(
-                "INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [source, cursor.stream, cursor.offset, cursor.head_sha1, cursor.head_len, cursor.sha, now()])
-        return Applied(suggestions=n_sug, commits=n_com, rejects=n_rej)
+    def apply_batch(self, source: str, rows: Rows, cursor: Cursor | None,
+                    settle: tuple[dict[str, Any], ...] = ()) -> Applied:
+        """Store one batch and its cursor atomically; rows already present are left as they are.
 
-    def _insert(self, table: str, rows: list[dict[str, Any]], schema: pa.Schema) -> int:
-        if not rows:
-            return 0
-        batch = pa.Table.from_pylist(_unique(rows, KEYS[table]), schema=schema)  # noqa: F841 - read by DuckDB
-        cols = ", ".join(f'"{c}"' for c in schema.names)
-        result = self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM batch ON CONFLICT DO NOTHING")
+        `settle` lists quarantine rows (by their key columns) that this batch resolves: they are deleted in the
+        same transaction (`devtune quarantine retry`).
+        """
+        with self.transaction():
+            n = {name: self._insert(TABLES[name], rows.tables[name]) for name in rows.tables if rows.tables[name]}
+            if rows.tabby_touched:
+                self.link_tabby(rows.tabby_touched)
+            for q in settle:
+                self.con.execute('DELETE FROM quarantine WHERE source = ? AND stream = ? AND "offset" = ? '
+                                 "AND line_sha1 = ?", [q["source"], q["stream"], q["offset"], q["line_sha1"]])
+            if cursor is not None:
+                self.con.execute(
+                    "INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [source, cursor.stream, cursor.offset, cursor.head_sha1, cursor.head_len, cursor.sha, now()])
+        return Applied(suggestions=n.get("suggestions", 0), commits=n.get("commits", 0),
+                       rejects=n.get("quarantine", 0), edits=n.get("edit_outcomes", 0),
+                       interactions=n.get("interactions", 0))
+
+    def _insert(self, table: Table, rows: list[dict[str, Any]]) -> int:
+        batch = pa.Table.from_pylist(_unique(rows, table.key), schema=table.schema)  # noqa: F841 - read by DuckDB
+        cols = ", ".join(f'"{c}"' for c in table.schema.names)
+        result = self.con.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM batch "
+                                  f"ON CONFLICT {table.on_conflict}")
         row = result.fetchone()
         return int(row[0]) if row else 0
+
+    def link_tabby(self, completion_ids: set[str]) -> None:
+        """(Re)derive the suggestions of these Tabby completions from every action stored for them.
+
+        Shown = at least one view, select or dismiss; accepted = any select; partial = every select was
+        kind "line"; the text is the chosen choice (FORMATS.md §2.3). Called with the batch that stored
+        the lines, so a select arriving a day later flips its suggestion to accepted.
+        """
+        touched = pa.table({"id": sorted(completion_ids)})  # noqa: F841 - read by DuckDB
+        self.con.execute("""
+            INSERT INTO suggestions (id, source, source_kind, event_kind, shown_at, developer, team, repo, filepath,
+                                     language, accepted, partial, prefix, prefix_compiled, prefix_recovery, suffix,
+                                     completion, model, ingested_at)
+            SELECT c.id, c.source, 'tabby', 'completion', a.shown_at, c.developer, c.team, c.repo, c.filepath,
+                   c.language, a.selects > 0, a.selects > 0 AND a.full_selects = 0, c.prefix, c.prefix, 'raw',
+                   c.suffix, c.choices[a.choice + 1], NULL, ?
+            FROM tabby_completions c JOIN (
+                SELECT completion_id, min(acted_at) AS shown_at,
+                       count(*) FILTER (WHERE kind = 'select') AS selects,
+                       count(*) FILTER (WHERE kind = 'select' AND NOT line_select) AS full_selects,
+                       coalesce(min(choice_index) FILTER (WHERE kind = 'select'), min(choice_index)) AS choice
+                FROM tabby_actions WHERE completion_id IN (SELECT id FROM touched) GROUP BY completion_id
+            ) a ON a.completion_id = c.id
+            ON CONFLICT (id) DO UPDATE SET shown_at = excluded.shown_at, accepted = excluded.accepted,
+                partial = excluded.partial, completion = excluded.completion
+        """, [now()])
 
     # -- status --------------------------------------------------------------------------------------------
 
     def counts(self) -> dict[str, Any]:
         """Totals for `devtune status`."""
         c = self.con
-        total, accepted = c.execute(
-            "SELECT count(*), count(*) FILTER (WHERE accepted) FROM suggestions").fetchone() or (0, 0)
+
+        def one(sql: str) -> Any:
+            row = c.execute(sql).fetchone()
+            return row[0] if row else 0
+
+        total, accepted, partial = c.execute(
+            "SELECT count(*), count(*) FILTER (WHERE accepted), count(*) FILTER (WHERE partial) FROM suggestions"
+        ).fetchone() or (0, 0, 0)
         by_source = {r[0]: {"total": r[1], "accepted": r[2]} for r in c.execute(
             "SELECT source, count(*), count(*) FILTER (WHERE accepted) FROM suggestions GROUP BY 1 ORDER BY 1"
         ).fetchall()}
-        commits = (c.execute("SELECT count(*) FROM commits").fetchone() or (0,))[0]
+        by_kind = {f"{r[0]}/{r[1]}": {"total": r[2], "accepted": r[3]} for r in c.execute(
+            "SELECT source_kind, event_kind, count(*), count(*) FILTER (WHERE accepted) FROM suggestions "
+            "GROUP BY 1, 2 ORDER BY 1, 2").fetchall()}
+        edits = {r[0]: {"total": r[1], "accepted": r[2]} for r in c.execute(
+            "SELECT event_kind, count(*), count(*) FILTER (WHERE accepted) FROM edit_outcomes GROUP BY 1 ORDER BY 1"
+        ).fetchall()}
+        interactions = dict(c.execute(
+            "SELECT event_kind, count(*) FROM interactions GROUP BY 1 ORDER BY 1").fetchall())
+        commits = one("SELECT count(*) FROM commits")
         commits_by_repo = dict(c.execute("SELECT repo, count(*) FROM commits GROUP BY 1 ORDER BY 1").fetchall())
-        quarantined = (c.execute("SELECT count(*) FROM quarantine").fetchone() or (0,))[0]
+        quarantined = one("SELECT count(*) FROM quarantine")
         q_by_source = dict(c.execute("SELECT source, count(*) FROM quarantine GROUP BY 1 ORDER BY 1").fetchall())
-        drops: dict[str, int] = {}
-        for reason, n in c.execute("SELECT reason, sum(count) FROM drops GROUP BY 1 ORDER BY 1").fetchall():
-            drops[reason] = int(n)
-        scrubs = {k: int(n) for k, n in c.execute("SELECT kind, count FROM scrubs ORDER BY kind").fetchall()}
+        drops = dict(c.execute("SELECT reason, count(*) FROM drops GROUP BY 1 ORDER BY 1").fetchall())
+        drops_by_source = {f"{r[0]}/{r[1]}": r[2] for r in c.execute(
+            "SELECT source, reason, count(*) FROM drops GROUP BY 1, 2 ORDER BY 1, 2").fetchall()}
+        scrubs = {k: int(n) for k, n in c.execute(
+            "SELECT kind, sum(count) FROM scrubs GROUP BY 1 ORDER BY 1").fetchall()}
+        scrubs_by_table = {f"{r[0]}/{r[1]}": int(r[2]) for r in c.execute(
+            "SELECT target, kind, sum(count) FROM scrubs GROUP BY 1, 2 ORDER BY 1, 2").fetchall()}
+        tabby_completions = one("SELECT count(*) FROM tabby_completions")
+        unassigned = [{"identity": r[0], "source_kind": r[1], "suggestions": r[2], "commits": r[3]}
+                      for r in c.execute("""
+            SELECT i.identity, i.source_kind,
+                   (SELECT count(*) FROM suggestions s WHERE s.developer = i.developer),
+                   (SELECT count(*) FROM commits m WHERE m.developer = i.developer)
+            FROM identities i WHERE NOT i.mapped ORDER BY 1, 2""").fetchall()]
         return {
-            "suggestions": {"total": total, "accepted": accepted, "rejected": total - accepted,
-                            "by_source": by_source},
+            "suggestions": {"total": total, "accepted": accepted, "rejected": total - accepted, "partial": partial,
+                            "by_source": by_source, "by_kind": by_kind},
+            "edit_outcomes": {"total": sum(v["total"] for v in edits.values()), "by_kind": edits},
+            "interactions": {"total": sum(interactions.values()), "by_kind": interactions},
+            "tabby": {"completions": tabby_completions,
+                      "not_shown": one("SELECT count(*) FROM tabby_completions c WHERE NOT EXISTS "
+                                       "(SELECT 1 FROM suggestions s WHERE s.id = c.id)")},
             "commits": {"total": commits, "by_repo": commits_by_repo},
             "quarantined": {"total": quarantined, "by_source": q_by_source},
             "dropped": drops,
+            "dropped_by_source": drops_by_source,
             "scrubbed": scrubs,
+            "scrubbed_by_table": scrubs_by_table,
+            "unassigned": unassigned,
         }
 
-    def quarantined(self, limit: int = 50) -> list[dict[str, Any]]:
+    # -- quarantine ----------------------------------------------------------------------------------------
+
+    def quarantined(self, limit: int = 50, source: str | None = None, qid: str | None = None) -> list[dict[str, Any]]:
+        """Quarantined lines, newest first; `qid` picks one by the id `devtune quarantine list` shows."""
+        where, args = [], []
+        if source is not None:
+            where.append("source = ?")
+            args.append(source)
+        if qid is not None:
+            where.append(f"{_QUARANTINE_ID} = ?")
+            args.append(qid)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
         rows = self.con.execute(
-            'SELECT source, stream, "offset", reason, excerpt, quarantined_at FROM quarantine '
-            'ORDER BY quarantined_at DESC, source, stream, "offset" LIMIT ?', [limit]).fetchall()
-        return [{"source": r[0], "stream": r[1], "offset": r[2], "reason": r[3], "excerpt": r[4],
-                 "quarantined_at": r[5].isoformat()} for r in rows]
+            f'SELECT {_QUARANTINE_ID}, source, stream, "offset", length, line_sha1, reason, excerpt, quarantined_at '
+            f'FROM quarantine {clause}ORDER BY quarantined_at DESC, source, stream, "offset" LIMIT ?',
+            [*args, limit]).fetchall()
+        return [{"id": r[0], "source": r[1], "stream": r[2], "offset": r[3], "length": r[4], "line_sha1": r[5],
+                 "reason": r[6], "excerpt": r[7], "quarantined_at": r[8].isoformat()} for r in rows]
+
+    def requarantine(self, row: dict[str, Any], reason: str) -> None:
+        """Record a new reason for a quarantined line that still does not parse."""
+        with self.transaction():
+            self.con.execute('UPDATE quarantine SET reason = ?, quarantined_at = ? WHERE source = ? AND stream = ? '
+                             'AND "offset" = ? AND line_sha1 = ?',
+                             [reason, now(), row["source"], row["stream"], row["offset"], row["line_sha1"]])
 
     # -- datasets ------------------------------------------------------------------------------------------
 
@@ -424,11 +641,6 @@ class Store:
             "SELECT id, event_kind, developer, decided_at, repo, filepath, accepted, instruction, before_text, "
             f"after_text FROM edit_outcomes WHERE {column} = ? ORDER BY decided_at, id", [scope.name])
         yield from _dicts(cur)
-
-    def insert_edit_outcomes(self, rows: list[dict[str, Any]]) -> int:
-        """Store edit outcomes (the issue-3 collector's table); rows already present are left as they are."""
-        with self.transaction():
-            return self._insert("edit_outcomes", rows, EDIT_OUTCOME_SCHEMA)
 
     def committed_files(self, scope: Scope) -> Iterator[dict[str, Any]]:
         """Files a scope's commits added lines to, with the content after the commit, oldest first."""

@@ -90,19 +90,7 @@ def autocomplete_event(**overrides: Any) -> dict[str, Any]:
 def continue_log(folder: Path, lines: list[dict[str, Any] | str | bytes], schema: str = "0.2.0",
                  append: bool = False) -> Path:
     """Write (or append) autocomplete lines under folder/dev_data/<schema>/autocomplete.jsonl."""
-    path = folder / "dev_data" / schema / "autocomplete.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = b""
-    for line in lines:
-        if isinstance(line, dict):
-            data += json.dumps(line, separators=(",", ":")).encode() + b"\n"
-        elif isinstance(line, str):
-            data += line.encode() + b"\n"
-        else:
-            data += line
-    with path.open("ab" if append else "wb") as f:
-        f.write(data)
-    return path
+    return write_lines(folder / "dev_data" / schema / "autocomplete.jsonl", lines, append)
 
 
 @dataclass
@@ -115,14 +103,29 @@ class Setup:
 
 
 def write_config(folder: Path, sources: list[dict[str, Any]], teams: list[dict[str, Any]] | None = None,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> Setup:
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 developers: list[dict[str, Any]] | None = None) -> Setup:
     folder.mkdir(parents=True, exist_ok=True)
     merged: dict[str, dict[str, Any]] = {"": {"state_dir": "state"}, "api": {"port": 0, "lock_timeout_s": 2.0}}
     for section, values in (overrides or {}).items():
         merged[section] = {**merged.get(section, {}), **values}
     path = folder / "config.toml"
-    path.write_text(render_config(merged, sources=sources, teams=teams))
+    path.write_text(render_config(merged, sources=sources, teams=teams, developers=developers))
     return Setup(config=path, state_dir=folder / "state", sources=sources)
+
+
+def collect_site(config: Path) -> tuple[dict[str, Any], Path]:
+    """Collect every source of a config into its store in this process: (collect result + "status", store)."""
+    from daemon import jobs
+    from daemon.config import load_config
+    from pipelines.store import Store
+
+    cfg = load_config(config)
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    try:
+        return {**jobs.collect(store, cfg), "status": jobs.status(store, cfg)}, store.path
+    finally:
+        store.close()
 
 
 def run_devtune(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
@@ -209,8 +212,100 @@ def store_suggestions(store: Any, rows: list[dict[str, Any]]) -> None:
     from collectors.base import Cursor
     from pipelines.store import Rows
 
-    store.apply_batch("tabby", Rows(rows, [], [], [], [], {}, {}), Cursor(stream="events"))
+    batch = Rows()
+    for row in rows:
+        batch.add("suggestions", row)
+    store.apply_batch("tabby", batch, Cursor(stream="events"))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+# -- Continue events other than autocomplete (FORMATS.md §1.3) -----------------------------------------------
+
+BASE = {"timestamp": "2026-10-01T09:05:00.000Z", "userId": "", "userAgent": "Visual Studio Code/1.105.1 "
+        "(Continue/1.2.10)", "selectedProfileId": "local", "schema": "0.2.0"}
+
+
+def continue_event(name: str, **overrides: Any) -> dict[str, Any]:
+    """A Continue 0.2.0 line of event `name` as Continue writes it."""
+    uri = "file:///home/alice/src/payments/ledger/math.py"
+    bodies: dict[str, dict[str, Any]] = {
+        "editOutcome": {"prompt": "add a docstring", "completion": "def f():\n    \"\"\"F.\"\"\"\n",
+                        "modelName": "Claude Sonnet 4", "modelTitle": "Claude Sonnet 4", "modelProvider": "anthropic",
+                        "accepted": True, "previousCode": "def f():\n    pass\n",
+                        "newCode": "def f():\n    \"\"\"F.\"\"\"\n", "previousCodeLines": 2, "newCodeLines": 2,
+                        "lineChange": 0, "filepath": uri},
+        "nextEditOutcome": {"timestamp": 1790000000000, "elapsed": 300, "completionOptions": {},
+                            "completionId": str(uuid.uuid4()), "gitRepo": "acme/payments", "uniqueId": "ab" * 32,
+                            "fileUri": uri, "workspaceDirUri": "file:///home/alice/src/payments",
+                            "prompt": "<edit>", "userEdits": "", "userExcerpts": "",
+                            "originalEditableRange": "x = 1\n", "completion": "x = 2\n",
+                            "cursorPosition": {"line": 1, "character": 0}, "accepted": True,
+                            "modelProvider": "ollama", "modelName": "instinct"},
+        "chatFeedback": {"prompt": "<user>\nwhy?", "completion": "because", "modelProvider": "ollama",
+                         "modelName": "qwen", "modelTitle": "Qwen", "feedback": True, "sessionId": "s-1"},
+        "chatInteraction": {"prompt": "<user>\nhi", "completion": "hello", "modelName": "qwen", "modelTitle": "Qwen",
+                            "modelProvider": "ollama", "sessionId": "s-1", "tools": ["read_file"],
+                            "rules": [{"id": "r1"}]},
+        "editInteraction": {"prompt": "rename x", "completion": "y = 1\n", "modelName": "qwen", "modelTitle": "Qwen",
+                            "modelProvider": "ollama", "filepath": uri},
+        "toolUsage": {"toolCallId": str(uuid.uuid4()), "functionName": "run_terminal_command",
+                      "functionParams": {"type": "object"}, "toolCallArgs": "{\"command\": \"ls\"}",
+                      "accepted": True, "succeeded": True, "output": [{"name": "out", "content": "a.py"}]},
+    }
+    event: dict[str, Any] = {"eventName": name, **BASE, **bodies[name]}
+    event.update(overrides)
+    return event
+
+
+def write_lines(path: Path, lines: list[dict[str, Any] | str | bytes], append: bool = False) -> Path:
+    """Write (or append) JSON Lines: dicts compact, str as given, bytes raw (no newline added)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = b""
+    for line in lines:
+        if isinstance(line, dict):
+            data += json.dumps(line, separators=(",", ":")).encode() + b"\n"
+        elif isinstance(line, str):
+            data += line.encode() + b"\n"
+        else:
+            data += line
+    with path.open("ab" if append else "wb") as f:
+        f.write(data)
+    return path
+
+
+# -- Tabby events (FORMATS.md §2.2) -------------------------------------------------------------------------
+
+def tabby_completion(cid: str, ts_ms: int, user: str | None = "tabby-u1", prefix: str = "def add(a, b):\n",
+                     text: str = "    return a + b\n", filepath: str = "ledger/math.py",
+                     legacy: bool = False) -> dict[str, Any]:
+    """A Tabby `completion` line: the current shape, or the pre-v0.11 one (user inside the event)."""
+    body: dict[str, Any] = {
+        "completion_id": cid, "language": "python",
+        "prompt": f"<|fim_prefix|>{prefix}<|fim_suffix|>\n<|fim_middle|>",
+        "segments": {"prefix": prefix, "suffix": "\n", "git_url": "git@github.com:acme/payments.git",
+                     "filepath": filepath},
+        "choices": [{"index": 0, "text": text}], "user_agent": "Node.js/20 tabby-agent/1.7 vscode/1.9",
+    }
+    if legacy:
+        body["user"] = user
+        del body["user_agent"]
+        return {"ts": ts_ms, "event": {"completion": body}}
+    return {"user": user, "ts": ts_ms, "event": {"completion": body}}
+
+
+def tabby_action(kind: str, cid: str, ts_ms: int, user: str | None = "tabby-u1", line: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"completion_id": cid, "choice_index": 0}
+    if kind in ("select", "dismiss"):
+        body["view_id"] = f"view-{cid[5:]}-at-{ts_ms - 900}"
+        body["elapsed"] = 900
+    if line:
+        body["kind"] = "line"
+    return {"user": user, "ts": ts_ms, "event": {kind: body}}
+
+
+def day_ms(day: str, seconds: float = 0) -> int:
+    """Epoch ms of `seconds` after UTC midnight of `day` ("2026-10-01")."""
+    return int((datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp() + seconds) * 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,25 +13,15 @@ from hypothesis import strategies as st
 
 from collectors.base import Limits
 from collectors.continue_dev import ContinueCollector, normalize_repo, parse_autocomplete, recover_prefix
-from daemon import jobs
-from daemon.config import load_config
-from pipelines.store import Store
-from support import autocomplete_event, continue_log, table_rows, write_config
+from support import autocomplete_event, collect_site, continue_log, table_rows, write_config
 
 STREAM = "dev_data/0.2.0/autocomplete.jsonl"
 
 
 def collect(tmp_path: Path, folder: Path, **collect_overrides: Any) -> tuple[dict[str, Any], Path]:
-    setup = write_config(tmp_path / "site", [{"kind": "continue", "path": str(folder), "name": "alice",
-                                             "developer": "alice@example.com"}],
-                         overrides={"collect": collect_overrides} if collect_overrides else None)
-    cfg = load_config(setup.config)
-    store = Store.open(cfg.state_dir / "store.duckdb")
-    try:
-        result = jobs.collect(store, cfg)
-        return {**result, "status": jobs.status(store, cfg)}, cfg.state_dir / "store.duckdb"
-    finally:
-        store.close()
+    return collect_site(write_config(tmp_path / "site", [{"kind": "continue", "path": str(folder), "name": "alice",
+                                                         "developer": "alice@example.com"}],
+                                     overrides={"collect": collect_overrides} if collect_overrides else None).config)
 
 
 def test_valid_lines_are_stored_with_identity_and_recovered_prefix(tmp_path: Path) -> None:
@@ -138,14 +129,12 @@ def test_replaced_and_truncated_files_are_reread_without_duplicates(tmp_path: Pa
 
 
 def test_timestamps_iso_and_epoch_ms() -> None:
-    from datetime import datetime
-
-    iso = parse_autocomplete(json.dumps(autocomplete_event(timestamp="2025-07-09T10:11:12.500Z")).encode(), None)
-    ms = parse_autocomplete(json.dumps(autocomplete_event(timestamp=1751000000000)).encode(), None)
+    iso = parse_autocomplete(autocomplete_event(timestamp="2025-07-09T10:11:12.500Z"), None)
+    ms = parse_autocomplete(autocomplete_event(timestamp=1751000000000), None)
     assert not isinstance(iso, str) and not isinstance(ms, str)
     assert iso.shown_at == datetime(2025, 7, 9, 10, 11, 12, 500000)
     assert ms.shown_at == datetime(2025, 6, 27, 4, 53, 20)
-    bad = parse_autocomplete(json.dumps(autocomplete_event(timestamp=True)).encode(), None)
+    bad = parse_autocomplete(autocomplete_event(timestamp=True), None)
     assert bad == "field 'timestamp' must be an ISO string or epoch milliseconds, got boolean"
 
 
@@ -187,3 +176,78 @@ def test_no_input_crashes_the_collector(tmp_path_factory: pytest.TempPathFactory
     non_blank = sum(1 for chunk in b"\n".join(lines).split(b"\n") if chunk.strip())
     assert seen == non_blank  # every non-blank line is either an event or a reject
     assert batches[-1].cursor.offset == path.stat().st_size
+
+
+def test_every_training_relevant_event_kind_is_stored(tmp_path: Path) -> None:
+    from support import continue_event, write_lines
+
+    folder = tmp_path / "alice"
+    v2 = folder / "dev_data" / "0.2.0"
+    next_ok = continue_event("nextEditOutcome", completionId="ne-1", accepted=True)
+    write_lines(v2 / "editOutcome.jsonl", [continue_event("editOutcome", accepted=True),
+                                          continue_event("editOutcome", accepted=False, prompt="rename")])
+    write_lines(v2 / "nextEditOutcome.jsonl", [
+        next_ok, continue_event("nextEditOutcome", completionId="ne-2", accepted=False),
+        {k: v for k, v in continue_event("nextEditOutcome", completionId="ne-3", aborted=True).items()
+         if k != "accepted"},  # aborted: no label, not stored
+    ])
+    write_lines(v2 / "chatFeedback.jsonl", [continue_event("chatFeedback", feedback=False)])
+    write_lines(v2 / "chatInteraction.jsonl", [continue_event("chatInteraction")])
+    write_lines(v2 / "editInteraction.jsonl", [continue_event("editInteraction")])
+    write_lines(v2 / "toolUsage.jsonl", [continue_event("toolUsage", toolCallId="call-1")])
+    write_lines(v2 / "tokensGenerated.jsonl", ["{\"model\": \"qwen\"}"])  # not read: token counts only
+    # Legacy layouts: 0.1.0 (migrated) and root-level files, with numeric timestamps or none at all.
+    legacy_ac = {k: v for k, v in autocomplete_event(completionId="legacy-1", timestamp=1_720_000_000_000).items()
+                 if k not in ("eventName", "schema", "userId", "userAgent", "selectedProfileId")}
+    write_lines(folder / "dev_data" / "0.1.0" / "autocomplete.jsonl", [legacy_ac])
+    write_lines(folder / "dev_data" / "autocomplete.jsonl", [legacy_ac | {"completionId": "legacy-root"}])
+    write_lines(folder / "dev_data" / "chat.jsonl", [{"modelTitle": "GPT", "completionOptions": {}, "prompt": "q",
+                                                    "completion": "a", "feedback": True, "sessionId": "s0"}])
+    write_lines(folder / "dev_data" / "0.1.0" / "quickEdit.jsonl", [
+        {"prompt": "fix", "path": "/home/alice/a.py", "label": "Edit", "diffs": [{"type": "new", "line": "x"}]}])
+    result, db = collect(tmp_path, folder)
+    assert result["error"] is None and result["status"]["quarantined"]["total"] == 0
+    edits = {r[0]: r for r in table_rows(db, "edit_outcomes")}
+    assert len(edits) == 4 and "ne-3" not in edits
+    ne = edits["ne-1"]
+    # id, source, source_kind, event_kind, decided_at, developer, team, repo, filepath, accepted, instruction,
+    # before_text, after_text, model
+    assert ne[3:5] == ("nextEditOutcome", datetime(2026, 9, 21, 14, 13, 20))  # epoch-ms timestamp
+    assert (ne[5], ne[7], ne[9], ne[11], ne[12]) == ("alice@example.com", "acme/payments", True, "x = 1\n", "x = 2\n")
+    edit = next(r for r in edits.values() if r[3] == "editOutcome" and r[9])
+    assert (edit[10], edit[11], edit[13]) == ("add a docstring", "def f():\n    pass\n", "Claude Sonnet 4")
+    interactions = {r[3]: r for r in table_rows(db, "interactions")}
+    assert set(interactions) == {"chatFeedback", "chatInteraction", "editInteraction", "toolUsage", "quickEdit"}
+    assert result["status"]["interactions"]["by_kind"]["chatFeedback"] == 2  # 0.2.0 and the legacy chat.jsonl
+    tool = interactions["toolUsage"]
+    assert tool[0] == "call-1" and tool[12] is True and json.loads(tool[13])["functionName"] == "run_terminal_command"
+    assert {r[0] for r in table_rows(db, "suggestions")} == {"legacy-1", "legacy-root"}
+
+
+def _event_strategy(name: str) -> st.SearchStrategy[dict[str, Any]]:
+    from support import continue_event
+
+    keys = list(autocomplete_event() if name == "autocomplete" else continue_event(name))
+    values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20),
+                       st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers()))
+    base = autocomplete_event() if name == "autocomplete" else continue_event(name)
+    return st.dictionaries(st.sampled_from(keys), values).map(lambda d: {**base, **d})
+
+
+@pytest.mark.parametrize("name", ["autocomplete", "editOutcome", "nextEditOutcome", "chatFeedback",
+                                  "chatInteraction", "editInteraction", "toolUsage"])
+def test_no_event_of_any_kind_crashes_the_parser(name: str) -> None:
+    from collectors.continue_dev import parse_event
+    from collectors.jsonl import decode_object
+
+    @settings(max_examples=120, deadline=None)
+    @given(_event_strategy(name), st.sampled_from(["all", "noCode"]))
+    def check(obj: dict[str, Any], level: str) -> None:
+        # The line's bytes through the decoder every collector uses, as a file line or a POST body would go.
+        decoded = decode_object(json.dumps(obj).encode())
+        parsed = decoded if isinstance(decoded, str) else parse_event(name, decoded, datetime(2026, 1, 1), level)
+        assert isinstance(parsed, str | tuple)
+        for event in parsed if isinstance(parsed, tuple) else ():
+            assert event.key  # every stored record has its dedupe key
+
+    check()

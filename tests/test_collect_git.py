@@ -5,24 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from daemon import jobs
-from daemon.config import load_config
-from pipelines.store import Store
-from support import T0, CommitSpec, commit, days, make_repo, merge, table_rows, write_config
+from support import T0, CommitSpec, collect_site, commit, days, make_repo, merge, table_rows, write_config
 
 BOB = ("Bob", "bob@example.com")
 
 
 def collect(tmp_path: Path, repo: Path, **collect_overrides: Any) -> tuple[dict[str, Any], Path]:
-    setup = write_config(tmp_path / "site", [{"kind": "git", "path": str(repo), "name": "repo"}],
-                         teams=[{"name": "payments", "members": ["bob@example.com"]}],
-                         overrides={"collect": collect_overrides} if collect_overrides else None)
-    cfg = load_config(setup.config)
-    store = Store.open(cfg.state_dir / "store.duckdb")
-    try:
-        return {**jobs.collect(store, cfg), "status": jobs.status(store, cfg)}, cfg.state_dir / "store.duckdb"
-    finally:
-        store.close()
+    return collect_site(write_config(tmp_path / "site", [{"kind": "git", "path": str(repo), "name": "repo"}],
+                                     teams=[{"name": "payments", "members": ["bob@example.com"]}],
+                                     overrides={"collect": collect_overrides} if collect_overrides else None).config)
 
 
 def history(repo_dir: Path) -> Any:

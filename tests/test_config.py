@@ -90,3 +90,34 @@ def test_cli_reports_config_errors_and_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "[train] lora_r = -3: must be at least 1 (default 16)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_init_adds_the_continue_and_tabby_folders_it_finds(tmp_path: Path) -> None:
+    (tmp_path / "cont" / "dev_data").mkdir(parents=True)
+    (tmp_path / "tabby" / "events").mkdir(parents=True)
+    env = {"CONTINUE_GLOBAL_DIR": str(tmp_path / "cont"), "TABBY_ROOT": str(tmp_path / "tabby"),
+           "HOME": str(tmp_path / "home")}
+    result = run_devtune("init", str(tmp_path / "site"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "dev_data/ found at $CONTINUE_GLOBAL_DIR" in result.stdout
+    cfg = load_config(tmp_path / "site" / "config.toml")
+    assert [(s.kind, s.path) for s in cfg.sources] == [("continue", tmp_path / "cont"), ("tabby", tmp_path / "tabby")]
+    # Without the variables and with nothing at the default places, no source is guessed.
+    bare = run_devtune("init", str(tmp_path / "bare"), env={"CONTINUE_GLOBAL_DIR": "", "TABBY_ROOT": "",
+                                                              "HOME": str(tmp_path / "home")})
+    assert bare.returncode == 0 and load_config(tmp_path / "bare" / "config.toml").sources == ()
+
+
+def test_identity_and_http_destination_keys_are_checked(tmp_path: Path) -> None:
+    data = {"developers": [{"id": "a@x", "aliases": ["m1"]}, {"id": "b@x", "aliases": ["M1"]}],
+            "sources": [{"kind": "continue_http", "path": "x"}],
+            "continue_http": {"enabled": True, "max_body_bytes": 2_000_000}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, tmp_path / "c.toml")
+    errors = "\n".join(info.value.errors)
+    assert "'M1' is also listed for developer 'a@x'" in errors
+    assert 'kind = "continue_http": use one of continue, tabby, git' in errors
+    assert "max_body_bytes = 2000000: must be at most [collect] max_line_bytes - 512" in errors
+    cfg = parse_config({"continue_http": {"enabled": True}, "developers": [{"id": "a@x"}]}, tmp_path / "c.toml")
+    assert [(s.kind, s.name) for s in cfg.sources] == [("continue_http", "continue-http")]
+    assert cfg.collect.developers == cfg.developers  # the collect stage gets the identity map with its section

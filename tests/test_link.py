@@ -26,13 +26,15 @@ from support import (
     CommitSpec,
     autocomplete_event,
     continue_log,
+    day_ms,
     days,
     family_tokenizer,
     make_repo,
     read_jsonl,
-    store_suggestions,
-    tabby_suggestion,
+    tabby_action,
+    tabby_completion,
     write_config,
+    write_lines,
 )
 
 ALICE, BOB = ("Alice", "alice@example.com"), ("Bob", "bob@example.com")
@@ -76,21 +78,31 @@ def linked(tmp_path: Path) -> tuple[Store, dict[str, dict[str, Any]], Path]:
         "no_repo_file": event(5, "def note():\n", "\n", "    pass\n", filepath="file:///home/alice/scratch/notes.py"),
     }
     continue_log(tmp_path / "alice", list(events.values()))
+    # Tabby accept-line, through the real Tabby collector: only the first line was taken (a select of kind
+    # "line"); the second line never reached the commit. Its user id maps to alice through [[developers]].
+    partial = "cmpl-7d1c2a84-0f1e-4b7e-9d8a-2f6c1b3e5a90"
+    shown = day_ms("2026-10-01", (T0 + hours(1) + timedelta(minutes=6) - T0.replace(hour=0)).total_seconds())
+    write_lines(tmp_path / "tabby" / "events" / "2026-10-01.json", [
+        tabby_completion(partial, shown, user="tabby-alice", filepath="ledger/math.py",
+                         prefix=after_mul + DIV + "    return a // b if b else 0\n" + POW,
+                         text="    return a ** b\n    # power of\n"),
+        tabby_action("view", partial, shown + 50, user="tabby-alice"),
+        tabby_action("select", partial, shown + 900, user="tabby-alice", line=True)])
     setup = write_config(tmp_path / "site", [
         {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"},
-        {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": ALICE[1]}],
-        teams=[{"name": "payments", "members": [ALICE[1], BOB[1]]}])
+        {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": ALICE[1]},
+        {"kind": "tabby", "path": str(tmp_path / "tabby"), "name": "tabby"}],
+        teams=[{"name": "payments", "members": [ALICE[1], BOB[1]]}],
+        developers=[{"id": ALICE[1], "aliases": ["tabby-alice"]}])
     cfg = load_config(setup.config)
     store = Store.open(cfg.state_dir / "store.duckdb")
     assert jobs.collect(store, cfg)["error"] is None
-    # Tabby accept-line: only the first line was taken; the second never reached the commit.
-    partial = tabby_suggestion(shown_at=T0 + hours(1) + timedelta(minutes=6), partial=True,
-                               prefix=after_mul + DIV + "    return a // b if b else 0\n" + POW, suffix="",
-                               completion="    return a ** b\n    # power of\n")
-    store_suggestions(store, [partial])
+    stored = store.con.execute("SELECT developer, partial, accepted FROM suggestions WHERE id = ?",
+                               [partial]).fetchone()
+    assert stored == (ALICE[1], True, True)
     report = link_suggestions(store, DatasetsConfig())
     assert report.linked == 7
-    ids = {name: e["completionId"] for name, e in events.items()} | {"partial": partial["id"]}
+    ids = {name: e["completionId"] for name, e in events.items()} | {"partial": partial}
     cur = store.con.execute("SELECT suggestion_id, status, reason, repo, path, sha, similarity, committed_text "
                             "FROM suggestion_links")
     by_id = {r[0]: dict(zip([d[0] for d in cur.description], r, strict=True)) for r in cur.fetchall()}

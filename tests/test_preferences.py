@@ -6,9 +6,9 @@ import json
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-from daemon.config import DatasetsConfig
+from daemon import jobs
+from daemon.config import DatasetsConfig, load_config
 from pipelines.datasets import build_datasets
 from pipelines.dpo import pair_examples, same_text, sides
 from pipelines.kto import kto_weights
@@ -16,7 +16,18 @@ from pipelines.scope import dev, team
 from pipelines.sft import Outcome
 from pipelines.store import Store
 from pipelines.tokens import load_base_tokenizer
-from support import QWEN, T0, days, family_tokenizer, read_jsonl, store_suggestions, tabby_suggestion
+from support import (
+    QWEN,
+    T0,
+    continue_event,
+    days,
+    family_tokenizer,
+    read_jsonl,
+    store_suggestions,
+    tabby_suggestion,
+    write_config,
+    write_lines,
+)
 
 PREFIX = "".join(f"CONST_{i} = {i}\n" for i in range(100)) + "import math\n\n\ndef area(r):\n"  # ~1,400 chars
 SUFFIX = "\n\ndef perimeter(r):\n    return 2 * math.pi * r\n"
@@ -78,18 +89,27 @@ def test_kto_weights_bring_the_weighted_ratio_into_trls_range() -> None:
 
 
 def test_kto_weights_and_chat_rows_in_a_built_dataset(tmp_path: Path) -> None:
-    store = Store.open(tmp_path / "store.duckdb")
+    # Edit outcomes come through the real Continue collector: two of alice's (one accepted), one of bob's.
+    for who, outcomes in (("alice", [(1, True), (2, False)]), ("bob", [(3, True)])):
+        write_lines(tmp_path / who / "dev_data" / "0.2.0" / "editOutcome.jsonl", [continue_event(
+            "editOutcome", timestamp=(T0 + days(n / 10)).isoformat() + "Z", accepted=ok, prompt="Add a guard.",
+            previousCode="v1", newCode=f"v1 + guard {n}", completion=f"v1 + guard {n}",
+            filepath=f"file:///home/{who}/src/payments/ledger/x.py") for n, ok in outcomes])
+    setup = write_config(tmp_path / "site", [
+        {"kind": "continue", "path": str(tmp_path / who), "name": who, "developer": f"{who}@example.com"}
+        for who in ("alice", "bob")], teams=[{"name": "payments", "members": ["alice@example.com", "bob@example.com"]}])
+    cfg = load_config(setup.config)
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    assert jobs.collect(store, cfg)["error"] is None
     rows = []
     for i in range(40):  # 10 spots, one suggestion each, a quarter accepted: no pairs, all KTO
         rows.append(tabby_suggestion(id=f"t{i}", shown_at=T0 + timedelta(hours=i), accepted=i % 4 == 0,
                                      filepath=f"lib/m{i}.py", prefix=f"def f{i}(x):\n",
                                      completion=f"    return x + {i}\n"))
     store_suggestions(store, rows)
-    store.insert_edit_outcomes([edit(1, accepted=True), edit(2, accepted=False),
-                                edit(3, accepted=True, developer="bob@example.com")])
     tokenizer = load_base_tokenizer(str(family_tokenizer(tmp_path / "tok", *QWEN)))
-    cfg = DatasetsConfig(min_train_rows=1, min_heldout_rows=1, heldout_fraction=0.1)
-    build_datasets(store, team("payments"), cfg, tokenizer, tmp_path / "team")
+    cfg_ds = DatasetsConfig(min_train_rows=1, min_heldout_rows=1, heldout_fraction=0.1)
+    build_datasets(store, team("payments"), cfg_ds, tokenizer, tmp_path / "team")
     manifest = json.loads((tmp_path / "team" / "manifest.json").read_text())
     kto = read_jsonl(tmp_path / "team" / "kto.jsonl")
     n_desirable = sum(r["label"] for r in kto)
@@ -98,18 +118,14 @@ def test_kto_weights_and_chat_rows_in_a_built_dataset(tmp_path: Path) -> None:
     assert 0 < n_desirable < n_undesirable
     assert 1.0 <= weights["desirable_weight"] * n_desirable / (weights["undesirable_weight"] * n_undesirable) <= 4 / 3
     chat = read_jsonl(tmp_path / "team" / "chat.jsonl")
-    assert [r["id"] for r in chat] == ["e1", "e3"]  # accepted edits only, oldest first
+    # accepted edits only, oldest first; the rejected one (guard 2) is not a chat row
+    assert [r["completion"][0]["content"] for r in chat] == ["```\nv1 + guard 1\n```", "```\nv1 + guard 3\n```"]
     assert chat[0]["prompt"] == [{"role": "user", "content": "Add a guard.\n\nledger/x.py:\n```\nv1\n```"}]
-    assert chat[0]["completion"] == [{"role": "assistant", "content": "```\nv1 + guard 1\n```"}]
+    assert [r["developer"] for r in chat] == ["alice@example.com", "bob@example.com"]
     build_datasets(store, dev("alice@example.com"), DatasetsConfig(min_dev_examples=1, min_train_rows=1,
                                                                    min_heldout_rows=1), tokenizer, tmp_path / "alice")
     store.close()
-    assert [r["id"] for r in read_jsonl(tmp_path / "alice" / "chat.jsonl")] == ["e1"]
+    alice_chat = read_jsonl(tmp_path / "alice" / "chat.jsonl")
+    assert [r["completion"][0]["content"] for r in alice_chat] == ["```\nv1 + guard 1\n```"]
 
 
-def edit(n: int, accepted: bool, developer: str = "alice@example.com") -> dict[str, Any]:
-    return {"id": f"e{n}", "source": "continue", "source_kind": "continue", "event_kind": "editOutcome",
-            "decided_at": T0 + days(n / 10), "developer": developer, "team": "payments", "repo": "acme/payments",
-            "filepath": "file:///home/a/src/payments/ledger/x.py", "accepted": accepted,
-            "instruction": "Add a guard.", "before_text": "v1", "after_text": f"v1 + guard {n}", "model": "m",
-            "ingested_at": T0}

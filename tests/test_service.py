@@ -25,10 +25,14 @@ from support import (
     CommitSpec,
     autocomplete_event,
     continue_log,
+    day_ms,
     devtune_json,
     make_repo,
     run_devtune,
+    tabby_action,
+    tabby_completion,
     write_config,
+    write_lines,
 )
 
 
@@ -56,11 +60,13 @@ class Service:
 def service(tmp_path: Path) -> Iterator[Service]:
     continue_log(tmp_path / "alice", [autocomplete_event(completionId=f"start-{i}") for i in range(3)])
     make_repo(tmp_path / "repo", [CommitSpec({"a.py": "A = 1\n"}, when=T0)])
+    (tmp_path / "tabby" / "events").mkdir(parents=True)
     setup = write_config(tmp_path / "site", [
         {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": "alice@example.com"},
+        {"kind": "tabby", "path": str(tmp_path / "tabby"), "name": "tabby"},
         {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}],
         overrides={"collect": {"interval_s": 3600.0, "debounce_s": 0.3},
-                   "schedule": {"cycle_cron": "0 3 1 1 *"}})
+                   "schedule": {"cycle_cron": "0 3 1 1 *"}, "continue_http": {"enabled": True}})
     # AF_UNIX paths are limited to 108 bytes: keep the socket out of pytest's long tmp paths.
     sock_dir = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
     sock_path = os.path.join(sock_dir, "notify")
@@ -106,6 +112,12 @@ def test_service_lifecycle(service: Service, tmp_path: Path) -> None:
     continue_log(tmp_path / "alice", [autocomplete_event(completionId="live-1")], append=True)
     wait_until(lambda: service.status()["suggestions"]["total"] == 4)
 
+    # A new Tabby day file is picked up too (a completion and its view: one shown suggestion).
+    day = "2026-10-01"
+    write_lines(tmp_path / "tabby" / "events" / f"{day}.json",
+                [tabby_completion("cmpl-live", day_ms(day, 1)), tabby_action("view", "cmpl-live", day_ms(day, 2))])
+    wait_until(lambda: service.status()["suggestions"]["total"] == 5)
+
     collect = run_devtune("--config", str(service.config), "collect")
     assert collect.returncode == 0 and "nothing new" in collect.stdout
 
@@ -124,3 +136,27 @@ def test_service_lifecycle(service: Service, tmp_path: Path) -> None:
     from pipelines.store import Store
 
     Store.open(service.state_dir / "store.duckdb").close()
+
+
+def test_an_event_posted_by_continue_survives_a_kill_right_after_the_answer(service: Service) -> None:
+    service.wait_for("READY=1")
+    url = json.loads((service.state_dir / "service.json").read_text())["url"]
+    token = (service.state_dir / "continue.token").read_text().strip()
+    body = {"name": "autocomplete", "data": autocomplete_event(completionId="posted-then-killed"),
+            "schema": "0.2.0", "level": "all", "profileId": "local"}
+    req = urllib.request.Request(url + "/continue/devdata", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    service.proc.kill()  # SIGKILL at once: no debounced collect can have run (debounce_s = 0.3)
+    service.proc.wait()
+    collect = run_devtune("--config", str(service.config), "collect", "--json")
+    assert collect.returncode == 0, collect.stderr
+    from pipelines.store import Store
+
+    store = Store.open(service.state_dir / "store.duckdb")
+    try:
+        ids = {r[0] for r in store.con.execute("SELECT id FROM suggestions").fetchall()}
+    finally:
+        store.close()
+    assert "posted-then-killed" in ids

@@ -1,0 +1,122 @@
+"""Git harvest (commits, per-file zero-context diffs and file contents, scrubbed, into DuckDB) against a bare
+`git log -p` over the same history, both in one run.
+
+    python bench/git_harvest.py --repo /path/to/a/real/repository
+    python bench/git_harvest.py                      # builds a history from real source files (see below)
+
+With no --repo the script builds one: a repository whose commits replay real Python files (the
+installed packages' sources) in a realistic pattern: each commit adds or rewrites 1-4 files, most by
+changing a span of lines, some by adding a whole file, by a handful of authors over two years.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon import jobs
+from daemon.config import load_config, render_config
+from pipelines.store import Store
+
+AUTHORS = [("Alice", "alice@example.com"), ("Bob", "bob@example.com"), ("Chen", "chen@example.com"),
+           ("Dana", "dana@example.com"), ("Eve", "eve@example.com")]
+
+
+def build_repo(path: Path, n_commits: int) -> None:
+    rng = random.Random(5)
+    site = Path(sysconfig.get_paths()["purelib"])
+    sources = [p for p in sorted(site.rglob("*.py")) if 2_000 < p.stat().st_size < 60_000][:4000]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in sources]
+    path.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    # git fast-import writes the whole history in one process (a `git commit` per commit would take minutes).
+    stream = []
+    files: dict[str, list[str]] = {}
+    t0 = 1_700_000_000
+    for i in range(n_commits):
+        name, email = rng.choice(AUTHORS)
+        when = t0 + i * 1800 + rng.randint(0, 900)
+        changes = []
+        for _ in range(rng.randint(1, 4)):
+            if not files or rng.random() < 0.15:
+                k = rng.randrange(len(texts))
+                rel = f"pkg{k % 40}/{sources[k].name}"
+                files[rel] = texts[k].splitlines(keepends=True)
+            else:
+                rel = rng.choice(sorted(files))
+                lines = files[rel]
+                donor = rng.choice(texts).splitlines(keepends=True)
+                at = rng.randrange(max(1, len(lines)))
+                span = rng.randint(1, 12)
+                start = rng.randrange(max(1, len(donor) - span))
+                lines[at:at + rng.randint(0, 6)] = donor[start:start + span]
+            changes.append(rel)
+        msg = f"change {i}: {', '.join(sorted(set(changes)))}\n".encode()
+        stream.append(f"commit refs/heads/main\nauthor {name} <{email}> {when} +0000\n"
+                      f"committer {name} <{email}> {when} +0000\ndata {len(msg)}\n".encode() + msg)
+        for rel in sorted(set(changes)):
+            data = "".join(files[rel]).encode()
+            stream.append(f"M 100644 inline {rel}\ndata {len(data)}\n".encode() + data + b"\n")
+    subprocess.run(["git", "fast-import", "--quiet"], input=b"".join(stream), cwd=path, check=True)
+    subprocess.run(["git", "checkout", "-q", "main"], cwd=path, check=True)
+
+
+def bare_git_log(repo: Path) -> float:
+    started = time.monotonic()
+    with open(os.devnull, "wb") as null:
+        subprocess.run(["git", "log", "-p", "HEAD"], cwd=repo, stdout=null, check=True)
+    return time.monotonic() - started
+
+
+def harvest(repo: Path, site: Path) -> tuple[float, dict[str, object]]:
+    site.mkdir(parents=True)
+    config = site / "config.toml"
+    config.write_text(render_config({"": {"state_dir": "state"}},
+                                    sources=[{"kind": "git", "path": str(repo), "name": "bench"}]))
+    cfg = load_config(config)
+    started = time.monotonic()
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    result = jobs.collect(store, cfg)
+    report = jobs.status(store, cfg)
+    store.close()
+    assert result["error"] is None, result["error"]
+    return time.monotonic() - started, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--repo", type=Path, help="a repository to harvest (default: build one)")
+    parser.add_argument("--commits", type=int, default=5000, help="commits of the built repository")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/devtune-bench-git"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    repo = args.repo
+    if repo is None:
+        repo = args.workdir / f"repo-{args.commits}"
+        if not repo.exists():
+            print(f"building a {args.commits:,}-commit repository from real source files in {repo}", flush=True)
+            build_repo(repo, args.commits)
+    shutil.rmtree(args.workdir / "site", ignore_errors=True)
+    n = int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=repo, capture_output=True, text=True,
+                           check=True).stdout)
+    bare_git_log(repo)  # warm the page cache and git's pack index once
+    base_s = bare_git_log(repo)
+    print(f"git log -p:       {n:,} commits in {base_s:.2f}s", flush=True)
+    ours_s, report = harvest(repo, args.workdir / "site")
+    print(f"devtune harvest:  {report['commits']['total']:,} commits in {ours_s:.2f}s "  # type: ignore[index]
+          f"(files, diffs and contents stored, scrubbed {report['scrubbed']})", flush=True)
+    print(f"ratio (devtune / git log -p time): {ours_s / base_s:.2f}x  (goal <= 3x)")
+
+
+if __name__ == "__main__":
+    main()

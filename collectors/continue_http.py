@@ -1,0 +1,121 @@
+"""Continue's HTTP `data:` destination, as an inbox of day files the service appends to (FORMATS.md §1.7).
+
+Continue POSTs one event per request and never retries, so the service must not answer 2xx before the
+event is safe. It appends the event to `<inbox>/YYYY-MM-DD.jsonl` (UTC day of receipt) and fsyncs before
+answering; this collector then reads those files like any other log, from a saved cursor, through the
+same `continue_dev.parse_event` as the files Continue writes itself. So a crash right after the answer
+loses nothing, and an event that arrives both ways is stored once (same completionId or content key).
+
+Inbox line: {"received_at": ISO-8601 UTC, "developer": the X-Developer header or "", "body": the POST body}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from collectors.base import Batch, Cursor, EditOutcome, Interaction, Limits, LineParser, RawEvent, Suggestion
+from collectors.continue_dev import EVENT_NAMES, parse_event, parse_timestamp
+from collectors.jsonl import collect_lines, decode_object
+
+DAY_FILE = re.compile(r"^\d{4}-\d{2}-\d{2}\.jsonl$")
+SCHEMAS = ("0.1.0", "0.2.0")
+LEVELS = ("all", "noCode")
+# Bytes an inbox line adds around a body: the received_at and developer fields and the braces.
+LINE_OVERHEAD_BYTES = 512
+
+_append_lock = threading.Lock()
+
+
+class ContinueHttpCollector:
+    kind = "continue_http"
+
+    def streams(self, root: Path) -> list[str]:
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if DAY_FILE.match(p.name) and p.is_file())
+
+    def collect(self, root: Path, stream: str, cursor: Cursor | None, limits: Limits) -> Iterator[Batch]:
+        yield from collect_lines(root / stream, stream, cursor, limits, parse_line)
+
+    def line_parser(self, root: Path, stream: str) -> LineParser:
+        return parse_line
+
+
+def check_body(raw: bytes) -> dict[str, Any] | str:
+    """A POST body as Continue sends it, or what is wrong with it (answered as 400)."""
+    body = decode_object(raw)
+    if isinstance(body, str):
+        return f"body is {body}"
+    name, data = body.get("name"), body.get("data")
+    if not isinstance(name, str) or not isinstance(data, dict):
+        return "body must be {\"name\": <event name>, \"data\": {...}, \"schema\": ..., \"level\": ...}"
+    schema, level = body.get("schema", "0.2.0"), body.get("level", "all")
+    if schema not in SCHEMAS:
+        return f"schema {schema!r} is not one Continue defines ({', '.join(SCHEMAS)})"
+    if level not in LEVELS:
+        return f"level {level!r} is not one Continue defines ({', '.join(LEVELS)})"
+    return body
+
+
+def wanted(body: dict[str, Any]) -> bool:
+    """Whether devtune stores events of this body's kind (the others are answered 200 and not kept)."""
+    return body["name"] in EVENT_NAMES
+
+
+def append_to_inbox(inbox: Path, body: dict[str, Any], developer: str, received_at: datetime) -> Path:
+    """Append one event to today's inbox file and fsync it (and the folder, for a new file) before returning."""
+    line = orjson.dumps({"received_at": received_at.isoformat(timespec="milliseconds") + "Z",
+                         "developer": developer, "body": body}) + b"\n"
+    path = inbox / f"{received_at:%Y-%m-%d}.jsonl"
+    with _append_lock:  # one writer at a time keeps lines whole (the server is threaded)
+        new = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            dir_fd = os.open(inbox, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    return path
+
+
+def parse_line(raw: bytes) -> tuple[RawEvent, ...] | str:
+    """One inbox line: the body's event through the Continue parser, attributed to the X-Developer header."""
+    obj = decode_object(raw)
+    if isinstance(obj, str):
+        return obj
+    received = parse_timestamp(obj.get("received_at"), None)
+    if isinstance(received, str):
+        return f"inbox line: {received}"
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        return "inbox line: field 'body' must be an object"
+    checked = check_body(orjson.dumps(body))
+    if isinstance(checked, str):
+        return f"inbox line: {checked}"
+    parsed = parse_event(checked["name"], checked["data"], received, checked.get("level", "all"))
+    developer = obj.get("developer")
+    if isinstance(parsed, str) or not isinstance(developer, str) or not developer:
+        return parsed
+    # The header names the person; it comes first, ahead of Continue's own (usually empty) userId.
+    return tuple(_attributed(e, developer) for e in parsed)
+
+
+def _attributed(event: RawEvent, developer: str) -> RawEvent:
+    if isinstance(event, Suggestion | EditOutcome | Interaction):
+        return dataclasses.replace(event, user_ids=(developer, *event.user_ids))
+    return event
