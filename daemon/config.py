@@ -109,6 +109,8 @@ class TrainConfig:
     preference_epochs: float = key(1.0, "DPO/KTO passes over the rows (ignored when preference_max_steps > 0)")
     preference_max_steps: int = key(0, "DPO/KTO optimizer steps; 0 = derive from preference_epochs")
     beta: float = key(0.1, "DPO/KTO beta: how far the adapter may move from where the stage started")
+    preference_sft_weight: float = key(1.0, "weight of the chosen/desirable completions' NLL added to the DPO/KTO "
+                                       "loss (keeps them likely; 0 = pure DPO/KTO)")
     warm_start: bool = key(True, "continue from the scope's served adapter on new rows plus a replay sample; "
                            "false = full retrain from the base model on all rows")
     replay_share: float = key(0.25, "share of a warm-started run's rows drawn from rows the served adapter saw")
@@ -387,6 +389,7 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("train", "logging_steps", 1, None), ("train", "min_preference_rows", 1, None),
     ("train", "preference_learning_rate", 1e-8, 1.0), ("train", "preference_epochs", 0.01, None),
     ("train", "preference_max_steps", 0, None), ("train", "beta", 1e-4, 100), ("train", "replay_share", 0, 0.9),
+    ("train", "preference_sft_weight", 0, 100),
     ("train", "gpus_per_run", 1, 64), ("train", "checkpoint_every_steps", 1, None),
     ("train", "resume_attempts", 0, None),
     ("evaluate", "batch_size", 1, None), ("evaluate", "max_rows", 1, None), ("evaluate", "generate_rows", 0, None),

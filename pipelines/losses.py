@@ -78,20 +78,31 @@ def sft_loss(lm: LM, batch: Batch, step_targets: float) -> torch.Tensor:
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid DPO loss per pair, and whether the implicit reward ranks the pair right."""
+             ref_rejected: torch.Tensor, beta: float, chosen_tokens: torch.Tensor,
+             sft_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO loss per pair plus `sft_weight` x the chosen completion's NLL per token (RPO, Pang et al.
+    2024), and whether the implicit reward ranks the pair right.
+
+    Pure DPO only widens the gap between chosen and rejected, and lowers both likelihoods doing it: on the
+    tiny model (tests/runs.py rows, 12 steps at lr 3e-3 after SFT) it took held-out loss from 1.23 to 1.61,
+    edit similarity from 0.87 to 0.64 and exact match from 0.29 to 0, an adapter the gate would refuse.
+    With the NLL term (weight 1) the same steps gave 1.19, 0.87 and 0.29, and preference accuracy rose
+    from 0.75 to 0.92 (0.88 without it).
+    """
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin), (margin > 0).float()
+    return -F.logsigmoid(beta * margin) - sft_weight * policy_chosen / chosen_tokens, (margin > 0).float()
 
 
 def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
-             desirable_weight: float, undesirable_weight: float) -> torch.Tensor:
-    """KTO loss per row (Ethayarajh et al. 2024): value of the reward relative to the KL reference point.
+             desirable_weight: float, undesirable_weight: float, tokens: torch.Tensor,
+             sft_weight: float) -> torch.Tensor:
+    """KTO loss per row (Ethayarajh et al. 2024): value of the reward relative to the KL reference point,
+    plus `sft_weight` x the NLL per token of desirable rows (as for DPO above).
 
     `kl` is the step's detached estimate of KL(policy || reference), from mismatched prompt/completion
     pairs, clamped at 0 as in the paper and TRL.
     """
     reward = policy - ref
-    good = desirable_weight * (1 - torch.sigmoid(beta * (reward - kl)))
+    good = desirable_weight * (1 - torch.sigmoid(beta * (reward - kl))) - sft_weight * policy / tokens
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - reward)))
     return torch.where(desirable, good, bad)

@@ -295,7 +295,9 @@ def dpo_stage(rows: list[dict[str, Any]], tokenizer: Any, max_tokens: int, cfg: 
         batch = collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], pad_id, rt.device)
         logps = sequence_logps(lm, batch)
         at = torch.tensor(idx, device=rt.device)
-        per_pair, right = dpo_loss(logps[: len(idx)], logps[len(idx):], ref[at], ref[at + n], cfg.beta)
+        chosen_tokens = torch.tensor([pairs[i][0].n_target for i in idx], device=rt.device, dtype=logps.dtype)
+        per_pair, right = dpo_loss(logps[: len(idx)], logps[len(idx):], ref[at], ref[at + n], cfg.beta,
+                                   chosen_tokens, cfg.preference_sft_weight)
         return Micro(loss=per_pair.sum() / pairs_in_step, tokens=batch.tokens, metric_sum=float(right.sum()))
 
     return fit(stage, model, loss, lambda idx: float(len(idx)), settings, rt)
@@ -333,8 +335,10 @@ def kto_stage(rows: list[dict[str, Any]], weights: dict[str, float], tokenizer: 
     def loss(idx: list[int], rows_in_step: float) -> Micro:
         batch = collate([kept[i][0] for i in idx], pad_id, rt.device)
         at = torch.tensor(idx, device=rt.device)
-        per_row = kto_loss(sequence_logps(lm, batch), ref[at], desirable[at], kl["value"], cfg.beta,
-                           weights["desirable_weight"], weights["undesirable_weight"])
+        logps = sequence_logps(lm, batch)
+        tokens = torch.tensor([kept[i][0].n_target for i in idx], device=rt.device, dtype=logps.dtype)
+        per_row = kto_loss(logps, ref[at], desirable[at], kl["value"], cfg.beta, weights["desirable_weight"],
+                           weights["undesirable_weight"], tokens, cfg.preference_sft_weight)
         return Micro(loss=per_row.sum() / rows_in_step, tokens=batch.tokens)
 
     return fit(stage, model, loss, lambda idx: float(len(idx)), settings, rt, begin_step=begin_step)

@@ -78,7 +78,7 @@ def test_kto_runs_when_only_unpaired_labels_exist_and_chat_rows_need_a_template(
 
 
 def test_kill_9_mid_training_then_rerun_resumes_from_the_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
-    cfg = train_config(max_steps=60, checkpoint_every_steps=4, lora_dropout=0.1)
+    cfg = train_config(max_steps=200, checkpoint_every_steps=4, lora_dropout=0.1)
     files = {"sft.jsonl": fim_rows(64, seed=6)}
     run_dir = make_run(tmp_path / "killed", tiny_model, cfg, files)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.train", str(run_dir)], cwd=ROOT, start_new_session=True,
@@ -88,7 +88,7 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_checkpoint(tmp_path: Pa
     while not list(checkpoints.glob("step-*")) or _step(run_dir) < 9:
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (run_dir / "adapter").exists() and not (run_dir / "train.json").exists()
@@ -97,8 +97,8 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_checkpoint(tmp_path: Pa
 
     result = run_module("pipelines.train", run_dir)
     metrics = json.loads((run_dir / "train.json").read_text())
-    assert metrics["resumed_from_step"] == {"sft": saved} and metrics["steps"] == 60
-    assert f"stage sft resumes at step {saved}/60" in result.stdout
+    assert metrics["resumed_from_step"] == {"sft": saved} and metrics["steps"] == 200
+    assert f"stage sft resumes at step {saved}/200" in result.stdout
     # The resumed run ends where an uninterrupted one does: same data order, optimizer state, dropout RNG.
     whole = make_run(tmp_path / "whole", tiny_model, cfg, files)
     run_module("pipelines.train", whole)
@@ -167,7 +167,7 @@ def test_out_of_memory_halves_the_micro_batch_or_says_what_to_do(tmp_path: Path,
     (run_dir / "config.json").write_text(json.dumps(config))
     result = subprocess.run([sys.executable, "-c", OOM_WRAPPER, str(run_dir), str(budget_mb)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "2"})
+                            env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     if fits:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         metrics = json.loads((run_dir / "train.json").read_text())
