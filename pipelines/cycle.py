@@ -27,7 +27,7 @@ from pipelines.datasets import build_datasets
 from pipelines.gate import EvalReport, gate
 from pipelines.ingest import Directory, collect_all
 from pipelines.progress import format_seconds
-from pipelines.replay import new_rows
+from pipelines.replay import latest_ts, new_rows
 from pipelines.rundir import RunConfig, read_json, read_rows
 from pipelines.scope import Scope
 from pipelines.store import Store
@@ -80,16 +80,16 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
         summary["dataset"] = dataset.as_dict()
         if dataset.skipped:
             return skip(store, run_id, name, summary, "dataset", dataset.skipped)
-        # What the adapter being replaced has already seen: the served team adapter's rows, or for a
-        # developer their own adapter's (their run repeats all rows, but only when something changed).
-        own = start.champion if start.champion is not None and start.champion.scope == name else None
-        seen = start.data_until if scope.kind == "team" else (_data_until(own) if own else None)
-        fresh = sum(new_rows(read_rows(run_dir / "data" / f), seen)
-                    for f in ("sft.jsonl", "chat.jsonl", "dpo.jsonl", "kto.jsonl"))
-        if start.init is not None and fresh == 0 and not (scope.kind == "dev" and _init_changed(start)):
+        data = [read_rows(run_dir / "data" / f) for f in ("sft.jsonl", "chat.jsonl", "dpo.jsonl", "kto.jsonl")]
+        fresh = sum(new_rows(r, start.data_until) for r in data)
+        if scope.kind == "team" and start.init is not None and not fresh:
             return skip(store, run_id, name, summary, "dataset",
-                        f"no rows newer than {own.version if own else start.init.version}'s (up to {seen}) and "
-                        "nothing else changed: nothing new to learn; [train] warm_start = false retrains anyway")
+                        f"no rows newer than {start.init.version}'s (up to {start.data_until}): nothing new to "
+                        "learn; [train] warm_start = false retrains anyway")
+        if scope.kind == "dev":
+            why = unchanged_developer(store, name, start, latest_ts(*data))
+            if why:
+                return skip(store, run_id, name, summary, "dataset", why)
         summary["start"] = {"champion": _describe(start.champion), "init": _describe(start.init),
                             "data_until": start.data_until, "new_rows": fresh}
         RunConfig(run_id=run_id, scope=name, base_model=cfg.base_model, max_row_tokens=cfg.datasets.max_row_tokens,
@@ -163,13 +163,25 @@ def _data_until(served: registry.Served) -> str | None:
     return until
 
 
-def _init_changed(start: Start) -> bool:
-    """A developer's run is worth repeating on the same rows when their team's adapter changed since their
-    own adapter was trained (or they have none)."""
-    if start.champion is None or start.init is None or start.champion.scope == start.init.scope:
-        return True
-    trained_from = (start.champion.lineage.get("init") or {}).get("version")
-    return bool(trained_from != start.init.version)
+def unchanged_developer(store: Store, scope: str, start: Start, newest: str | None) -> str:
+    """Why a developer's run would only repeat the last one, or "".
+
+    A developer's run trains on all their rows from the team's current adapter, so it is worth running when
+    either changed since their last run: a new team version, or rows newer than that run saw.
+    """
+    last = next((r for r in store.latest_runs_by_scope(with_gate=True) if r["scope"] == scope), None)
+    if last is None or start.init is None:
+        return ""
+    before = last["summary"]
+    started_from = (before.get("start") or {}).get("init") or {}
+    seen = (before.get("train") or {}).get("data_until")
+    if started_from.get("scope") != start.init.scope or started_from.get("version") != start.init.version:
+        return ""
+    if newest is not None and (seen is None or newest > seen):
+        return ""
+    outcome = f"promoted {before['version']}" if before.get("version") else "kept the champion"
+    return (f"nothing changed since run {last['run_id']} ({outcome}): {start.init.scope} still serves "
+            f"{start.init.version} and no row is newer than {seen}")
 
 
 def _describe(served: registry.Served | None) -> dict[str, str] | None:
