@@ -81,3 +81,9 @@ def test_report_round_trips_through_json_and_reads_old_reports() -> None:
     old = EvalReport.from_dict({"rows": 3, "tokens": 9, "base": {"heldout_loss": 5.0},
                                 "candidate": {"heldout_loss": 4.0}, "served": None})
     assert old.candidate.edit_similarity is None and old.generated_rows == 0
+
+
+def test_length_is_not_compared_with_a_base_model_that_never_stops() -> None:
+    # the base ran to max_new_tokens on every row (ratio 1.12); the candidate stops, at a quarter of it
+    d = gate(report(score(5.1, es=0.11, length=64.0), score(1.56, es=0.24, length=15.0)), GateConfig())
+    assert d.promote, d.reasons
