@@ -23,6 +23,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,17 @@ def pick_device(device: str) -> str:
 def runtime(cfg: TrainConfig) -> Runtime:
     """This process's device and rank: one process, or one of several under `accelerate launch`/`torchrun`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from accelerate import PartialState
-
-        state = PartialState()  # joins the process group the launcher set up (NCCL on CUDA)
-        device, rank = state.device, state.process_index
-    else:
-        device, rank = torch.device(pick_device(cfg.device)), 0
+    kind = pick_device(cfg.device)
+    device = torch.device(kind, int(os.environ.get("LOCAL_RANK", "0"))) if kind == "cuda" else torch.device(kind)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
+    rank = 0
+    if world > 1:
+        # The launcher (accelerate launch, torchrun) set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
+        rank = torch.distributed.get_rank()
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return Runtime(device=device, rank=rank, world=world, bf16=bf16)
 
@@ -431,6 +433,9 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_warning()
+    # transformers' own deprecation notices about its internals (e.g. is_gradient_checkpointing, called by
+    # peft): nothing a devtune user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
 
@@ -458,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     log.info("trained %d steps in %s: loss %.4f, %s tokens/s on %s", metrics["steps"],
              format_seconds(metrics["seconds"]), metrics["train_loss"], f"{metrics['tokens_per_s']:,.0f}",
              metrics["device"])

@@ -203,3 +203,42 @@ def test_dpo_pairs_are_held_out_too(strong_run: Path) -> None:
     train = {json.loads(x)["prompt"] for x in (strong_run / "data" / "dpo.jsonl").read_text().splitlines()}
     assert {r["kind"] for r in held} == {"fim", "pair"} and not train & {r["prompt"] for r in held}
     assert pair_rows(1, seed=3, kind="pair")[0]["kind"] == "pair"
+
+
+def test_two_processes_under_torchrun_train_what_one_process_trains_with_both_batches(tmp_path: Path,
+                                                                                    tiny_model: Path) -> None:
+    # The entry point under a launcher (as under `accelerate launch` on GPUs; gloo here): each process
+    # takes half of every step's rows, and the summed gradients equal one process with the whole batch.
+    files = {"sft.jsonl": fim_rows(48, seed=10), "dpo.jsonl": pair_rows(16, seed=11)}
+    settings = {"max_steps": 4, "preference_max_steps": 2, "min_preference_rows": 8, "preference_learning_rate": 3e-3}
+    one = make_run(tmp_path / "one", tiny_model, train_config(batch_size=8, **settings), files)
+    two = make_run(tmp_path / "two", tiny_model, train_config(batch_size=4, **settings), files)
+    run_module("pipelines.train", one)
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "pipelines.train", str(two)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    a, b = json.loads((one / "train.json").read_text()), json.loads((two / "train.json").read_text())
+    assert (a["processes"], b["processes"]) == (1, 2)
+    for x, y in zip(a["stages"], b["stages"], strict=True):
+        assert x["tokens"] == y["tokens"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    single, double = lora(one / "adapter"), lora(two / "adapter")
+    for k in single:
+        torch.testing.assert_close(double[k], single[k], rtol=1e-3, atol=1e-4)
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+    run_dir = make_run(tmp_path / "stopped", tiny_model, train_config(max_steps=400, checkpoint_every_steps=1000),
+                       {"sft.jsonl": fim_rows(32, seed=12)})
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.train", str(run_dir)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while _step(run_dir) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]  # pipelines.train.EXIT_STOPPED
+    saved = [p.name for p in (run_dir / "checkpoints" / "sft").glob("step-*")]
+    assert len(saved) == 1 and 3 <= int(saved[0].split("-")[1]) < 400  # where it stopped, not a scheduled one
+    assert "the next attempt resumes there" in out and not (run_dir / "adapter").exists()
