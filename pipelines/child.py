@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,10 +44,18 @@ def child_command(module: str, args: list[str], processes: int = 1) -> list[str]
     """`python -m <module> <args>`, or the same module under `accelerate launch` with one process per GPU."""
     if processes <= 1:
         return [sys.executable, "-m", module, *args]
-    # Mixed precision is the module's own business (bf16 autocast), so accelerate is told "no".
+    # Mixed precision is the module's own business (bf16 autocast), so accelerate is told "no". Each launch
+    # gets its own rendezvous port: two runs on two GPU slots would otherwise both take 29500.
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-            "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--module", module, *args]
+            "--num_processes", str(processes), "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--module", module, *args]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def run_child(module: str, args: list[str], log_path: Path, timeout_s: float,

@@ -82,3 +82,12 @@ def _wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_several_gpus_per_run_launch_the_same_entry_point_under_accelerate() -> None:
+    from pipelines.child import child_command
+
+    assert child_command("pipelines.train", ["RUN"], 1)[1:] == ["-m", "pipelines.train", "RUN"]
+    launch = child_command("pipelines.train", ["RUN"], 2)
+    assert launch[1:3] == ["-m", "accelerate.commands.launch"] and launch[-3:] == ["--module", "pipelines.train", "RUN"]
+    assert launch[launch.index("--num_processes") + 1] == "2" and int(launch[launch.index("--main_process_port") + 1])

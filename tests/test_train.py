@@ -242,3 +242,23 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path: Path, tiny
     saved = [p.name for p in (run_dir / "checkpoints" / "sft").glob("step-*")]
     assert len(saved) == 1 and 3 <= int(saved[0].split("-")[1]) < 400  # where it stopped, not a scheduled one
     assert "the next attempt resumes there" in out and not (run_dir / "adapter").exists()
+
+
+def test_a_run_whose_service_died_stops_with_a_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+    # kill -9 of the service leaves its training child running (it leads its own process group); the
+    # restarted service resumes the run, so the orphan must stop rather than write into the same folder.
+    run_dir = make_run(tmp_path / "orphan", tiny_model, train_config(max_steps=400, checkpoint_every_steps=1000),
+                       {"sft.jsonl": fim_rows(32, seed=13)})
+    service = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.train", str(run_dir)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "DEVTUNE_SUPERVISOR_PID": str(service.pid)})
+    deadline = time.monotonic() + 120
+    while _step(run_dir) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    service.kill()
+    service.wait()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and f"the service (pid {service.pid}) that started this run is gone" in out
+    assert len(list((run_dir / "checkpoints" / "sft").glob("step-*"))) == 1
