@@ -83,8 +83,9 @@ class Stage:
     micro_batch: int  # rows per micro-batch to start with (a checkpoint's smaller value wins)
     unit: str  # what a row is, for progress: "rows" | "pairs"
     metric: str | None = None  # name of the per-row statistic `loss` returns (e.g. reward_accuracy)
-    # LoRA dropout on. Preference stages turn it off, as TRL does, so the policy's log-likelihoods are
-    # comparable with the reference's (computed without dropout).
+    # LoRA dropout on. Preference stages turn it off (p = 0, as TRL's disable_dropout_in_model does, not
+    # eval mode, which would also turn gradient checkpointing off), so the policy's log-likelihoods are
+    # comparable with the reference's, computed without dropout.
     dropout: bool = True
 
 
@@ -150,7 +151,11 @@ def fit(stage: Stage, model: Any, loss: Loss, normaliser: Callable[[list[int]], 
     tokens = rows_done = backoffs = 0
     losses: list[float] = []
     metric_sum = metric_rows = 0.0
-    model.train(stage.dropout)
+    model.train()
+    if not stage.dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     for step in range(start, total):
         for group in optimizer.param_groups:
             group["lr"] = _lr(stage.learning_rate, step, warmup, total)
