@@ -24,6 +24,7 @@ from daemon.config import Config, ConfigError, find_config, load_config, render_
 from daemon.logs import setup_logging
 from pipelines.datasets import build_datasets
 from pipelines.progress import format_seconds
+from pipelines.registry import RegistryError
 from pipelines.scope import Scope, ScopeError
 from pipelines.store import Store, StoreBusy
 from pipelines.tokens import TokenizerError, load_base_tokenizer
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"devtune: {e}", file=sys.stderr)
         return 2
-    except (StoreBusy, ApiError, TokenizerError) as e:
+    except (StoreBusy, ApiError, TokenizerError, RegistryError) as e:
         print(f"devtune: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
@@ -99,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id", nargs="?", help="one line's id (default: every quarantined line)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quarantine)
+
+    p = sub.add_parser("promote", help="serve VERSION of a scope now (atomic), e.g. promote v0003 --scope "
+                       "team:payments")
+    p.add_argument("version", help="a registered version, e.g. v0003")
+    p.add_argument("--scope", required=True, help="team:NAME or dev:ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="serve again what SCOPE served before its current version (atomic)")
+    p.add_argument("scope", help="team:NAME or dev:ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("run", help="run the service: schedules, file watching, local API (systemd runs this)")
     p.set_defaults(func=cmd_run)
@@ -215,22 +228,35 @@ def _remote_cycle(client: ApiClient, team: str) -> dict[str, Any]:
     summary = run["summary"]
     outcome = {"succeeded": "promoted" if summary.get("version") else "kept"}.get(run["status"], run["status"])
     return {"run_id": run_id, "scope": run["scope"], "outcome": outcome, "version": summary.get("version"),
-            "error": run["error"] if run["status"] == "failed" else None, "summary": summary}
+            "error": run["error"] if run["status"] == "failed" else None, "summary": summary, "developers": []}
 
 
 def describe_cycle(r: dict[str, Any]) -> str:
+    """One line per run: the team's, then each developer's."""
+    lines = [_describe_run(r)] + [_describe_run(d) for d in r.get("developers", [])]
+    return "\n".join(lines)
+
+
+def _describe_run(r: dict[str, Any]) -> str:
     head = f"{r['scope']} run {r['run_id']}: {r['outcome']}"
     s = r["summary"]
     if r["outcome"] in ("failed", "busy"):
         return f"{head}: {r['error']}"
     if r["outcome"] == "skipped":
-        return f"{head}: {s['dataset']['skipped']}"
+        return f"{head}: {s.get('skipped') or s.get('dataset', {}).get('skipped')}"
     ev = s["eval"]
-    line = (f"{head}{' ' + r['version'] if r['version'] else ''}; held-out loss base "
-            f"{ev['base']['heldout_loss']:.4f}, candidate {ev['candidate']['heldout_loss']:.4f}")
-    if ev.get("served"):
-        line += f", served {ev['served']['heldout_loss']:.4f}"
-    return line + f" ({'; '.join(s['gate']['reasons'])})"
+    line = f"{head}{' ' + r['version'] if r['version'] else ''}; " + _scores(ev)
+    return line + f" ({'; '.join(s['gate']['reasons'][:1] if r['version'] else s['gate']['reasons'])})"
+
+
+def _scores(ev: dict[str, Any]) -> str:
+    """"held-out loss base 5.07, candidate 1.58; edit similarity base 0.21, candidate 0.63" (and served)."""
+    names = [n for n in ("base", "served", "candidate") if ev.get(n)]
+    parts = []
+    for key, label in (("heldout_loss", "held-out loss"), ("edit_similarity", "edit similarity")):
+        if all(ev[n].get(key) is not None for n in names):
+            parts.append(f"{label} " + ", ".join(f"{n} {ev[n][key]:.4f}" for n in names))
+    return "; ".join(parts)
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> int:
@@ -340,10 +366,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"unassigned   {u['identity']} ({u['source_kind']}: {u['suggestions']:,} suggestions, "
               f"{u['commits']:,} commits): map it in [[developers]] or [[teams]]")
     for scope, s in report["served"].items():
+        m = s.get("metrics") or {}
+        extra = f", edit similarity {m['edit_similarity']:.3f}" if m.get("edit_similarity") is not None else ""
         print(f"served       {scope} {s['version']}: held-out loss {s['heldout_loss']:.4f} "
-              f"(base {s['base_heldout_loss']:.4f}) at {s['path']}")
+              f"(base {s['base_heldout_loss']:.4f}){extra} at {s['path']}")
     if not report["served"]:
         print("served       nothing yet")
+    for scope, g in report.get("gate", {}).items():
+        verdict = "promoted" if g["promote"] else "kept the champion"
+        print(f"gate         {scope} run {g['run_id']}: {verdict} on {g['primary_metric']}: {'; '.join(g['reasons'])}")
+    for developer, d in report.get("developers", {}).items():
+        print(f"developer    {developer} ({d['team']}) uses {d['adapter'] or 'the base model'}")
+    for q in report.get("training_queue", []):
+        gpus = f" on GPU {','.join(q['gpus'])}" if q["gpus"] else ""
+        print(f"queue        {q['run_id']} {q['scope']} {q['state']}{gpus} since {q['since']}")
     for run in report["runs"][:5]:
         detail = run["error"] or run["summary"].get("version") or ""
         print(f"run          {run['run_id']} {run['status']} ({run['stage']}) {detail}".rstrip())
@@ -402,6 +438,23 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 1 if result["error"] or any(r["outcome"] != "stored" for r in result["results"]) else 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    result = jobs.promote(cfg.state_dir, args.scope, args.version)
+    print(json.dumps(result, indent=2) if args.json else
+          f"{result['scope']} now serves {result['version']} (was {result['previous'] or 'nothing'}): {result['path']}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    result = jobs.rollback(cfg.state_dir, args.scope)
+    print(json.dumps(result, indent=2) if args.json else
+          f"{result['scope']} now serves {result['version'] or 'nothing (its fallback)'} "
+          f"(was {result['previous']})")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service import run_service
 
@@ -429,8 +482,9 @@ def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float,
     s = result["summary"]
     collected = {r["source"]: r for r in s["collect"]}
     ds, tr, ev = s["dataset"], s["train"], s["eval"]
-    base, cand = ev["base"]["heldout_loss"], ev["candidate"]["heldout_loss"]
+    base, cand = ev["base"], ev["candidate"]
     served = report["served"].get(result["scope"])
+    stages = ", ".join(f"{st['name']} {st['steps']} steps" for st in tr["stages"])
     lines = [
         "",
         f"collected   {report['suggestions']['total']:,} Continue suggestions "
@@ -440,14 +494,22 @@ def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float,
         f"dataset     {ds['train_rows']:,} training rows "
         f"({', '.join(f'{k} {v}' for k, v in sorted(ds['counts']['train'].items()))}), "
         f"{ds['heldout_rows']:,} held-out rows (the most recent)",
-        f"training    {tr['steps']} steps in {format_seconds(tr['seconds'])}, {tr['tokens_per_s']:,.0f} tokens/s "
+        f"training    {stages} in {format_seconds(tr['seconds'])}, {tr['tokens_per_s']:,.0f} tokens/s "
         f"on {tr['device']}",
-        f"held-out    loss per token: base {base:.4f} -> candidate {cand:.4f} ({(cand - base) / base:+.1%})",
+        f"held-out    loss per token: base {base['heldout_loss']:.4f} -> candidate {cand['heldout_loss']:.4f} "
+        f"({(cand['heldout_loss'] - base['heldout_loss']) / base['heldout_loss']:+.1%})",
     ]
+    if cand.get("edit_similarity") is not None:
+        lines.append(f"completions {ev['generated_rows']} held-out middles generated: edit similarity "
+                     f"{base['edit_similarity']:.3f} -> {cand['edit_similarity']:.3f}, exact match "
+                     f"{base['exact_match']:.1%} -> {cand['exact_match']:.1%}, length {cand['generated_tokens']:.1f} "
+                     f"tokens (kept middles {ev['reference_tokens']:.1f})")
     if result["version"] and served:
         lines.append(f"promoted    {result['scope']} {result['version']} -> {served['path']}")
     else:
         lines.append(f"not promoted: {'; '.join(s['gate']['reasons'])}")
+    for d in result.get("developers", []):
+        lines.append(f"developer   {_describe_run(d)}")
     lines.append(f"total       {format_seconds(seconds)}; now try: devtune --config {config_path} status")
     return "\n".join(lines)
 

@@ -19,6 +19,8 @@ from typing import Any
 SOURCE_KINDS = ("continue", "tabby", "git")
 HTTP_SOURCE = "continue-http"  # the source name of Continue's HTTP destination inbox ([continue_http])
 DEVICES = ("auto", "cpu", "cuda")
+PREFERENCE_STAGES = ("auto", "dpo", "kto", "none")
+GATE_METRICS = ("edit_similarity", "exact_match", "heldout_loss", "preference_accuracy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG_PATHS = ("config.toml", "/etc/devtune/config.toml")
 
@@ -129,29 +131,61 @@ class TrainConfig:
     lora_dropout: float = key(0.05, "dropout on the LoRA path (regularises small datasets)")
     target_modules: tuple[str, ...] = key(
         ("all-linear",), "modules that get adapters; \"all-linear\" = every linear layer but the LM head")
-    learning_rate: float = key(2e-4, "peak AdamW learning rate")
-    epochs: float = key(1.0, "passes over the training rows (ignored when max_steps > 0)")
-    max_steps: int = key(0, "optimizer steps; 0 = derive from epochs")
-    batch_size: int = key(8, "sequences per device per micro-step")
-    grad_accum_steps: int = key(1, "micro-steps per optimizer step")
-    warmup_ratio: float = key(0.03, "share of steps spent warming the learning rate up")
+    learning_rate: float = key(2e-4, "peak AdamW learning rate of the SFT stage")
+    epochs: float = key(1.0, "SFT passes over the training rows (ignored when max_steps > 0)")
+    max_steps: int = key(0, "SFT optimizer steps; 0 = derive from epochs")
+    batch_size: int = key(8, "sequences per device per micro-step (halved automatically on out-of-memory)")
+    grad_accum_steps: int = key(1, "micro-steps per optimizer step (doubled when batch_size is halved)")
+    warmup_ratio: float = key(0.03, "share of each stage's steps spent warming the learning rate up")
     weight_decay: float = key(0.0, "AdamW weight decay")
+    preference: str = key("auto", "stage after SFT: \"auto\" (DPO if dpo.jsonl has enough pairs, else KTO), "
+                          "\"dpo\", \"kto\" or \"none\"")
+    min_preference_rows: int = key(16, "the DPO or KTO stage runs only with at least this many rows")
+    preference_learning_rate: float = key(5e-5, "peak learning rate of the DPO/KTO stage")
+    preference_epochs: float = key(1.0, "DPO/KTO passes over the rows (ignored when preference_max_steps > 0)")
+    preference_max_steps: int = key(0, "DPO/KTO optimizer steps; 0 = derive from preference_epochs")
+    beta: float = key(0.1, "DPO/KTO beta: how far the adapter may move from where the stage started")
+    preference_sft_weight: float = key(1.0, "weight of the chosen/desirable completions' NLL added to the DPO/KTO "
+                                       "loss (keeps them likely; 0 = pure DPO/KTO)")
+    warm_start: bool = key(True, "continue from the scope's served adapter on new rows plus a replay sample; "
+                           "false = full retrain from the base model on all rows")
+    replay_share: float = key(0.25, "share of a warm-started run's rows drawn from rows the served adapter saw")
+    dev_adapters: bool = key(True, "after a team's cycle, train a personal adapter for each of its developers "
+                             "with enough data, starting from the team's adapter")
     device: str = key("auto", "\"auto\" (cuda when present), \"cuda\" or \"cpu\"")
+    qlora: bool = key(False, "CUDA only: load the base model in 4-bit NF4 (needs bitsandbytes) to fit larger models")
+    gradient_checkpointing: bool = key(False, "CUDA only: recompute activations in backward (less memory, ~30% "
+                                       "slower); never used on CPU")
+    gpus_per_run: int = key(1, "GPUs one training run uses; more than 1 runs it under `accelerate launch`")
+    checkpoint_every_steps: int = key(50, "save a resumable checkpoint this often (a kill loses at most this many)")
+    resume_attempts: int = key(3, "later cycles resume an interrupted run from its checkpoint this many times")
     train_timeout_s: float = key(4 * 3600.0, "a training run still going after this is stopped and failed")
     logging_steps: int = key(10, "write progress every this many optimizer steps")
-    seed: int = key(0, "seed for LoRA init and data order")
+    seed: int = key(0, "seed for LoRA init, data order and replay sampling")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = key(8, "held-out rows per forward pass")
+    batch_size: int = key(8, "held-out rows per forward pass when scoring loss")
     max_rows: int = key(1000, "held-out rows scored per model (the most recent first)")
+    generate_rows: int = key(200, "held-out FIM rows completed by each model for exact match and edit similarity")
+    generate_batch_size: int = key(16, "prompts completed together (left-padded) in one generate call")
+    max_new_tokens: int = key(64, "longest generated middle, in tokens")
     eval_timeout_s: float = key(3600.0, "an evaluation still going after this is stopped and failed")
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    min_improvement: float = key(0.01, "promote only when held-out loss is this fraction below the champion's")
+    primary_metric: str = key("edit_similarity", "what must improve: edit_similarity, exact_match, heldout_loss "
+                              "or preference_accuracy")
+    min_improvement: float = key(0.01, "the primary metric must beat the champion's by this much, in its own units "
+                                 "(heldout_loss: nats/token lower)")
+    heldout_loss_tolerance_rel: float = key(0.02, "guardrail: held-out loss may rise at most this fraction")
+    edit_similarity_tolerance: float = key(0.01, "guardrail: edit similarity may drop at most this much")
+    exact_match_tolerance: float = key(0.02, "guardrail: exact match may drop at most this much")
+    preference_accuracy_tolerance: float = key(0.02, "guardrail: replay preference accuracy may drop at most this")
+    generated_length_tolerance: float = key(0.2, "guardrail: generated/reference length ratio may fall at most "
+                                            "this below the champion's (capped at 1)")
 
 
 @dataclass(frozen=True)
@@ -423,9 +457,18 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("train", "learning_rate", 1e-8, 1.0), ("train", "epochs", 0.01, None), ("train", "max_steps", 0, None),
     ("train", "batch_size", 1, None), ("train", "grad_accum_steps", 1, None),
     ("train", "warmup_ratio", 0, 0.5), ("train", "weight_decay", 0, 1), ("train", "train_timeout_s", 1, None),
-    ("train", "logging_steps", 1, None),
-    ("evaluate", "batch_size", 1, None), ("evaluate", "max_rows", 1, None),
+    ("train", "logging_steps", 1, None), ("train", "min_preference_rows", 1, None),
+    ("train", "preference_learning_rate", 1e-8, 1.0), ("train", "preference_epochs", 0.01, None),
+    ("train", "preference_max_steps", 0, None), ("train", "beta", 1e-4, 100), ("train", "replay_share", 0, 0.9),
+    ("train", "preference_sft_weight", 0, 100),
+    ("train", "gpus_per_run", 1, 64), ("train", "checkpoint_every_steps", 1, None),
+    ("train", "resume_attempts", 0, None),
+    ("evaluate", "batch_size", 1, None), ("evaluate", "max_rows", 1, None), ("evaluate", "generate_rows", 0, None),
+    ("evaluate", "generate_batch_size", 1, None), ("evaluate", "max_new_tokens", 1, 4096),
     ("evaluate", "eval_timeout_s", 1, None), ("gate", "min_improvement", -1, 1),
+    ("gate", "heldout_loss_tolerance_rel", 0, 10), ("gate", "edit_similarity_tolerance", 0, 1),
+    ("gate", "exact_match_tolerance", 0, 1), ("gate", "preference_accuracy_tolerance", 0, 1),
+    ("gate", "generated_length_tolerance", 0, 10),
     ("api", "port", 0, 65535), ("api", "lock_timeout_s", 0, None),
     ("continue_http", "max_body_bytes", 1024, None),
 ]
@@ -446,6 +489,19 @@ def _check_ranges(cfg: Config) -> list[str]:
                       "lower it or raise max_line_bytes")
     if cfg.train.device not in DEVICES:
         errors.append(f"[train] device = {_show(cfg.train.device)}: use one of {', '.join(DEVICES)}")
+    if cfg.train.preference not in PREFERENCE_STAGES:
+        errors.append(f"[train] preference = {_show(cfg.train.preference)}: use one of {', '.join(PREFERENCE_STAGES)}")
+    if cfg.gate.primary_metric not in GATE_METRICS:
+        errors.append(f"[gate] primary_metric = {_show(cfg.gate.primary_metric)}: use one of {', '.join(GATE_METRICS)}")
+    if cfg.train.qlora and cfg.train.device == "cpu":
+        errors.append('[train] qlora = true needs CUDA (bitsandbytes 4-bit kernels): set device = "auto" or '
+                      '"cuda", or qlora = false on a CPU machine')
+    if cfg.train.gpus_per_run > 1 and cfg.train.device == "cpu":
+        errors.append(f"[train] gpus_per_run = {cfg.train.gpus_per_run} with device = \"cpu\": set gpus_per_run = 1 "
+                      "or use CUDA")
+    if any(m in ("lm_head", "embed_out", "output") for m in cfg.train.target_modules):
+        errors.append(f"[train] target_modules = {_show(list(cfg.train.target_modules))}: the LM head cannot get an "
+                      "adapter (training computes its logits only where the loss needs them); remove it")
     return errors
 
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from daemon.config import Config
-from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles
+from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, training_queue
+from pipelines import registry
 from pipelines.cycle import run_cycle
 from pipelines.ingest import Directory, collect_all
 from pipelines.rundir import new_run_id
+from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
 from pipelines.store import Store
+
+log = logging.getLogger("devtune.jobs")
 
 
 def collect(store: Store, cfg: Config, only: str | None = None) -> dict[str, Any]:
@@ -21,13 +27,22 @@ def collect(store: Store, cfg: Config, only: str | None = None) -> dict[str, Any
     return {"sources": [r.as_dict() for r in outcome.value or []], "error": outcome.error}
 
 
-def start_cycle(store: Store, cfg: Config, team: str) -> str | None:
-    """Record a new cycle run for `team` and return its id, or None when one is already running."""
-    scope = f"team:{team}"
+def start_cycle(store: Store, cfg: Config, team: str, scope: str | None = None) -> str | None:
+    """Record a cycle run for `scope` (default team:<team>) and return its id, or None when one is running.
+
+    When the scope's latest run stopped during training (kill -9, service stop, timeout) and has not used
+    up [train] resume_attempts, that run is handed back: the cycle resumes it from its checkpoint.
+    """
+    scope = scope or f"team:{team}"
     if not claim_cycle(scope):
         return None
-    run_id = new_run_id(scope)
     try:
+        resumable = store.resumable_run(scope, cfg.train.resume_attempts)
+        if resumable and (cfg.state_dir / "runs" / resumable / "config.json").is_file():
+            attempt = store.restart_run(resumable)
+            log.info("run %s %s: picked up again (attempt %d)", resumable, scope, attempt)
+            return resumable
+        run_id = new_run_id(scope)
         store.start_run(run_id, scope)
     except BaseException:
         release_cycle(scope)
@@ -36,13 +51,32 @@ def start_cycle(store: Store, cfg: Config, team: str) -> str | None:
 
 
 def finish_cycle(store: Store, cfg: Config, team: str, run_id: str) -> dict[str, Any]:
-    """Run a started cycle to its end (success, skip or failure) and release its scope."""
+    """Run a started team cycle to its end, then a cycle for each of the team's developers."""
+    result = _finish(store, cfg, Scope("team", team), team, run_id)
+    result["developers"] = []
+    if cfg.train.dev_adapters and result["outcome"] != "failed":
+        for developer in store.team_developers(team):
+            try:
+                scope = Scope.parse(f"dev:{developer}")
+            except ScopeError:
+                log.warning("developer id %r cannot name an adapter (letters, digits, @ . _ + - only): skipped",
+                            developer)
+                continue
+            dev_run = start_cycle(store, cfg, team, str(scope))
+            if dev_run is None:
+                continue
+            result["developers"].append(_finish(store, cfg, scope, team, dev_run))
+    return result
+
+
+def _finish(store: Store, cfg: Config, scope: Scope, team: str, run_id: str) -> dict[str, Any]:
+    queue = training_queue(cfg.train.gpus_per_run)
     try:
-        outcome = run_job("cycle", lambda: run_cycle(store, cfg, team, run_id), store, run_id)
+        outcome = run_job("cycle", lambda: run_cycle(store, cfg, scope, team, run_id, queue.turn), store, run_id)
     finally:
-        release_cycle(f"team:{team}")
+        release_cycle(str(scope))
     result = outcome.value
-    return {"run_id": run_id, "scope": f"team:{team}", "outcome": result.outcome if result else "failed",
+    return {"run_id": run_id, "scope": str(scope), "outcome": result.outcome if result else "failed",
             "version": result.version if result else None, "error": outcome.error,
             "summary": result.summary if result else {}}
 
@@ -51,12 +85,28 @@ def cycle(store: Store, cfg: Config, team: str) -> dict[str, Any]:
     run_id = start_cycle(store, cfg, team)
     if run_id is None:
         return {"run_id": None, "scope": f"team:{team}", "outcome": "busy", "version": None,
-                "error": f"a cycle for team:{team} is already running", "summary": {}}
+                "error": f"a cycle for team:{team} is already running", "summary": {}, "developers": []}
     return finish_cycle(store, cfg, team, run_id)
 
 
+def promote(state_dir: Path, scope: str, version: str) -> dict[str, Any]:
+    """Serve `version` of `scope` now (by hand): an atomic symlink swap, recorded in the history."""
+    previous = registry.served_version(state_dir, scope)
+    link = registry.promote(state_dir, scope, version, reason="promoted by hand")
+    return {"scope": scope, "version": version, "previous": previous, "path": str(link.resolve())}
+
+
+def rollback(state_dir: Path, scope: str) -> dict[str, Any]:
+    """Serve again what `scope` served before its current version (atomic; recorded in the history)."""
+    current = registry.served_version(state_dir, scope)
+    version = registry.rollback(state_dir, scope, reason="rolled back by hand")
+    return {"scope": scope, "version": version, "previous": current}
+
+
 def status(store: Store, cfg: Config) -> dict[str, Any]:
-    return {**status_report(store, cfg.state_dir), "cycles_running": running_cycles()}
+    return {**status_report(store, cfg.state_dir, cfg.team_names()), "cycles_running": running_cycles(),
+            "training_queue": training_queue(cfg.train.gpus_per_run).snapshot()}
+
 
 
 # -- quarantine (issue 3) ------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from daemon import jobs
 from daemon.api import ApiServer, Inbound, ensure_token, remove_service_file, write_service_file
 from daemon.config import HTTP_SOURCE, Config, http_token_file, inbox_dir
 from daemon.notify import notify
+from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
 from pipelines import child
 from pipelines.store import Store
@@ -76,6 +77,7 @@ def run_service(cfg: Config) -> int:
     if observer is not None:
         observer.stop()
     scheduler.shutdown(wait=False)
+    training_queue(cfg.train.gpus_per_run).close()  # runs still waiting for a GPU slot give up now
     stopped = child.stop_all()
     if stopped:
         log.info("stopped %d training/evaluation process(es); they resume from their checkpoints next cycle",

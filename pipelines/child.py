@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,22 +27,54 @@ _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
 
 
+# How a stage's exit status reads in a run's error (pipelines/train.py defines 75 and 3).
+EXIT_MEANINGS = {
+    -9: " (killed: the next cycle resumes training from its last checkpoint)",
+    -15: " (terminated: the next cycle resumes training from its last checkpoint)",
+    75: " (stopped after saving a checkpoint: the next cycle resumes from it)",
+    3: " (out of memory even at one row per micro-batch: see the advice in the log)",
+}
+
+
 class ChildFailed(Exception):
     """A stage's child process failed; the message holds the end of its log."""
 
 
+def child_command(module: str, args: list[str], processes: int = 1) -> list[str]:
+    """`python -m <module> <args>`, or the same module under `accelerate launch` with one process per GPU."""
+    if processes <= 1:
+        return [sys.executable, "-m", module, *args]
+    # Mixed precision is the module's own business (bf16 autocast), so accelerate is told "no". Each launch
+    # gets its own rendezvous port: two runs on two GPU slots would otherwise both take 29500.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+            "--num_processes", str(processes), "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--module", module, *args]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def run_child(module: str, args: list[str], log_path: Path, timeout_s: float,
-              on_tick: Callable[[], None] | None = None, tick_s: float = 30.0) -> float:
-    """Run `python -m <module> <args>`, appending its output to `log_path`; returns seconds taken."""
-    env = dict(os.environ)
+              on_tick: Callable[[], None] | None = None, tick_s: float = 30.0, processes: int = 1,
+              env: dict[str, str] | None = None) -> float:
+    """Run `python -m <module> <args>` (under `accelerate launch` when `processes` > 1) with `env` added to
+    this process's environment, appending its output to `log_path`; returns seconds taken."""
+    full_env = {**os.environ, **(env or {})}
     # The children must import this checkout's packages even when devtune runs from a source tree.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), full_env.get("PYTHONPATH", "")) if p)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A training child stops (with a checkpoint) when this process is gone: if the service is killed, its
+    # orphan must not go on writing into a run directory the restarted service resumes.
+    full_env["DEVTUNE_SUPERVISOR_PID"] = str(os.getpid())
     started = time.monotonic()
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(child_command(module, args, processes), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
         with _running_lock:
             _running.add(proc)
         try:
@@ -62,7 +95,8 @@ def run_child(module: str, args: list[str], log_path: Path, timeout_s: float,
             if proc.poll() is None:
                 stop(proc)
     if proc.returncode != 0:
-        raise ChildFailed(f"{module} exited with status {proc.returncode}; last lines of {log_path}:\n"
+        meaning = EXIT_MEANINGS.get(proc.returncode, "")
+        raise ChildFailed(f"{module} exited with status {proc.returncode}{meaning}; last lines of {log_path}:\n"
                           + tail(log_path, 20))
     return time.monotonic() - started
 

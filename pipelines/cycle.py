@@ -1,16 +1,24 @@
-"""One nightly cycle for one team, on one screen: collect, build, train, evaluate, gate, publish.
+"""One nightly cycle for one scope, on one screen: collect, build, train, evaluate, gate, publish.
+
+A team's cycle starts from the team's served adapter (warm start: new rows plus a replay sample; a full
+retrain with `[train] warm_start = false`). A developer's cycle (run by daemon.jobs after their team's)
+starts from the team's current adapter and trains on that developer's rows only; it is gated against what
+the developer is served now (their own adapter, else the team's).
 
 The store is used only to collect and build the dataset and to record the run; training and evaluation
-are child processes that read the run directory. The caller (daemon.runner) owns failure handling: an
-exception here leaves the run marked failed with its error, and the next cycle starts a fresh run.
+are child processes that read the run directory, and they wait for a GPU slot (`turn`). A run that was
+interrupted in training is resumed in its own run directory, from its checkpoint, by the next cycle of
+its scope (daemon.jobs.start_cycle hands the same run id back). The caller (daemon.runner) owns failure
+handling: an exception here leaves the run marked failed with its error.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from daemon.config import Config
 from pipelines import registry
@@ -19,87 +27,178 @@ from pipelines.datasets import build_datasets
 from pipelines.gate import EvalReport, gate
 from pipelines.ingest import Directory, collect_all
 from pipelines.progress import format_seconds
-from pipelines.rundir import RunConfig, read_json
-from pipelines.scope import team as team_scope
+from pipelines.replay import latest_ts, new_rows
+from pipelines.rundir import RunConfig, read_json, read_rows
+from pipelines.scope import Scope
 from pipelines.store import Store
 from pipelines.tokens import load_base_tokenizer
 
 log = logging.getLogger("devtune.cycle")
 
 
+class Turn(Protocol):
+    """Waits for a GPU slot for a run and holds it for the block; yields the slot's GPU ids ((), on CPU)."""
+
+    def __call__(self, run_id: str, scope: str) -> AbstractContextManager[tuple[str, ...]]: ...
+
+
 @dataclass(frozen=True)
 class CycleResult:
     run_id: str
     scope: str
-    outcome: str  # "promoted" | "kept" (gate said no) | "skipped" (not enough data)
+    outcome: str  # "promoted" | "kept" (gate said no) | "skipped" (not enough or nothing new)
     version: str | None  # the version promoted, if any
     summary: dict[str, Any]
 
 
-def run_cycle(store: Store, cfg: Config, team: str, run_id: str) -> CycleResult:
-    """Run one full cycle for `team:<team>` as run `run_id` (already recorded as running)."""
-    scope = str(team_scope(team))
+@dataclass(frozen=True)
+class Start:
+    """Where a run's adapter starts and what it must beat."""
+
+    champion: registry.Served | None  # what the scope is served now (gated against)
+    init: registry.Served | None  # the adapter training continues from; None = a fresh LoRA
+    data_until: str | None  # rows up to here were seen by `init` (replay only); None = train on all rows
+    why: str  # the reason to skip the run, or ""
+
+
+def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn: Turn) -> CycleResult:
+    """Run one full cycle for `scope` (team:<team>, or dev:<id> of `team`) as run `run_id` (recorded)."""
+    name = str(scope)
     run_dir = cfg.state_dir / "runs" / run_id
-    summary: dict[str, Any] = {"run_dir": str(run_dir)}
+    resuming = (run_dir / "config.json").is_file()
+    summary: dict[str, Any] = {**((store.run(run_id) or {}).get("summary") or {}), "run_dir": str(run_dir)}
 
-    directory = Directory.from_config(cfg.teams, cfg.default_team, cfg.collect.opt_out)
-    summary["collect"] = [r.as_dict() for r in collect_all(store, cfg.sources, cfg.collect, directory)]
+    if not resuming:
+        if scope.kind == "team":
+            directory = Directory.from_config(cfg.teams, cfg.default_team, cfg.collect.opt_out)
+            summary["collect"] = [r.as_dict() for r in collect_all(store, cfg.sources, cfg.collect, directory)]
+        start = plan_start(cfg, scope, team)
+        if start.why:
+            return skip(store, run_id, name, summary, "plan", start.why)
+        tokenizer = load_base_tokenizer(cfg.base_model)
+        dataset = build_datasets(store, scope, cfg.datasets, tokenizer, run_dir / "data")
+        summary["dataset"] = dataset.as_dict()
+        if dataset.skipped:
+            return skip(store, run_id, name, summary, "dataset", dataset.skipped)
+        data = [read_rows(run_dir / "data" / f) for f in ("sft.jsonl", "chat.jsonl", "dpo.jsonl", "kto.jsonl")]
+        fresh = sum(new_rows(r, start.data_until) for r in data)
+        if scope.kind == "team" and start.init is not None and not fresh:
+            return skip(store, run_id, name, summary, "dataset",
+                        f"no rows newer than {start.init.version}'s (up to {start.data_until}): nothing new to "
+                        "learn; [train] warm_start = false retrains anyway")
+        if scope.kind == "dev":
+            why = unchanged_developer(store, name, start, latest_ts(*data))
+            if why:
+                return skip(store, run_id, name, summary, "dataset", why)
+        summary["start"] = {"champion": _describe(start.champion), "init": _describe(start.init),
+                            "data_until": start.data_until, "new_rows": fresh}
+        RunConfig(run_id=run_id, scope=name, base_model=cfg.base_model, max_row_tokens=cfg.datasets.max_row_tokens,
+                  train=cfg.train, evaluate=cfg.evaluate,
+                  served_adapter=str(start.champion.path) if start.champion else None,
+                  init_adapter=str(start.init.path) if start.init else None, data_until=start.data_until,
+                  ).write(run_dir)
+    else:
+        log.info("run %s %s: resuming from its checkpoint", run_id, name)
+        summary["resumed"] = (store.run(run_id) or {}).get("attempts", 2)
 
-    tokenizer = load_base_tokenizer(cfg.base_model)
-    dataset = build_datasets(store, team_scope(team), cfg.datasets, tokenizer, run_dir / "data")
-    summary["dataset"] = dataset.as_dict()
-    if dataset.skipped:
-        log.info("run %s %s skipped: %s", run_id, scope, dataset.skipped)
-        store.update_run(run_id, status="skipped", stage="dataset", summary=summary, error=dataset.skipped)
-        return CycleResult(run_id, scope, "skipped", None, summary)
-
-    champion = champion_adapter(cfg.state_dir, scope, cfg.base_model)
-    RunConfig(run_id=run_id, scope=scope, base_model=cfg.base_model, max_row_tokens=cfg.datasets.max_row_tokens,
-              train=cfg.train, evaluate=cfg.evaluate, served_adapter=str(champion) if champion else None,
-              ).write(run_dir)
-
-    store.update_run(run_id, stage="train", summary=summary)
-    run_child("pipelines.train", [str(run_dir)], run_dir / "train.log", cfg.train.train_timeout_s,
-              on_tick=lambda: log_progress(run_id, run_dir))
-    summary["train"] = read_json(run_dir / "train.json")
-
-    store.update_run(run_id, stage="evaluate", summary=summary)
-    run_child("pipelines.evaluate", [str(run_dir)], run_dir / "eval.log", cfg.evaluate.eval_timeout_s)
+    store.update_run(run_id, stage="queued", summary=summary)
+    with turn(run_id, name) as gpus:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
+        processes = len(gpus) if cfg.train.gpus_per_run > 1 else 1
+        store.update_run(run_id, stage="train", summary=summary)
+        run_child("pipelines.train", [str(run_dir)], run_dir / "train.log", cfg.train.train_timeout_s,
+                  on_tick=lambda: log_progress(run_id, run_dir), processes=processes, env=env)
+        summary["train"] = read_json(run_dir / "train.json")
+        store.update_run(run_id, stage="evaluate", summary=summary)
+        run_child("pipelines.evaluate", [str(run_dir)], run_dir / "eval.log", cfg.evaluate.eval_timeout_s, env=env)
     report = EvalReport.load(run_dir / "eval.json")
     decision = gate(report, cfg.gate)
     summary["eval"], summary["gate"] = report.as_dict(), decision.as_dict()
 
     version = None
     if decision.promote:
-        lineage = {"run_id": run_id, "base_model": cfg.base_model, "dataset_sha256": dataset.sha256,
-                   "dataset": dataset.as_dict(), "train_config": asdict(cfg.train), "train": summary["train"],
-                   "eval": report.as_dict(), "gate": decision.as_dict(),
-                   "parent": registry.served_version(cfg.state_dir, scope)}
-        version = registry.register(cfg.state_dir, scope, run_dir / "adapter", lineage)
-        registry.promote(cfg.state_dir, scope, version, reason="; ".join(decision.reasons))
+        run = RunConfig.read(run_dir)
+        init = read_json(Path(run.init_adapter) / "lineage.json") if run.init_adapter else None
+        lineage = {"run_id": run_id, "base_model": cfg.base_model, "team": team,
+                   "dataset_sha256": summary.get("dataset", {}).get("sha256"), "dataset": summary.get("dataset"),
+                   "train_config": asdict(run.train), "train": summary["train"], "eval": report.as_dict(),
+                   "gate": decision.as_dict(), "parent": registry.served_version(cfg.state_dir, name),
+                   "init": {"scope": init.get("scope"), "version": init.get("version")} if init else None}
+        version = registry.register(cfg.state_dir, name, run_dir / "adapter", lineage)
+        registry.promote(cfg.state_dir, name, version, reason="; ".join(decision.reasons))
         summary["version"] = version
-    log.info("run %s %s: %s (%s)", run_id, scope, f"promoted {version}" if version else "kept the champion",
+    log.info("run %s %s: %s (%s)", run_id, name, f"promoted {version}" if version else "kept the champion",
              "; ".join(decision.reasons))
     store.update_run(run_id, status="succeeded", stage="done", summary=summary)
-    return CycleResult(run_id, scope, "promoted" if version else "kept", version, summary)
+    return CycleResult(run_id, name, "promoted" if version else "kept", version, summary)
 
 
-def champion_adapter(state_dir: Path, scope: str, base_model: str) -> Path | None:
-    """The served adapter to beat, if one is served for `scope` and was trained on the same base model."""
-    current = registry.served(state_dir).get(scope)
-    if current is None:
-        return None
-    if current.lineage.get("base_model") != base_model:
-        log.warning("%s serves %s, trained on %s, not the configured base_model %s: the candidate will be "
-                    "compared with the base model only", scope, current.version,
-                    current.lineage.get("base_model"), base_model)
-        return None
-    return current.path
+def plan_start(cfg: Config, scope: Scope, team: str) -> Start:
+    """The champion to beat and the adapter to start from, for a team or one of its developers."""
+    team_adapter = same_base(cfg, registry.served(cfg.state_dir).get(f"team:{team}"))
+    if scope.kind == "team":
+        if not cfg.train.warm_start or team_adapter is None:
+            return Start(team_adapter, None, None, "")
+        return Start(team_adapter, team_adapter, _data_until(team_adapter), "")
+    if team_adapter is None:
+        return Start(None, None, None, f"team:{team} serves no adapter yet: a developer's adapter starts from "
+                                       "their team's, so it waits for the team's first promotion")
+    own = same_base(cfg, registry.served(cfg.state_dir).get(str(scope)))
+    # Every night from the team's current adapter, on all of the developer's rows: the team adapter saw
+    # them diluted among everyone's, and a personal adapter exists to weigh them more.
+    return Start(own or team_adapter, team_adapter, None, "")
+
+
+def same_base(cfg: Config, served: registry.Served | None) -> registry.Served | None:
+    """`served`, unless it was trained on another base model than the configured one (then unusable)."""
+    if served is None or served.lineage.get("base_model") == cfg.base_model:
+        return served
+    log.warning("%s serves %s, trained on %s, not the configured base_model %s: it is neither a starting point "
+                "nor a champion", served.scope, served.version, served.lineage.get("base_model"), cfg.base_model)
+    return None
+
+
+def _data_until(served: registry.Served) -> str | None:
+    until: str | None = (served.lineage.get("train") or {}).get("data_until")
+    return until
+
+
+def unchanged_developer(store: Store, scope: str, start: Start, newest: str | None) -> str:
+    """Why a developer's run would only repeat the last one, or "".
+
+    A developer's run trains on all their rows from the team's current adapter, so it is worth running when
+    either changed since their last run: a new team version, or rows newer than that run saw.
+    """
+    last = next((r for r in store.latest_runs_by_scope(with_gate=True) if r["scope"] == scope), None)
+    if last is None or start.init is None:
+        return ""
+    before = last["summary"]
+    started_from = (before.get("start") or {}).get("init") or {}
+    seen = (before.get("train") or {}).get("data_until")
+    if started_from.get("scope") != start.init.scope or started_from.get("version") != start.init.version:
+        return ""
+    if newest is not None and (seen is None or newest > seen):
+        return ""
+    outcome = f"promoted {before['version']}" if before.get("version") else "kept the champion"
+    return (f"nothing changed since run {last['run_id']} ({outcome}): {start.init.scope} still serves "
+            f"{start.init.version} and no row is newer than {seen}")
+
+
+def _describe(served: registry.Served | None) -> dict[str, str] | None:
+    return {"scope": served.scope, "version": served.version, "path": str(served.path)} if served else None
+
+
+def skip(store: Store, run_id: str, scope: str, summary: dict[str, Any], stage: str, why: str) -> CycleResult:
+    log.info("run %s %s skipped: %s", run_id, scope, why)
+    summary["skipped"] = why
+    store.update_run(run_id, status="skipped", stage=stage, summary=summary, error=why)
+    return CycleResult(run_id, scope, "skipped", None, summary)
 
 
 def log_progress(run_id: str, run_dir: Path) -> None:
     p = read_json(run_dir / "progress.json")
     if p:
         eta = format_seconds(p["eta_s"]) if p.get("eta_s") else "-"
-        log.info("run %s train: step %d/%d loss %.4f %s tokens/s ETA %s", run_id, p["step"], p["max_steps"],
-                 p["loss"], f"{p['tokens_per_s']:,.0f}", eta)
+        log.info("run %s train %s %s/%s: step %d/%d loss %.4f %s tokens/s ETA %s", run_id, p.get("stage", ""),
+                 p.get("stage_index", 1), p.get("stages", 1), p["step"], p["max_steps"], p["loss"],
+                 f"{p['tokens_per_s']:,.0f}", eta)

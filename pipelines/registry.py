@@ -4,16 +4,23 @@
     registry/<scope>/history.jsonl   every promotion and rollback, appended
     served/<scope> -> ../registry/<scope>/<version>   a symlink replaced with rename(2), never edited
 
+Scopes are team:<name> and dev:<id>. A developer's editor uses served/dev:<id> when it exists and their
+team's served/team:<name> otherwise (`adapter_for`); rolling a developer's adapter back past its first
+version removes the link, which is that fallback.
+
 A server reading served/<scope> sees the old adapter or the new one, never a mix: a version directory is
 complete before its name exists, and the symlink swap is a single rename.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +90,54 @@ def promote(state_dir: Path, scope: str, version: str, reason: str = "") -> Path
     if not (target / "adapter_config.json").is_file():
         raise RegistryError(f"{scope} has no version {version}: known versions are "
                             f"{', '.join(versions(state_dir, scope)) or 'none'}")
-    previous = served_version(state_dir, scope)
+    with _scope_lock(state_dir, scope):
+        previous = served_version(state_dir, scope)
+        link = _point(state_dir, scope, target)
+        _record(state_dir, scope, {"action": "promote", "version": version, "previous": previous, "reason": reason})
+    return link
+
+
+def rollback(state_dir: Path, scope: str, reason: str = "") -> str | None:
+    """Serve again what was served before the current version was promoted; returns that version, or None
+    when nothing was (the link is removed: a developer then gets their team's adapter, a team the base)."""
+    with _scope_lock(state_dir, check_scope(scope)):
+        current = served_version(state_dir, scope)
+        if current is None:
+            raise RegistryError(f"{scope} serves nothing, so there is nothing to roll back; versions are "
+                                f"{', '.join(versions(state_dir, scope)) or 'none'} (devtune promote VERSION)")
+        previous = _promoted_over(state_dir, scope, current)
+        if previous is not None:
+            _point(state_dir, scope, state_dir / "registry" / scope / previous)
+        else:
+            (state_dir / "served" / scope).unlink()
+            _fsync_dir(state_dir / "served")
+        _record(state_dir, scope, {"action": "rollback", "version": previous, "previous": current, "reason": reason})
+    return previous
+
+
+def history(state_dir: Path, scope: str) -> list[dict[str, Any]]:
+    path = state_dir / "registry" / check_scope(scope) / "history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def adapter_for(state_dir: Path, developer: str, team: str) -> Served | None:
+    """What a developer's editor should use: their own adapter, else their team's, else None (the base)."""
+    current = served(state_dir)
+    return current.get(f"dev:{developer}") or current.get(f"team:{team}")
+
+
+def _promoted_over(state_dir: Path, scope: str, version: str) -> str | None:
+    for entry in reversed(history(state_dir, scope)):
+        if entry.get("action") == "promote" and entry.get("version") == version:
+            previous: str | None = entry.get("previous")
+            return previous
+    raise RegistryError(f"{scope}'s history.jsonl does not say what {version} replaced: promote the version "
+                        f"to serve by hand (devtune promote VERSION --scope {scope})")
+
+
+def _point(state_dir: Path, scope: str, target: Path) -> Path:
     served_dir = state_dir / "served"
     served_dir.mkdir(parents=True, exist_ok=True)
     link = served_dir / scope
@@ -93,10 +147,26 @@ def promote(state_dir: Path, scope: str, version: str, reason: str = "") -> Path
     os.symlink(os.path.relpath(target, served_dir), tmp)
     os.replace(tmp, link)
     _fsync_dir(served_dir)
-    with (state_dir / "registry" / scope / "history.jsonl").open("a") as f:
-        f.write(json.dumps({"at": now().isoformat(), "action": "promote", "version": version,
-                            "previous": previous, "reason": reason}) + "\n")
     return link
+
+
+def _record(state_dir: Path, scope: str, entry: dict[str, Any]) -> None:
+    with (state_dir / "registry" / scope / "history.jsonl").open("a") as f:
+        f.write(json.dumps({"at": now().isoformat(), **entry}) + "\n")
+
+
+@contextlib.contextmanager
+def _scope_lock(state_dir: Path, scope: str) -> Iterator[None]:
+    """One promotion or rollback of a scope at a time (the cycle and `devtune promote` may race), across
+    processes: read what is served, swap the link and append the history as one step."""
+    d = state_dir / "registry" / scope
+    d.mkdir(parents=True, exist_ok=True)
+    with (d / ".lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def served_version(state_dir: Path, scope: str) -> str | None:

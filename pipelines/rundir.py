@@ -2,7 +2,7 @@
 
     runs/<run_id>/config.json      RunConfig (written by the cycle, read by the children)
                   data/            sft.jsonl, dpo.jsonl, kto.jsonl, chat.jsonl, heldout.jsonl, manifest.json
-                  checkpoints/     trainer checkpoints (resume after a crash)
+                  checkpoints/     <stage>/step-N/ and <stage>/done/ (resume after a crash or kill -9)
                   adapter/         the finished LoRA adapter (renamed into place when complete)
                   train.json       training metrics        progress.json   live step/loss/ETA
                   eval.json        evaluation report       train.log, eval.log
@@ -61,7 +61,9 @@ class RunConfig:
     max_row_tokens: int
     train: TrainConfig
     evaluate: EvaluateConfig
-    served_adapter: str | None  # the adapter served for this scope when the run started (the champion)
+    served_adapter: str | None  # the champion: what the scope is served when the run starts (gated against)
+    init_adapter: str | None = None  # the adapter training starts from (warm start), or None for a fresh LoRA
+    data_until: str | None = None  # rows up to this ts were seen by init_adapter: replay only; None = use all
 
     def write(self, run_dir: Path) -> None:
         write_json_atomic(run_dir / "config.json", asdict(self))
@@ -69,9 +71,10 @@ class RunConfig:
     @classmethod
     def read(cls, run_dir: Path) -> RunConfig:
         data = json.loads((run_dir / "config.json").read_text())
-        train = data.pop("train")
+        train = {k: v for k, v in data.pop("train").items() if k in TrainConfig.__dataclass_fields__}
         train["target_modules"] = tuple(train["target_modules"])
-        return cls(train=TrainConfig(**train), evaluate=EvaluateConfig(**data.pop("evaluate")), **data)
+        evaluate = {k: v for k, v in data.pop("evaluate").items() if k in EvaluateConfig.__dataclass_fields__}
+        return cls(train=TrainConfig(**train), evaluate=EvaluateConfig(**evaluate), **data)
 
 
 def new_run_id(scope: str) -> str:
@@ -90,3 +93,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a dataset file; a missing file has none (the contract above)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

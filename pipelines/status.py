@@ -1,4 +1,4 @@
-"""What `devtune status` shows: store counts, what is served, recent runs."""
+"""What `devtune status` shows: store counts, what is served, the last gate decisions, recent runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pipelines import registry
 from pipelines.store import Store
 
 
-def status(store: Store, state_dir: Path) -> dict[str, Any]:
+def status(store: Store, state_dir: Path, teams: list[str]) -> dict[str, Any]:
     """One JSON-ready object; the keys `suggestions`, `commits`, `quarantined` and `served` are a contract
     that outside checks rely on (see README)."""
     report = store.counts()
@@ -21,10 +21,24 @@ def status(store: Store, state_dir: Path) -> dict[str, Any]:
             "path": str(s.path),
             "heldout_loss": scores.get("candidate", {}).get("heldout_loss"),
             "base_heldout_loss": scores.get("base", {}).get("heldout_loss"),
+            "metrics": scores.get("candidate"),
+            "base_metrics": scores.get("base"),
             "run_id": s.lineage.get("run_id"),
             "registered_at": s.lineage.get("registered_at"),
+            "started_from": s.lineage.get("init"),
         }
     report["served"] = served
+    report["gate"] = {
+        run["scope"]: {"run_id": run["run_id"], "finished_at": run["finished_at"], **run["summary"]["gate"]}
+        for run in store.latest_runs_by_scope(with_gate=True)}
+    # Which adapter each developer's editor should load: their own, else their team's, else the base model.
+    developers = {}
+    for team in teams:
+        for developer in store.team_developers(team):
+            use = registry.adapter_for(state_dir, developer, team)
+            developers[developer] = {"team": team, "adapter": use.scope if use else None,
+                                     "path": str(state_dir / "served" / use.scope) if use else None}
+    report["developers"] = developers
     report["runs"] = store.runs(limit=10)
     report["state_dir"] = str(state_dir)
     return report

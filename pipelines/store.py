@@ -228,6 +228,12 @@ MIGRATIONS: list[tuple[str, str]] = [
             linked_at TIMESTAMP NOT NULL
         );
     """),
+    # A run interrupted in training (kill -9, service stop, timeout) is resumed by a later cycle from its
+    # checkpoint, in the same run directory; `attempts` counts how often it was started, so a run that
+    # fails the same way every time is given up after [train] resume_attempts.
+    ("0020_run_attempts", """
+        ALTER TABLE runs ADD COLUMN attempts INTEGER DEFAULT 1;
+    """),
 ]
 
 
@@ -711,12 +717,19 @@ class Store:
         return dict(self.con.execute("SELECT status, count(*) FROM suggestion_links GROUP BY 1 ORDER BY 1")
                     .fetchall())
 
+    def team_developers(self, team: str) -> list[str]:
+        """Every developer with suggestions or (not opted-out) commits in `team`, sorted."""
+        rows = self.con.execute(
+            "SELECT developer FROM suggestions WHERE team = ? UNION "
+            "SELECT developer FROM commits WHERE team = ? AND NOT opted_out ORDER BY 1", [team, team]).fetchall()
+        return [r[0] for r in rows if r[0]]
+
     # -- runs ----------------------------------------------------------------------------------------------
 
     def start_run(self, run_id: str, scope: str) -> None:
         with self.transaction():
-            self.con.execute("INSERT INTO runs VALUES (?, ?, 'running', 'dataset', ?, NULL, '{}', NULL)",
-                             [run_id, scope, now()])
+            self.con.execute("INSERT INTO runs (run_id, scope, status, stage, started_at, summary, attempts) "
+                             "VALUES (?, ?, 'running', 'dataset', ?, '{}', 1)", [run_id, scope, now()])
 
     def update_run(self, run_id: str, *, stage: str | None = None, status: str | None = None,
                    summary: dict[str, Any] | None = None, error: str | None = None) -> None:
@@ -740,7 +753,37 @@ class Store:
         with self.transaction():
             self.con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*args, run_id])
 
-    _RUN_COLUMNS = "run_id, scope, status, stage, started_at, finished_at, summary, error"
+    def resumable_run(self, scope: str, max_attempts: int) -> str | None:
+        """The scope's latest run, if it stopped during training and may be tried again.
+
+        Only the latest: once a newer run of the scope exists, an older interrupted one is stale.
+        """
+        row = self.con.execute(
+            "SELECT run_id, status, stage, coalesce(attempts, 1) FROM runs WHERE scope = ? "
+            "ORDER BY started_at DESC, run_id DESC LIMIT 1", [scope]).fetchone()
+        if row is None or row[1] != "failed" or row[2] != "train" or row[3] > max_attempts:
+            return None
+        return str(row[0])
+
+    def restart_run(self, run_id: str) -> int:
+        """Mark an interrupted run running again; returns its attempt number."""
+        with self.transaction():
+            row = self.con.execute(
+                "UPDATE runs SET status = 'running', finished_at = NULL, error = NULL, "
+                "attempts = coalesce(attempts, 1) + 1 WHERE run_id = ? RETURNING attempts", [run_id]).fetchone()
+        assert row is not None, f"no run {run_id}"
+        return int(row[0])
+
+    def latest_runs_by_scope(self, with_gate: bool = False) -> list[dict[str, Any]]:
+        """The most recent run of every scope; with `with_gate`, the most recent that has a gate decision."""
+        where = """WHERE summary LIKE '%"gate": {%'""" if with_gate else ""
+        rows = self.con.execute(
+            f"SELECT {self._RUN_COLUMNS} FROM runs {where} "
+            "QUALIFY row_number() OVER (PARTITION BY scope ORDER BY started_at DESC, run_id DESC) = 1 "
+            "ORDER BY scope").fetchall()
+        return [_run_dict(r) for r in rows]
+
+    _RUN_COLUMNS = "run_id, scope, status, stage, started_at, finished_at, summary, error, coalesce(attempts, 1)"
 
     def runs(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self.con.execute(f"SELECT {self._RUN_COLUMNS} FROM runs ORDER BY started_at DESC, run_id DESC "
@@ -771,7 +814,8 @@ def _dicts(cur: duckdb.DuckDBPyConnection, batch_rows: int = 2000) -> Iterator[d
 
 def _run_dict(r: tuple[Any, ...]) -> dict[str, Any]:
     return {"run_id": r[0], "scope": r[1], "status": r[2], "stage": r[3], "started_at": r[4].isoformat(),
-            "finished_at": r[5].isoformat() if r[5] else None, "summary": json.loads(r[6]), "error": r[7]}
+            "finished_at": r[5].isoformat() if r[5] else None, "summary": json.loads(r[6]), "error": r[7],
+            "attempts": r[8]}
 
 
 def _holder(error: duckdb.IOException) -> str:

@@ -1,39 +1,62 @@
 """Train one LoRA adapter from a run directory: `python -m pipelines.train RUN_DIR`.
 
+Stages run on the same adapter: SFT on the FIM rows (and on chat rows when the tokenizer has a chat
+template), then DPO when dpo.jsonl holds enough pairs, else KTO when kto.jsonl holds both labels. The
+adapter starts from `init_adapter` when the run has one (tonight's run continues from the served adapter;
+a developer's from their team's) and then trains on the rows that adapter has not seen plus a replay
+sample of older ones (pipelines/replay.py); otherwise it starts fresh on every row.
+
 Runs as a child of the service so GPU memory is returned when it exits and a crash cannot take the service
-down; it reads only RUN_DIR (and the base model) and the same entry point runs under `accelerate launch`
-or `torchrun` for several GPUs. A killed run resumes from its last checkpoint when started again. The
-adapter appears as RUN_DIR/adapter only once it is complete (written beside it, then renamed).
+down; it reads only RUN_DIR (and the base model). The same entry point runs under `accelerate launch` or
+`torchrun` for several GPUs. A killed run resumes from its last checkpoint when started again (see
+pipelines/fit.py). The adapter appears as RUN_DIR/adapter only once it is complete (written beside it,
+then renamed).
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import os
+import random
 import resource
 import shutil
 import sys
 import time
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig, SFTTrainer
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from daemon.config import TrainConfig
+from pipelines.batching import Encoded, collate, encode, plan_steps, steps_for
+from pipelines.fit import (
+    Micro,
+    Runtime,
+    Settings,
+    Stage,
+    StageResult,
+    Stopped,
+    fit,
+    install_stop_handlers,
+    load_adapter_state,
+)
+from pipelines.losses import LM, dpo_loss, kto_loss, sequence_logps, sft_loss
+from pipelines.oom import OutOfMemory, free_memory, is_out_of_memory
 from pipelines.progress import format_seconds
-from pipelines.rundir import RunConfig, write_json_atomic
+from pipelines.replay import latest_ts, select_rows
+from pipelines.rundir import RunConfig, read_json, read_rows, write_json_atomic
 
 log = logging.getLogger("devtune.train")
 
-# Checkpoints cost a few seconds each for a LoRA adapter plus optimizer state; every 50 steps bounds the
-# work a kill -9 loses to 50 steps.
-SAVE_STEPS = 50
+# Target positions per LM-head chunk on CUDA: 2,048 x 151,936 (Qwen2.5's vocabulary) fp32 logits are
+# 1.2 GB, recomputed in backward; on CPU one chunk (see pipelines/losses.py).
+CUDA_HEAD_CHUNK_TOKENS = 2048
 
 
 def pick_device(device: str) -> str:
@@ -45,111 +68,362 @@ def pick_device(device: str) -> str:
     return device
 
 
-def trl_configs(cfg: TrainConfig, run_dir: Path, device: str, max_length: int) -> tuple[LoraConfig, SFTConfig]:
-    """Our [train] table, field by field, as peft and TRL configs."""
+def runtime(cfg: TrainConfig) -> Runtime:
+    """This process's device and rank: one process, or one of several under `accelerate launch`/`torchrun`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = pick_device(cfg.device)
+    device = torch.device(kind, int(os.environ.get("LOCAL_RANK", "0"))) if kind == "cuda" else torch.device(kind)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rank = 0
+    if world > 1:
+        # The launcher (accelerate launch, torchrun) set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                             device_id=device if device.type == "cuda" else None)
+        rank = torch.distributed.get_rank()
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return Runtime(device=device, rank=rank, world=world, bf16=bf16)
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    """Our [train] table as peft's LoraConfig, field by field."""
     modules: str | list[str] = "all-linear" if cfg.target_modules == ("all-linear",) else list(cfg.target_modules)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=modules, task_type="CAUSAL_LM")
-    cuda = device == "cuda"
-    sft = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type="cosine",
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=SAVE_STEPS,
-        save_total_limit=1,
-        seed=cfg.seed,
-        max_length=max_length,
-        completion_only_loss=True,  # learn the middle, not the file around it
-        # TRL defaults bf16=True and gradient checkpointing on: on a CPU without bf16 units that ran SFT
-        # 15x slower here (97 vs 1,450 tokens/s), so both follow the device.
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=False,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_pin_memory=cuda,
-    )
-    return lora, sft
 
 
-class ProgressCallback(TrainerCallback):
-    """Step, loss, tokens/s and ETA to RUN_DIR/progress.json and the log, every `logging_steps`."""
+def load_base_model(base_model: str, cfg: TrainConfig, rt: Runtime) -> Any:
+    """The frozen base: fp32 on CPU; bf16 on CUDA; 4-bit NF4 with `qlora` (CUDA and bitsandbytes only)."""
+    cuda = rt.device.type == "cuda"
+    if cfg.qlora:
+        if not cuda:
+            raise SystemExit("[train] qlora = true needs a CUDA device (bitsandbytes 4-bit kernels); this process "
+                             "has none: set qlora = false, or run on a GPU machine")
+        if importlib.util.find_spec("bitsandbytes") is None:  # fail here, with the fix, not deep in from_pretrained
+            raise SystemExit("[train] qlora = true needs bitsandbytes: pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "progress.json"
-        self.started = time.monotonic()
-        self.first_step: int | None = None
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base_model, quantization_config=quant, dtype=torch.bfloat16,
+                                                     device_map={"": rt.device})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        # CPU stays fp32: this CPU runs bf16 matmul at ~1 GFLOP/s against ~180 in fp32 (DESIGN.md).
+        dtype = torch.bfloat16 if rt.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(rt.device)
+        if cfg.gradient_checkpointing and cuda:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    if cfg.gradient_checkpointing and not cuda:
+        log.info("[train] gradient_checkpointing is ignored on CPU: it only trades time for memory there")
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if not logs or "loss" not in logs:
+
+def attach_adapter(model: Any, cfg: TrainConfig, init_adapter: str | None) -> tuple[Any, str | None, str]:
+    """A LoRA from [train], with `init_adapter`'s weights when it has the same shape.
+
+    Returns (peft model, the adapter it started from or None, a note for the log and train.json).
+    """
+    peft_model = get_peft_model(model, lora_config(cfg))
+    if not init_adapter:
+        return peft_model, None, "fresh adapter"
+    weights = Path(init_adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return peft_model, None, f"warm start skipped: {weights} is missing; training a fresh adapter"
+    saved = load_file(str(weights))
+    ours = get_peft_model_state_dict(peft_model)
+    if set(saved) != set(ours) or any(saved[k].shape != ours[k].shape for k in ours):
+        return peft_model, None, (f"warm start skipped: {init_adapter} has another LoRA shape (lora_r or "
+                                  "target_modules changed); training a fresh adapter on every row")
+    load_adapter_state(peft_model, weights)
+    return peft_model, init_adapter, f"warm start from {init_adapter}"
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    sft: list[dict[str, Any]]  # prompt/completion strings (FIM, and chat rows rendered by the chat template)
+    dpo: list[dict[str, Any]]
+    kto: list[dict[str, Any]]
+    counts: dict[str, dict[str, int]]  # file -> {"new", "replayed", "rows"}
+    notes: list[str]  # what was skipped and why
+    data_until: str | None  # the newest ts of any training row: what the adapter will have seen
+
+
+def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_until: str | None) -> TrainingRows:
+    """The rows each stage trains on: new since `data_until` plus replay (or all rows when it is None)."""
+    data = run_dir / "data"
+    files = {name: read_rows(data / f"{name}.jsonl") for name in ("sft", "chat", "dpo", "kto")}
+    notes: list[str] = []
+    if files["chat"] and not getattr(tokenizer, "chat_template", None):
+        notes.append(f"chat.jsonl: {len(files['chat'])} rows skipped: the base model's tokenizer has no chat "
+                     "template (a base/FIM model); they train on a model with one")
+        files["chat"] = []
+    chosen: dict[str, list[dict[str, Any]]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for name, rows in files.items():
+        picked = select_rows(rows, data_until, cfg.replay_share, cfg.seed)
+        chosen[name] = picked.rows
+        counts[name] = {"rows": len(picked.rows), "new": picked.new, "replayed": picked.replayed}
+    sft = [{"prompt": r["prompt"], "completion": r["completion"], "special": True} for r in chosen["sft"]]
+    rendered, dropped = render_chat(tokenizer, chosen["chat"])
+    if dropped:
+        notes.append(f"chat.jsonl: {dropped} rows skipped: the chat template does not render their prompt as a "
+                     "prefix of prompt + completion")
+    return TrainingRows(sft=sft + rendered, dpo=chosen["dpo"], kto=chosen["kto"], counts=counts, notes=notes,
+                        data_until=latest_ts(*files.values()))
+
+
+def render_chat(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """TRL conversational prompt/completion rows as prompt and completion text in the model's chat format."""
+    out, dropped = [], 0
+    for r in rows:
+        prompt = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
+        if not full.startswith(prompt) or len(full) == len(prompt):
+            dropped += 1
+            continue
+        # The template text carries its own special tokens (BOS and the like): tokenize it as it is.
+        out.append({"prompt": prompt, "completion": full[len(prompt):], "special": False})
+    return out, dropped
+
+
+def encode_sft(tokenizer: Any, rows: list[dict[str, Any]], max_tokens: int) -> list[Encoded]:
+    out: list[Encoded] = []
+    for special in (True, False):
+        part = [r for r in rows if r["special"] is special]
+        if part:
+            prompts, completions = [r["prompt"] for r in part], [r["completion"] for r in part]
+            out += [e for e in encode(tokenizer, prompts, completions, max_tokens, special) if e is not None]
+    return out
+
+
+def choose_preference(cfg: TrainConfig, rows: TrainingRows) -> tuple[str | None, str]:
+    """DPO or KTO after SFT, by what the data holds; (None, why) when neither can run."""
+    labels = {bool(r["label"]) for r in rows.kto}
+    if cfg.preference == "none":
+        return None, "no preference stage: [train] preference = \"none\""
+    if cfg.preference in ("auto", "dpo") and len(rows.dpo) >= cfg.min_preference_rows:
+        return "dpo", f"DPO on {len(rows.dpo)} pairs"
+    if cfg.preference in ("auto", "kto") and len(rows.kto) >= cfg.min_preference_rows and labels == {True, False}:
+        return "kto", f"KTO on {len(rows.kto)} rows"
+    return None, (f"no preference stage: {len(rows.dpo)} DPO pairs and {len(rows.kto)} KTO rows "
+                  f"({'both labels' if labels == {True, False} else 'one label only'}); [train] "
+                  f"min_preference_rows = {cfg.min_preference_rows}, preference = \"{cfg.preference}\"")
+
+
+# -- stages --------------------------------------------------------------------------------------------------
+
+def sft_stage(examples: list[Encoded], cfg: TrainConfig, model: Any, lm: LM, pad_id: int, settings: Settings,
+              rt: Runtime) -> StageResult:
+    lengths = [len(e.ids) for e in examples]
+    per_step = cfg.batch_size * cfg.grad_accum_steps * rt.world
+    steps = plan_steps(lengths, per_step, steps_for(len(examples), per_step, cfg.epochs, cfg.max_steps), cfg.seed)
+    stage = Stage(name="sft", steps=steps, lengths=lengths, learning_rate=cfg.learning_rate,
+                  warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, micro_batch=cfg.batch_size,
+                  unit="rows")
+
+    def loss(rows: list[int], step_targets: float) -> Micro:
+        batch = collate([examples[i] for i in rows], pad_id, rt.device)
+        return Micro(loss=sft_loss(lm, batch, step_targets), tokens=batch.tokens)
+
+    return fit(stage, model, loss, lambda rows: float(sum(examples[i].n_target for i in rows)), settings, rt)
+
+
+@torch.no_grad()
+def no_grad_logps(model: Any, lm: LM, seqs: list[Encoded], batch_size: int, pad_id: int, rt: Runtime) -> torch.Tensor:
+    """Completion log-likelihood of each sequence with the adapter as it is now (dropout off), halving the
+    batch on out-of-memory. Each process scores its share; the sum over processes fills every slot."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(seqs), dtype=torch.float32, device=rt.device)
+    order = sorted(range(rt.rank, len(seqs), rt.world), key=lambda i: -len(seqs[i].ids))
+    start = 0
+    while start < len(order):
+        part = order[start:start + batch_size]
+        try:
+            with rt.autocast():
+                out[part] = sequence_logps(lm, collate([seqs[i] for i in part], pad_id, rt.device)).float()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e) or batch_size == 1:
+                raise
+            free_memory()
+            batch_size //= 2
+            continue
+        start += len(part)
+    model.train(was_training)
+    return rt.all_reduce(out)
+
+
+def reference_logps(path: Path, compute: Any, rt: Runtime) -> torch.Tensor:
+    """Reference log-likelihoods, computed once per stage and kept beside its checkpoints for a resume."""
+    if path.is_file():
+        cached: torch.Tensor = torch.load(path).to(rt.device)
+        return cached
+    ref: torch.Tensor = compute()
+    if rt.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(ref.cpu(), tmp)
+        os.replace(tmp, path)
+    return ref
+
+
+def dpo_stage(rows: list[dict[str, Any]], tokenizer: Any, max_tokens: int, cfg: TrainConfig, model: Any, lm: LM,
+              pad_id: int, settings: Settings, rt: Runtime) -> StageResult:
+    """DPO with the adapter as SFT left it as the reference: its log-likelihoods are computed once, up front,
+    instead of a second forward pass (adapter disabled) in every step as TRL does with a PEFT model."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = encode(tokenizer, prompts, [r["chosen"] for r in rows], max_tokens)
+    rejected = encode(tokenizer, prompts, [r["rejected"] for r in rows], max_tokens)
+    pairs = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c is not None and r is not None]
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    n = len(pairs)
+    ref = reference_logps(settings.run_dir / "checkpoints" / "dpo" / "reference_logps.pt",
+                          lambda: no_grad_logps(model, lm, seqs, 2 * cfg.batch_size, pad_id, rt), rt)
+    lengths = [len(c.ids) + len(r.ids) for c, r in pairs]
+    per_step = cfg.batch_size * cfg.grad_accum_steps * rt.world
+    n_steps = steps_for(n, per_step, cfg.preference_epochs, cfg.preference_max_steps)
+    stage = Stage(name="dpo", steps=plan_steps(lengths, per_step, n_steps, cfg.seed), lengths=lengths,
+                  learning_rate=cfg.preference_learning_rate, warmup_ratio=cfg.warmup_ratio,
+                  weight_decay=cfg.weight_decay, micro_batch=cfg.batch_size, unit="pairs",
+                  metric="reward_accuracy", dropout=False)
+
+    def loss(idx: list[int], pairs_in_step: float) -> Micro:
+        batch = collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], pad_id, rt.device)
+        logps = sequence_logps(lm, batch)
+        at = torch.tensor(idx, device=rt.device)
+        chosen_tokens = torch.tensor([pairs[i][0].n_target for i in idx], device=rt.device, dtype=logps.dtype)
+        per_pair, right = dpo_loss(logps[: len(idx)], logps[len(idx):], ref[at], ref[at + n], cfg.beta,
+                                   chosen_tokens, cfg.preference_sft_weight)
+        return Micro(loss=per_pair.sum() / pairs_in_step, tokens=batch.tokens, metric_sum=float(right.sum()))
+
+    return fit(stage, model, loss, lambda idx: float(len(idx)), settings, rt)
+
+
+def kto_stage(rows: list[dict[str, Any]], weights: dict[str, float], tokenizer: Any, max_tokens: int,
+              cfg: TrainConfig, model: Any, lm: LM, pad_id: int, settings: Settings, rt: Runtime) -> StageResult:
+    """KTO on unpaired rows, the reference again the adapter as the stage starts (computed once). The KL
+    reference point pairs each prompt with another row's completion, as TRL does, estimated per step."""
+    encoded = encode(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], max_tokens)
+    kept = [(e, bool(r["label"])) for e, r in zip(encoded, rows, strict=True) if e is not None]
+    n = len(kept)
+    shift = random.Random(cfg.seed).randrange(1, n) if n > 1 else 0
+    mismatched = [_splice(kept[i][0], kept[(i + shift) % n][0], max_tokens) for i in range(n)]
+    seqs = [e for e, _ in kept] + mismatched
+    ref = reference_logps(settings.run_dir / "checkpoints" / "kto" / "reference_logps.pt",
+                          lambda: no_grad_logps(model, lm, seqs, 2 * cfg.batch_size, pad_id, rt), rt)
+    desirable = torch.tensor([label for _, label in kept], device=rt.device)
+    lengths = [len(e.ids) for e, _ in kept]
+    per_step = cfg.batch_size * cfg.grad_accum_steps * rt.world
+    n_steps = steps_for(n, per_step, cfg.preference_epochs, cfg.preference_max_steps)
+    stage = Stage(name="kto", steps=plan_steps(lengths, per_step, n_steps, cfg.seed), lengths=lengths,
+                  learning_rate=cfg.preference_learning_rate, warmup_ratio=cfg.warmup_ratio,
+                  weight_decay=cfg.weight_decay, micro_batch=cfg.batch_size, unit="rows", dropout=False)
+    kl = {"value": torch.zeros((), device=rt.device)}
+
+    def begin_step(idx: list[int]) -> None:
+        # This process's rows only: a collective here could strand the others if this one ran out of memory.
+        if not idx:
             return
-        if self.first_step is None:
-            self.first_step = max(state.global_step - args.logging_steps, 0)
-        elapsed = time.monotonic() - self.started
-        steps_done = state.global_step - self.first_step
-        eta = (state.max_steps - state.global_step) * elapsed / steps_done if steps_done else None
-        tokens = float(logs.get("num_tokens", 0.0))
-        progress = {
-            "step": state.global_step, "max_steps": state.max_steps, "loss": float(logs["loss"]),
-            "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
-            "elapsed_s": elapsed, "eta_s": eta,
-        }
-        write_json_atomic(self.path, progress)
-        log.info("step %d/%d loss %.4f %s tokens/s ETA %s", state.global_step, state.max_steps,
-                 progress["loss"], f"{progress['tokens_per_s']:,.0f}", format_seconds(eta) if eta else "-")
+        policy = no_grad_logps(model, lm, [mismatched[i] for i in idx], cfg.batch_size, pad_id, replace_world(rt))
+        at = torch.tensor(idx, device=rt.device)
+        kl["value"] = (policy - ref[at + n]).mean().clamp(min=0)
+
+    def loss(idx: list[int], rows_in_step: float) -> Micro:
+        batch = collate([kept[i][0] for i in idx], pad_id, rt.device)
+        at = torch.tensor(idx, device=rt.device)
+        logps = sequence_logps(lm, batch)
+        tokens = torch.tensor([kept[i][0].n_target for i in idx], device=rt.device, dtype=logps.dtype)
+        per_row = kto_loss(logps, ref[at], desirable[at], kl["value"], cfg.beta, weights["desirable_weight"],
+                           weights["undesirable_weight"], tokens, cfg.preference_sft_weight)
+        return Micro(loss=per_row.sum() / rows_in_step, tokens=batch.tokens)
+
+    return fit(stage, model, loss, lambda idx: float(len(idx)), settings, rt, begin_step=begin_step)
 
 
-def load_rows(path: Path, columns: tuple[str, ...]) -> Dataset:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return Dataset.from_list([{c: r[c] for c in columns} for r in rows])
+def replace_world(rt: Runtime) -> Runtime:
+    """The same device as a single process: for work that must not wait on the other processes."""
+    return Runtime(device=rt.device, rank=0, world=1, bf16=rt.bf16)
 
+
+def _splice(prompt_of: Encoded, completion_of: Encoded, max_tokens: int) -> Encoded:
+    prompt, completion = prompt_of.ids[: prompt_of.n_prompt], completion_of.ids[completion_of.n_prompt:]
+    if len(prompt) + len(completion) > max_tokens:
+        prompt = prompt[len(prompt) + len(completion) - max_tokens:]
+    return Encoded(ids=prompt + completion, n_prompt=len(prompt))
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
 
 def train_adapter(run_dir: Path) -> dict[str, Any]:
     """Train the run's adapter into RUN_DIR/adapter and return its metrics (also in train.json)."""
     run = RunConfig.read(run_dir)
     cfg = run.train
-    device = pick_device(cfg.device)
+    rt = runtime(cfg)
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(run.base_model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(run.base_model, dtype=dtype)
-    train_rows = load_rows(run_dir / "data" / "sft.jsonl", ("prompt", "completion"))
-    lora, args = trl_configs(cfg, run_dir, device, run.max_row_tokens)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_rows, processing_class=tokenizer,
-                         peft_config=lora, callbacks=[ProgressCallback(run_dir)])
-    resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    if resume:
-        log.info("resuming from %s", resume)
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=resume)
+    tokenizer = AutoTokenizer.from_pretrained(run.base_model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    model, init, note = attach_adapter(load_base_model(run.base_model, cfg, rt), cfg, run.init_adapter)
+    log.info("%s", note)
+    # A warm start trains on what its adapter has not seen (plus replay); a fresh adapter on every row.
+    rows = read_training_rows(run_dir, cfg, tokenizer, run.data_until if init else None)
+    for line in rows.notes:
+        log.info("%s", line)
+    examples = encode_sft(tokenizer, rows.sft, run.max_row_tokens)
+    preference, why = choose_preference(cfg, rows)
+    log.info("%s", why)
+    if not examples and preference is None:
+        raise SystemExit(f"nothing to train on in {run_dir / 'data'}: no SFT rows and {why}")
+    lm = LM.of(model, CUDA_HEAD_CHUNK_TOKENS if rt.device.type == "cuda" else None)
+    plan = (["sft"] if examples else []) + ([preference] if preference else [])
+    results: list[StageResult] = []
+    for index, name in enumerate(plan, start=1):
+        settings = Settings(run_dir=run_dir, logging_steps=cfg.logging_steps,
+                            checkpoint_every=cfg.checkpoint_every_steps, stage_index=index, stage_count=len(plan))
+        if name == "sft":
+            results.append(sft_stage(examples, cfg, model, lm, pad_id, settings, rt))
+        elif name == "dpo":
+            results.append(dpo_stage(rows.dpo, tokenizer, run.max_row_tokens, cfg, model, lm, pad_id, settings, rt))
+        else:
+            weights = (read_json(run_dir / "data" / "manifest.json") or {}).get("kto") or {}
+            weights = {"desirable_weight": float(weights.get("desirable_weight", 1.0)),
+                       "undesirable_weight": float(weights.get("undesirable_weight", 1.0))}
+            results.append(kto_stage(rows.kto, weights, tokenizer, run.max_row_tokens, cfg, model, lm, pad_id,
+                                     settings, rt))
     seconds = time.monotonic() - started
+    head = results[0]
+    metrics: dict[str, Any] = {
+        "device": rt.device.type, "processes": rt.world, "bf16": rt.bf16, "qlora": cfg.qlora,
+        "stages": [asdict(r) for r in results], "preference": why,
+        "steps": sum(r.steps for r in results), "train_rows": rows.counts["sft"]["rows"] + rows.counts["chat"]["rows"],
+        "rows": rows.counts, "notes": rows.notes, "init_adapter": init, "warm_start": note,
+        "data_until": rows.data_until, "train_loss": head.loss, "first_loss": head.first_loss,
+        "seconds": seconds, "tokens": sum(r.tokens for r in results), "tokens_per_s": head.tokens_per_s,
+        "resumed_from_step": {r.name: r.resumed_from_step for r in results},
+        "oom_backoffs": sum(r.oom_backoffs for r in results), "micro_batch": results[-1].micro_batch,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if rt.device.type == "cuda" else 0.0,
+    }
+    if rt.main:
+        save_adapter(model, run_dir, metrics)
+    return metrics
 
+
+def save_adapter(model: Any, run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Write RUN_DIR/adapter beside itself and rename it into place: never half an adapter under that name."""
     partial, final = run_dir / "adapter.partial", run_dir / "adapter"
     shutil.rmtree(partial, ignore_errors=True)
-    trainer.model.save_pretrained(partial)
-    # What TRL logs as num_tokens: non-padding tokens the model was trained on (prompt and middle).
-    tokens = float(getattr(trainer, "_total_train_tokens", 0))
-    metrics = {
-        "device": device, "steps": trainer.state.global_step, "train_rows": len(train_rows),
-        "train_loss": float(result.training_loss), "seconds": seconds, "tokens": tokens,
-        "tokens_per_s": tokens / seconds if seconds else 0.0, "resumed_from": resume,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    (partial / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    model.save_pretrained(partial)
+    write_json_atomic(partial / "train.json", metrics)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     write_json_atomic(run_dir / "train.json", metrics)
-    return metrics
 
 
 def quiet_libraries() -> None:
@@ -159,8 +433,16 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_warning()
+    # transformers' own deprecation notices about its internals (e.g. is_gradient_checkpointing, called by
+    # peft): nothing a devtune user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
+
+
+# Exit statuses the cycle can tell apart in train.log: a stop with a checkpoint, and an unfixable OOM.
+EXIT_STOPPED = 75
+EXIT_OUT_OF_MEMORY = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +451,20 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m pipelines.train RUN_DIR", file=sys.stderr)
         return 2
     quiet_libraries()
-    metrics = train_adapter(Path(args[0]))
+    install_stop_handlers()
+    try:
+        metrics = train_adapter(Path(args[0]))
+    except Stopped as e:
+        log.warning("%s", e)
+        return EXIT_STOPPED
+    except OutOfMemory as e:
+        log.error("%s", e)
+        return EXIT_OUT_OF_MEMORY
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     log.info("trained %d steps in %s: loss %.4f, %s tokens/s on %s", metrics["steps"],
              format_seconds(metrics["seconds"]), metrics["train_loss"], f"{metrics['tokens_per_s']:,.0f}",
              metrics["device"])

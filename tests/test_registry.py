@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import registry
+from support import run_devtune, write_config
 
 
 def adapter(tmp_path: Path, name: str) -> Path:
@@ -79,3 +80,43 @@ def test_promote_unknown_version_says_what_exists(tmp_path: Path) -> None:
 def test_bad_scope_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(registry.RegistryError):
         registry.register(tmp_path, "team:../../etc", adapter(tmp_path, "a"), {})
+
+
+def test_rollback_walks_back_the_promotions_then_unserves(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    v1, v2, v3 = (registry.register(state, "team:pay", adapter(tmp_path, f"r{i}"), {}) for i in range(3))
+    for v in (v1, v2, v3):
+        registry.promote(state, "team:pay", v)
+    assert registry.rollback(state, "team:pay") == v2
+    assert registry.rollback(state, "team:pay") == v1  # v2's own promotion had replaced v1
+    assert registry.rollback(state, "team:pay") is None  # nothing was served before v1: the link goes
+    assert registry.served_version(state, "team:pay") is None and "team:pay" not in registry.served(state)
+    with pytest.raises(registry.RegistryError, match="nothing to roll back"):
+        registry.rollback(state, "team:pay")
+    actions = [(h["action"], h["version"]) for h in registry.history(state, "team:pay")]
+    assert actions[-3:] == [("rollback", v2), ("rollback", v1), ("rollback", None)]
+
+
+def test_a_developer_falls_back_to_the_team_adapter(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    registry.promote(state, "team:pay", registry.register(state, "team:pay", adapter(tmp_path, "t"), {}))
+    assert registry.adapter_for(state, "alice@x.com", "pay").scope == "team:pay"  # type: ignore[union-attr]
+    registry.promote(state, "dev:alice@x.com", registry.register(state, "dev:alice@x.com", adapter(tmp_path, "a"), {}))
+    assert registry.adapter_for(state, "alice@x.com", "pay").scope == "dev:alice@x.com"  # type: ignore[union-attr]
+    assert registry.adapter_for(state, "bob@x.com", "pay").scope == "team:pay"  # type: ignore[union-attr]
+    registry.rollback(state, "dev:alice@x.com")
+    assert registry.adapter_for(state, "alice@x.com", "pay").scope == "team:pay"  # type: ignore[union-attr]
+    assert registry.adapter_for(state, "carol@x.com", "other") is None
+
+
+def test_promote_and_rollback_by_hand_from_the_cli(tmp_path: Path) -> None:
+    setup = write_config(tmp_path / "site", [])
+    state = setup.state_dir
+    v1, v2 = (registry.register(state, "team:pay", adapter(tmp_path, f"c{i}"), {}) for i in range(2))
+    registry.promote(state, "team:pay", v2)
+    done = run_devtune("--config", str(setup.config), "promote", v1, "--scope", "team:pay")
+    assert done.returncode == 0 and f"team:pay now serves {v1} (was {v2})" in done.stdout, done.stderr
+    back = run_devtune("--config", str(setup.config), "rollback", "team:pay")
+    assert back.returncode == 0 and f"team:pay now serves {v2} (was {v1})" in back.stdout, back.stderr
+    missing = run_devtune("--config", str(setup.config), "promote", "v0042", "--scope", "team:pay")
+    assert missing.returncode == 3 and "known versions are v0001, v0002" in missing.stderr

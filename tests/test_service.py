@@ -106,7 +106,10 @@ def test_service_lifecycle(service: Service, tmp_path: Path) -> None:
     wait_until(lambda: service.status()["suggestions"]["total"] == 3)
     human = run_devtune("--config", str(service.config), "status")
     assert human.returncode == 0 and "(service running)" in human.stdout
-    assert service.status()["commits"]["total"] == 1
+    report = service.status()
+    assert report["commits"]["total"] == 1
+    # the service's training queue is in its status (empty: no cycle has run), as are the gate decisions
+    assert report["training_queue"] == [] and report["gate"] == {} and report["served"] == {}
 
     # A new line in a watched log is collected without waiting for the hourly interval.
     continue_log(tmp_path / "alice", [autocomplete_event(completionId="live-1")], append=True)
