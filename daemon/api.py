@@ -12,6 +12,7 @@ events and nothing else; the token and the body size are checked before the body
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -120,13 +121,23 @@ class ApiServer:
                 return _reply(req, HTTPStatus.BAD_REQUEST, {"error": "body is not JSON"})
         route = self.routes.get((method, path))
         if route is not None:
-            status, payload = route(body)
-            return _reply(req, status, payload)
+            return _answer(req, method, path, lambda: route(body))
         for (m, prefix), handler in self.prefix_routes.items():
             if m == method and path.startswith(prefix):
-                status, payload = handler(path[len(prefix):])
-                return _reply(req, status, payload)
+                rest = path[len(prefix):]
+                return _answer(req, method, path, functools.partial(handler, rest))
         return _reply(req, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {path}"})
+
+
+def _answer(req: BaseHTTPRequestHandler, method: str, path: str, call: Callable[[], tuple[int, Any]]) -> None:
+    """Run a route; a bug in it answers 500 with the error (and logs the traceback) instead of hanging up."""
+    try:
+        status, payload = call()
+    except Exception as e:
+        log.exception("%s %s failed", method, path)
+        return _reply(req, HTTPStatus.INTERNAL_SERVER_ERROR,
+                      {"error": f"{type(e).__name__}: {e} (the service log has the traceback)"})
+    return _reply(req, status, payload)
 
 
 def _bearer_ok(req: BaseHTTPRequestHandler, token: str) -> bool:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -22,12 +23,12 @@ from daemon import jobs
 from daemon.api import ApiClient, ApiError
 from daemon.config import Config, ConfigError, find_config, load_config, render_config
 from daemon.logs import setup_logging
-from pipelines.datasets import build_datasets
+from pipelines.datasets import FILES
 from pipelines.progress import format_seconds
 from pipelines.registry import RegistryError
 from pipelines.scope import Scope, ScopeError
 from pipelines.store import Store, StoreBusy
-from pipelines.tokens import TokenizerError, load_base_tokenizer
+from pipelines.tokens import TokenizerError
 
 log = logging.getLogger("devtune")
 
@@ -271,17 +272,12 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
         return 2
     out = args.out.resolve()
     client = ApiClient.discover(cfg.state_dir)
-    if client is not None:
-        try:
-            report = client.call("POST", "/api/dataset", {"scope": str(scope), "out": str(out)})
-        except ApiError as e:
-            raise ApiError(f"{e}. The running service holds the store; if it has no dataset route, stop it "
-                           "(systemctl stop devtune) and run this again, or read the data/ folder of its next "
-                           "cycle's run, which holds the same files") from None
+    if client is not None:  # the running service holds the store: it builds the files, this copies them
+        report = client.call("POST", "/api/dataset", {"scope": str(scope)})
+        report["out_dir"] = str(_copy_export(Path(report["out_dir"]), out))
     else:
-        tokenizer = load_base_tokenizer(cfg.base_model)
         with local_store(cfg) as store:
-            report = build_datasets(store, scope, cfg.datasets, tokenizer, out).as_dict()
+            report = jobs.build_dataset(store, cfg, scope, out)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -291,6 +287,21 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
             print(f"skipped: {report['skipped']}")
         print(f"next: devtune dataset show {report['out_dir']}")
     return 0
+
+
+def _copy_export(export: Path, out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            shutil.copyfile(export / name, out / name)
+        manifest = json.loads((export / "manifest.json").read_text())
+    except PermissionError as e:
+        raise ApiError(f"cannot copy the service's export {export} to {out}: {e.strerror} on {e.filename}. Run "
+                       "this as a member of the service's group (sudo usermod -aG devtune $USER) or as its "
+                       "user") from None
+    manifest["out_dir"] = str(out)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
 
 
 def cmd_dataset_show(args: argparse.Namespace) -> int:

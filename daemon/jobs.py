@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +12,13 @@ from daemon.config import Config
 from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, training_queue
 from pipelines import registry
 from pipelines.cycle import run_cycle
+from pipelines.datasets import build_datasets
 from pipelines.ingest import Directory, collect_all
 from pipelines.rundir import new_run_id
 from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
 from pipelines.store import Store
+from pipelines.tokens import load_base_tokenizer
 
 log = logging.getLogger("devtune.jobs")
 
@@ -87,6 +91,31 @@ def cycle(store: Store, cfg: Config, team: str) -> dict[str, Any]:
         return {"run_id": None, "scope": f"team:{team}", "outcome": "busy", "version": None,
                 "error": f"a cycle for team:{team} is already running", "summary": {}, "developers": []}
     return finish_cycle(store, cfg, team, run_id)
+
+
+def build_dataset(store: Store, cfg: Config, scope: Scope, out: Path) -> dict[str, Any]:
+    """Write `scope`'s datasets into `out` (the files a cycle writes into its run's data/ folder)."""
+    tokenizer = load_base_tokenizer(cfg.base_model)
+    return build_datasets(store, scope, cfg.datasets, tokenizer, out).as_dict()
+
+
+EXPORT_KEEP_S = 3600
+
+
+def export_dataset(store: Store, cfg: Config, scope: Scope) -> dict[str, Any]:
+    """Build `scope`'s datasets for `devtune dataset build` while the service holds the store.
+
+    The service writes into <state_dir>/exports/ and the CLI copies the files to the folder it was given:
+    under systemd the service has its own user, a private /tmp and a read-only /home, so a folder the
+    command names could not be written by the service, or would land where its user never sees it.
+    Exports older than an hour are removed first (one 1M-suggestion build is about 1 GB of JSONL).
+    """
+    exports = cfg.state_dir / "exports"
+    if exports.is_dir():
+        for old in exports.iterdir():
+            if time.time() - old.stat().st_mtime > EXPORT_KEEP_S:
+                shutil.rmtree(old, ignore_errors=True)
+    return build_dataset(store, cfg, scope, exports / new_run_id(str(scope)))
 
 
 def promote(state_dir: Path, scope: str, version: str) -> dict[str, Any]:

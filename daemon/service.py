@@ -29,7 +29,9 @@ from daemon.notify import notify
 from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
 from pipelines import child
+from pipelines.scope import Scope, ScopeError
 from pipelines.store import Store
+from pipelines.tokens import TokenizerError
 
 log = logging.getLogger("devtune.service")
 
@@ -125,6 +127,18 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
                          daemon=True).start()
         return HTTPStatus.ACCEPTED, {"run_id": run_id, "scope": f"team:{team}"}
 
+    def dataset(body: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            scope = Scope.parse(str(body.get("scope", "")))
+        except ScopeError as e:
+            return HTTPStatus.BAD_REQUEST, {"error": str(e)}
+        if scope.kind == "team" and scope.name not in cfg.team_names():
+            return HTTPStatus.NOT_FOUND, {"error": f"no team {scope.name!r}; teams are {', '.join(cfg.team_names())}"}
+        try:
+            return HTTPStatus.OK, jobs.export_dataset(store.cursor(), cfg, scope)
+        except TokenizerError as e:
+            return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(e)}
+
     def run(run_id: str) -> tuple[int, Any]:
         found = store.cursor().run(run_id)
         return (HTTPStatus.OK, found) if found else (HTTPStatus.NOT_FOUND, {"error": f"no run {run_id}"})
@@ -140,6 +154,7 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
         return HTTPStatus.OK, jobs.quarantine_retry(store.cursor(), cfg, body.get("id"))
 
     routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle,
+              ("POST", "/api/dataset"): dataset,
               ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry}
     return routes, {("GET", "/api/runs/"): run, ("GET", "/api/quarantine/"): quarantine_show}
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from pipelines.store import Store
 from pipelines.tokens import TokenizerError, load_base_tokenizer
 from support import (
     QWEN,
+    ROOT,
     STARCODER,
     T0,
     CommitSpec,
@@ -209,3 +213,25 @@ def test_dataset_build_and_show_on_the_command_line(tmp_path: Path) -> None:
     assert total[1:] == [f"{sum(manifest['files'][f].values()):,}" for f in FILES]
     bad = run_devtune("--config", str(config), "dataset", "build", "--scope", "team:nosuch", "--out", str(out))
     assert bad.returncode == 2 and "no team 'nosuch'" in bad.stderr
+
+    # While the service holds the store, the same command is answered by the service: the same files.
+    service = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config), "run"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        service_file = config.parent / "state" / "service.json"
+        deadline = time.monotonic() + 60
+        while not service_file.is_file():
+            assert service.poll() is None and time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.2)
+        again = tmp_path / "snapshot-from-service"
+        via = run_devtune("--config", str(config), "dataset", "build", "--scope", "team:payments", "--out",
+                          str(again), "--json")
+        assert via.returncode == 0, via.stderr
+        assert json.loads(via.stdout)["sha256"] == manifest["sha256"]
+        assert all((again / f).read_bytes() == (out / f).read_bytes() for f in FILES)
+        # the service built it in its own state directory; this process (the command's user) wrote --out
+        assert [p.name for p in (config.parent / "state" / "exports").iterdir()] != []
+        assert json.loads((again / "manifest.json").read_text())["out_dir"] == str(again)
+    finally:
+        service.terminate()
+        assert service.wait(timeout=60) == 0
