@@ -235,7 +235,7 @@ def _file_change(raw: bytes, diff: bytes, max_file_bytes: int) -> tuple[FileChan
     """The change one --raw line describes (content not read yet), and whether its content is worth reading."""
     # ":100644 100644 <old sha> <new sha> M\tpath"
     meta, _, path_bytes = raw.partition(b"\t")
-    _, new_mode, _, new_blob, status = meta[1:].decode().split(" ")
+    _, new_mode, old_blob, new_blob, status = meta[1:].decode().split(" ")
     path = _unquote_path(path_bytes)
     status = status[:1]
     if status != "D" and new_mode not in _TEXT_MODES:
@@ -247,7 +247,7 @@ def _file_change(raw: bytes, diff: bytes, max_file_bytes: int) -> tuple[FileChan
     if len(diff) > max_file_bytes:
         diff_text = diff_text[:max_file_bytes] + f"\n[devtune: diff cut at {max_file_bytes} bytes]\n"
     return FileChange(path=path, status=status, blob="" if status == "D" else new_blob, added=added,
-                      diff=diff_text, content=None), wants_content
+                      diff=diff_text, content=None, old_blob="" if status == "A" else old_blob), wants_content
 
 
 def _unquote_path(raw: bytes) -> str:
