@@ -480,15 +480,21 @@ def _runs_on(piece: str) -> bool:
 
 
 def scrub_diff(diff: str, counts: Counter[str] | None = None, known: Iterable[tuple[str, str]] = ()) -> str:
-    """A zero-context patch scrubbed: on its own, and of every secret `known` to be in the file versions it
-    joins (as (kind, original text)).
+    """A zero-context patch scrubbed: read as the lines of code it holds, and of every secret `known` to be in
+    the file versions it joins (as (kind, original text)).
 
     A hunk stops at the changed lines, so it can hold a value without the name that makes it a secret
-    (`password =` unchanged above a changed `"hunter2..."` line), a key block without its BEGIN line, or
-    `+DB_PASSWORD=...` that a line-start pattern does not take with its "+". The file versions were scrubbed
-    whole, so what they gave up is replaced here wherever it shows, line by line.
+    (`password =` unchanged above a changed `"hunter2..."` line) or a key block without its BEGIN line; the
+    file versions were scrubbed whole, so what they gave up is replaced here wherever it shows, line by line.
+    And the "+"/"-" before each line kept the line-start patterns from matching at all (`+DB_PASSWORD=...`,
+    `-  db_password: s3cret`): the patch is scanned with those signs read as spaces (same length, so the
+    secrets found are at the same places), which also joins a name and a value on adjacent lines of a hunk.
     """
-    out = scrub(diff, counts)
+    code = diff.replace("\n+", "\n ").replace("\n-", "\n ")
+    if code[:1] in ("+", "-"):
+        code = " " + code[1:]
+    out, found = _replace(diff, find_secrets(code))
+    _tally(found, counts, None)
     for kind, original in known:
         for line in original.split("\n"):
             if line.strip() and line in out:

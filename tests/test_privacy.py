@@ -13,7 +13,7 @@ import pytest
 
 from collectors.continue_http import append_to_inbox
 from daemon.config import load_config
-from pipelines.scrub import FileScrubber, is_excluded, scrub
+from pipelines.scrub import FileScrubber, is_excluded, scrub, scrub_diff
 from support import (
     T0,
     CommitSpec,
@@ -265,3 +265,18 @@ def test_a_secret_cut_from_its_name_by_a_hunk_is_scrubbed_in_diffs_and_contents(
     diffs = [r[5] for r in table_rows(db, "commit_files") if r[1] == "app/db.py"]
     assert sum('+"<SECRET:secret_assignment>"' in d for d in diffs) == 1
     assert sum('-"<SECRET:secret_assignment>"' in d for d in diffs) == 1
+
+
+def test_a_patch_is_scrubbed_as_the_code_it_holds() -> None:
+    """Line-start patterns see the line under its "+" or "-", and a name and a value on adjacent lines of a
+    hunk are read together, with no file version to go by (an old version harvested by an earlier run)."""
+    patch = ("diff --git a/deploy/app.yaml b/deploy/app.yaml\n--- a/deploy/app.yaml\n+++ b/deploy/app.yaml\n"
+             "@@ -3,3 +3,3 @@ db:\n-  db_password: s3cretValue9\n+  db_password: n3wValue9x\n"
+             "-export API_TOKEN=Zq8Lw2ZrX9vT4nB6\n+password =\n+    \"correct-horse-battery\"\n")
+    counts: Counter[str] = Counter()
+    out = scrub_diff(patch, counts)
+    for secret in ("s3cretValue9", "n3wValue9x", "Zq8Lw2ZrX9vT4nB6", "correct-horse-battery"):
+        assert secret not in out
+    assert counts == {"secret_assignment": 4}
+    assert out.startswith(patch[:patch.index("-  db_password")])  # the headers are kept as they were
+    assert "\n-  db_password: <SECRET:secret_assignment>\n" in out
