@@ -3,6 +3,12 @@
 
     python bench/git_harvest.py --repo /path/to/a/real/repository
     python bench/git_harvest.py                      # builds a history from real source files (see below)
+    python bench/git_harvest.py --against /tmp/devtune-main --reps 4   # before/after in one run
+
+--against runs the harvest with another devtune checkout's code (`git archive main | tar -x -C DIR`) and
+this one's, alternating, each in a fresh process, and prints the ratios of both: on a shared machine only
+numbers taken side by side compare. It also prints CPU seconds (the harvest's process and its git children
+against `git log -p`'s), which the other load on the machine moves less than wall time.
 
 With no --repo the script builds one: a repository whose commits replay real Python files (the
 installed packages' sources) in a realistic pattern: each commit adds or rewrites 1-4 files, most by
@@ -12,17 +18,22 @@ changing a span of lines, some by adding a whole file, by a handful of authors o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# --against measures another checkout's code with this script: its worker imports devtune from that tree.
+sys.path.insert(0, os.environ.get("DEVTUNE_BENCH_TREE") or str(Path(__file__).resolve().parent.parent))
 
 from daemon import jobs
 from daemon.config import load_config, render_config
@@ -93,12 +104,65 @@ def harvest(repo: Path, site: Path) -> tuple[float, dict[str, object]]:
     return time.monotonic() - started, report
 
 
+def measure(repo: Path, site: Path) -> dict[str, object]:
+    """One side by side measurement: `git log -p`, then the harvest into a fresh store, wall and CPU seconds."""
+    def cpu(who: int) -> float:
+        r = resource.getrusage(who)
+        return r.ru_utime + r.ru_stime
+
+    shutil.rmtree(site, ignore_errors=True)
+    children = cpu(resource.RUSAGE_CHILDREN)
+    base_s = bare_git_log(repo)
+    base_cpu = cpu(resource.RUSAGE_CHILDREN) - children
+    before = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN)
+    ours_s, report = harvest(repo, site)
+    ours_cpu = cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN) - before
+    return {"base_s": base_s, "harvest_s": ours_s, "base_cpu_s": base_cpu, "harvest_cpu_s": ours_cpu,
+            "commits": report["commits"]["total"], "scrubbed": report["scrubbed"]}  # type: ignore[index]
+
+
+def against(repo: Path, other: Path, reps: int, workdir: Path) -> None:
+    trees = {"before": other.resolve(), "now": Path(__file__).resolve().parent.parent}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for rep in range(reps):
+        for name in (list(trees) if rep % 2 == 0 else list(reversed(trees))):
+            site = workdir / f"site-{name}"
+            out = subprocess.run([sys.executable, __file__, "--repo", str(repo), "--worker", str(site)],
+                                 capture_output=True, text=True, cwd=trees[name],
+                                 env={**os.environ, "DEVTUNE_BENCH_TREE": str(trees[name])})
+            if out.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[name].append(r)
+            print(f"  rep {rep + 1}/{reps} {name:>6}: git log -p {r['base_s']:.2f}s, harvest {r['harvest_s']:.2f}s "
+                  f"= {r['harvest_s'] / r['base_s']:.2f}x; CPU {r['base_cpu_s']:.2f}s vs {r['harvest_cpu_s']:.2f}s "
+                  f"= {r['harvest_cpu_s'] / r['base_cpu_s']:.2f}x", flush=True)
+    def median(rs: list[dict[str, Any]], key: Any) -> float:
+        return statistics.median(key(r) for r in rs)
+
+    for name, rs in results.items():
+        print(f"{name:>6}: median harvest {median(rs, lambda r: r['harvest_s']):.2f}s, git log -p "
+              f"{median(rs, lambda r: r['base_s']):.2f}s, ratio "
+              f"{median(rs, lambda r: r['harvest_s'] / r['base_s']):.2f}x, CPU ratio "
+              f"{median(rs, lambda r: r['harvest_cpu_s'] / r['base_cpu_s']):.2f}x; scrubbed {rs[0]['scrubbed']}")
+    print("now / before, harvest time per repetition: "
+          + ", ".join(f"{n['harvest_s'] / b['harvest_s']:.2f}" for b, n in zip(results["before"], results["now"],
+                                                                              strict=True)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repo", type=Path, help="a repository to harvest (default: build one)")
     parser.add_argument("--commits", type=int, default=5000, help="commits of the built repository")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/devtune-bench-git"))
+    parser.add_argument("--against", type=Path, help="another devtune checkout to measure side by side")
+    parser.add_argument("--reps", type=int, default=4, help="repetitions with --against")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # one measurement, as JSON, into this site
     args = parser.parse_args()
+    if args.worker is not None:
+        logging.disable(logging.INFO)
+        print(json.dumps(measure(args.repo, args.worker)))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     repo = args.repo
     if repo is None:
@@ -106,10 +170,14 @@ def main() -> None:
         if not repo.exists():
             print(f"building a {args.commits:,}-commit repository from real source files in {repo}", flush=True)
             build_repo(repo, args.commits)
-    shutil.rmtree(args.workdir / "site", ignore_errors=True)
     n = int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=repo, capture_output=True, text=True,
                            check=True).stdout)
     bare_git_log(repo)  # warm the page cache and git's pack index once
+    if args.against is not None:
+        print(f"{n:,} commits; before = {args.against}, now = this checkout", flush=True)
+        against(repo, args.against, args.reps, args.workdir)
+        return
+    shutil.rmtree(args.workdir / "site", ignore_errors=True)
     base_s = bare_git_log(repo)
     print(f"git log -p:       {n:,} commits in {base_s:.2f}s", flush=True)
     ours_s, report = harvest(repo, args.workdir / "site")

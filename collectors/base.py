@@ -74,6 +74,7 @@ class FileChange:
     added: tuple[tuple[int, int], ...]  # 1-based inclusive line ranges the commit added in the new file
     diff: str  # the patch for this file, as `git log -p --unified=0` prints it
     content: str | None  # the file after the commit; None when binary, deleted or too large
+    old_blob: str = ""  # the blob sha before the commit ("" when added): what the diff's "-" lines come from
 
 
 @dataclass(frozen=True)

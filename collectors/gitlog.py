@@ -130,21 +130,34 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int) -> Iterat
     )
     assert proc.stdout is not None
     blobs = BlobReader(Path(repo.git_dir))
-    pending = b""
     try:
-        while chunk := proc.stdout.read(1 << 20):
-            pending += chunk
-            records = pending.split(RECORD)
-            pending = records.pop()
-            for record in records:
-                if record:
-                    yield _parse_record(blobs, record, max_file_bytes)
-        if pending:
-            yield _parse_record(blobs, pending, max_file_bytes)
+        for record in _records(proc.stdout):
+            yield _parse_record(blobs, record, max_file_bytes)
     finally:
         blobs.close()
         proc.stdout.close()
         proc.wait()
+
+
+def _records(stdout: Any) -> Iterator[bytes]:
+    """`git log` records (one per commit), split on the record separator as the output arrives."""
+    # read1 takes what the pipe holds instead of waiting for a full 1 MiB, so git goes on writing while the
+    # records already here are parsed, scrubbed and stored: harvest 9.9 -> 7.9 s and 11.1 -> 10.1 s (means of
+    # alternating runs, the second with the machine busier; bench/README.md). Only the new chunk is split, so
+    # a commit larger than a chunk costs linear time.
+    parts: list[bytes] = []
+    while chunk := stdout.read1(1 << 20):
+        records = chunk.split(RECORD)
+        if len(records) == 1:
+            parts.append(chunk)
+            continue
+        first = b"".join([*parts, records[0]])
+        if first:
+            yield first
+        yield from (r for r in records[1:-1] if r)
+        parts = [records[-1]]
+    if last := b"".join(parts):
+        yield last
 
 
 class BlobReader:
@@ -204,15 +217,12 @@ def _text(data: bytes) -> str | None:
 
 def _parse_record(blobs: BlobReader, record: bytes, max_file_bytes: int) -> Commit:
     sha, parents, name, email, at, ct, message, rest = record.split(FIELD, 7)
-    raw_lines: list[bytes] = []
-    diffs: list[bytes] = []
-    for line in rest.split(b"\n"):
-        if line.startswith(b":") and not diffs:
-            raw_lines.append(line)
-        elif line.startswith(b"diff --git "):
-            diffs.append(line + b"\n")
-        elif diffs:
-            diffs[-1] += line + b"\n"
+    # Split on the file headers rather than line by line: a patch line starts with "+", "-", " " or "\\", so
+    # "\ndiff --git " only ever starts a file (0.05 s for the 5,000 commits of bench/git_harvest.py, where a
+    # per-line loop took 0.56 s).
+    head, found, patches = rest.partition(b"\ndiff --git ")
+    raw_lines = [line for line in head.split(b"\n") if line.startswith(b":")]
+    diffs = [b"diff --git " + patch + b"\n" for patch in patches.split(b"\ndiff --git ")] if found else []
     changes = [c for i, raw in enumerate(raw_lines)
                if (c := _file_change(raw, diffs[i] if i < len(diffs) else b"", max_file_bytes)) is not None]
     wanted = [change.blob for change, text in changes if text]
@@ -235,7 +245,7 @@ def _file_change(raw: bytes, diff: bytes, max_file_bytes: int) -> tuple[FileChan
     """The change one --raw line describes (content not read yet), and whether its content is worth reading."""
     # ":100644 100644 <old sha> <new sha> M\tpath"
     meta, _, path_bytes = raw.partition(b"\t")
-    _, new_mode, _, new_blob, status = meta[1:].decode().split(" ")
+    _, new_mode, old_blob, new_blob, status = meta[1:].decode().split(" ")
     path = _unquote_path(path_bytes)
     status = status[:1]
     if status != "D" and new_mode not in _TEXT_MODES:
@@ -247,7 +257,7 @@ def _file_change(raw: bytes, diff: bytes, max_file_bytes: int) -> tuple[FileChan
     if len(diff) > max_file_bytes:
         diff_text = diff_text[:max_file_bytes] + f"\n[devtune: diff cut at {max_file_bytes} bytes]\n"
     return FileChange(path=path, status=status, blob="" if status == "D" else new_blob, added=added,
-                      diff=diff_text, content=None), wants_content
+                      diff=diff_text, content=None, old_blob="" if status == "A" else old_blob), wants_content
 
 
 def _unquote_path(raw: bytes) -> str:

@@ -39,7 +39,7 @@ from collectors.gitlog import count_commits, remote_name
 from collectors.jsonl import read_line
 from daemon.config import CollectConfig, DeveloperConfig, SourceConfig, TeamConfig
 from pipelines.progress import Progress
-from pipelines.scrub import is_excluded, scrub, scrub_fields, scrub_json
+from pipelines.scrub import FileScrubber, is_excluded, scrub, scrub_diff, scrub_fields, scrub_json
 from pipelines.store import Applied, Rows, Store, now
 
 log = logging.getLogger("devtune.ingest")
@@ -169,6 +169,7 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
         log.warning("source=%s: %s does not exist yet; nothing collected", name, root)
         return report
     repo = remote_name(root) if source.kind == "git" else None
+    contents = FileScrubber()  # a file's versions share most of their pieces across commits and batches
     for stream in collector.streams(root):
         cursor = store.load_cursor(name, stream)
         if source.kind == "git":
@@ -185,7 +186,7 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
             if batch.note:
                 log.warning("source=%s stream=%s: %s", name, stream, batch.note)
                 report.notes.append(f"{stream}: {batch.note}")
-            rows = to_rows(batch, source, repo, cfg, directory)
+            rows = to_rows(batch, source, repo, cfg, directory, contents)
             _account(report, store.apply_batch(name, rows, batch.cursor), len(batch.events) + len(batch.rejects))
             if source.kind == "git":
                 progress.advance(len(batch.events))
@@ -206,12 +207,16 @@ def _account(report: SourceReport, applied: Applied, n: int) -> None:
 
 
 def to_rows(batch: Batch, source: SourceConfig, repo: str | None, cfg: CollectConfig,
-            directory: Directory) -> Rows:
-    """Apply identity, privacy rules and scrubbing to a batch and lay it out for the store."""
+            directory: Directory, contents: FileScrubber | None = None) -> Rows:
+    """Apply identity, privacy rules and scrubbing to a batch and lay it out for the store.
+
+    `contents` scrubs committed file contents; pass one for all the batches of a harvest, so that each
+    version of a file costs only what it changed."""
     rows = Rows()
     ingested = now()
+    contents = contents or FileScrubber()
     for event in batch.events:
-        _event_rows(event, rows, source, repo, cfg, directory, ingested)
+        _event_rows(event, rows, source, repo, cfg, directory, ingested, contents)
     for r in batch.rejects:
         scrubs: Counter[str] = Counter()
         rows.add("quarantine", {
@@ -224,9 +229,9 @@ def to_rows(batch: Batch, source: SourceConfig, repo: str | None, cfg: CollectCo
 
 
 def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | None, cfg: CollectConfig,
-                directory: Directory, ingested: datetime) -> None:
+                directory: Directory, ingested: datetime, contents: FileScrubber) -> None:
     if isinstance(event, Commit):
-        _commit_rows(event, rows, source.name, repo or "", cfg, directory, ingested)
+        _commit_rows(event, rows, source.name, repo or "", cfg, directory, ingested, contents)
         return
     if isinstance(event, TabbyAction):
         # An action holds ids and times only; it is dropped with its developer, and links to nothing when
@@ -306,7 +311,7 @@ def _scrub_prefixes(s: Suggestion, scrubs: Counter[str]) -> tuple[str | None, ..
 
 
 def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: CollectConfig, directory: Directory,
-                 ingested: datetime) -> None:
+                 ingested: datetime, contents: FileScrubber) -> None:
     who = directory.resolve("", (c.author_email,))
     opted_out = directory.opted_out(who.developer, c.author_email)
     scrubs: Counter[str] = Counter()
@@ -332,15 +337,21 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
             _dropped(rows, source_name, "excluded_path", f"{c.sha}:{f.path}")
             continue
         keep_blob = f.content is not None
-        scrubs = Counter()
-        rows.add("commit_files", {"sha": c.sha, "path": f.path, "status": f.status,
-                                  "blob": f.blob if keep_blob else None,
-                                  "added": [list(r) for r in f.added], "diff": scrub(f.diff, scrubs)})
-        _scrubbed(rows, "commit_files", f"{c.sha}:{f.path}", scrubs)
+        found: list[tuple[str, str]] = []
         if keep_blob:
             scrubs = Counter()
-            rows.add("blobs", {"blob": f.blob, "content": scrub(f.content or "", scrubs)})
+            rows.add("blobs", {"blob": f.blob, "content": contents.scrub(f.content or "", scrubs, found)})
             _scrubbed(rows, "blobs", f.blob, scrubs)
+            if found:
+                contents.found_in[f.blob] = tuple(found)
+        scrubs = Counter()
+        # The diff's "+" lines are lines of this version and its "-" lines of the one before (when this harvest
+        # scrubbed it): what scrubbing those whole found goes from the diff too.
+        known = [*found, *contents.found_in.get(f.old_blob, ())]
+        rows.add("commit_files", {"sha": c.sha, "path": f.path, "status": f.status,
+                                  "blob": f.blob if keep_blob else None,
+                                  "added": [list(r) for r in f.added], "diff": scrub_diff(f.diff, scrubs, known)})
+        _scrubbed(rows, "commit_files", f"{c.sha}:{f.path}", scrubs)
 
 
 def _dropped(rows: Rows, source: str, reason: str, key: str) -> None:

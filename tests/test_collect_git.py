@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
+from collectors.gitlog import RECORD, _records
 from support import T0, CommitSpec, collect_site, commit, days, make_repo, merge, table_rows, write_config
 
 BOB = ("Bob", "bob@example.com")
@@ -113,3 +115,25 @@ def test_a_path_that_is_not_a_repository_fails_with_a_clear_error(tmp_path: Path
     result, _ = collect(tmp_path, tmp_path / "plain")
     assert result["error"] is not None
     assert "is not a git repository: point [[sources]] path at one" in result["error"]
+
+
+class Trickle(io.RawIOBase):
+    """A pipe that hands over at most `n` bytes per read, as git's output arrives."""
+
+    def __init__(self, data: bytes, n: int):
+        self.data, self.n = data, n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk, self.data = self.data[:min(self.n, len(buffer))], self.data[min(self.n, len(buffer)):]
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_log_records_are_whole_however_the_output_is_cut() -> None:
+    records = [b"a" * 5, b"b" * 3000, b"", b"c", b"d" * 70_000]
+    data = b"".join(RECORD + r for r in records)
+    for n in (1, 7, 4096, 1 << 20):
+        assert list(_records(io.BufferedReader(Trickle(data, n)))) == [r for r in records if r]

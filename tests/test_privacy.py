@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import random
+import sysconfig
+from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from collectors.continue_http import append_to_inbox
 from daemon.config import load_config
-from pipelines.scrub import is_excluded, scrub
+from pipelines.scrub import FileScrubber, is_excluded, scrub, scrub_diff
 from support import (
     T0,
     CommitSpec,
@@ -23,6 +26,7 @@ from support import (
     make_repo,
     tabby_action,
     tabby_completion,
+    table_rows,
     write_config,
     write_lines,
 )
@@ -145,3 +149,134 @@ def test_exclude_globs_match_uris_and_nested_paths() -> None:
     assert is_excluded("secrets/db.yaml", globs) and is_excluded("deploy/secrets/db.yaml", globs)
     assert is_excluded("home/.ssh/id_rsa.pub", globs)
     assert not is_excluded("app/environment.py", globs)
+
+
+# -- file contents scrubbed piece by piece (FileScrubber) ----------------------------------------------------
+
+_KEY = SECRETS["high_entropy"]
+_PW = SECRETS["secret_assignment"]
+# Secrets placed where a cut at a blank line could split them from their name, or right at a cut.
+_AT_A_CUT = [
+    f'password =\n\n"{_PW}"',  # the name before the cut, the value after it
+    f'db_password\n=\n\n\n"{_PW}"',  # an operator alone on the line before the cut
+    f'api_key:\n\n\n  "{_KEY}"',
+    f'client_secret \u00a0\n\u00a0\n\n= "{_KEY}"',  # a line of unicode blanks before the cut
+    f'SIGNING =\n\n\n\nf"{_KEY}"',
+    f"\n\nAWS = '{SECRETS['aws_access_key']}'\n\n",  # a secret alone between two cuts
+    f'token = "{_KEY}"\n\n',
+    f"\n\n='{_KEY}'",
+    f'DB = "postgres://app:{SECRETS["url_credentials"]}@db:5432/app"\n\n',
+    # a private key with a blank line inside its block, and one whose END line an edit removes
+    SECRETS["private_key"].replace("\n", "\n\n", 1),
+    "-----BEGIN RSA PRIVATE KEY-----\n" + "\n\n".join([_KEY] * 3),
+    f'\u0130\npassword = "{_PW}"',  # 'İ' lower-cases to two characters
+    f"DB_PASSWORD={_PW.replace('-', '')}2\n\n",
+]
+
+
+def _versions(rng: random.Random, text: str, n: int) -> list[str]:
+    """Successive versions of one file, as commits make them: spans of lines replaced, deleted or added, a
+    planted secret now and then, blank lines added and removed next to them."""
+    lines = text.splitlines(keepends=True)
+    out = []
+    for _ in range(n):
+        at = rng.randrange(len(lines) + 1)
+        roll = rng.random()
+        if roll < 0.35:
+            lines[at:at] = [s + "\n" for s in rng.choice(_AT_A_CUT).split("\n")]
+        elif roll < 0.55:
+            del lines[at:at + rng.randint(1, 4)]  # may join a name to a value across blank lines
+        elif roll < 0.75:
+            lines[at:at] = ["\n"] * rng.randint(1, 3)
+        else:
+            donor = rng.choice([*_AT_A_CUT, text]).splitlines(keepends=True) or ["\n"]
+            start = rng.randrange(len(donor))
+            lines[at:at + rng.randint(0, 3)] = donor[start:start + rng.randint(1, 8)]
+        out.append("".join(lines))
+    return out
+
+
+def test_file_scrubber_gives_the_whole_file_scrub_on_every_version() -> None:
+    """A harvest scrubs each version of a file piece by piece, reusing pieces it saw in earlier versions; the
+    result must be what scrubbing the whole file gives, secrets at the cuts included."""
+    rng = random.Random(3)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = [p.read_text(encoding="utf-8") for p in sorted((stdlib / "email").glob("*.py"))[:6]]
+    scrubber = FileScrubber(max_chars=200_000)  # small, so pieces are also dropped and scanned again
+    checked = planted = 0
+    for text in sources:
+        for version in _versions(rng, text, 60):
+            mine: Counter[str] = Counter()
+            whole: Counter[str] = Counter()
+            assert scrubber.scrub(version, mine) == scrub(version, whole)
+            assert mine == whole
+            checked += 1
+            planted += _PW in version or _KEY in version
+    assert checked == 360 and planted > 200
+
+
+def test_file_scrubber_rescans_only_the_changed_pieces() -> None:
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "email" / "message.py").read_text(encoding="utf-8")
+    scrubber = FileScrubber()
+    scrubber.scrub(text)
+    assert scrubber.new_chars == len(text)
+    edited = text.replace("def __init__(self, policy=compat32):", "def __init__(self, policy=None):")
+    assert edited != text and scrubber.scrub(edited) == scrub(edited)
+    assert scrubber.new_chars - len(text) < len(text) / 50
+
+
+@pytest.mark.parametrize("planted", _AT_A_CUT)
+def test_a_secret_at_a_cut_is_scrubbed_when_only_its_neighbour_changes(planted: str) -> None:
+    """The commit changes only the lines next to the planted text (a zero-context hunk that stops at it):
+    the unchanged pieces come from the cache, and the secret must still go."""
+    scrubber = FileScrubber()
+    before = f"def f():\n    return 1\n\n\n{planted}\n\ndef g():\n    return 2\n"
+    after = before.replace("return 1", "return 10").replace("return 2", "return 20")
+    for version in (before, after, after.replace(planted, planted.replace("\n\n", "\n\n\n"))):
+        out = scrubber.scrub(version)
+        assert out == scrub(version)
+        assert _PW not in out and _KEY not in out and SECRETS["aws_access_key"] not in out
+        assert SECRETS["url_credentials"] not in out and "b3BlbnNzaC1rZXkt" not in out
+
+
+def test_a_secret_cut_from_its_name_by_a_hunk_is_scrubbed_in_diffs_and_contents(tmp_path: Path) -> None:
+    """Commit 1 leaves `password =` before a blank line; commit 2 changes only the line after it into the value,
+    so its zero-context hunk holds the value without the name; commit 4 takes the value out again (a "-" line
+    without the name). The contents are scrubbed from cached pieces plus the changed ones, and the name's piece
+    runs on into the value's; the diffs lose what the whole versions gave up."""
+    head = "import os\n\n\ndef connect():\n    return os.environ\n\n\n"
+    bare = "hunter2Prod9"
+    make_repo(tmp_path / "repo", [
+        CommitSpec({"app/db.py": head + "password =\n\nlookup()\n", "deploy/env.sh": "set -e\n"}, when=T0,
+                   message="first"),
+        CommitSpec({"app/db.py": head + f'password =\n\n"{_PW}"\n', "deploy/env.sh": f"set -e\nDB_PASSWORD={bare}\n"},
+                   when=T0 + timedelta(hours=1), message="second"),
+        CommitSpec({"app/db.py": head + f'password =\n\n"{_PW}"\n\n\nx = 1\n'}, when=T0 + timedelta(hours=2),
+                   message="third"),
+        CommitSpec({"app/db.py": head + "password =\n\nlookup()\n\n\nx = 1\n", "deploy/env.sh": "set -e\n"},
+                   when=T0 + timedelta(hours=3), message="fourth"),
+    ])
+    setup = write_config(tmp_path / "site", [{"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}])
+    report, db = collect_site(setup.config)
+    assert report["error"] is None and report["status"]["commits"]["total"] == 4
+    text = all_text(db)
+    assert _PW not in text and bare not in text
+    assert text.count('password =\n\n"<SECRET:secret_assignment>"') == 2  # the versions of commits 2 and 3
+    diffs = [r[5] for r in table_rows(db, "commit_files") if r[1] == "app/db.py"]
+    assert sum('+"<SECRET:secret_assignment>"' in d for d in diffs) == 1
+    assert sum('-"<SECRET:secret_assignment>"' in d for d in diffs) == 1
+
+
+def test_a_patch_is_scrubbed_as_the_code_it_holds() -> None:
+    """Line-start patterns see the line under its "+" or "-", and a name and a value on adjacent lines of a
+    hunk are read together, with no file version to go by (an old version harvested by an earlier run)."""
+    patch = ("diff --git a/deploy/app.yaml b/deploy/app.yaml\n--- a/deploy/app.yaml\n+++ b/deploy/app.yaml\n"
+             "@@ -3,3 +3,3 @@ db:\n-  db_password: s3cretValue9\n+  db_password: n3wValue9x\n"
+             "-export API_TOKEN=Zq8Lw2ZrX9vT4nB6\n+password =\n+    \"correct-horse-battery\"\n")
+    counts: Counter[str] = Counter()
+    out = scrub_diff(patch, counts)
+    for secret in ("s3cretValue9", "n3wValue9x", "Zq8Lw2ZrX9vT4nB6", "correct-horse-battery"):
+        assert secret not in out
+    assert counts == {"secret_assignment": 4}
+    assert out.startswith(patch[:patch.index("-  db_password")])  # the headers are kept as they were
+    assert "\n-  db_password: <SECRET:secret_assignment>\n" in out
