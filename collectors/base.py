@@ -75,6 +75,9 @@ class FileChange:
     diff: str  # the patch for this file, as `git log -p --unified=0` prints it
     content: str | None  # the file after the commit; None when binary, deleted or too large
     old_blob: str = ""  # the blob sha before the commit ("" when added): what the diff's "-" lines come from
+    # The file before the commit, for a modified file whose old version this harvest has not read already
+    # (an incremental harvest's first commit to it): the secrets it held must leave the diff's "-" lines too.
+    old_content: str | None = None
 
 
 @dataclass(frozen=True)

@@ -168,11 +168,13 @@ class BlobReader:
     def __init__(self, git_dir: Path):
         self.proc = subprocess.Popen(["git", "--git-dir", str(git_dir), "cat-file", "--batch"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.seen: set[str] = set()  # every blob asked for so far (40-char shas: ~100 bytes each)
 
     def read(self, shas: list[str], max_file_bytes: int) -> dict[str, str | None]:
         """Each blob's text, or None when it is binary, not UTF-8, missing or larger than `max_file_bytes`."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         out: dict[str, str | None] = {}
+        self.seen.update(shas)
         for i in range(0, len(shas), self.GROUP):
             group = shas[i:i + self.GROUP]
             self.proc.stdin.write(b"".join(sha.encode() + b"\n" for sha in group))
@@ -226,9 +228,14 @@ def _parse_record(blobs: BlobReader, record: bytes, max_file_bytes: int) -> Comm
     changes = [c for i, raw in enumerate(raw_lines)
                if (c := _file_change(raw, diffs[i] if i < len(diffs) else b"", max_file_bytes)) is not None]
     wanted = [change.blob for change, text in changes if text]
-    texts = blobs.read(wanted, max_file_bytes) if wanted else {}
-    files = tuple(dataclasses.replace(change, content=texts.get(change.blob)) if text else change
-                  for change, text in changes)
+    # A history read from its root has read every old version already, as an earlier commit's new one; an
+    # incremental harvest reads the old version of each file it modifies first (one blob per file, once).
+    olds = [change.old_blob for change, text in changes
+            if text and change.status == "M" and change.old_blob not in blobs.seen]
+    texts = blobs.read(wanted + olds, max_file_bytes) if wanted else {}
+    files = tuple(dataclasses.replace(change, content=texts.get(change.blob),
+                                      old_content=texts.get(change.old_blob) if change.old_blob in olds else None)
+                  if text else change for change, text in changes)
     return Commit(
         sha=sha.decode(),
         parents=tuple(parents.decode().split()),

@@ -344,9 +344,14 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
             _scrubbed(rows, "blobs", f.blob, scrubs)
             if found:
                 contents.found_in[f.blob] = tuple(found)
+        if f.old_content is not None and f.old_blob not in contents.found_in:
+            before: list[tuple[str, str]] = []
+            contents.scrub(f.old_content, None, before)  # stored by an earlier harvest: only its secrets matter
+            if before:
+                contents.found_in[f.old_blob] = tuple(before)
         scrubs = Counter()
-        # The diff's "+" lines are lines of this version and its "-" lines of the one before (when this harvest
-        # scrubbed it): what scrubbing those whole found goes from the diff too.
+        # The diff's "+" lines are lines of this version and its "-" lines of the one before: what scrubbing
+        # those whole found goes from the diff too.
         known = [*found, *contents.found_in.get(f.old_blob, ())]
         rows.add("commit_files", {"sha": c.sha, "path": f.path, "status": f.status,
                                   "blob": f.blob if keep_blob else None,

@@ -20,6 +20,7 @@ from support import (
     all_text,
     autocomplete_event,
     collect_site,
+    commit,
     continue_event,
     continue_log,
     day_ms,
@@ -129,6 +130,16 @@ def test_no_planted_secret_reaches_any_table(tmp_path: Path) -> None:
         assert secret.splitlines()[1 if "\n" in secret else 0] not in text
     assert "<SECRET:aws_access_key>" in text and "<SECRET:url_credentials>" in text
     assert set(counts["scrubbed"]) >= set(SECRETS)
+
+
+@pytest.mark.parametrize("code", [
+    'password = (\n    "{pw}"\n)\n',  # Python's long-line form
+    'DB = {{\n    "password":\n        "{pw}",\n}}\n',
+    'db_password = os.environ.get("DB_PASSWORD", "{pw}")\n',
+])
+def test_a_value_on_a_later_line_or_in_a_call_is_still_an_assignment(code: str) -> None:
+    out = scrub(code.format(pw=_PW))
+    assert _PW not in out and "<SECRET:secret_assignment>" in out
 
 
 @pytest.mark.parametrize("code", [
@@ -265,6 +276,27 @@ def test_a_secret_cut_from_its_name_by_a_hunk_is_scrubbed_in_diffs_and_contents(
     diffs = [r[5] for r in table_rows(db, "commit_files") if r[1] == "app/db.py"]
     assert sum('+"<SECRET:secret_assignment>"' in d for d in diffs) == 1
     assert sum('-"<SECRET:secret_assignment>"' in d for d in diffs) == 1
+
+
+def test_a_value_removed_in_a_later_harvest_leaves_no_trace_in_its_diff(tmp_path: Path) -> None:
+    """The service harvests a few commits at a time: the version holding the value was stored by an earlier
+    harvest, and the commit that takes the value out shows it on a "-" line without its name (the name is
+    indented, so git's hunk header shows `def connect():` rather than the name)."""
+    head = "import os\n\n\ndef connect():\n    password =\n\n"
+    repo = make_repo(tmp_path / "repo", [
+        CommitSpec({"app/db.py": head + "    lookup()\n"}, when=T0, message="first"),
+        CommitSpec({"app/db.py": head + f'    "{_PW}"\n'}, when=T0 + timedelta(hours=1), message="second"),
+    ])
+    setup = write_config(tmp_path / "site", [{"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}])
+    first, db = collect_site(setup.config)
+    assert first["error"] is None and first["status"]["commits"]["total"] == 2
+    commit(repo, CommitSpec({"app/db.py": head + "    lookup()\n"}, when=T0 + timedelta(hours=2), message="third"))
+    second, db = collect_site(setup.config)
+    assert second["error"] is None and second["status"]["commits"]["total"] == 3
+    diffs = [r[5] for r in table_rows(db, "commit_files") if r[1] == "app/db.py"]
+    assert sum("@@ def connect():" in d for d in diffs) == 2  # the name is in neither hunk
+    assert _PW not in all_text(db)
+    assert sum('-    "<SECRET:secret_assignment>"' in d for d in diffs) == 1
 
 
 def test_a_patch_is_scrubbed_as_the_code_it_holds() -> None:
