@@ -39,7 +39,15 @@ from collectors.gitlog import count_commits, remote_name
 from collectors.jsonl import read_line
 from daemon.config import CollectConfig, DeveloperConfig, SourceConfig, TeamConfig
 from pipelines.progress import Progress
-from pipelines.scrub import FileScrubber, is_excluded, scrub, scrub_diff, scrub_fields, scrub_json
+from pipelines.scrub import (
+    FileScrubber,
+    cursor_spans,
+    is_excluded,
+    scrub,
+    scrub_diff,
+    scrub_fields,
+    scrub_json,
+)
 from pipelines.store import Applied, Rows, Store, now
 
 log = logging.getLogger("devtune.ingest")
@@ -288,7 +296,9 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
         })
         _scrubbed(rows, "interactions", event.key, scrubs)
     elif isinstance(event, TabbyCompletion):
-        prefix, suffix, *choices = scrub_fields([event.prefix, event.suffix, *event.choices], scrubs)
+        at_prefix, *at_choices, at_suffix = cursor_spans(event.prefix, list(event.choices), event.suffix)
+        prefix, suffix, *choices = scrub_fields([event.prefix, event.suffix, *event.choices], scrubs,
+                                                [at_prefix, at_suffix, *at_choices])
         rows.add("tabby_completions", {
             "id": event.key, "source": source.name, "created_at": event.created_at, "developer": who.developer,
             "team": team, "repo": event.repo, "filepath": event.filepath, "language": event.language,
@@ -301,13 +311,19 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
 def _scrub_prefixes(s: Suggestion, scrubs: Counter[str]) -> tuple[str | None, ...]:
     """The four texts of a suggestion, scrubbed; the compiled prefix is scrubbed once when it ends with the
     raw one (always, when recovered: the header before it is scrubbed on its own)."""
-    prefix, compiled = s.prefix, s.prefix_compiled
+    prefix, compiled, suffix, completion = s.prefix, s.prefix_compiled, s.suffix, s.completion
     if prefix is not None and compiled is not None and compiled.endswith(prefix):
         # Template headers end at a line break or a special token, so no secret spans the seam.
         header = compiled[: len(compiled) - len(prefix)]
-        header_s, prefix_s, suffix_s, completion_s = scrub_fields([header, prefix, s.suffix, s.completion], scrubs)
+        at_prefix, at_completion, at_suffix = cursor_spans(prefix, [completion], suffix)
+        header_s, prefix_s, suffix_s, completion_s = scrub_fields(
+            [header, prefix, suffix, completion], scrubs, [[], at_prefix, at_suffix, at_completion])
         return prefix_s, (header_s or "") + (prefix_s or ""), suffix_s, completion_s
-    return tuple(scrub_fields([prefix, compiled, s.suffix, s.completion], scrubs))
+    # Otherwise both prefixes meet the cursor (the compiled one may end with something the template added).
+    at_prefix, at_completion, at_suffix = cursor_spans(prefix, [completion], suffix)
+    at_compiled = cursor_spans(compiled, [completion], suffix)[0] if compiled is not None else []
+    return tuple(scrub_fields([prefix, compiled, suffix, completion], scrubs,
+                              [at_prefix, at_compiled, at_suffix, at_completion]))
 
 
 def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: CollectConfig, directory: Directory,

@@ -297,11 +297,14 @@ def assigned_secret(name: str, value: str, quoted: bool) -> bool:
 
 
 def scrub(text: str, counts: Counter[str] | None = None,
-          scanned: tuple[list[Rule], list[int]] | None = None) -> str:
-    """`text` with every secret replaced by `<SECRET:kind>`; kinds found are added to `counts`."""
+          scanned: tuple[list[Rule], list[int]] | None = None, extra: list[Span] | None = None) -> str:
+    """`text` with every secret replaced by `<SECRET:kind>`; kinds found are added to `counts`. `extra`: spans
+    to replace besides what the scan finds."""
     if not text:
         return text
     spans = find_secrets(text, scanned)
+    if extra:
+        spans = _merge(spans, extra)
     if not spans:
         return text
     out = []
@@ -512,17 +515,74 @@ def scrub_diff(diff: str, counts: Counter[str] | None = None, known: Iterable[tu
     return out
 
 
-def scrub_fields(texts: list[str | None], counts: Counter[str] | None = None) -> list[str | None]:
-    """Scrub the text fields of one event, scanning for markers and keywords once over all of them."""
+# How far either side of the cursor a secret can start or end and still need the other side to be seen: an
+# assignment with its value on a later line spans a few lines (`password = (` ... `"..."`), and the longest
+# token formats run to 255 characters. A private key block opened in the prefix is read from its BEGIN line
+# instead. The two extra scans cost 11% of Continue ingest at 256 (5,506 -> 4,900 events/s, 30k events of
+# bench/ingest_continue.py) and 18% at 512.
+SEAM_CHARS = 256
+
+
+def cursor_spans(prefix: str | None, middles: list[str | None], suffix: str | None) -> list[list[Span]]:
+    """The secrets that show only when a prefix, a middle and a suffix are read as the one file they are, as
+    spans in each part (prefix, each middle, suffix), for `scrub_fields(..., extra=)`.
+
+    A cursor can sit anywhere: between `password = ` and its value (the value then starts the suffix, or is
+    the completion), inside a token, inside a private key block. Each part alone holds half of the pattern,
+    so the text around the cursor is scanned once without a middle (the file as it was) and once with each
+    middle (the file had it been accepted). The spans are only added to what each part's own scan finds:
+    replacing them first could break a neighbouring secret's marker (a key cut after "LTAI5tB9" ran on into
+    the suffix's "sk-ant-..." and took its "sk").
+    """
+    p, s = prefix or "", suffix or ""
+    tail = max(0, len(p) - SEAM_CHARS)
+    head = min(len(s), SEAM_CHARS)
+    begin = p.rfind("-----BEGIN")
+    if begin >= 0 and "PRIVATE KEY" in p[begin:] and "-----END" not in p[begin:]:
+        tail = min(tail, begin)
+        end = s.find("-----END")
+        line_end = s.find("\n", end) if end >= 0 else -1
+        head = len(s) if line_end < 0 else max(head, line_end)
+    last = len(middles) + 1
+    found: list[list[Span]] = [[] for _ in range(last + 1)]  # prefix, each middle, suffix
+    for which, middle in [(0, ""), *((i + 1, m or "") for i, m in enumerate(middles))]:
+        lp, lm = len(p), len(middle)
+        # where each part lies in the joined prefix + middle + suffix
+        bounds = [(0, 0, lp), (which, lp, lp + lm), (last, lp + lm, lp + lm + len(s))] if which else \
+            [(0, 0, lp), (last, lp, lp + len(s))]
+        for start, end, kind in find_secrets(p[tail:] + middle + s[:head]):
+            start, end = start + tail, end + tail
+            for part, lo, hi in bounds:
+                if start < hi and end > lo:
+                    found[part].append((max(start, lo) - lo, min(end, hi) - lo, kind))
+    return [_merge(spans, []) for spans in found]
+
+
+def _merge(spans: list[Span], extra: list[Span]) -> list[Span]:
+    """Both lists as one, in text order, overlapping spans joined into one (of the first one's kind)."""
+    merged: list[Span] = []
+    for start, end, kind in sorted([*spans, *extra]):
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]), merged[-1][2])
+        else:
+            merged.append((start, end, kind))
+    return merged
+
+
+def scrub_fields(texts: list[str | None], counts: Counter[str] | None = None,
+                 extra: list[list[Span]] | None = None) -> list[str | None]:
+    """Scrub the text fields of one event, scanning for markers and keywords once over all of them; `extra`
+    holds spans to replace in each field besides (`cursor_spans`)."""
     present = [t for t in texts if t]
+    extra = extra or [[] for _ in texts]
     if len(present) < 2:
-        return [scrub(t, counts) if t else t for t in texts]
+        return [scrub(t, counts, None, more) if t else t for t, more in zip(texts, extra, strict=True)]
     joined = "\0".join(present)  # no marker or keyword holds NUL, so none can span two fields
     rules, keywords = _scan(joined, lower_in_place(joined))
     out: list[str | None] = []
     start = 0
     k = 0
-    for t in texts:
+    for t, more in zip(texts, extra, strict=True):
         if not t:
             out.append(t)
             continue
@@ -531,7 +591,7 @@ def scrub_fields(texts: list[str | None], counts: Counter[str] | None = None) ->
         while k < len(keywords) and keywords[k] < end:
             mine.append(keywords[k] - start)
             k += 1
-        out.append(scrub(t, counts, (rules, mine)))
+        out.append(scrub(t, counts, (rules, mine), more))
         start = end + 1
     return out
 

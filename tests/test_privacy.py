@@ -13,7 +13,7 @@ import pytest
 
 from collectors.continue_http import append_to_inbox
 from daemon.config import load_config
-from pipelines.scrub import FileScrubber, is_excluded, scrub, scrub_diff
+from pipelines.scrub import FileScrubber, cursor_spans, is_excluded, scrub, scrub_diff, scrub_fields
 from support import (
     T0,
     CommitSpec,
@@ -130,6 +130,51 @@ def test_no_planted_secret_reaches_any_table(tmp_path: Path) -> None:
         assert secret.splitlines()[1 if "\n" in secret else 0] not in text
     assert "<SECRET:aws_access_key>" in text and "<SECRET:url_credentials>" in text
     assert set(counts["scrubbed"]) >= set(SECRETS)
+
+
+def _pieces(secret: str, n: int = 10) -> set[str]:
+    """Every 10 characters of a secret's own material: a key block's body, else its last 20 characters (the
+    random part; a webhook's or URL's start is public and may stay)."""
+    core = secret.splitlines()[1] if "\n" in secret else secret[-20:]
+    return {core[i:i + n] for i in range(len(core) - n + 1)}
+
+
+def test_a_cursor_anywhere_leaves_no_part_of_a_secret() -> None:
+    """Every place a cursor can be in a file of secrets, with and without a completion: the prefix, the
+    completion and the suffix each hold part of a secret (or its name, or its BEGIN line), never all of it."""
+    code = code_with_secrets()
+    values = list(SECRETS.values())
+    for cursor in range(0, len(code), 3):  # every third place: 4 s instead of 13
+        for completion in ("", code[cursor:cursor + 9]):
+            suffix = code[cursor + len(completion):]
+            at_prefix, at_completion, at_suffix = cursor_spans(code[:cursor], [completion], suffix)
+            out = "\0".join(t or "" for t in scrub_fields([code[:cursor], completion, suffix], None,
+                                                           [at_prefix, at_completion, at_suffix]))
+            leaked = [v for v in values if any(piece in out for piece in _pieces(v))]
+            assert not leaked, (cursor, completion, leaked)
+
+
+def test_a_secret_split_by_the_cursor_is_scrubbed_on_the_way_into_the_store(tmp_path: Path) -> None:
+    key = SECRETS["private_key"]
+    continue_log(tmp_path / "alice", [
+        autocomplete_event(prefix="import os\n\npassword = ", suffix=f'"{_PW}"\n', completion="os.environ[\"PW\"]"),
+        autocomplete_event(prefix="cfg = {\n    'api_key': ", completion=f"'{SECRETS['high_entropy']}',",
+                           suffix="\n}\n"),
+        autocomplete_event(prefix=f'KEY = """{key[:48]}', completion=key[48:70], suffix=f'{key[70:]}"""\n'),
+    ])
+    write_lines(tmp_path / "tabby" / "events" / "2026-10-01.json", [
+        tabby_completion("cmpl-1", day_ms("2026-10-01", 1), prefix=f'GH = "{SECRETS["github_token"][:9]}',
+                         text=f'{SECRETS["github_token"][9:]}"'),
+        tabby_action("view", "cmpl-1", day_ms("2026-10-01", 2))])
+    setup = write_config(tmp_path / "site", [
+        {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice"},
+        {"kind": "tabby", "path": str(tmp_path / "tabby"), "name": "tabby"}])
+    report, db = collect_site(setup.config)
+    assert report["error"] is None and report["status"]["suggestions"]["total"] == 4
+    text = all_text(db)
+    for secret in (_PW, SECRETS["high_entropy"], key, SECRETS["github_token"]):
+        assert not any(piece in text for piece in _pieces(secret)), secret
+    assert 'password = ' in text and "<SECRET:private_key>" in text
 
 
 @pytest.mark.parametrize("code", [
