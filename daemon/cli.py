@@ -194,9 +194,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_cycle(args: argparse.Namespace) -> int:
     cfg = _config(args)
     teams = [args.team] if args.team else cfg.team_names()
-    unknown = [t for t in teams if t not in cfg.team_names()]
+    unknown = next((why for t in teams if (why := cfg.unknown_team(t))), None)
     if unknown:
-        print(f"devtune: no team {unknown[0]!r}; teams are {', '.join(cfg.team_names())}", file=sys.stderr)
+        print(f"devtune: {unknown}", file=sys.stderr)
         return 2
     client = ApiClient.discover(cfg.state_dir)
     results = []
@@ -267,8 +267,9 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
     except ScopeError as e:
         print(f"devtune: {e}", file=sys.stderr)
         return 2
-    if scope.kind == "team" and scope.name not in cfg.team_names():
-        print(f"devtune: no team {scope.name!r}; teams are {', '.join(cfg.team_names())}", file=sys.stderr)
+    unknown = cfg.unknown_team(scope.name) if scope.kind == "team" else None
+    if unknown:
+        print(f"devtune: {unknown}", file=sys.stderr)
         return 2
     out = args.out.resolve()
     client = ApiClient.discover(cfg.state_dir)

@@ -228,6 +228,12 @@ class Config:
         names = [t.name for t in self.teams]
         return names if self.default_team in names else [*names, self.default_team]
 
+    def unknown_team(self, name: str) -> str | None:
+        """What to say when `name` is not one of the teams, or None when it is."""
+        if name in self.team_names():
+            return None
+        return f"no team {name!r}; teams are {', '.join(self.team_names())}"
+
 
 SECTIONS: dict[str, type] = {
     "collect": CollectConfig, "continue_http": ContinueHttpConfig, "schedule": ScheduleConfig,

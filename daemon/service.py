@@ -117,8 +117,8 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
 
     def cycle(body: dict[str, Any]) -> tuple[int, Any]:
         team = body.get("team") or cfg.default_team
-        if team not in cfg.team_names():
-            return HTTPStatus.NOT_FOUND, {"error": f"no team {team!r}; teams are {', '.join(cfg.team_names())}"}
+        if unknown := cfg.unknown_team(team):
+            return HTTPStatus.NOT_FOUND, {"error": unknown}
         cursor = store.cursor()
         run_id = jobs.start_cycle(cursor, cfg, team)
         if run_id is None:
@@ -132,8 +132,8 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
             scope = Scope.parse(str(body.get("scope", "")))
         except ScopeError as e:
             return HTTPStatus.BAD_REQUEST, {"error": str(e)}
-        if scope.kind == "team" and scope.name not in cfg.team_names():
-            return HTTPStatus.NOT_FOUND, {"error": f"no team {scope.name!r}; teams are {', '.join(cfg.team_names())}"}
+        if scope.kind == "team" and (unknown := cfg.unknown_team(scope.name)):
+            return HTTPStatus.NOT_FOUND, {"error": unknown}
         try:
             return HTTPStatus.OK, jobs.export_dataset(store.cursor(), cfg, scope)
         except TokenizerError as e:

@@ -319,9 +319,14 @@ def _scrub_prefixes(s: Suggestion, scrubs: Counter[str]) -> tuple[str | None, ..
         header_s, prefix_s, suffix_s, completion_s = scrub_fields(
             [header, prefix, suffix, completion], scrubs, [[], at_prefix, at_suffix, at_completion])
         return prefix_s, (header_s or "") + (prefix_s or ""), suffix_s, completion_s
-    # Otherwise both prefixes meet the cursor (the compiled one may end with something the template added).
-    at_prefix, at_completion, at_suffix = cursor_spans(prefix, [completion], suffix)
-    at_compiled = cursor_spans(compiled, [completion], suffix)[0] if compiled is not None else []
+    # Otherwise each prefix there is meets the cursor (the compiled one may end with something the template
+    # added); without a raw prefix, the compiled one alone is read with the completion and the suffix.
+    at_cursor, at_completion, at_suffix = cursor_spans(compiled if prefix is None else prefix, [completion], suffix)
+    if prefix is None:
+        at_prefix, at_compiled = [], at_cursor
+    else:
+        at_prefix = at_cursor
+        at_compiled = cursor_spans(compiled, [completion], suffix)[0] if compiled is not None else []
     return tuple(scrub_fields([prefix, compiled, suffix, completion], scrubs,
                               [at_prefix, at_compiled, at_suffix, at_completion]))
 
