@@ -29,8 +29,7 @@ MODEL_SHAPE = {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 704,
 
 def bench_model() -> Path:
     """The benchmark base model, built once (random weights: throughput does not depend on them)."""
-    from pipelines.sample import generic_corpus
-    from pipelines.tiny import TinyShape, build_tiny
+    from pipelines.train.tiny import TinyShape, build_tiny, generic_corpus
 
     out = WORK / "model-5m"
     if not (out / "model.safetensors").is_file():
@@ -66,10 +65,10 @@ def bench_rows(data: str) -> list[dict[str, Any]]:
 def _build_rows(out_dir: Path) -> None:
     from daemon import jobs
     from daemon.config import load_config, render_config
-    from pipelines.datasets import build_datasets
-    from pipelines.sample import DEVELOPERS, make_sample
+    from daemon.sample import DEVELOPERS, make_sample
+    from pipelines.datasets.build import build_datasets
     from pipelines.scope import team
-    from pipelines.store import Store
+    from pipelines.store.db import Store
     from pipelines.tokens import load_base_tokenizer
 
     sample = make_sample(WORK / "sample", n_commits=120, n_events=800)

@@ -90,7 +90,7 @@ def prepare(folder: Path, n_commits: int, n_suggestions: int) -> None:
     config = write_bench_config(folder)
     from daemon import jobs
     from daemon.config import load_config
-    from pipelines.store import Store
+    from pipelines.store.db import Store
 
     cfg = load_config(config)
     store = Store.open(cfg.state_dir / "store.duckdb")
@@ -190,7 +190,7 @@ def write_bench_config(folder: Path) -> Path:
 def store_generated_suggestions(store: Any, commits: list[dict[str, Any]], total: int, rng: random.Random) -> int:
     """Suggestions shown to each commit's author before it, with the cursor in the lines it added."""
     from collectors.base import Cursor
-    from pipelines.store import Rows
+    from pipelines.store.db import Rows
 
     per_commit = total / len(commits)
     rows: list[dict[str, Any]] = []
@@ -276,9 +276,9 @@ def measure(folder: Path) -> int:
     import logging
 
     from daemon.config import load_config
-    from pipelines.datasets import build_datasets
+    from pipelines.datasets.build import build_datasets
     from pipelines.scope import team
-    from pipelines.store import Store
+    from pipelines.store.db import Store
     from pipelines.tokens import load_base_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -320,12 +320,12 @@ def compare_near_dup(folder: Path, limit: int) -> None:
     from datasketch import MinHash, MinHashLSH
 
     from daemon.config import load_config
-    from pipelines.dpo import pair_examples, sides
-    from pipelines.link import PathIndex
-    from pipelines.quality import EMPTY, band_keys, near_duplicates, near_text, sketch
+    from pipelines.datasets.dpo import pair_examples, sides
+    from pipelines.datasets.link import PathIndex
+    from pipelines.datasets.quality import EMPTY, band_keys, near_duplicates, near_text, sketch
+    from pipelines.datasets.sft import accepted_examples, outcomes
     from pipelines.scope import team
-    from pipelines.sft import accepted_examples, outcomes
-    from pipelines.store import Store
+    from pipelines.store.db import Store
 
     cfg = load_config(folder / "config.toml")
     store = Store.open(cfg.state_dir / "store.duckdb")

@@ -27,9 +27,9 @@ def run(batch: int, rows: int, max_new_tokens: int, state_dir: str) -> dict[str,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.batching import encode
-    from pipelines.evaluate import generate_middles, generation_scores
-    from pipelines.rundir import read_rows
+    from pipelines.evaluate.evaluate import generate_middles, generation_scores
+    from pipelines.train.batching import encode
+    from pipelines.train.rundir import read_rows
 
     if state_dir:
         served = Path(state_dir) / "served" / "team:payments"

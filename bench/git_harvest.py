@@ -37,7 +37,7 @@ sys.path.insert(0, os.environ.get("DEVTUNE_BENCH_TREE") or str(Path(__file__).re
 
 from daemon import jobs
 from daemon.config import load_config, render_config
-from pipelines.store import Store
+from pipelines.store.db import Store
 
 AUTHORS = [("Alice", "alice@example.com"), ("Bob", "bob@example.com"), ("Chen", "chen@example.com"),
            ("Dana", "dana@example.com"), ("Eve", "eve@example.com")]

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.config import render_config
-from pipelines.sample import make_sample
+from daemon.sample import make_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon import jobs
 from daemon.config import load_config, render_config
-from pipelines.store import Store
+from pipelines.store.db import Store
 
 
 def corpus() -> list[tuple[str, str]]:

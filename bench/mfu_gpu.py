@@ -58,11 +58,11 @@ def main() -> int:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from daemon.config import TrainConfig
-    from pipelines.batching import Encoded, collate, plan_steps
-    from pipelines.fit import Micro, Settings, Stage, fit
-    from pipelines.losses import LM, sft_loss
-    from pipelines.train import CUDA_HEAD_CHUNK_TOKENS, attach_adapter, runtime
+    from pipelines.config import TrainConfig
+    from pipelines.train.batching import Encoded, collate, plan_steps
+    from pipelines.train.fit import Micro, Settings, Stage, fit
+    from pipelines.train.losses import LM, sft_loss
+    from pipelines.train.train import CUDA_HEAD_CHUNK_TOKENS, attach_adapter, runtime
 
     shape = dict(QWEN25_05B)
     if args.layers:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.scrub import find_secrets
+from pipelines.ingest.scrub import find_secrets
 
 
 def corpus(limit_mb: float) -> list[tuple[Path, str]]:

@@ -68,10 +68,10 @@ def run_devtune(data: list[dict[str, str]]) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from daemon.config import TrainConfig
-    from pipelines.fit import Settings
-    from pipelines.losses import LM
-    from pipelines.train import attach_adapter, dpo_stage, load_base_model, runtime
+    from pipelines.config import TrainConfig
+    from pipelines.train.fit import Settings
+    from pipelines.train.losses import LM
+    from pipelines.train.train import attach_adapter, dpo_stage, load_base_model, runtime
 
     torch.manual_seed(0)
     model_dir = bench_model()

@@ -68,11 +68,11 @@ def run_devtune(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from daemon.config import TrainConfig
-    from pipelines.batching import micro_batches, plan_steps
-    from pipelines.fit import Settings
-    from pipelines.losses import LM
-    from pipelines.train import attach_adapter, encode_sft, load_base_model, runtime, sft_stage
+    from pipelines.config import TrainConfig
+    from pipelines.train.batching import micro_batches, plan_steps
+    from pipelines.train.fit import Settings
+    from pipelines.train.losses import LM
+    from pipelines.train.train import attach_adapter, encode_sft, load_base_model, runtime, sft_stage
 
     torch.manual_seed(0)
     model_dir = bench_model()

@@ -185,12 +185,32 @@ class Batch:
     rejects: tuple[Reject, ...]
     cursor: Cursor
     note: str = ""  # something worth logging once, e.g. "file was replaced: re-reading from the start"
+    read: int = 0  # how much of the stream this batch consumed, in the collector's `unit` (for progress)
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A folder whose changes mean a source has something new to collect."""
+
+    folder: Path
+    recursive: bool
+    suffixes: tuple[str, ...]  # file name endings that matter (e.g. ".jsonl"); () = any file
+
+
+@dataclass(frozen=True)
+class Found:
+    """A source installed on this machine where its tool puts it by default (for `devtune init`)."""
+
+    path: Path
+    why: str  # e.g. "dev_data/ found at $CONTINUE_GLOBAL_DIR"
 
 
 class Collector(Protocol):
-    """Reads one kind of source. The built-ins and any third-party collector go through `COLLECTORS`."""
+    """Reads one kind of source. The built-ins and any third-party collector go through `COLLECTORS`: a
+    new source is one module with one such class, and one entry in that table."""
 
-    kind: str
+    kind: str  # what a [[sources]] table's `kind` names
+    unit: str  # what `pending` and `Batch.read` count: "bytes" of a log file, "commits" of a repository
 
     def streams(self, root: Path) -> list[str]:
         """The streams under `root` this collector reads (files relative to root, or git refs)."""
@@ -202,6 +222,23 @@ class Collector(Protocol):
 
     def line_parser(self, root: Path, stream: str) -> LineParser | None:
         """How one line of `stream` is parsed (for `devtune quarantine retry`); None for line-less sources."""
+        ...
+
+    def pending(self, root: Path, stream: str, cursor: Cursor | None) -> int:
+        """How much of `stream` is left after `cursor`, in `unit`s (the progress line's total and ETA)."""
+        ...
+
+    def repo(self, root: Path) -> str | None:
+        """The "owner/name" every event of the source belongs to (a git source's origin remote), or None
+        when the events name their own repository."""
+        ...
+
+    def watch_paths(self, root: Path) -> list[Watch]:
+        """The folders whose changes the service watches to collect the source soon after it changes."""
+        ...
+
+    def discover(self) -> list[Found]:
+        """This machine's installs of the tool, where it writes by default (`devtune init` adds them)."""
         ...
 
 

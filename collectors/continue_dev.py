@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,8 +22,19 @@ from urllib.parse import unquote
 
 import orjson
 
-from collectors.base import Batch, Cursor, EditOutcome, Interaction, Limits, LineParser, RawEvent, Suggestion
-from collectors.jsonl import collect_lines, decode_object
+from collectors.base import (
+    Batch,
+    Cursor,
+    EditOutcome,
+    Found,
+    Interaction,
+    Limits,
+    LineParser,
+    RawEvent,
+    Suggestion,
+    Watch,
+)
+from collectors.jsonl import collect_lines, decode_object, pending_bytes
 
 # Stream -> the event its lines hold. 0.2.0 is what Continue writes today; 0.1.0 holds files migrated from
 # the 2024 layout; root-level files are that layout when the migration never ran (FORMATS.md §1.1). Not
@@ -47,9 +59,23 @@ QWEN_REPO_SEPARATOR = "<|system_separator_istruction_repository_level|>"  # sic:
 
 class ContinueCollector:
     kind = "continue"
+    unit = "bytes"
 
     def streams(self, root: Path) -> list[str]:
         return [s for s in STREAMS if (root / s).is_file()]
+
+    def pending(self, root: Path, stream: str, cursor: Cursor | None) -> int:
+        return pending_bytes(root / stream, cursor)
+
+    def repo(self, root: Path) -> str | None:
+        return None  # each event names its own (`gitRepo`)
+
+    def watch_paths(self, root: Path) -> list[Watch]:
+        return [Watch(root / "dev_data", recursive=True, suffixes=(".jsonl",))]
+
+    def discover(self) -> list[Found]:
+        """Continue's folder at $CONTINUE_GLOBAL_DIR, else ~/.continue, when it holds dev_data/."""
+        return found_at("CONTINUE_GLOBAL_DIR", "~/.continue", "dev_data")
 
     def collect(self, root: Path, stream: str, cursor: Cursor | None, limits: Limits) -> Iterator[Batch]:
         yield from collect_lines(root / stream, stream, cursor, limits, self.line_parser(root, stream))
@@ -65,6 +91,15 @@ class ContinueCollector:
             return obj if isinstance(obj, str) else parse_event(name, obj, fallback_ts)
 
         return parse
+
+
+def found_at(env: str, default: str, marker: str) -> list[Found]:
+    """The folder `$env` names (else `default`) when it holds `marker`: where a tool writes by default."""
+    root = Path(os.environ.get(env) or default).expanduser()
+    if not (root / marker).is_dir():
+        return []
+    why = f"${env}" if os.environ.get(env) else f"the default {default}"
+    return [Found(root.resolve(), f"{marker}/ found at {why}")]
 
 
 def parse_event(name: str, obj: dict[str, Any], fallback_ts: datetime,

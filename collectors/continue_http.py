@@ -22,9 +22,20 @@ from typing import Any
 
 import orjson
 
-from collectors.base import Batch, Cursor, EditOutcome, Interaction, Limits, LineParser, RawEvent, Suggestion
+from collectors.base import (
+    Batch,
+    Cursor,
+    EditOutcome,
+    Found,
+    Interaction,
+    Limits,
+    LineParser,
+    RawEvent,
+    Suggestion,
+    Watch,
+)
 from collectors.continue_dev import EVENT_NAMES, parse_event, parse_timestamp
-from collectors.jsonl import collect_lines, decode_object
+from collectors.jsonl import collect_lines, decode_object, pending_bytes
 
 DAY_FILE = re.compile(r"^\d{4}-\d{2}-\d{2}\.jsonl$")
 SCHEMAS = ("0.1.0", "0.2.0")
@@ -37,6 +48,19 @@ _append_lock = threading.Lock()
 
 class ContinueHttpCollector:
     kind = "continue_http"
+    unit = "bytes"
+
+    def pending(self, root: Path, stream: str, cursor: Cursor | None) -> int:
+        return pending_bytes(root / stream, cursor)
+
+    def repo(self, root: Path) -> str | None:
+        return None
+
+    def watch_paths(self, root: Path) -> list[Watch]:
+        return []  # the route that appends to the inbox asks for a collect itself
+
+    def discover(self) -> list[Found]:
+        return []  # the service's own inbox: enabled by [continue_http], never found on a machine
 
     def streams(self, root: Path) -> list[str]:
         if not root.is_dir():

@@ -25,7 +25,7 @@ from typing import Any
 
 import git
 
-from collectors.base import Batch, Commit, Cursor, FileChange, Limits, LineParser, RawEvent
+from collectors.base import Batch, Commit, Cursor, FileChange, Found, Limits, LineParser, RawEvent, Watch
 
 RECORD, FIELD = b"\x1e", b"\x1f"
 LOG_FORMAT = "%x1e%H%x1f%P%x1f%an%x1f%aE%x1f%at%x1f%ct%x1f%B%x1f"
@@ -39,9 +39,27 @@ class GitError(Exception):
 
 class GitCollector:
     kind = "git"
+    unit = "commits"
 
     def streams(self, root: Path) -> list[str]:
         return ["HEAD"]
+
+    def pending(self, root: Path, stream: str, cursor: Cursor | None) -> int:
+        return count_commits(root, cursor)
+
+    def repo(self, root: Path) -> str | None:
+        return remote_name(root)  # commits do not name their repository; the source's remote does
+
+    def watch_paths(self, root: Path) -> list[Watch]:
+        git_dir, common_dir = git_dirs(root)
+        # HEAD lives in the (worktree's) git dir; branch tips under refs/ and in packed-refs in the common dir.
+        if git_dir == common_dir:
+            return [Watch(git_dir, False, ("HEAD", "packed-refs")), Watch(git_dir / "refs", True, ())]
+        return [Watch(git_dir, False, ("HEAD",)), Watch(common_dir, False, ("packed-refs",)),
+                Watch(common_dir / "refs", True, ())]
+
+    def discover(self) -> list[Found]:
+        return []  # repositories live anywhere: list them in [[sources]]
 
     def collect(self, root: Path, stream: str, cursor: Cursor | None, limits: Limits) -> Iterator[Batch]:
         repo = open_repo(root)
@@ -68,9 +86,9 @@ class GitCollector:
             last = commit.sha
             if len(batch) >= limits.batch_events:
                 # Parents come before children, so all of `last`'s history is in this batch or earlier ones.
-                yield Batch(tuple(batch), (), Cursor(stream=stream, sha=last), note)
+                yield Batch(tuple(batch), (), Cursor(stream=stream, sha=last), note, read=len(batch))
                 batch, note = [], ""
-        yield Batch(tuple(batch), (), Cursor(stream=stream, sha=head), note)
+        yield Batch(tuple(batch), (), Cursor(stream=stream, sha=head), note, read=len(batch))
 
     def line_parser(self, root: Path, stream: str) -> LineParser | None:
         return None  # git output is read whole; nothing is ever quarantined line by line
@@ -83,6 +101,22 @@ def open_repo(root: Path) -> git.Repo:
         raise GitError(f"git source {root} does not exist: fix [[sources]] path") from e
     except git.InvalidGitRepositoryError as e:
         raise GitError(f"git source {root} is not a git repository: point [[sources]] path at one") from e
+
+
+def git_dirs(path: Path) -> tuple[Path, Path]:
+    """A repository's git dir and common dir: `.git` itself, a linked worktree's, or a bare repository."""
+    dot_git = path / ".git"
+    if dot_git.is_file():  # a linked worktree or submodule: "gitdir: <path>"
+        text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
+        git_dir = (path / text.removeprefix("gitdir:").strip()).resolve()
+    elif dot_git.is_dir():
+        git_dir = dot_git
+    else:
+        git_dir = path  # bare
+    common = git_dir / "commondir"
+    if common.is_file():
+        return git_dir, (git_dir / common.read_text(encoding="utf-8").strip()).resolve()
+    return git_dir, git_dir
 
 
 def count_commits(root: Path, cursor: Cursor | None) -> int:

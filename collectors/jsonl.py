@@ -126,7 +126,7 @@ def collect_lines(path: Path, stream: str, cursor: Cursor | None, limits: Limits
     start, note = resume_offset(path, cursor)
     events: list[RawEvent] = []
     rejects: list[Reject] = []
-    end = start
+    end = done = start
     for item in iter_lines(path, start, limits.max_line_bytes):
         if isinstance(item, Oversized):
             rejects.append(oversized_reject(stream, item, limits.max_line_bytes))
@@ -138,10 +138,15 @@ def collect_lines(path: Path, stream: str, cursor: Cursor | None, limits: Limits
                 events.extend(parsed)
         end = item.end
         if len(events) + len(rejects) >= limits.batch_events:
-            yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note)
-            events, rejects, note = [], [], ""
+            yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note, read=end - done)
+            events, rejects, note, done = [], [], "", end
     if events or rejects or end != (cursor.offset if cursor else 0) or note:
-        yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note)
+        yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note, read=end - done)
+
+
+def pending_bytes(path: Path, cursor: Cursor | None) -> int:
+    """Bytes of `path` after `cursor`: what a log collector has left to read."""
+    return max(0, path.stat().st_size - (cursor.offset if cursor else 0))
 
 
 def read_line(path: Path, offset: int, length: int) -> bytes | str:

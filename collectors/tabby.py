@@ -22,9 +22,9 @@ from typing import Any
 
 import orjson
 
-from collectors.base import Batch, Cursor, Limits, LineParser, RawEvent, TabbyAction, TabbyCompletion
-from collectors.continue_dev import MAX_TS_MS, MIN_TS_MS, normalize_repo
-from collectors.jsonl import collect_lines, decode_object
+from collectors.base import Batch, Cursor, Found, Limits, LineParser, RawEvent, TabbyAction, TabbyCompletion, Watch
+from collectors.continue_dev import MAX_TS_MS, MIN_TS_MS, found_at, normalize_repo
+from collectors.jsonl import collect_lines, decode_object, pending_bytes
 
 DAY_FILE = re.compile(r"^\d{4}-\d{2}-\d{2}\.json$")
 ACTIONS = ("view", "select", "dismiss")
@@ -32,6 +32,21 @@ ACTIONS = ("view", "select", "dismiss")
 
 class TabbyCollector:
     kind = "tabby"
+    unit = "bytes"
+
+    def pending(self, root: Path, stream: str, cursor: Cursor | None) -> int:
+        return pending_bytes(root / stream, cursor)
+
+    def repo(self, root: Path) -> str | None:
+        return None  # each completion names its own (`segments.git_url`)
+
+    def watch_paths(self, root: Path) -> list[Watch]:
+        # A new day file is a "created" event in this folder, so it is picked up like an append.
+        return [Watch(root / "events", recursive=False, suffixes=(".json",))]
+
+    def discover(self) -> list[Found]:
+        """The Tabby root at $TABBY_ROOT, else ~/.tabby, when it holds events/."""
+        return found_at("TABBY_ROOT", "~/.tabby", "events")
 
     def streams(self, root: Path) -> list[str]:
         # Day order is event order across files, which keeps a completion ahead of its later select.

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from pipelines.rundir import read_json, write_json_atomic
+from pipelines.files import read_json, write_json_atomic
 
 log = logging.getLogger("devtune.api")
 

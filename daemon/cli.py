@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -19,15 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from collectors import COLLECTORS
 from daemon import jobs
 from daemon.api import ApiClient, ApiError
 from daemon.config import Config, ConfigError, find_config, load_config, render_config
 from daemon.logs import setup_logging
-from pipelines.datasets import FILES
+from pipelines.datasets.build import FILES
 from pipelines.progress import format_seconds
-from pipelines.registry import RegistryError
+from pipelines.publish.registry import RegistryError
 from pipelines.scope import Scope, ScopeError
-from pipelines.store import Store, StoreBusy
+from pipelines.store.db import Store, StoreBusy
 from pipelines.tokens import TokenizerError
 
 log = logging.getLogger("devtune")
@@ -158,16 +158,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def local_sources() -> list[dict[str, str]]:
-    """This machine's IDE log folders, where tools put them by default: Continue's at $CONTINUE_GLOBAL_DIR
-    (else ~/.continue) when it holds dev_data/, Tabby's at $TABBY_ROOT (else ~/.tabby) when it holds events/."""
-    found = []
-    for kind, env, default, marker in (("continue", "CONTINUE_GLOBAL_DIR", "~/.continue", "dev_data"),
-                                       ("tabby", "TABBY_ROOT", "~/.tabby", "events")):
-        root = Path(os.environ.get(env) or default).expanduser()
-        if (root / marker).is_dir():
-            why = f"${env}" if os.environ.get(env) else f"the default {default}"
-            found.append({"kind": kind, "path": str(root.resolve()), "why": f"{marker}/ found at {why}"})
-    return found
+    """This machine's installs of every source kind, where each tool writes by default (`Collector.discover`)."""
+    return [{"kind": kind, "path": str(f.path), "why": f.why} for kind, c in COLLECTORS.items() for f in c.discover()]
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -474,7 +466,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import DEMO_TEAM, prepare_demo
+    from daemon.demo import DEMO_TEAM, prepare_demo
 
     started = time.monotonic()
     state_dir = args.state_dir.resolve()

@@ -10,15 +10,15 @@ from typing import Any
 
 from daemon.config import Config
 from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, training_queue
-from pipelines import registry
 from pipelines.cycle import run_cycle
-from pipelines.datasets import build_datasets
-from pipelines.ingest import Directory, collect_all
-from pipelines.rundir import new_run_id
+from pipelines.datasets.build import build_datasets
+from pipelines.ingest.ingest import Directory, collect_all
+from pipelines.publish import registry
 from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
-from pipelines.store import Store
+from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer
+from pipelines.train.rundir import new_run_id
 
 log = logging.getLogger("devtune.jobs")
 
@@ -145,7 +145,7 @@ def quarantine_list(store: Store, source: str | None = None, limit: int = 50) ->
 
 
 def quarantine_show(store: Store, cfg: Config, qid: str) -> dict[str, Any] | None:
-    from pipelines.ingest import inspect_quarantined
+    from pipelines.ingest.ingest import inspect_quarantined
 
     return inspect_quarantined(store, cfg.sources, cfg.collect, qid)
 
@@ -154,7 +154,7 @@ def quarantine_retry(store: Store, cfg: Config, qid: str | None) -> dict[str, An
     """Re-parse one quarantined line (or all): those that parse now are stored and leave the quarantine."""
     from dataclasses import asdict
 
-    from pipelines.ingest import retry_quarantined
+    from pipelines.ingest.ingest import retry_quarantined
 
     directory = Directory.from_config(cfg.teams, cfg.default_team, cfg.collect.opt_out, cfg.developers)
     outcome = run_job("quarantine-retry",

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from pipelines.store import Store
+from pipelines.store.db import Store
 
 log = logging.getLogger("devtune.runner")
 T = TypeVar("T")

@@ -30,7 +30,7 @@ from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
 from pipelines import child
 from pipelines.scope import Scope, ScopeError
-from pipelines.store import Store
+from pipelines.store.db import Store
 from pipelines.tokens import TokenizerError
 
 log = logging.getLogger("devtune.service")

@@ -20,18 +20,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from daemon.config import Config
-from pipelines import registry
 from pipelines.child import run_child
-from pipelines.datasets import build_datasets
-from pipelines.gate import EvalReport, gate
-from pipelines.ingest import Directory, collect_all
+from pipelines.config import Config
+from pipelines.datasets.build import build_datasets
+from pipelines.evaluate.gate import EvalReport, gate
+from pipelines.files import read_json
+from pipelines.ingest.ingest import Directory, collect_all
 from pipelines.progress import format_seconds
-from pipelines.replay import latest_ts, new_rows
-from pipelines.rundir import RunConfig, read_json, read_rows
+from pipelines.publish import registry
 from pipelines.scope import Scope
-from pipelines.store import Store
+from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer
+from pipelines.train.replay import latest_ts, new_rows
+from pipelines.train.rundir import RunConfig, read_rows
 
 log = logging.getLogger("devtune.cycle")
 

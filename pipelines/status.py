@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines import registry
-from pipelines.store import Store
+from pipelines.publish import registry
+from pipelines.store.db import Store
 
 
 def status(store: Store, state_dir: Path, teams: list[str]) -> dict[str, Any]:

@@ -25,8 +25,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     to 0.5. 160 steps of 8 x 128 tokens at lr 6e-3 (~10-30 s on 2 cores, 1.3x the old token count) give a
     base on which the same LoRA reaches ~1.0 in 60 steps, as it would on a real base model.
     """
-    from pipelines.sample import generic_corpus
-    from pipelines.tiny import TinyShape, build_model, build_tokenizer, pretrain
+    from pipelines.train.tiny import TinyShape, build_model, build_tokenizer, generic_corpus, pretrain
 
     out = tmp_path_factory.mktemp("tiny-model")
     shape = TinyShape(vocab_size=512, hidden_size=64, intermediate_size=160)

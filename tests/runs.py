@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.config import EvaluateConfig, TrainConfig
-from pipelines.rundir import RunConfig
+from pipelines.config import EvaluateConfig, TrainConfig
+from pipelines.train.rundir import RunConfig
 from support import ROOT
 
 OPS = {"double": "x * 2", "triple": "x * 3", "negate": "-x", "square": "x * x", "halve": "x / 2",

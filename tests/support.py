@@ -118,7 +118,7 @@ def collect_site(config: Path) -> tuple[dict[str, Any], Path]:
     """Collect every source of a config into its store in this process: (collect result + "status", store)."""
     from daemon import jobs
     from daemon.config import load_config
-    from pipelines.store import Store
+    from pipelines.store.db import Store
 
     cfg = load_config(config)
     store = Store.open(cfg.state_dir / "store.duckdb")
@@ -210,7 +210,7 @@ def tabby_suggestion(**overrides: Any) -> dict[str, Any]:
 def store_suggestions(store: Any, rows: list[dict[str, Any]]) -> None:
     """Insert suggestion rows into a real store (for sources whose collector is not part of this tree)."""
     from collectors.base import Cursor
-    from pipelines.store import Rows
+    from pipelines.store.db import Rows
 
     batch = Rows()
     for row in rows:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from pipelines.sample import DEVELOPERS, make_sample
+from daemon.sample import DEVELOPERS, make_sample
 from support import Setup, autocomplete_event, continue_log, days, devtune_json, run_devtune, utc_now, write_config
 
 

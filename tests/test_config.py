@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ARRAYS, SECTIONS, Config, ConfigError, load_config, parse_config, render_config
+from daemon.config import ARRAYS, SECTIONS, ConfigError, load_config, parse_config, render_config
+from pipelines.config import Config
 from support import ROOT, run_devtune
 
 

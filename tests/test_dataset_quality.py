@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from daemon import jobs
-from daemon.config import DatasetsConfig, load_config
-from pipelines.datasets import FILES, build_datasets
-from pipelines.quality import file_problem
+from daemon.config import load_config
+from pipelines.config import DatasetsConfig
+from pipelines.datasets.build import FILES, build_datasets
+from pipelines.datasets.quality import file_problem
 from pipelines.scope import dev, team
-from pipelines.store import Store
+from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer
 from support import (
     QWEN,
@@ -93,7 +94,7 @@ def test_no_training_row_is_a_near_duplicate_of_a_held_out_row(tmp_path: Path) -
     train = [fim_parts(r) for r in read_jsonl(tmp_path / "data" / "sft.jsonl")]
     held = [fim_parts(r) for r in read_jsonl(tmp_path / "data" / "heldout.jsonl")]
     assert train and held and {p for p, *_ in held} == {"ledger/b.py"}
-    from pipelines.quality import near_text
+    from pipelines.datasets.quality import near_text
 
     held_sets = [(shingles(near_text(pre, mid, suf)), shingles(mid)) for _, pre, mid, suf in held]
     for _, pre, mid, suf in train:

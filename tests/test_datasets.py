@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from daemon import jobs
-from daemon.config import DatasetsConfig, load_config
-from pipelines.datasets import FILES, build_datasets
+from daemon.config import load_config
+from pipelines.config import DatasetsConfig
+from pipelines.datasets.build import FILES, build_datasets
+from pipelines.datasets.sft import block_bodies, clip_prefix, clip_suffix
+from pipelines.datasets.split import heldout_cutoff, time_split
 from pipelines.scope import team
-from pipelines.sft import block_bodies, clip_prefix, clip_suffix
-from pipelines.split import heldout_cutoff, time_split
-from pipelines.store import Store
+from pipelines.store.db import Store
 from pipelines.tokens import TokenizerError, load_base_tokenizer
 from support import (
     QWEN,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from daemon.config import load_config
-from pipelines.demo import DEMO_TEAM, prepare_demo
+from daemon.demo import DEMO_TEAM, prepare_demo
 from support import devtune_json
 
 

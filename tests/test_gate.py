@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.config import GateConfig
-from pipelines.gate import EvalReport, ModelScore, gate
+from pipelines.config import GateConfig
+from pipelines.evaluate.gate import EvalReport, ModelScore, gate
 
 
 def score(loss: float, es: float | None = 0.5, em: float | None = 0.1, pref: float | None = None,

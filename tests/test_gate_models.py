@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import GateConfig
-from pipelines.gate import EvalReport, gate
+from pipelines.config import GateConfig
+from pipelines.evaluate.gate import EvalReport, gate
 from runs import END, fim_rows, make_run, run_module, train_config
 
 RELAXED = GateConfig(min_improvement=-1.0, heldout_loss_tolerance_rel=10.0, edit_similarity_tolerance=1.0,

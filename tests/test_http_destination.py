@@ -13,9 +13,10 @@ import pytest
 
 from daemon import jobs
 from daemon.api import ApiServer
-from daemon.config import Config, http_token_file, inbox_dir, load_config
+from daemon.config import http_token_file, inbox_dir, load_config
 from daemon.service import _inbound
-from pipelines.store import Store
+from pipelines.config import Config
+from pipelines.store.db import Store
 from support import autocomplete_event, continue_event, continue_log, table_rows, write_config, write_lines
 
 

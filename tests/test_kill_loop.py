@@ -35,14 +35,14 @@ from support import (
 KILLS = 22
 # Imports first, then "ready", then the ingest: kills land inside the ingest, not in the interpreter's start.
 RUNNER = ("import sys\nfrom daemon import jobs\nfrom daemon.config import load_config\n"
-          "from pipelines.store import Store\nprint('ready', flush=True)\n"
+          "from pipelines.store.db import Store\nprint('ready', flush=True)\n"
           "cfg = load_config(sys.argv[1])\nstore = Store.open(cfg.state_dir / 'store.duckdb')\n"
           "result = jobs.collect(store, cfg)\nstore.close()\nsys.exit(1 if result['error'] else 0)\n")
 
 
 def make_sources(root: Path) -> list[dict[str, str]]:
     rng = random.Random(3)
-    code = (ROOT / "pipelines" / "store.py").read_text()
+    code = (ROOT / "pipelines" / "store" / "db.py").read_text()
     events: list[dict[str, object] | str] = []
     for i in range(1500):
         cut = rng.randrange(500, len(code) - 500)

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 
 from daemon import jobs
-from daemon.config import DatasetsConfig, load_config
-from pipelines.datasets import build_datasets
-from pipelines.link import PathIndex, accepted_part, link_suggestions
+from daemon.config import load_config
+from pipelines.config import DatasetsConfig
+from pipelines.datasets.build import build_datasets
+from pipelines.datasets.link import PathIndex, accepted_part, link_suggestions
 from pipelines.scope import team
-from pipelines.store import Store
+from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer
 from support import (
     QWEN,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.metrics import edit_similarity, exact_match, levenshtein
+from pipelines.evaluate.metrics import edit_similarity, exact_match, levenshtein
 
 
 def table_distance(a: str, b: str) -> int:

@@ -8,13 +8,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from daemon import jobs
-from daemon.config import DatasetsConfig, load_config
-from pipelines.datasets import build_datasets
-from pipelines.dpo import pair_examples, same_text, sides
-from pipelines.kto import kto_weights
+from daemon.config import load_config
+from pipelines.config import DatasetsConfig
+from pipelines.datasets.build import build_datasets
+from pipelines.datasets.dpo import pair_examples, same_text, sides
+from pipelines.datasets.kto import kto_weights
+from pipelines.datasets.sft import Outcome
 from pipelines.scope import dev, team
-from pipelines.sft import Outcome
-from pipelines.store import Store
+from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer
 from support import (
     QWEN,

@@ -13,7 +13,7 @@ import pytest
 
 from collectors.continue_http import append_to_inbox
 from daemon.config import load_config
-from pipelines.scrub import FileScrubber, cursor_spans, is_excluded, scrub, scrub_diff, scrub_fields
+from pipelines.ingest.scrub import FileScrubber, cursor_spans, is_excluded, scrub, scrub_diff, scrub_fields
 from support import (
     T0,
     CommitSpec,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import registry
+from pipelines.publish import registry
 from support import run_devtune, write_config
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.replay import latest_ts, new_rows, select_rows
+from pipelines.train.replay import latest_ts, new_rows, select_rows
 
 
 def rows(n: int) -> list[dict[str, str]]:

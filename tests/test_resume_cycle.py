@@ -12,8 +12,8 @@ from typing import Any
 
 from daemon import jobs
 from daemon.config import load_config
-from pipelines.sample import DEVELOPERS, make_sample
-from pipelines.store import Store
+from daemon.sample import DEVELOPERS, make_sample
+from pipelines.store.db import Store
 from support import write_config
 
 

@@ -136,7 +136,7 @@ def test_service_lifecycle(service: Service, tmp_path: Path) -> None:
     assert service.proc.wait(timeout=60) == 0
     assert not (service.state_dir / "service.json").exists()
     # the store was closed cleanly: this process can open it now
-    from pipelines.store import Store
+    from pipelines.store.db import Store
 
     Store.open(service.state_dir / "store.duckdb").close()
 
@@ -155,7 +155,7 @@ def test_an_event_posted_by_continue_survives_a_kill_right_after_the_answer(serv
     service.proc.wait()
     collect = run_devtune("--config", str(service.config), "collect", "--json")
     assert collect.returncode == 0, collect.stderr
-    from pipelines.store import Store
+    from pipelines.store.db import Store
 
     store = Store.open(service.state_dir / "store.duckdb")
     try:

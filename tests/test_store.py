@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.store import MIGRATIONS, Store, StoreBusy
+from pipelines.store.db import MIGRATIONS, Store, StoreBusy
 
 
 def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from daemon.config import EvaluateConfig
-from pipelines.gate import EvalReport
+from pipelines.config import EvaluateConfig
+from pipelines.evaluate.gate import EvalReport
 from runs import END, fim_rows, kto_rows, make_run, pair_rows, run_module, train_config
 from support import ROOT
 
@@ -132,9 +132,9 @@ def test_warm_start_continues_an_adapter_on_new_rows_plus_replay(tmp_path: Path,
 
 OOM_WRAPPER = r"""
 import os, resource, sys, torch
-from pipelines import train
-from pipelines.train import attach_adapter, load_base_model, quiet_libraries, runtime
-from pipelines.rundir import RunConfig
+from pipelines.train import train
+from pipelines.train.train import attach_adapter, load_base_model, quiet_libraries, runtime
+from pipelines.train.rundir import RunConfig
 # Warm up everything training will touch (imports, allocator, threads), then cap the data segment: from
 # here on, allocations beyond the budget fail as they would on a full machine (the CPU allocator's error).
 quiet_libraries()

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import render_config
+from daemon.sample import DEVELOPERS, make_sample
 from pipelines.child import run_child, tail
-from pipelines.sample import DEVELOPERS, generic_corpus, make_sample
+from pipelines.train.tiny import generic_corpus
 
 log = logging.getLogger("devtune.demo")
 
@@ -44,7 +45,7 @@ def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
         corpus = state_dir / "sample" / "generic-corpus.py.txt"
         corpus.write_text("\n\n".join(generic_corpus()), encoding="utf-8")
         log_path = state_dir / "tiny-model.log"
-        run_child("pipelines.tiny", [str(model_dir), str(corpus), "--pretrain-steps", str(pretrain_steps)],
+        run_child("pipelines.train.tiny", [str(model_dir), str(corpus), "--pretrain-steps", str(pretrain_steps)],
                   log_path, timeout_s=1800, tick_s=10, on_tick=lambda: log.info("%s", tail(log_path, 1)))
     sources = [{"kind": "git", "path": str(sample.repo.relative_to(state_dir)), "name": "payments-repo"}]
     for email, folder in sorted(sample.continue_dirs.items()):

@@ -56,9 +56,9 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
-from daemon.config import DatasetsConfig
+from pipelines.config import DatasetsConfig
 from pipelines.progress import Progress
-from pipelines.store import Store, now
+from pipelines.store.db import Store, now
 
 log = logging.getLogger("devtune.link")
 

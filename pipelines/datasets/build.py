@@ -1,12 +1,12 @@
 """Every dataset of one scope, written into one folder: the files a run directory's data/ holds.
 
 This is the single entry point the cycle and `devtune dataset build` call. In order:
-  1. link       accepted suggestions to their developer's commits (pipelines.link; stored, incremental)
-  2. rows       FIM rows (pipelines.sft), DPO pairs (pipelines.dpo), KTO rows (pipelines.kto), chat rows
-                from edit outcomes (pipelines.sft); rows from vendored/generated/lock/minified/binary
-                files dropped (pipelines.quality)
+  1. link       accepted suggestions to their developer's commits (link.py; stored, incremental)
+  2. rows       each suggestion's outcome (outcomes.py), then FIM rows (sft.py), DPO pairs (dpo.py), KTO rows
+                (kto.py), chat rows from edit outcomes (sft.py); rows from vendored/generated/lock/minified/
+                binary files dropped (quality.py)
   3. dedup      exact duplicates within each set
-  4. split      one time cutoff for the scope (pipelines.split): FIM rows and pairs at or after it are the
+  4. split      one time cutoff for the scope (split.py): FIM rows and pairs at or after it are the
                 held-out set (FIM rows in PSM, the layout editors send); KTO and chat rows after it are
                 not trained on
   5. near-dup   near duplicates within each set and split, then every training row near a held-out row
@@ -36,12 +36,11 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 
-from daemon.config import DatasetsConfig
-from pipelines.dpo import PairExample, Side, pair_examples, pair_row, sides
-from pipelines.kto import kto_row, kto_weights
-from pipelines.link import PathIndex, link_suggestions
-from pipelines.progress import Progress, format_seconds
-from pipelines.quality import (
+from pipelines.config import DatasetsConfig
+from pipelines.datasets.dpo import PairExample, Side, pair_examples, pair_row, sides
+from pipelines.datasets.kto import kto_row, kto_weights
+from pipelines.datasets.link import PathIndex, link_suggestions
+from pipelines.datasets.quality import (
     calibrate,
     drop_exact_duplicates,
     exact_key,
@@ -51,8 +50,7 @@ from pipelines.quality import (
     near_text,
     sketch,
 )
-from pipelines.scope import Scope
-from pipelines.sft import (
+from pipelines.datasets.sft import (
     ChatExample,
     FimExample,
     accepted_examples,
@@ -65,8 +63,10 @@ from pipelines.sft import (
     fim_row,
     outcomes,
 )
-from pipelines.split import heldout_cutoff, split_at
-from pipelines.store import Store, now
+from pipelines.datasets.split import heldout_cutoff, split_at
+from pipelines.progress import Progress, format_seconds
+from pipelines.scope import Scope
+from pipelines.store.db import Store, now
 from pipelines.tokens import BaseTokenizer, FimTokens
 
 log = logging.getLogger("devtune.datasets")
@@ -285,7 +285,7 @@ def drop_near_duplicates(fim_train: list[FimExample], fim_held: list[FimExample]
                          dropped: Counter[str]) -> tuple[list[FimExample], list[FimExample], list[PairExample],
                                                          list[PairExample], list[Side]]:
     """Near duplicates within each set and split (the earliest row stays), then every training row that is a
-    near duplicate of a held-out FIM row or of either side of a held-out pair (pipelines.quality)."""
+    near duplicate of a held-out FIM row or of either side of a held-out pair (pipelines.datasets.quality)."""
     fim = fim_train + fim_held
     fim_sig = sketch([near_text(e.prefix, e.middle, e.suffix) for e in fim])
     fim_mid = sketch([e.middle for e in fim])

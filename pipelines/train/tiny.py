@@ -5,7 +5,7 @@ Nothing on a CI or demo machine can download weights, so the demo and the tests 
 `from_pretrained` path a real Qwen2.5-Coder or StarCoder checkpoint goes through.
 
 Run as a child process so the service never imports transformers:
-    python -m pipelines.tiny OUT_DIR CORPUS_FILE [CORPUS_FILE ...]
+    python -m pipelines.train.tiny OUT_DIR CORPUS_FILE [CORPUS_FILE ...]
 """
 
 from __future__ import annotations
@@ -144,8 +144,26 @@ def build_tiny(out_dir: Path, texts: list[str], shape: TinyShape = TinyShape(), 
     return n_params
 
 
+def generic_corpus(limit_bytes: int = 1_500_000) -> list[str]:
+    """Generic Python for pretraining the demo's tiny base model: CPython's standard library, present on
+    every machine that runs devtune and unrelated to the sample team's code."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = [], 0
+    for package in ("json", "email", "logging", "http", "urllib", "concurrent", "importlib", "asyncio",
+                    "unittest", "xml"):
+        for path in sorted((stdlib / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            texts.append(text)
+            size += len(text)
+            if size >= limit_bytes:
+                return texts
+    return texts
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("corpus", type=Path, nargs="+", help="text files the tokenizer (and model) learn from")
     parser.add_argument("--pretrain-steps", type=int, default=0, help="full-model steps on the corpus")

@@ -33,10 +33,10 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from pipelines.batching import micro_batches
-from pipelines.oom import OutOfMemory, free_memory, is_out_of_memory, out_of_memory_advice
+from pipelines.files import write_json_atomic
 from pipelines.progress import format_seconds
-from pipelines.rundir import write_json_atomic
+from pipelines.train.batching import micro_batches
+from pipelines.train.oom import OutOfMemory, free_memory, is_out_of_memory, out_of_memory_advice
 
 log = logging.getLogger("devtune.fit")
 

@@ -3,7 +3,7 @@
 A random split would let the gate score an adapter on code written in the same week as its training rows,
 often the same function edited twice; holding out the most recent slice asks the question that matters
 (does it help with tomorrow's code?) and mirrors how the adapter is used. Training rows that repeat or
-nearly repeat a held-out row are removed by the dataset build (pipelines.datasets, near-dup stage).
+nearly repeat a held-out row are removed by the dataset build (pipelines.datasets.build, near-dup stage).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A FIM row is a prompt in the base tokenizer's own FIM tokens and the middle the model should write, ended
 with its end token. Its `signal` says where the middle comes from:
-  - "kept": an accepted suggestion found in its developer's next commits (pipelines.link);
+  - "kept": an accepted suggestion found in its developer's next commits (pipelines.datasets.link);
   - "rewritten": the committed text that replaced an accepted suggestion (the developer's version wins);
   - "accepted": an accepted suggestion with no commit to check it against (link unknown) - still the
     developer's choice at the time;
@@ -11,7 +11,7 @@ with its end token. Its `signal` says where the middle comes from:
     `block_fraction` share) the body of an indented block whose header stays in the prefix; a
     `spm_fraction` share is laid out suffix-first (SPM) when the base model's family was trained on it.
 Accepted suggestions that were later deleted, and the suggested text of rewritten ones, are never SFT
-targets: they become DPO rejections or KTO undesirable rows (pipelines.dpo, pipelines.kto).
+targets: they become DPO rejections or KTO undesirable rows (pipelines.datasets.dpo, pipelines.datasets.kto).
 
 Continue Edit-mode and Next Edit outcomes that were accepted become chat rows (signal "edit"): the
 instruction and the code before as the user turn, the code after as the assistant turn.
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from daemon.config import DatasetsConfig
-from pipelines.link import PathIndex, accepted_part, path_parts
-from pipelines.quality import content_problem, file_problem, path_problem
+from pipelines.config import DatasetsConfig
+from pipelines.datasets.link import PathIndex, accepted_part, path_parts
+from pipelines.datasets.quality import content_problem, file_problem, path_problem
 from pipelines.tokens import FimTokens
 
 NEXT_EDIT_INSTRUCTION = "Make the next edit to this code."

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from daemon.config import GateConfig
+from pipelines.config import GateConfig
 
 
 @dataclass(frozen=True)

@@ -43,14 +43,14 @@ Added keys (pipelines/datasets.py writes them; readers may ignore them):
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.config import EvaluateConfig, TrainConfig
+from pipelines.config import EvaluateConfig, TrainConfig
+from pipelines.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -81,18 +81,6 @@ def new_run_id(scope: str) -> str:
     """Sortable and unique: "20261122-020000-team-payments-3f2a"."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{scope.replace(':', '-')}-{secrets.token_hex(2)}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so a reader never sees half a file: a temp file renamed over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -251,21 +251,3 @@ def _wrong_line(rng: random.Random, files: dict[str, str], right: str) -> str:
     pool = [ln + "\n" for text in files.values() for ln in text.splitlines()
             if ln.startswith(indent) and ln.strip() and ln + "\n" != right]
     return rng.choice(pool) if pool else indent + "pass\n"
-
-
-def generic_corpus(limit_bytes: int = 1_500_000) -> list[str]:
-    """Generic Python for pretraining the demo's tiny base model: CPython's standard library, present on
-    every machine that runs devtune and unrelated to the sample team's code."""
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts, size = [], 0
-    for package in ("json", "email", "logging", "http", "urllib", "concurrent", "importlib", "asyncio",
-                    "unittest", "xml"):
-        for path in sorted((stdlib / package).rglob("*.py")):
-            text = path.read_text(encoding="utf-8", errors="replace")
-            texts.append(text)
-            size += len(text)
-            if size >= limit_bytes:
-                return texts
-    return texts

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.rundir import read_json
-from pipelines.store import now
+from pipelines.files import read_json
+from pipelines.store.db import now
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 _SCOPE = re.compile(r"^(team|dev):[A-Za-z0-9@._+-]+$")

@@ -8,7 +8,7 @@ adapter are attached to it by name, and the base is scored with adapters disable
 - mean generated length, in tokens: the gate refuses a candidate that wins by saying less;
 - replay preference accuracy on held-out logged pairs: the share where the model gives the accepted
   completion a higher log-likelihood (summed over its tokens) than the rejected one.
-Writes RUN_DIR/eval.json (an `EvalReport`); the gate decision is made by the caller (pipelines.gate).
+Writes RUN_DIR/eval.json (an `EvalReport`); the gate decision is made by the caller (pipelines.evaluate.gate).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines.batching import Encoded, collate, encode
-from pipelines.gate import EvalReport, ModelScore
-from pipelines.losses import LM, sequence_logps, token_logps
-from pipelines.metrics import edit_similarity, exact_match
-from pipelines.rundir import RunConfig, read_rows, write_json_atomic
-from pipelines.train import pick_device, quiet_libraries
+from pipelines.evaluate.gate import EvalReport, ModelScore
+from pipelines.evaluate.metrics import edit_similarity, exact_match
+from pipelines.files import write_json_atomic
+from pipelines.train.batching import Encoded, collate, encode
+from pipelines.train.losses import LM, sequence_logps, token_logps
+from pipelines.train.rundir import RunConfig, read_rows
+from pipelines.train.train import pick_device, quiet_libraries
 
 log = logging.getLogger("devtune.evaluate")
 

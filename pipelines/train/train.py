@@ -33,9 +33,11 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, prepare_
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from daemon.config import TrainConfig
-from pipelines.batching import Encoded, collate, encode, plan_steps, steps_for
-from pipelines.fit import (
+from pipelines.config import TrainConfig
+from pipelines.files import read_json, write_json_atomic
+from pipelines.progress import format_seconds
+from pipelines.train.batching import Encoded, collate, encode, plan_steps, steps_for
+from pipelines.train.fit import (
     Micro,
     Runtime,
     Settings,
@@ -46,11 +48,10 @@ from pipelines.fit import (
     install_stop_handlers,
     load_adapter_state,
 )
-from pipelines.losses import LM, dpo_loss, kto_loss, sequence_logps, sft_loss
-from pipelines.oom import OutOfMemory, free_memory, is_out_of_memory
-from pipelines.progress import format_seconds
-from pipelines.replay import latest_ts, select_rows
-from pipelines.rundir import RunConfig, read_json, read_rows, write_json_atomic
+from pipelines.train.losses import LM, dpo_loss, kto_loss, sequence_logps, sft_loss
+from pipelines.train.oom import OutOfMemory, free_memory, is_out_of_memory
+from pipelines.train.replay import latest_ts, select_rows
+from pipelines.train.rundir import RunConfig, read_rows
 
 log = logging.getLogger("devtune.train")
 

@@ -37,9 +37,8 @@ from collectors.base import (
 from collectors.continue_dev import language_of, normalize_repo
 from collectors.gitlog import count_commits, remote_name
 from collectors.jsonl import read_line
-from daemon.config import CollectConfig, DeveloperConfig, SourceConfig, TeamConfig
-from pipelines.progress import Progress
-from pipelines.scrub import (
+from pipelines.config import CollectConfig, DeveloperConfig, SourceConfig, TeamConfig
+from pipelines.ingest.scrub import (
     FileScrubber,
     cursor_spans,
     is_excluded,
@@ -48,7 +47,8 @@ from pipelines.scrub import (
     scrub_fields,
     scrub_json,
 )
-from pipelines.store import Applied, Rows, Store, now
+from pipelines.progress import Progress
+from pipelines.store.db import Applied, Rows, Store, now
 
 log = logging.getLogger("devtune.ingest")
 

@@ -20,7 +20,7 @@ rejected says nothing). At most `max_pairs_per_context` pairs come from one cont
 model kept missing cannot outweigh the rest.
 
 What is left unpaired (and accepted-then-deleted suggestions, which were accepted and so are no clean
-"rejected" side) goes to KTO as single desirable/undesirable rows (pipelines.kto).
+"rejected" side) goes to KTO as single desirable/undesirable rows (pipelines.datasets.kto).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pipelines.quality import exact_key
-from pipelines.sft import Outcome, clip_prefix, clip_suffix
+from pipelines.datasets.quality import exact_key
+from pipelines.datasets.sft import Outcome, clip_prefix, clip_suffix
 from pipelines.tokens import FimTokens
 
 PREFIX_MATCH_CHARS = 1000  # ~25 lines: enough to pin a spot in a file, short enough to survive pruning

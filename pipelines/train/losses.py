@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipelines.batching import Batch
+from pipelines.train.batching import Batch
 
 
 @dataclass(frozen=True)
