@@ -191,6 +191,13 @@ def store_generated_suggestions(store: Any, commits: list[dict[str, Any]], total
     """Suggestions shown to each commit's author before it, with the cursor in the lines it added."""
     from collectors.base import Cursor
     from pipelines.store.db import Rows
+    from pipelines.store.schema import SuggestionRow
+
+    def batch(rows: list[dict[str, Any]]) -> Rows:
+        out = Rows()
+        for r in rows:
+            out.add(SuggestionRow(**r))
+        return out
 
     per_commit = total / len(commits)
     rows: list[dict[str, Any]] = []
@@ -203,9 +210,9 @@ def store_generated_suggestions(store: Any, commits: list[dict[str, Any]], total
             done += 1
         owed -= int(owed)
         if len(rows) >= 20_000:
-            store.apply_batch("bench", Rows(rows, [], [], [], [], {}, {}), Cursor(stream="bench"))
+            store.apply_batch("bench", batch(rows), Cursor(stream="bench"))
             rows = []
-    store.apply_batch("bench", Rows(rows, [], [], [], [], {}, {}), Cursor(stream="bench"))
+    store.apply_batch("bench", batch(rows), Cursor(stream="bench"))
     return done
 
 
@@ -320,10 +327,11 @@ def compare_near_dup(folder: Path, limit: int) -> None:
     from datasketch import MinHash, MinHashLSH
 
     from daemon.config import load_config
-    from pipelines.datasets.dpo import pair_examples, sides
-    from pipelines.datasets.link import PathIndex
+    from pipelines.datasets.dpo import pair_examples
+    from pipelines.datasets.outcomes import outcomes, sides
+    from pipelines.datasets.paths import PathIndex
     from pipelines.datasets.quality import EMPTY, band_keys, near_duplicates, near_text, sketch
-    from pipelines.datasets.sft import accepted_examples, outcomes
+    from pipelines.datasets.sft import accepted_examples
     from pipelines.scope import team
     from pipelines.store.db import Store
 

@@ -211,10 +211,11 @@ def store_suggestions(store: Any, rows: list[dict[str, Any]]) -> None:
     """Insert suggestion rows into a real store (for sources whose collector is not part of this tree)."""
     from collectors.base import Cursor
     from pipelines.store.db import Rows
+    from pipelines.store.schema import SuggestionRow
 
     batch = Rows()
     for row in rows:
-        batch.add("suggestions", row)
+        batch.add(SuggestionRow(**row))
     store.apply_batch("tabby", batch, Cursor(stream="events"))
 
 

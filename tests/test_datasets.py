@@ -16,7 +16,8 @@ from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
 from pipelines.datasets.build import FILES, build_datasets
-from pipelines.datasets.sft import block_bodies, clip_prefix, clip_suffix
+from pipelines.datasets.outcomes import clip_prefix, clip_suffix
+from pipelines.datasets.sft import block_bodies
 from pipelines.datasets.split import heldout_cutoff, time_split
 from pipelines.scope import team
 from pipelines.store.db import Store

@@ -17,7 +17,8 @@ from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
 from pipelines.datasets.build import build_datasets
-from pipelines.datasets.link import PathIndex, accepted_part, link_suggestions
+from pipelines.datasets.link import accepted_part, link_suggestions
+from pipelines.datasets.paths import PathIndex
 from pipelines.scope import team
 from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer

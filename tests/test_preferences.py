@@ -11,9 +11,9 @@ from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
 from pipelines.datasets.build import build_datasets
-from pipelines.datasets.dpo import pair_examples, same_text, sides
+from pipelines.datasets.dpo import pair_examples, same_text
 from pipelines.datasets.kto import kto_weights
-from pipelines.datasets.sft import Outcome
+from pipelines.datasets.outcomes import Outcome, sides
 from pipelines.scope import dev, team
 from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer

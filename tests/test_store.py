@@ -5,9 +5,11 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from pipelines.store.db import MIGRATIONS, Store, StoreBusy
+from pipelines.store.db import Store, StoreBusy
+from pipelines.store.migrations import MIGRATIONS
 
 
 def test_migrations_are_recorded_and_applied_once(tmp_path: Path) -> None:
@@ -48,3 +50,33 @@ def test_store_waits_for_a_short_lived_holder(tmp_path: Path) -> None:
     store = Store.open(db, lock_timeout_s=20)  # succeeds once the holder exits
     store.close()
     holder.wait()
+
+
+def test_every_row_class_matches_the_table_its_migrations_leave(tmp_path: Path) -> None:
+    """schema.py declares each table's columns once; the migrations are history. They must agree: same
+    columns in the same order, and each Arrow type the one DuckDB stores for the column's SQL type."""
+    from pipelines.store.schema import TABLES
+
+    duck = {"VARCHAR": pa.string(), "TIMESTAMP": pa.timestamp("us"), "BOOLEAN": pa.bool_(), "BIGINT": pa.int64(),
+            "INTEGER": pa.int32(), "DOUBLE": pa.float64(), "VARCHAR[]": pa.list_(pa.string()),
+            "INTEGER[][]": pa.list_(pa.list_(pa.int32()))}
+    store = Store.open(tmp_path / "s.duckdb")
+    checked = []
+    for table in TABLES.values():
+        described = store.con.execute(f"DESCRIBE {table.name}").fetchall()
+        assert [c[0] for c in described] == list(table.columns), table.name
+        assert [duck[c[1]] for c in described] == list(table.schema.types), table.name
+        checked.append(table.name)
+    store.close()
+    assert {"suggestions", "commits", "commit_files", "suggestion_links", "tabby_actions"} <= set(checked)
+
+
+def test_a_query_whose_columns_drift_from_its_record_fails_loudly(tmp_path: Path) -> None:
+    from pipelines.store.db import _records
+    from pipelines.store.records import ToLink
+
+    store = Store.open(tmp_path / "s.duckdb")
+    cur = store.con.execute("SELECT 'a' AS id, 'd' AS developer, now() AS shown_at, NULL AS repo, 'f' AS path")
+    with pytest.raises(AssertionError, match="not ToLink's fields"):
+        next(_records(cur, ToLink))
+    store.close()

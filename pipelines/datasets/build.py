@@ -37,9 +37,11 @@ import numpy as np
 import orjson
 
 from pipelines.config import DatasetsConfig
-from pipelines.datasets.dpo import PairExample, Side, pair_examples, pair_row, sides
+from pipelines.datasets.dpo import PairExample, pair_examples, pair_row
 from pipelines.datasets.kto import kto_row, kto_weights
-from pipelines.datasets.link import PathIndex, link_suggestions
+from pipelines.datasets.link import link_suggestions
+from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix, outcomes, sides
+from pipelines.datasets.paths import PathIndex
 from pipelines.datasets.quality import (
     calibrate,
     drop_exact_duplicates,
@@ -55,13 +57,10 @@ from pipelines.datasets.sft import (
     FimExample,
     accepted_examples,
     chat_row,
-    clip_prefix,
-    clip_suffix,
     committed_examples,
     edit_examples,
     fim_prompt,
     fim_row,
-    outcomes,
 )
 from pipelines.datasets.split import heldout_cutoff, split_at
 from pipelines.progress import Progress, format_seconds

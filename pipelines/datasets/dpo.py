@@ -27,33 +27,17 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix
 from pipelines.datasets.quality import exact_key
-from pipelines.datasets.sft import Outcome, clip_prefix, clip_suffix
 from pipelines.tokens import FimTokens
 
 PREFIX_MATCH_CHARS = 1000  # ~25 lines: enough to pin a spot in a file, short enough to survive pruning
 SUFFIX_MATCH_CHARS = 500
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
-
-
-@dataclass(frozen=True)
-class Side:
-    """One completion for one context, and whether the developer wanted it."""
-
-    id: str  # the suggestion's id (a rewrite's replacement: id + ":committed")
-    signal: str  # chosen: "kept" | "accepted" | "rewritten"; rejected: "rejected" | "replaced" | "deleted"
-    desirable: bool
-    developer: str
-    ts: datetime
-    path: str
-    prefix: str
-    suffix: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -68,27 +52,6 @@ class PairExample:
     suffix: str
     chosen: str
     rejected: str
-
-
-def sides(items: Iterable[Outcome]) -> list[Side]:
-    """Every chosen or rejected completion the outcomes hold (a rewritten suggestion holds one of each)."""
-    out = []
-    for o in items:
-        common: dict[str, Any] = {"developer": o.developer, "ts": o.ts, "path": o.path, "prefix": o.prefix,
-                                  "suffix": o.suffix}
-        if not o.accepted:
-            out.append(Side(id=o.id, signal="rejected", desirable=False, text=o.text, **common))
-        elif o.link == "rewritten":
-            out.append(Side(id=o.id, signal="replaced", desirable=False, text=o.text, **common))
-            if o.committed_text is not None:
-                out.append(Side(id=f"{o.id}:committed", signal="rewritten", desirable=True, text=o.committed_text,
-                                **common))
-        elif o.link == "deleted":
-            out.append(Side(id=o.id, signal="deleted", desirable=False, text=o.text, **common))
-        else:
-            out.append(Side(id=o.id, signal="kept" if o.link == "kept" else "accepted", desirable=True, text=o.text,
-                            **common))
-    return out
 
 
 def context_key(s: Side) -> bytes:

@@ -4,7 +4,7 @@ Desirable: kept, accepted (link unknown) and rewritten-to (committed) completion
 partner in their context. Undesirable: rejected suggestions left without a chosen partner, accepted
 suggestions that were rewritten (when the replacement could not be laid out as a middle, or the context
 reached its pair cap) and accepted suggestions that were deleted before commit. The rows are the
-unpaired `pipelines.datasets.dpo.Side`s themselves: `desirable` is the label.
+unpaired `outcomes.Side`s themselves: `desirable` is the label.
 
 The weights. Developers accept about 25-35% of suggestions, so undesirable rows outnumber desirable ones.
 TRL's KTOTrainer wants desirable_weight x n_desirable / (undesirable_weight x n_undesirable) between 1 and
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.datasets.dpo import Side
+from pipelines.datasets.outcomes import Side
 from pipelines.tokens import FimTokens
 
 TARGET_RATIO = 7 / 6  # desirable_weight * n_desirable / (undesirable_weight * n_undesirable)

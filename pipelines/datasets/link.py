@@ -33,11 +33,7 @@ committed text is lost as a DPO "chosen"; too high, every touched-up suggestion 
 Partial accepts (Tabby `select` with `kind:"line"`, stored as `partial`) record no length, so their
 accepted part is the suggestion's first line (`accepted_part`), and that part is what gets linked.
 
-Paths. Tabby logs the path relative to the git root; Continue logs a file:// URI of an absolute path
-(percent-encoded, Windows drives as /c%3A/...). Both are mapped onto the repo-relative paths stored for the
-suggestion's repository (its normalised owner/name; every repository when it has none): the longest
-path suffix of the logged path that is a stored path wins, case-sensitively first, then ignoring case.
-A suggestion without a repository maps only when exactly one repository has that longest match.
+Paths are mapped onto the stored repositories' paths as paths.py says.
 """
 
 from __future__ import annotations
@@ -52,13 +48,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
 from pipelines.config import DatasetsConfig
+from pipelines.datasets.paths import PathIndex
 from pipelines.progress import Progress
 from pipelines.store.db import Store, now
+from pipelines.store.records import FileVersion, LinkCandidate
+from pipelines.store.schema import SuggestionLinkRow
 
 log = logging.getLogger("devtune.link")
 
@@ -98,34 +96,34 @@ def link_suggestions(store: Store, cfg: DatasetsConfig) -> LinkReport:
     window = timedelta(hours=cfg.link_window_h)
     linked_at = now()
     counts: Counter[str] = Counter()
-    rows: list[dict[str, Any]] = []
+    rows: list[SuggestionLinkRow] = []
     mapped: dict[str, list[str]] = {"id": [], "repo": [], "path": []}
     targets: dict[tuple[str | None, str], tuple[str, str] | None] = {}  # many suggestions share a file
     for s in todo:
-        where = (s["repo"], s["filepath"])
+        where = (s.repo, s.filepath)
         if where not in targets:
             targets[where] = index.map(*where)
         target = targets[where]
         if target is None:
-            rows.append(_link_row(s["id"], Decision("unknown", "file_not_in_repo"), None, None,
-                                  s["shown_at"] + window, linked_at))
+            rows.append(_link_row(s.id, Decision("unknown", "file_not_in_repo"), None, None,
+                                  s.shown_at + window, linked_at))
             counts["unknown"] += 1
             continue
-        mapped["id"].append(s["id"])
+        mapped["id"].append(s.id)
         mapped["repo"].append(target[0])
         mapped["path"].append(target[1])
     progress = Progress(log, "link", len(todo), "suggestions")
     progress.advance(len(todo) - len(mapped["id"]))
     suggestions, versions = store.link_groups(pa.table(mapped), cfg.link_window_h)
     for (repo, path, _), group, history in merge_groups(suggestions, versions):
-        times = [v["committed_at"] for v in history]
+        times = [v.committed_at for v in history]
         parsed: dict[str, FileText | None] = {}
-        for s in group:
-            lo = bisect.bisect_right(times, s["shown_at"])
-            hi = bisect.bisect_right(times, s["shown_at"] + window)
-            text = accepted_part(s["completion"]) if s["partial"] else s["completion"]
-            decision = decide(s["prefix"], s["suffix"] or "", text, history[lo:hi], parsed, cfg.link_min_similarity)
-            rows.append(_link_row(s["id"], decision, repo, path, s["shown_at"] + window, linked_at))
+        for c in group:
+            lo = bisect.bisect_right(times, c.shown_at)
+            hi = bisect.bisect_right(times, c.shown_at + window)
+            text = accepted_part(c.completion) if c.partial else c.completion
+            decision = decide(c.prefix, c.suffix or "", text, history[lo:hi], parsed, cfg.link_min_similarity)
+            rows.append(_link_row(c.id, decision, repo, path, c.shown_at + window, linked_at))
             counts[decision.status] += 1
         progress.advance(len(group))
         if len(rows) >= 5000:
@@ -137,20 +135,20 @@ def link_suggestions(store: Store, cfg: DatasetsConfig) -> LinkReport:
 
 
 def _link_row(suggestion_id: str, d: Decision, repo: str | None, path: str | None, closes: datetime,
-              linked_at: datetime) -> dict[str, Any]:
-    return {"suggestion_id": suggestion_id, "status": d.status, "reason": d.reason, "repo": repo, "path": path,
-            "sha": d.sha, "line": d.line, "similarity": d.similarity, "committed_text": d.committed_text,
-            "window_closes_at": closes, "linked_at": linked_at}
+              linked_at: datetime) -> SuggestionLinkRow:
+    return SuggestionLinkRow(suggestion_id=suggestion_id, status=d.status, reason=d.reason, repo=repo, path=path,
+                             sha=d.sha, line=d.line, similarity=d.similarity, committed_text=d.committed_text,
+                             window_closes_at=closes, linked_at=linked_at)
 
 
-def merge_groups(suggestions: Iterator[dict[str, Any]], versions: Iterator[dict[str, Any]]
-                 ) -> Iterator[tuple[tuple[str, str, str], list[dict[str, Any]], list[dict[str, Any]]]]:
+def merge_groups(suggestions: Iterator[LinkCandidate], versions: Iterator[FileVersion]
+                 ) -> Iterator[tuple[tuple[str, str, str], list[LinkCandidate], list[FileVersion]]]:
     """Pair each (repo, path, developer) group of suggestions with that group's committed versions.
 
     Both streams are sorted by that key (DuckDB compares VARCHARs by their bytes, as Python compares str).
     """
-    def key(r: dict[str, Any]) -> tuple[str, str, str]:
-        return (r["repo"], r["path"], r["developer"])
+    def key(r: LinkCandidate | FileVersion) -> tuple[str, str, str]:
+        return (r.repo, r.path, r.developer)
 
     pending = itertools.groupby(versions, key=key)
     current = next(pending, None)
@@ -169,58 +167,6 @@ def accepted_part(completion: str) -> str:
     start = len(completion) - len(completion.lstrip("\n"))
     nl = completion.find("\n", start)
     return completion if nl < 0 else completion[: nl + 1]
-
-
-# -- paths ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PathIndex:
-    """Each repository's stored paths, exactly and lower-cased."""
-
-    exact: dict[str, frozenset[str]]
-    folded: dict[str, dict[str, str]]  # repo -> lower-cased path -> stored path
-
-    @classmethod
-    def build(cls, repo_paths: dict[str, list[str]]) -> PathIndex:
-        return cls(exact={r: frozenset(ps) for r, ps in repo_paths.items()},
-                   folded={r: {p.lower(): p for p in ps} for r, ps in repo_paths.items()})
-
-    def map(self, repo: str | None, filepath: str) -> tuple[str, str] | None:
-        """(repo, repo-relative path) of a logged file, or None when no stored repository has it."""
-        parts = path_parts(filepath)
-        if not parts:
-            return None
-        if repo:
-            if repo not in self.exact:
-                return None
-            found = self._longest(repo, parts)
-            return (repo, found[1]) if found else None
-        hits = [(n, r, p) for r in sorted(self.exact) if (m := self._longest(r, parts)) for n, p in [m]]
-        if not hits:
-            return None
-        best = max(n for n, _, _ in hits)
-        winners = [(r, p) for n, r, p in hits if n == best]
-        return winners[0] if len(winners) == 1 else None
-
-    def _longest(self, repo: str, parts: list[str]) -> tuple[int, str] | None:
-        exact, folded = self.exact[repo], self.folded[repo]
-        for i in range(len(parts)):
-            candidate = "/".join(parts[i:])
-            if candidate in exact:
-                return len(parts) - i, candidate
-        for i in range(len(parts)):
-            stored = folded.get("/".join(parts[i:]).lower())
-            if stored is not None:
-                return len(parts) - i, stored
-        return None
-
-
-def path_parts(filepath: str) -> list[str]:
-    """The components of a logged path: a file:// URI (percent-decoded) or a plain relative/absolute path."""
-    text = filepath.strip()
-    if text.lower().startswith("file:"):
-        text = unquote(urlparse(text).path)
-    return [p for p in text.replace("\\", "/").split("/") if p and p != "."]
 
 
 # -- matching ------------------------------------------------------------------------------------------------
@@ -310,7 +256,7 @@ def site_of(prefix: str, suffix: str, text: str) -> Site:
                 before_cursor=before_cursor, after_cursor=after_cursor, ends_line=text.endswith("\n"))
 
 
-def decide(prefix: str, suffix: str, text: str, versions: list[dict[str, Any]], parsed: dict[str, FileText | None],
+def decide(prefix: str, suffix: str, text: str, versions: list[FileVersion], parsed: dict[str, FileText | None],
            min_similarity: float) -> Decision:
     """The strongest verdict over the candidate commits (`versions`: sha, status, content; oldest first)."""
     if not versions:
@@ -320,14 +266,14 @@ def decide(prefix: str, suffix: str, text: str, versions: list[dict[str, Any]], 
         return Decision("unknown", "blank_suggestion")
     best = Decision("unknown", "place_not_found")
     for v in versions:
-        if v["status"] == "D":
-            d = Decision("deleted", "file_deleted", sha=v["sha"])
+        if v.status == "D":
+            d = Decision("deleted", "file_deleted", sha=v.sha)
         else:
-            if v["sha"] not in parsed:
-                parsed[v["sha"]] = FileText.parse(v["content"]) if v["content"] is not None else None
-            ft = parsed[v["sha"]]
+            if v.sha not in parsed:
+                parsed[v.sha] = FileText.parse(v.content) if v.content is not None else None
+            ft = parsed[v.sha]
             d = (Decision("unknown", "content_not_stored") if ft is None
-                 else decide_in_file(site, ft, min_similarity, v["sha"]))
+                 else decide_in_file(site, ft, min_similarity, v.sha))
         if STRENGTH[d.status] > STRENGTH[best.status]:
             best = d
             if d.status == "kept":

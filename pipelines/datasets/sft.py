@@ -27,8 +27,10 @@ from datetime import datetime
 from typing import Any
 
 from pipelines.config import DatasetsConfig
-from pipelines.datasets.link import PathIndex, accepted_part, path_parts
-from pipelines.datasets.quality import content_problem, file_problem, path_problem
+from pipelines.datasets.outcomes import Outcome, clip_prefix, clip_suffix
+from pipelines.datasets.paths import path_parts
+from pipelines.datasets.quality import file_problem
+from pipelines.store.records import CommittedFile, EditRecord
 from pipelines.tokens import FimTokens
 
 NEXT_EDIT_INSTRUCTION = "Make the next edit to this code."
@@ -48,22 +50,6 @@ class FimExample:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """One shown suggestion, what the developer did with it, and what became of it in git."""
-
-    id: str
-    developer: str
-    ts: datetime
-    path: str  # "owner/name/repo-relative path" when the file maps onto a stored repository, else as logged
-    prefix: str  # clipped to max_prefix_chars
-    suffix: str  # clipped to max_suffix_chars
-    text: str  # the suggestion (its accepted part for a partial accept)
-    accepted: bool
-    link: str  # "kept" | "rewritten" | "deleted" | "unknown" (accepted); "" (rejected)
-    committed_text: str | None  # rewritten: the committed middle that replaced it (None: not alignable)
-
-
-@dataclass(frozen=True)
 class ChatExample:
     id: str
     signal: str  # "edit"
@@ -72,62 +58,6 @@ class ChatExample:
     path: str
     user: str
     assistant: str
-
-
-def clip_prefix(text: str, max_chars: int) -> str:
-    """The last `max_chars` of `text`, starting at a line start when the cut falls mid-line."""
-    if len(text) <= max_chars:
-        return text
-    clipped = text[len(text) - max_chars:]
-    nl = clipped.find("\n")
-    return clipped[nl + 1:] if 0 <= nl < len(clipped) - 1 else clipped
-
-
-def clip_suffix(text: str, max_chars: int) -> str:
-    """The first `max_chars` of `text`, ending at a line end when the cut falls mid-line."""
-    if len(text) <= max_chars:
-        return text
-    clipped = text[:max_chars]
-    nl = clipped.rfind("\n")
-    return clipped[: nl + 1] if nl > 0 else clipped
-
-
-def outcomes(rows: Iterable[dict[str, Any]], index: PathIndex, cfg: DatasetsConfig,
-             dropped: Counter[str]) -> Iterator[Outcome]:
-    """Suggestions from the store (`Store.scope_suggestions`) as Outcomes, minus the rows no set can use."""
-    files: dict[tuple[str | None, str], tuple[str, str, str | None]] = {}
-    for r in rows:
-        if r["prefix"] is None:
-            dropped["no_raw_prefix"] += 1  # the logged prefix held context we could not strip (FORMATS §1.5)
-            continue
-        text = r["completion"] or ""
-        if r["partial"]:
-            text = accepted_part(text)
-        if not text.strip():
-            dropped["empty_middle"] += 1
-            continue
-        where = (r["repo"], r["filepath"])
-        if where not in files:  # many suggestions share a file: map and check each file once
-            target = (r["link_repo"], r["link_path"]) if r["link_path"] else index.map(r["repo"], r["filepath"])
-            path = f"{target[0]}/{target[1]}" if target else r["filepath"]
-            relative = target[1] if target else "/".join(path_parts(r["filepath"]))
-            files[where] = (path, relative, path_problem(relative))
-        path, relative, problem = files[where]
-        suffix = r["suffix"] or ""
-        if problem is None:
-            problem = content_problem(r["prefix"] + text + suffix, starts_file=False)
-        if problem is not None:
-            dropped[problem] += 1
-            continue
-        yield Outcome(
-            id=r["id"], developer=r["developer"], ts=r["shown_at"], path=path,
-            prefix=clip_prefix(r["prefix"], cfg.max_prefix_chars),
-            # Continue logs "\n" for an empty suffix; the model saw "\n" too, so keep it as logged.
-            suffix=clip_suffix(suffix, cfg.max_suffix_chars),
-            text=text, accepted=bool(r["accepted"]),
-            link=(r["link_status"] or "unknown") if r["accepted"] else "",
-            committed_text=r["committed_text"],
-        )
 
 
 def accepted_examples(items: Iterable[Outcome], dropped: Counter[str]) -> Iterator[FimExample]:
@@ -146,17 +76,17 @@ def accepted_examples(items: Iterable[Outcome], dropped: Counter[str]) -> Iterat
                          suffix=o.suffix, middle=middle)
 
 
-def committed_examples(files: Iterable[dict[str, Any]], cfg: DatasetsConfig, fim: FimTokens,
+def committed_examples(files: Iterable[CommittedFile], cfg: DatasetsConfig, fim: FimTokens,
                        dropped: Counter[str]) -> Iterator[FimExample]:
     """Up to `fim_spans_per_file` middles per (commit, file), cut from the lines that commit added."""
     for f in files:
-        lines = f["content"].splitlines(keepends=True)
-        ranges = [(a, min(b, len(lines))) for a, b in f["added"] if a <= len(lines)]
+        lines = f.content.splitlines(keepends=True)
+        ranges = [(a, min(b, len(lines))) for a, b in f.added if a <= len(lines)]
         if not ranges:
             continue
-        rng = random.Random(f"{cfg.seed}:{f['sha']}:{f['path']}")
+        rng = random.Random(f"{cfg.seed}:{f.sha}:{f.path}")
         spans = _spans(lines, ranges, cfg, rng)
-        problem = file_problem(f["path"], f["content"])
+        problem = file_problem(f.path, f.content)
         if problem is not None:
             dropped[problem] += len(spans)
             continue
@@ -167,8 +97,8 @@ def committed_examples(files: Iterable[dict[str, Any]], cfg: DatasetsConfig, fim
                 continue
             order = "spm" if fim.spm_supported and rng.random() < cfg.spm_fraction else "psm"
             yield FimExample(
-                id=f"{f['sha']}:{f['path']}:{start}-{end}", signal="committed", developer=f["developer"],
-                ts=f["committed_at"], path=f["path"],
+                id=f"{f.sha}:{f.path}:{start}-{end}", signal="committed", developer=f.developer,
+                ts=f.committed_at, path=f.path,
                 prefix=clip_prefix("".join(lines[: start - 1]), cfg.max_prefix_chars),
                 suffix=clip_suffix("".join(lines[end:]), cfg.max_suffix_chars),
                 middle=middle, order=order,
@@ -226,27 +156,27 @@ def _indent(line: str) -> int:
     return len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
 
 
-def edit_examples(rows: Iterable[dict[str, Any]], dropped: Counter[str]) -> Iterator[ChatExample]:
+def edit_examples(rows: Iterable[EditRecord], dropped: Counter[str]) -> Iterator[ChatExample]:
     """Chat rows from accepted Continue edit outcomes (`Store.scope_edit_outcomes`)."""
     for r in rows:
-        if not r["accepted"]:
+        if not r.accepted:
             continue
-        before, after = r["before_text"], r["after_text"]
+        before, after = r.before_text, r.after_text
         if before is None or after is None:
             dropped["edit_without_code"] += 1
             continue
         if before == after:
             dropped["edit_without_change"] += 1
             continue
-        parts = path_parts(r["filepath"])
+        parts = path_parts(r.filepath)
         problem = file_problem("/".join(parts), after)
         if problem is not None:
             dropped[problem] += 1
             continue
-        instruction = (r["instruction"] or "").strip() or NEXT_EDIT_INSTRUCTION
+        instruction = (r.instruction or "").strip() or NEXT_EDIT_INSTRUCTION
         shown = "/".join(parts[-2:])
         yield ChatExample(
-            id=r["id"], signal="edit", developer=r["developer"], ts=r["decided_at"], path=shown,
+            id=r.id, signal="edit", developer=r.developer, ts=r.decided_at, path=shown,
             user=f"{instruction}\n\n{shown}:\n```\n{before}\n```", assistant=f"```\n{after}\n```")
 
 

@@ -35,7 +35,6 @@ from collectors.base import (
     TabbyCompletion,
 )
 from collectors.continue_dev import language_of, normalize_repo
-from collectors.gitlog import count_commits, remote_name
 from collectors.jsonl import read_line
 from pipelines.config import CollectConfig, DeveloperConfig, SourceConfig, TeamConfig
 from pipelines.ingest.scrub import (
@@ -49,6 +48,20 @@ from pipelines.ingest.scrub import (
 )
 from pipelines.progress import Progress
 from pipelines.store.db import Applied, Rows, Store, now
+from pipelines.store.schema import (
+    BlobRow,
+    CommitFileRow,
+    CommitRow,
+    DropRow,
+    EditOutcomeRow,
+    IdentityRow,
+    InteractionRow,
+    QuarantineRow,
+    ScrubRow,
+    SuggestionRow,
+    TabbyActionRow,
+    TabbyCompletionRow,
+)
 
 log = logging.getLogger("devtune.ingest")
 
@@ -176,31 +189,22 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
         report.notes.append(f"{root} does not exist yet: nothing to collect")
         log.warning("source=%s: %s does not exist yet; nothing collected", name, root)
         return report
-    repo = remote_name(root) if source.kind == "git" else None
+    repo = collector.repo(root)
     contents = FileScrubber()  # a file's versions share most of their pieces across commits and batches
     for stream in collector.streams(root):
         cursor = store.load_cursor(name, stream)
-        if source.kind == "git":
-            # Progress in commits for a repository, in bytes for a log file: both give a rate and an ETA.
-            progress = Progress(log, f"collect source={name} stream={stream}", count_commits(root, cursor),
-                                "commits")
-        else:
-            if cursor is None:
-                log.info("source=%s: new file %s", name, stream)
-            done = cursor.offset if cursor else 0
-            progress = Progress(log, f"collect source={name} stream={stream}",
-                                max(0, (root / stream).stat().st_size - done), "bytes")
+        if cursor is None:
+            log.info("source=%s: new stream %s", name, stream)
+        # Progress in the collector's unit (bytes of a log file, commits of a repository): a rate and an ETA.
+        progress = Progress(log, f"collect source={name} stream={stream}",
+                            collector.pending(root, stream, cursor), collector.unit)
         for batch in collector.collect(root, stream, cursor, limits):
             if batch.note:
                 log.warning("source=%s stream=%s: %s", name, stream, batch.note)
                 report.notes.append(f"{stream}: {batch.note}")
             rows = to_rows(batch, source, repo, cfg, directory, contents)
             _account(report, store.apply_batch(name, rows, batch.cursor), len(batch.events) + len(batch.rejects))
-            if source.kind == "git":
-                progress.advance(len(batch.events))
-            else:
-                progress.advance(max(0, batch.cursor.offset - done))
-                done = batch.cursor.offset
+            progress.advance(batch.read)
         report.seconds += progress.finish()
     return report
 
@@ -227,11 +231,11 @@ def to_rows(batch: Batch, source: SourceConfig, repo: str | None, cfg: CollectCo
         _event_rows(event, rows, source, repo, cfg, directory, ingested, contents)
     for r in batch.rejects:
         scrubs: Counter[str] = Counter()
-        rows.add("quarantine", {
-            "source": source.name, "stream": r.stream, "offset": r.offset, "length": r.length,
-            "line_sha1": r.line_sha1, "reason": r.reason, "excerpt": scrub(r.excerpt, scrubs),
-            "quarantined_at": ingested,
-        })
+        rows.add(QuarantineRow(
+            source=source.name, stream=r.stream, offset=r.offset, length=r.length,
+            line_sha1=r.line_sha1, reason=r.reason, excerpt=scrub(r.excerpt, scrubs),
+            quarantined_at=ingested,
+        ))
         _scrubbed(rows, "quarantine", f"{r.stream}/{r.offset}/{r.line_sha1}", scrubs)
     return rows
 
@@ -248,9 +252,9 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
         if directory.opted_out(who.developer, *event.user_ids):
             _dropped(rows, source.name, "opted_out", event.key)
             return
-        rows.add("tabby_actions", {"id": event.key, "completion_id": event.completion_id, "source": source.name,
-                                   "kind": event.kind, "acted_at": event.at, "choice_index": event.choice_index,
-                                   "line_select": event.line_select})
+        rows.add(TabbyActionRow(id=event.key, completion_id=event.completion_id, source=source.name,
+                                kind=event.kind, acted_at=event.at, choice_index=event.choice_index,
+                                line_select=event.line_select))
         rows.tabby_touched.add(event.completion_id)
         return
     who = directory.resolve(source.developer, event.user_ids)
@@ -267,43 +271,43 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
     scrubs: Counter[str] = Counter()
     if isinstance(event, Suggestion):
         prefix, compiled, suffix, completion = _scrub_prefixes(event, scrubs)
-        rows.add("suggestions", {
-            "id": event.key, "source": source.name, "source_kind": event.source_kind, "event_kind": event.event_kind,
-            "shown_at": event.shown_at, "developer": who.developer, "team": team, "repo": event.repo,
-            "filepath": event.filepath, "language": language_of(event.filepath), "accepted": event.accepted,
-            "partial": event.partial, "prefix": prefix, "prefix_compiled": compiled,
-            "prefix_recovery": event.prefix_recovery, "suffix": suffix, "completion": completion,
-            "model": event.model, "ingested_at": ingested,
-        })
+        rows.add(SuggestionRow(
+            id=event.key, source=source.name, source_kind=event.source_kind, event_kind=event.event_kind,
+            shown_at=event.shown_at, developer=who.developer, team=team, repo=event.repo,
+            filepath=event.filepath, language=language_of(event.filepath), accepted=event.accepted,
+            partial=event.partial, prefix=prefix, prefix_compiled=compiled,
+            prefix_recovery=event.prefix_recovery, suffix=suffix, completion=completion,
+            model=event.model, ingested_at=ingested,
+        ))
         _scrubbed(rows, "suggestions", event.key, scrubs)
     elif isinstance(event, EditOutcome):
         instruction, before, after = scrub_fields([event.instruction, event.before_text, event.after_text], scrubs)
-        rows.add("edit_outcomes", {
-            "id": event.key, "source": source.name, "source_kind": event.source_kind, "event_kind": event.event_kind,
-            "decided_at": event.decided_at, "developer": who.developer, "team": team, "repo": event.repo,
-            "filepath": event.filepath, "accepted": event.accepted, "instruction": instruction,
-            "before_text": before, "after_text": after, "model": event.model, "ingested_at": ingested,
-        })
+        rows.add(EditOutcomeRow(
+            id=event.key, source=source.name, source_kind=event.source_kind, event_kind=event.event_kind,
+            decided_at=event.decided_at, developer=who.developer, team=team, repo=event.repo,
+            filepath=event.filepath, accepted=event.accepted, instruction=instruction,
+            before_text=before, after_text=after, model=event.model, ingested_at=ingested,
+        ))
         _scrubbed(rows, "edit_outcomes", event.key, scrubs)
     elif isinstance(event, Interaction):
         prompt, completion = scrub_fields([event.prompt, event.completion], scrubs)
         detail = orjson.dumps(scrub_json(event.detail, scrubs)).decode() if event.detail is not None else None
-        rows.add("interactions", {
-            "id": event.key, "source": source.name, "source_kind": event.source_kind, "event_kind": event.event_kind,
-            "occurred_at": event.occurred_at, "developer": who.developer, "team": team, "filepath": event.filepath,
-            "model": event.model, "session_id": event.session_id, "prompt": prompt, "completion": completion,
-            "label": event.label, "detail": detail, "ingested_at": ingested,
-        })
+        rows.add(InteractionRow(
+            id=event.key, source=source.name, source_kind=event.source_kind, event_kind=event.event_kind,
+            occurred_at=event.occurred_at, developer=who.developer, team=team, filepath=event.filepath,
+            model=event.model, session_id=event.session_id, prompt=prompt, completion=completion,
+            label=event.label, detail=detail, ingested_at=ingested,
+        ))
         _scrubbed(rows, "interactions", event.key, scrubs)
     elif isinstance(event, TabbyCompletion):
         at_prefix, *at_choices, at_suffix = cursor_spans(event.prefix, list(event.choices), event.suffix)
         prefix, suffix, *choices = scrub_fields([event.prefix, event.suffix, *event.choices], scrubs,
                                                 [at_prefix, at_suffix, *at_choices])
-        rows.add("tabby_completions", {
-            "id": event.key, "source": source.name, "created_at": event.created_at, "developer": who.developer,
-            "team": team, "repo": event.repo, "filepath": event.filepath, "language": event.language,
-            "prefix": prefix, "suffix": suffix, "choices": [c or "" for c in choices], "ingested_at": ingested,
-        })
+        rows.add(TabbyCompletionRow(
+            id=event.key, source=source.name, created_at=event.created_at, developer=who.developer,
+            team=team, repo=event.repo, filepath=event.filepath, language=event.language,
+            prefix=prefix, suffix=suffix, choices=[c or "" for c in choices], ingested_at=ingested,
+        ))
         rows.tabby_touched.add(event.key)
         _scrubbed(rows, "tabby_completions", event.key, scrubs)
 
@@ -336,18 +340,18 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
     who = directory.resolve("", (c.author_email,))
     opted_out = directory.opted_out(who.developer, c.author_email)
     scrubs: Counter[str] = Counter()
-    rows.add("commits", {
-        "sha": c.sha, "repo": repo, "source": source_name, "parents": list(c.parents),
+    rows.add(CommitRow(
+        sha=c.sha, repo=repo, source=source_name, parents=list(c.parents),
         # An opted-out author's commit keeps only its sha, parents and time, so history counts stay
         # whole; no name, email, message or file of theirs is stored.
-        "author_name": None if opted_out else c.author_name,
-        "author_email": None if opted_out else c.author_email,
-        "developer": "" if opted_out else who.developer,
-        "team": "" if opted_out else directory.team(who.developer, repo),
-        "authored_at": c.authored_at, "committed_at": c.committed_at,
-        "message": None if opted_out else scrub(c.message, scrubs), "opted_out": opted_out,
-        "ingested_at": ingested,
-    })
+        author_name=None if opted_out else c.author_name,
+        author_email=None if opted_out else c.author_email,
+        developer="" if opted_out else who.developer,
+        team="" if opted_out else directory.team(who.developer, repo),
+        authored_at=c.authored_at, committed_at=c.committed_at,
+        message=None if opted_out else scrub(c.message, scrubs), opted_out=opted_out,
+        ingested_at=ingested,
+    ))
     _scrubbed(rows, "commits", c.sha, scrubs)
     if opted_out:
         _dropped(rows, source_name, "opted_out_commit", c.sha)
@@ -361,7 +365,7 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
         found: list[tuple[str, str]] = []
         if keep_blob:
             scrubs = Counter()
-            rows.add("blobs", {"blob": f.blob, "content": contents.scrub(f.content or "", scrubs, found)})
+            rows.add(BlobRow(blob=f.blob, content=contents.scrub(f.content or "", scrubs, found)))
             _scrubbed(rows, "blobs", f.blob, scrubs)
             if found:
                 contents.found_in[f.blob] = tuple(found)
@@ -374,25 +378,23 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
         # The diff's "+" lines are lines of this version and its "-" lines of the one before: what scrubbing
         # those whole found goes from the diff too.
         known = [*found, *contents.found_in.get(f.old_blob, ())]
-        rows.add("commit_files", {"sha": c.sha, "path": f.path, "status": f.status,
-                                  "blob": f.blob if keep_blob else None,
-                                  "added": [list(r) for r in f.added], "diff": scrub_diff(f.diff, scrubs, known)})
+        rows.add(CommitFileRow(sha=c.sha, path=f.path, status=f.status, blob=f.blob if keep_blob else None,
+                               added=[list(r) for r in f.added], diff=scrub_diff(f.diff, scrubs, known)))
         _scrubbed(rows, "commit_files", f"{c.sha}:{f.path}", scrubs)
 
 
 def _dropped(rows: Rows, source: str, reason: str, key: str) -> None:
     # The key is hashed: a count needs no more, and a dropped event's id says nothing about it.
-    rows.add("drops", {"source": source, "reason": reason, "key": hashlib.sha1(key.encode()).hexdigest()})
+    rows.add(DropRow(source=source, reason=reason, key=hashlib.sha1(key.encode()).hexdigest()))
 
 
 def _scrubbed(rows: Rows, target: str, key: str, scrubs: Counter[str]) -> None:
     for kind, n in scrubs.items():
-        rows.add("scrubs", {"target": target, "key": key, "kind": kind, "count": n})
+        rows.add(ScrubRow(target=target, key=key, kind=kind, count=n))
 
 
 def _identity(rows: Rows, who: Identity, source_kind: str) -> None:
-    rows.add("identities", {"identity": who.raw, "source_kind": source_kind, "developer": who.developer,
-                            "mapped": who.mapped})
+    rows.add(IdentityRow(identity=who.raw, source_kind=source_kind, developer=who.developer, mapped=who.mapped))
 
 
 # -- quarantine retry ---------------------------------------------------------------------------------------
@@ -435,7 +437,7 @@ def _retry(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig, 
             yield RetryResult(*where, "still quarantined", parsed)
             continue
         batch = Batch(events=parsed, rejects=(), cursor=Cursor(stream=row["stream"]))
-        repo = remote_name(source.path) if source.kind == "git" else None
+        repo = COLLECTORS[source.kind].repo(source.path)
         store.apply_batch(source.name, to_rows(batch, source, repo, cfg, directory), None, settle=(row,))
         yield RetryResult(*where, "stored", f"{len(parsed)} event(s) parsed and stored")
 

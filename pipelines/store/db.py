@@ -5,7 +5,9 @@ read-only while the first holds it. The service therefore keeps one connection f
 hands each thread a cursor; CLI commands reach the store through the service's local API while it runs,
 and open the file themselves (waiting up to `lock_timeout_s` for a short-lived holder) when it does not.
 
-Schema changes are named migrations, applied in order and recorded in `schema_migrations`.
+Schema changes are named migrations (migrations.py), applied in order and recorded in `schema_migrations`.
+The rows ingest writes are declared in schema.py; the typed records queries hand to the stages above, in
+records.py.
 """
 
 from __future__ import annotations
@@ -18,223 +20,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
 
 from collectors.base import Cursor
 from pipelines.scope import Scope
+from pipelines.store.migrations import MIGRATIONS
+from pipelines.store.records import (
+    CommittedFile,
+    EditRecord,
+    FileVersion,
+    LinkCandidate,
+    LinkedSuggestion,
+    ToLink,
+)
+from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, as_arrow
 
-MIGRATIONS: list[tuple[str, str]] = [
-    ("0001_initial", """
-        CREATE TABLE suggestions (
-            id VARCHAR PRIMARY KEY,          -- the writer's id: Continue completionId, Tabby completion_id
-            source VARCHAR NOT NULL,         -- [[sources]] name it was first collected from
-            source_kind VARCHAR NOT NULL,    -- continue | tabby
-            event_kind VARCHAR NOT NULL,     -- autocomplete | ...
-            shown_at TIMESTAMP NOT NULL,     -- UTC
-            developer VARCHAR NOT NULL,
-            team VARCHAR NOT NULL,
-            repo VARCHAR,                    -- owner/name, lower case
-            filepath VARCHAR NOT NULL,
-            language VARCHAR NOT NULL,
-            accepted BOOLEAN NOT NULL,
-            partial BOOLEAN NOT NULL,
-            prefix VARCHAR,                  -- raw editor prefix (NULL when it could not be recovered)
-            prefix_compiled VARCHAR,         -- the prefix as logged
-            prefix_recovery VARCHAR NOT NULL,
-            suffix VARCHAR,
-            completion VARCHAR,
-            model VARCHAR,
-            ingested_at TIMESTAMP NOT NULL
-        );
-        CREATE TABLE commits (
-            sha VARCHAR PRIMARY KEY,
-            repo VARCHAR NOT NULL,
-            source VARCHAR NOT NULL,
-            parents VARCHAR[] NOT NULL,
-            author_name VARCHAR,             -- NULL for an opted-out author (only the sha and time are kept)
-            author_email VARCHAR,
-            developer VARCHAR NOT NULL,
-            team VARCHAR NOT NULL,
-            authored_at TIMESTAMP NOT NULL,
-            committed_at TIMESTAMP NOT NULL,
-            message VARCHAR,
-            opted_out BOOLEAN NOT NULL,
-            ingested_at TIMESTAMP NOT NULL
-        );
-        CREATE TABLE commit_files (
-            sha VARCHAR NOT NULL,
-            path VARCHAR NOT NULL,
-            status VARCHAR NOT NULL,          -- A, M, D, T
-            blob VARCHAR,                     -- NULL when deleted or when the content was not kept
-            added INTEGER[][] NOT NULL,       -- [[first, last], ...] 1-based line ranges the commit added
-            diff VARCHAR NOT NULL,
-            PRIMARY KEY (sha, path)
-        );
-        CREATE TABLE blobs (
-            blob VARCHAR PRIMARY KEY,         -- git blob sha of the original; content is scrubbed
-            content VARCHAR NOT NULL
-        );
-        CREATE TABLE cursors (
-            source VARCHAR NOT NULL,
-            stream VARCHAR NOT NULL,
-            "offset" BIGINT NOT NULL,
-            head_sha1 VARCHAR NOT NULL,
-            head_len INTEGER NOT NULL,
-            sha VARCHAR NOT NULL,
-            updated_at TIMESTAMP NOT NULL,
-            PRIMARY KEY (source, stream)
-        );
-        CREATE TABLE quarantine (
-            source VARCHAR NOT NULL,
-            stream VARCHAR NOT NULL,
-            "offset" BIGINT NOT NULL,
-            length BIGINT NOT NULL,
-            line_sha1 VARCHAR NOT NULL,
-            reason VARCHAR NOT NULL,
-            excerpt VARCHAR NOT NULL,         -- scrubbed
-            quarantined_at TIMESTAMP NOT NULL,
-            PRIMARY KEY (source, stream, "offset", line_sha1)
-        );
-        CREATE TABLE drops (                  -- events not stored, by reason (counted once per batch)
-            source VARCHAR NOT NULL,
-            reason VARCHAR NOT NULL,
-            count BIGINT NOT NULL,
-            PRIMARY KEY (source, reason)
-        );
-        CREATE TABLE scrubs (                 -- secrets replaced before storage, by kind
-            kind VARCHAR PRIMARY KEY,
-            count BIGINT NOT NULL
-        );
-        CREATE TABLE runs (
-            run_id VARCHAR PRIMARY KEY,
-            scope VARCHAR NOT NULL,
-            status VARCHAR NOT NULL,          -- running | succeeded | failed | skipped
-            stage VARCHAR NOT NULL,           -- the stage it is in or stopped at
-            started_at TIMESTAMP NOT NULL,
-            finished_at TIMESTAMP,
-            summary VARCHAR NOT NULL,         -- JSON: counts, timings, metrics, gate decision
-            error VARCHAR
-        );
-    """),
-    # Continue Edit-mode and Next Edit outcomes (FORMATS.md §1.3): an accepted or rejected rewrite of a
-    # region, the signal for chat-format SFT rows and edit preference pairs.
-    ("0002_edit_outcomes", """
-        CREATE TABLE edit_outcomes (
-            id VARCHAR PRIMARY KEY,           -- nextEditOutcome: completionId; editOutcome: sha1 of its content
-            source VARCHAR NOT NULL,
-            source_kind VARCHAR NOT NULL,     -- continue
-            event_kind VARCHAR NOT NULL,      -- editOutcome | nextEditOutcome
-            decided_at TIMESTAMP NOT NULL,    -- UTC
-            developer VARCHAR NOT NULL,
-            team VARCHAR NOT NULL,
-            repo VARCHAR,
-            filepath VARCHAR NOT NULL,
-            accepted BOOLEAN NOT NULL,
-            instruction VARCHAR,              -- editOutcome: the user's instruction; nextEdit: NULL
-            before_text VARCHAR,              -- editOutcome: previousCode; nextEdit: originalEditableRange
-            after_text VARCHAR,               -- editOutcome: newCode; nextEdit: completion
-            model VARCHAR,
-            ingested_at TIMESTAMP NOT NULL
-        );
-    """),
-    # Migration names by area, so parallel work never collides: 0003-0009 collectors and ingest,
-    # 0010-0019 datasets, 0020-0029 training and registry.
-    ("0003_collectors", """
-        -- Continue chat, edit and tool events that carry no accept flag on code (FORMATS.md §1.3).
-        CREATE TABLE interactions (
-            id VARCHAR PRIMARY KEY,           -- toolUsage: toolCallId; else sha1 of the content
-            source VARCHAR NOT NULL,
-            source_kind VARCHAR NOT NULL,     -- continue
-            event_kind VARCHAR NOT NULL,      -- chatFeedback|chatInteraction|editInteraction|toolUsage|quickEdit
-            occurred_at TIMESTAMP NOT NULL,   -- UTC
-            developer VARCHAR NOT NULL,
-            team VARCHAR NOT NULL,
-            filepath VARCHAR,
-            model VARCHAR,
-            session_id VARCHAR,
-            prompt VARCHAR,
-            completion VARCHAR,
-            label BOOLEAN,                    -- chatFeedback: thumbs up; toolUsage: the call was approved
-            detail VARCHAR,                   -- JSON: the kind's other fields (tool name and arguments, diffs, ...)
-            ingested_at TIMESTAMP NOT NULL
-        );
-        -- Tabby logs a completion and its view/select/dismiss lines separately, possibly in different day
-        -- files; both are kept, and `suggestions` rows are derived from them (Store.link_tabby).
-        CREATE TABLE tabby_completions (
-            id VARCHAR PRIMARY KEY,           -- completion_id
-            source VARCHAR NOT NULL,
-            created_at TIMESTAMP NOT NULL,
-            developer VARCHAR NOT NULL,
-            team VARCHAR NOT NULL,
-            repo VARCHAR,
-            filepath VARCHAR NOT NULL,
-            language VARCHAR NOT NULL,
-            prefix VARCHAR,
-            suffix VARCHAR,
-            choices VARCHAR[] NOT NULL,
-            ingested_at TIMESTAMP NOT NULL
-        );
-        CREATE TABLE tabby_actions (
-            id VARCHAR PRIMARY KEY,           -- sha1 of the event
-            completion_id VARCHAR NOT NULL,
-            source VARCHAR NOT NULL,
-            kind VARCHAR NOT NULL,            -- view | select | dismiss
-            acted_at TIMESTAMP NOT NULL,
-            choice_index INTEGER NOT NULL,
-            line_select BOOLEAN NOT NULL      -- a select of kind "line": a partial accept
-        );
-        -- Counters become keyed rows, so a batch stored twice (a replaced file re-read, a harvest resumed,
-        -- one event arriving by file and by HTTP) is counted once.
-        DROP TABLE drops;
-        CREATE TABLE drops (                  -- events not stored, by reason
-            source VARCHAR NOT NULL,
-            reason VARCHAR NOT NULL,          -- opted_out | excluded_path | opted_out_commit
-            key VARCHAR NOT NULL,             -- sha1 of the dropped event's own key
-            PRIMARY KEY (source, reason, key)
-        );
-        DROP TABLE scrubs;
-        CREATE TABLE scrubs (                 -- secrets replaced before storage
-            target VARCHAR NOT NULL,          -- the table the scrubbed row went to
-            key VARCHAR NOT NULL,             -- that row's key
-            kind VARCHAR NOT NULL,
-            count INTEGER NOT NULL,
-            PRIMARY KEY (target, key, kind)
-        );
-        CREATE TABLE identities (             -- identities that decided an event's developer
-            identity VARCHAR NOT NULL,
-            source_kind VARCHAR NOT NULL,     -- continue | tabby | git
-            developer VARCHAR NOT NULL,       -- what it resolved to when last seen
-            mapped BOOLEAN NOT NULL,          -- named by the config ([[developers]], [[teams]], a source's developer)
-            PRIMARY KEY (identity, source_kind)
-        );
-    """),
-    # What became of each accepted suggestion in its developer's later commits (pipelines/link.py): the
-    # evidence a dataset build reads instead of re-reading history, and what `kept`/`rewritten` counts rest on.
-    ("0010_suggestion_links", """
-        CREATE TABLE suggestion_links (
-            suggestion_id VARCHAR PRIMARY KEY,
-            status VARCHAR NOT NULL,          -- kept | rewritten | deleted | unknown
-            reason VARCHAR NOT NULL,          -- how it was decided, e.g. exact, similar, no_commit_in_window
-            repo VARCHAR,                     -- the committed file the suggestion's file maps to
-            path VARCHAR,
-            sha VARCHAR,                      -- the commit that decided it
-            line INTEGER,                     -- 1-based line of the matched (or replacing) text in that file
-            similarity DOUBLE,                -- 0-1, suggestion vs the committed text at its place, whitespace ignored
-            committed_text VARCHAR,           -- rewritten: what replaced it, as a middle for the logged prefix/suffix
-            window_closes_at TIMESTAMP NOT NULL,
-            linked_at TIMESTAMP NOT NULL
-        );
-    """),
-    # A run interrupted in training (kill -9, service stop, timeout) is resumed by a later cycle from its
-    # checkpoint, in the same run directory; `attempts` counts how often it was started, so a run that
-    # fails the same way every time is given up after [train] resume_attempts.
-    ("0020_run_attempts", """
-        ALTER TABLE runs ADD COLUMN attempts INTEGER DEFAULT 1;
-    """),
-]
+R = TypeVar("R")
 
 
 class StoreBusy(Exception):
@@ -245,108 +49,11 @@ def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-# Arrow schemas for bulk inserts: explicit, so an all-NULL column in a batch is not inferred as type null.
-SUGGESTION_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("source_kind", pa.string()), ("event_kind", pa.string()),
-    ("shown_at", pa.timestamp("us")), ("developer", pa.string()), ("team", pa.string()),
-    ("repo", pa.string()), ("filepath", pa.string()), ("language", pa.string()), ("accepted", pa.bool_()),
-    ("partial", pa.bool_()), ("prefix", pa.string()), ("prefix_compiled", pa.string()),
-    ("prefix_recovery", pa.string()), ("suffix", pa.string()), ("completion", pa.string()),
-    ("model", pa.string()), ("ingested_at", pa.timestamp("us")),
-])
-COMMIT_SCHEMA = pa.schema([
-    ("sha", pa.string()), ("repo", pa.string()), ("source", pa.string()), ("parents", pa.list_(pa.string())),
-    ("author_name", pa.string()), ("author_email", pa.string()), ("developer", pa.string()),
-    ("team", pa.string()), ("authored_at", pa.timestamp("us")), ("committed_at", pa.timestamp("us")),
-    ("message", pa.string()), ("opted_out", pa.bool_()), ("ingested_at", pa.timestamp("us")),
-])
-FILE_SCHEMA = pa.schema([
-    ("sha", pa.string()), ("path", pa.string()), ("status", pa.string()), ("blob", pa.string()),
-    ("added", pa.list_(pa.list_(pa.int32()))), ("diff", pa.string()),
-])
-BLOB_SCHEMA = pa.schema([("blob", pa.string()), ("content", pa.string())])
-LINK_SCHEMA = pa.schema([
-    ("suggestion_id", pa.string()), ("status", pa.string()), ("reason", pa.string()), ("repo", pa.string()),
-    ("path", pa.string()), ("sha", pa.string()), ("line", pa.int32()), ("similarity", pa.float64()),
-    ("committed_text", pa.string()), ("window_closes_at", pa.timestamp("us")), ("linked_at", pa.timestamp("us")),
-])
-EDIT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("source_kind", pa.string()), ("event_kind", pa.string()),
-    ("decided_at", pa.timestamp("us")), ("developer", pa.string()), ("team", pa.string()), ("repo", pa.string()),
-    ("filepath", pa.string()), ("accepted", pa.bool_()), ("instruction", pa.string()),
-    ("before_text", pa.string()), ("after_text", pa.string()), ("model", pa.string()),
-    ("ingested_at", pa.timestamp("us")),
-])
-INTERACTION_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("source_kind", pa.string()), ("event_kind", pa.string()),
-    ("occurred_at", pa.timestamp("us")), ("developer", pa.string()), ("team", pa.string()),
-    ("filepath", pa.string()), ("model", pa.string()), ("session_id", pa.string()), ("prompt", pa.string()),
-    ("completion", pa.string()), ("label", pa.bool_()), ("detail", pa.string()), ("ingested_at", pa.timestamp("us")),
-])
-TABBY_COMPLETION_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("created_at", pa.timestamp("us")), ("developer", pa.string()),
-    ("team", pa.string()), ("repo", pa.string()), ("filepath", pa.string()), ("language", pa.string()),
-    ("prefix", pa.string()), ("suffix", pa.string()), ("choices", pa.list_(pa.string())),
-    ("ingested_at", pa.timestamp("us")),
-])
-TABBY_ACTION_SCHEMA = pa.schema([
-    ("id", pa.string()), ("completion_id", pa.string()), ("source", pa.string()), ("kind", pa.string()),
-    ("acted_at", pa.timestamp("us")), ("choice_index", pa.int32()), ("line_select", pa.bool_()),
-])
-DROP_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string()), ("key", pa.string())])
-SCRUB_SCHEMA = pa.schema([("target", pa.string()), ("key", pa.string()), ("kind", pa.string()),
-                          ("count", pa.int32())])
-IDENTITY_SCHEMA = pa.schema([("identity", pa.string()), ("source_kind", pa.string()), ("developer", pa.string()),
-                             ("mapped", pa.bool_())])
-REJECT_SCHEMA = pa.schema([
-    ("source", pa.string()), ("stream", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
-    ("line_sha1", pa.string()), ("reason", pa.string()), ("excerpt", pa.string()),
-    ("quarantined_at", pa.timestamp("us")),
-])
-
-
-# Per table: its Arrow schema, its primary key (for dropping in-batch duplicates: two rows with one key in a
-# single INSERT make ON CONFLICT fail, so the first wins, as it does against rows stored by earlier
-# batches) and what a conflict does.
-@dataclass(frozen=True)
-class Table:
-    name: str
-    schema: pa.Schema
-    key: tuple[str, ...]
-    on_conflict: str = "DO NOTHING"
-
-
-# One event can arrive twice with different amounts of text: a Continue `data:` destination at level noCode
-# sends no code, the local file sends all of it. The copy with text fills in what the other lacks.
-_FILL_TEXT = ("DO UPDATE SET prefix = excluded.prefix, prefix_compiled = excluded.prefix_compiled, "
-              "prefix_recovery = excluded.prefix_recovery, suffix = excluded.suffix, completion = excluded.completion "
-              "WHERE suggestions.prefix_compiled IS NULL AND excluded.prefix_compiled IS NOT NULL")
-_FILL_EDIT = ("DO UPDATE SET instruction = excluded.instruction, before_text = excluded.before_text, "
-              "after_text = excluded.after_text "
-              "WHERE edit_outcomes.after_text IS NULL AND excluded.after_text IS NOT NULL")
-TABLES = {t.name: t for t in (
-    Table("suggestions", SUGGESTION_SCHEMA, ("id",), _FILL_TEXT),
-    Table("edit_outcomes", EDIT_SCHEMA, ("id",), _FILL_EDIT),
-    Table("interactions", INTERACTION_SCHEMA, ("id",)),
-    Table("commits", COMMIT_SCHEMA, ("sha",)),
-    Table("commit_files", FILE_SCHEMA, ("sha", "path")),
-    Table("blobs", BLOB_SCHEMA, ("blob",)),
-    Table("tabby_completions", TABBY_COMPLETION_SCHEMA, ("id",)),
-    Table("tabby_actions", TABBY_ACTION_SCHEMA, ("id",)),
-    Table("quarantine", REJECT_SCHEMA, ("source", "stream", "offset", "line_sha1")),
-    Table("drops", DROP_SCHEMA, ("source", "reason", "key")),
-    Table("scrubs", SCRUB_SCHEMA, ("target", "key", "kind")),
-    # An identity resolves as the config says now: a later sighting after a config change updates it.
-    Table("identities", IDENTITY_SCHEMA, ("identity", "source_kind"),
-          "DO UPDATE SET developer = excluded.developer, mapped = excluded.mapped"),
-)}
-
-
-def _unique(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+def _unique(rows: list[Any], key: tuple[str, ...]) -> list[Any]:
     seen: set[tuple[Any, ...]] = set()
     out = []
     for r in rows:
-        k = tuple(r[c] for c in key)
+        k = tuple(getattr(r, c) for c in key)
         if k not in seen:
             seen.add(k)
             out.append(r)
@@ -355,17 +62,13 @@ def _unique(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, 
 
 @dataclass
 class Rows:
-    """Rows for one batch, per table, ready for a bulk insert (see TABLES)."""
+    """Rows for one batch, per table (each a row class of schema.py), ready for a bulk insert."""
 
-    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    tables: dict[Table, list[Row]] = field(default_factory=dict)
     tabby_touched: set[str] = field(default_factory=set)  # completion ids whose suggestion may change
 
-    def add(self, table: str, row: dict[str, Any]) -> None:
-        assert table in TABLES, table
-        self.tables.setdefault(table, []).append(row)
-
-    def count(self, table: str) -> int:
-        return len(self.tables.get(table, ()))
+    def add(self, row: Row) -> None:
+        self.tables.setdefault(TABLES[type(row)], []).append(row)
 
 
 @dataclass(frozen=True)
@@ -483,7 +186,7 @@ class Store:
         same transaction (`devtune quarantine retry`).
         """
         with self.transaction():
-            n = {name: self._insert(TABLES[name], rows.tables[name]) for name in rows.tables if rows.tables[name]}
+            n = {table.name: self._insert(table, batch) for table, batch in rows.tables.items() if batch}
             if rows.tabby_touched:
                 self.link_tabby(rows.tabby_touched)
             for q in settle:
@@ -497,9 +200,9 @@ class Store:
                        rejects=n.get("quarantine", 0), edits=n.get("edit_outcomes", 0),
                        interactions=n.get("interactions", 0))
 
-    def _insert(self, table: Table, rows: list[dict[str, Any]]) -> int:
-        batch = pa.Table.from_pylist(_unique(rows, table.key), schema=table.schema)  # noqa: F841 - read by DuckDB
-        cols = ", ".join(f'"{c}"' for c in table.schema.names)
+    def _insert(self, table: Table, rows: list[Any]) -> int:
+        batch = as_arrow(table, _unique(rows, table.key))  # noqa: F841 - read by DuckDB
+        cols = ", ".join(f'"{c}"' for c in table.columns)
         result = self.con.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM batch "
                                   f"ON CONFLICT {table.on_conflict}")
         row = result.fetchone()
@@ -513,13 +216,14 @@ class Store:
         the lines, so a select arriving a day later flips its suggestion to accepted.
         """
         touched = pa.table({"id": sorted(completion_ids)})  # noqa: F841 - read by DuckDB
+        # BY NAME: each column is named once, by its alias here (a misspelt one fails the statement).
         self.con.execute("""
-            INSERT INTO suggestions (id, source, source_kind, event_kind, shown_at, developer, team, repo, filepath,
-                                     language, accepted, partial, prefix, prefix_compiled, prefix_recovery, suffix,
-                                     completion, model, ingested_at)
-            SELECT c.id, c.source, 'tabby', 'completion', a.shown_at, c.developer, c.team, c.repo, c.filepath,
-                   c.language, a.selects > 0, a.selects > 0 AND a.full_selects = 0, c.prefix, c.prefix, 'raw',
-                   c.suffix, c.choices[a.choice + 1], NULL, ?
+            INSERT INTO suggestions BY NAME
+            SELECT c.id, c.source, 'tabby' AS source_kind, 'completion' AS event_kind, a.shown_at, c.developer,
+                   c.team, c.repo, c.filepath, c.language, a.selects > 0 AS accepted,
+                   a.selects > 0 AND a.full_selects = 0 AS partial, c.prefix, c.prefix AS prefix_compiled,
+                   'raw' AS prefix_recovery, c.suffix, c.choices[a.choice + 1] AS completion, NULL AS model,
+                   ? AS ingested_at
             FROM tabby_completions c JOIN (
                 SELECT completion_id, min(acted_at) AS shown_at,
                        count(*) FILTER (WHERE kind = 'select') AS selects,
@@ -619,7 +323,7 @@ class Store:
     # -- datasets ------------------------------------------------------------------------------------------
 
     def scope_suggestions(self, scope: Scope, max_prefix_chars: int, max_suffix_chars: int
-                          ) -> Iterator[dict[str, Any]]:
+                          ) -> Iterator[LinkedSuggestion]:
         """Every suggestion of a scope (a team's, or one developer's) with its link, oldest first.
 
         Prefix and suffix come cut to one character more than the dataset keeps, so `clip_prefix` /
@@ -633,22 +337,22 @@ class Store:
             "FROM suggestions s LEFT JOIN suggestion_links l ON l.suggestion_id = s.id "
             f"WHERE {column} = ? ORDER BY s.shown_at, s.id",
             [max_prefix_chars + 1, max_suffix_chars + 1, scope.name])
-        yield from _dicts(cur)
+        yield from _records(cur, LinkedSuggestion)
 
     def count_scope_suggestions(self, scope: Scope) -> int:
         column = "team" if scope.kind == "team" else "developer"
         row = self.con.execute(f"SELECT count(*) FROM suggestions WHERE {column} = ?", [scope.name]).fetchone()
         return int(row[0]) if row else 0
 
-    def scope_edit_outcomes(self, scope: Scope) -> Iterator[dict[str, Any]]:
+    def scope_edit_outcomes(self, scope: Scope) -> Iterator[EditRecord]:
         """Continue edit outcomes of a scope, oldest first."""
         column = "team" if scope.kind == "team" else "developer"
         cur = self.con.execute(
             "SELECT id, event_kind, developer, decided_at, repo, filepath, accepted, instruction, before_text, "
             f"after_text FROM edit_outcomes WHERE {column} = ? ORDER BY decided_at, id", [scope.name])
-        yield from _dicts(cur)
+        yield from _records(cur, EditRecord)
 
-    def committed_files(self, scope: Scope) -> Iterator[dict[str, Any]]:
+    def committed_files(self, scope: Scope) -> Iterator[CommittedFile]:
         """Files a scope's commits added lines to, with the content after the commit, oldest first."""
         column = "c.team" if scope.kind == "team" else "c.developer"
         cur = self.con.execute(
@@ -656,7 +360,7 @@ class Store:
             "FROM commits c JOIN commit_files f ON f.sha = c.sha JOIN blobs b ON b.blob = f.blob "
             f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 "
             "ORDER BY c.committed_at, c.sha, f.path", [scope.name])
-        yield from _dicts(cur)
+        yield from _records(cur, CommittedFile)
 
     # -- linking -------------------------------------------------------------------------------------------
 
@@ -669,7 +373,7 @@ class Store:
             out.setdefault(repo, []).append(path)
         return out
 
-    def suggestions_to_link(self) -> Iterator[dict[str, Any]]:
+    def suggestions_to_link(self) -> Iterator[ToLink]:
         """Accepted suggestions whose link may still change: never linked, linked before their window closed,
         or left unknown and followed by newly stored commits of their developer."""
         cur = self.con.execute(
@@ -678,10 +382,10 @@ class Store:
             "WHERE s.accepted AND s.prefix IS NOT NULL AND s.completion IS NOT NULL AND (l.suggestion_id IS NULL "
             "OR l.linked_at < l.window_closes_at OR (l.status = 'unknown' AND EXISTS (SELECT 1 FROM commits c "
             "WHERE c.developer = s.developer AND c.ingested_at > l.linked_at))) ORDER BY s.id")
-        yield from _dicts(cur)
+        yield from _records(cur, ToLink)
 
     def link_groups(self, mapped: pa.Table, window_h: float
-                    ) -> tuple[Iterator[dict[str, Any]], Iterator[dict[str, Any]]]:
+                    ) -> tuple[Iterator[LinkCandidate], Iterator[FileVersion]]:
         """Two streams sorted alike by (repo, path, developer): the mapped suggestions (`mapped` holds id, repo,
         path), and every version of those files their developers committed inside some suggestion's window.
 
@@ -703,15 +407,14 @@ class Store:
             "  AND c.committed_at > w.first_at AND c.committed_at <= w.last_at "
             "JOIN commit_files f ON f.sha = c.sha AND f.path = w.path LEFT JOIN blobs b ON b.blob = f.blob "
             "WHERE NOT c.opted_out ORDER BY w.repo, w.path, c.developer, c.committed_at, c.sha", [window_h])
-        return _dicts(suggestions), _dicts(versions)
+        return _records(suggestions, LinkCandidate), _records(versions, FileVersion)
 
-    def save_links(self, rows: list[dict[str, Any]]) -> None:
+    def save_links(self, rows: list[SuggestionLinkRow]) -> None:
         """Insert or replace links (a relink replaces the earlier decision)."""
         if not rows:
             return
-        batch = pa.Table.from_pylist(rows, schema=LINK_SCHEMA)  # noqa: F841 - read by DuckDB
         with self.transaction():
-            self.con.execute("INSERT OR REPLACE INTO suggestion_links SELECT * FROM batch")
+            self._insert(TABLES[SuggestionLinkRow], rows)
 
     def link_counts(self) -> dict[str, int]:
         return dict(self.con.execute("SELECT status, count(*) FROM suggestion_links GROUP BY 1 ORDER BY 1")
@@ -804,12 +507,15 @@ class Store:
         return int(row[0]) if row else 0
 
 
-def _dicts(cur: duckdb.DuckDBPyConnection, batch_rows: int = 2000) -> Iterator[dict[str, Any]]:
-    """A query's rows as dicts, fetched in batches so a large result never sits in memory twice."""
+def _records(cur: duckdb.DuckDBPyConnection, record: type[R], batch_rows: int = 2000) -> Iterator[R]:
+    """A query's rows as `record`s, fetched in batches so a large result never sits in memory twice. The
+    query's column names must be the record's fields, in order: checked once, before the first row."""
     names = [d[0] for d in cur.description]
+    fields = list(record.__dataclass_fields__)  # type: ignore[attr-defined]
+    assert names == fields, f"query columns {names} are not {record.__name__}'s fields {fields}"
     while rows := cur.fetchmany(batch_rows):
         for r in rows:
-            yield dict(zip(names, r, strict=True))
+            yield record(*r)
 
 
 def _run_dict(r: tuple[Any, ...]) -> dict[str, Any]:

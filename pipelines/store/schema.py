@@ -1,0 +1,273 @@
+"""Every table ingest writes, declared once: one frozen dataclass per row shape.
+
+A row class's fields are the table's columns, in the table's order; the Arrow schema of a bulk insert
+and the insert's column list are derived from it (`arrow_schema`, `Table.columns`). The migrations that
+create the tables are history and are not rewritten, so `tests/test_store.py` checks that the tables they
+leave have exactly these columns and types.
+
+`Int32` marks an INTEGER column (a plain `int` is BIGINT); `list[...]` is a DuckDB list column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from datetime import datetime
+from types import NoneType, UnionType
+from typing import Annotated, Any
+
+import pyarrow as pa
+
+Int32 = Annotated[int, "INTEGER"]
+
+
+@dataclass(frozen=True, slots=True)
+class SuggestionRow:
+    id: str  # the writer's id: Continue completionId, Tabby completion_id
+    source: str  # [[sources]] name it was first collected from
+    source_kind: str  # continue | tabby
+    event_kind: str  # autocomplete | completion | ...
+    shown_at: datetime  # UTC
+    developer: str
+    team: str
+    repo: str | None  # owner/name, lower case
+    filepath: str
+    language: str
+    accepted: bool
+    partial: bool
+    prefix: str | None  # raw editor prefix (None when it could not be recovered)
+    prefix_compiled: str | None  # the prefix as logged
+    prefix_recovery: str
+    suffix: str | None
+    completion: str | None
+    model: str | None
+    ingested_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRow:
+    sha: str
+    repo: str
+    source: str
+    parents: list[str]
+    author_name: str | None  # None for an opted-out author (only the sha and time are kept)
+    author_email: str | None
+    developer: str
+    team: str
+    authored_at: datetime
+    committed_at: datetime
+    message: str | None
+    opted_out: bool
+    ingested_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CommitFileRow:
+    sha: str
+    path: str
+    status: str  # A, M, D, T
+    blob: str | None  # None when deleted or when the content was not kept
+    added: list[list[Int32]]  # [[first, last], ...] 1-based line ranges the commit added
+    diff: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRow:
+    blob: str  # git blob sha of the original; content is scrubbed
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class EditOutcomeRow:
+    id: str  # nextEditOutcome: completionId; editOutcome: sha1 of its content
+    source: str
+    source_kind: str
+    event_kind: str  # editOutcome | nextEditOutcome
+    decided_at: datetime
+    developer: str
+    team: str
+    repo: str | None
+    filepath: str
+    accepted: bool
+    instruction: str | None
+    before_text: str | None
+    after_text: str | None
+    model: str | None
+    ingested_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InteractionRow:
+    id: str  # toolUsage: toolCallId; else sha1 of the content
+    source: str
+    source_kind: str
+    event_kind: str
+    occurred_at: datetime
+    developer: str
+    team: str
+    filepath: str | None
+    model: str | None
+    session_id: str | None
+    prompt: str | None
+    completion: str | None
+    label: bool | None  # chatFeedback: thumbs up; toolUsage: the call was approved
+    detail: str | None  # JSON: the kind's other fields
+    ingested_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TabbyCompletionRow:
+    id: str  # completion_id
+    source: str
+    created_at: datetime
+    developer: str
+    team: str
+    repo: str | None
+    filepath: str
+    language: str
+    prefix: str | None
+    suffix: str | None
+    choices: list[str]
+    ingested_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TabbyActionRow:
+    id: str  # sha1 of the event
+    completion_id: str
+    source: str
+    kind: str  # view | select | dismiss
+    acted_at: datetime
+    choice_index: Int32
+    line_select: bool  # a select of kind "line": a partial accept
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    source: str
+    stream: str
+    offset: int
+    length: int
+    line_sha1: str
+    reason: str
+    excerpt: str  # scrubbed
+    quarantined_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DropRow:
+    source: str
+    reason: str  # opted_out | excluded_path | opted_out_commit
+    key: str  # sha1 of the dropped event's own key
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubRow:
+    target: str  # the table the scrubbed row went to
+    key: str  # that row's key
+    kind: str
+    count: Int32
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRow:
+    identity: str
+    source_kind: str  # continue | tabby | git
+    developer: str  # what it resolved to when last seen
+    mapped: bool  # named by the config ([[developers]], [[teams]], a source's developer)
+
+
+@dataclass(frozen=True, slots=True)
+class SuggestionLinkRow:
+    suggestion_id: str
+    status: str  # kept | rewritten | deleted | unknown
+    reason: str
+    repo: str | None
+    path: str | None
+    sha: str | None
+    line: Int32 | None
+    similarity: float | None
+    committed_text: str | None
+    window_closes_at: datetime
+    linked_at: datetime
+
+
+Row = (SuggestionRow | CommitRow | CommitFileRow | BlobRow | EditOutcomeRow | InteractionRow | TabbyCompletionRow
+       | TabbyActionRow | QuarantineRow | DropRow | ScrubRow | IdentityRow | SuggestionLinkRow)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table and its row class; `key` drops in-batch duplicates (two rows with one key in a single INSERT
+    make ON CONFLICT fail, so the first wins, as it does against rows stored by earlier batches)."""
+
+    name: str
+    row: type
+    key: tuple[str, ...]
+    on_conflict: str = "DO NOTHING"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.row))
+
+    @property
+    def schema(self) -> pa.Schema:
+        return arrow_schema(self.row)
+
+
+# One event can arrive twice with different amounts of text: a Continue `data:` destination at level noCode
+# sends no code, the local file sends all of it. The copy with text fills in what the other lacks.
+_FILL_TEXT = ("DO UPDATE SET prefix = excluded.prefix, prefix_compiled = excluded.prefix_compiled, "
+              "prefix_recovery = excluded.prefix_recovery, suffix = excluded.suffix, completion = excluded.completion "
+              "WHERE suggestions.prefix_compiled IS NULL AND excluded.prefix_compiled IS NOT NULL")
+_FILL_EDIT = ("DO UPDATE SET instruction = excluded.instruction, before_text = excluded.before_text, "
+              "after_text = excluded.after_text "
+              "WHERE edit_outcomes.after_text IS NULL AND excluded.after_text IS NOT NULL")
+
+TABLES: dict[type, Table] = {t.row: t for t in (
+    Table("suggestions", SuggestionRow, ("id",), _FILL_TEXT),
+    Table("edit_outcomes", EditOutcomeRow, ("id",), _FILL_EDIT),
+    Table("interactions", InteractionRow, ("id",)),
+    Table("commits", CommitRow, ("sha",)),
+    Table("commit_files", CommitFileRow, ("sha", "path")),
+    Table("blobs", BlobRow, ("blob",)),
+    Table("tabby_completions", TabbyCompletionRow, ("id",)),
+    Table("tabby_actions", TabbyActionRow, ("id",)),
+    Table("quarantine", QuarantineRow, ("source", "stream", "offset", "line_sha1")),
+    Table("drops", DropRow, ("source", "reason", "key")),
+    Table("scrubs", ScrubRow, ("target", "key", "kind")),
+    # An identity resolves as the config says now: a later sighting after a config change updates it.
+    Table("identities", IdentityRow, ("identity", "source_kind"),
+          "DO UPDATE SET developer = excluded.developer, mapped = excluded.mapped"),
+    # A relink replaces the earlier decision.
+    Table("suggestion_links", SuggestionLinkRow, ("suggestion_id",), "DO UPDATE SET " + ", ".join(
+        f"{c} = excluded.{c}" for c in (f.name for f in dataclasses.fields(SuggestionLinkRow))
+        if c != "suggestion_id")),
+)}
+
+
+def arrow_schema(row: type) -> pa.Schema:
+    """The Arrow schema of a row class: explicit, so an all-NULL column in a batch is not inferred as null."""
+    hints = typing.get_type_hints(row, include_extras=True)
+    return pa.schema([(f.name, _arrow_type(hints[f.name])) for f in dataclasses.fields(row)])
+
+
+def _arrow_type(hint: Any) -> pa.DataType:
+    if isinstance(hint, UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = [a for a in typing.get_args(hint) if a is not NoneType]
+        return _arrow_type(inner)
+    if typing.get_origin(hint) is Annotated:
+        base, *marks = typing.get_args(hint)
+        assert base is int and marks == ["INTEGER"], hint
+        return pa.int32()
+    if typing.get_origin(hint) is list:
+        return pa.list_(_arrow_type(typing.get_args(hint)[0]))
+    scalar = {str: pa.string(), bool: pa.bool_(), int: pa.int64(), float: pa.float64(),
+              datetime: pa.timestamp("us")}
+    return scalar[hint]
+
+
+def as_arrow(table: Table, rows: list[Any]) -> pa.Table:
+    """Rows of one table as an Arrow table, built column by column (no dict per row)."""
+    return pa.Table.from_pydict({c: [getattr(r, c) for r in rows] for c in table.columns}, schema=table.schema)
