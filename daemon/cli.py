@@ -14,15 +14,16 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from collectors import COLLECTORS
 from daemon import jobs
 from daemon.api import ApiClient, ApiError
-from daemon.config import Config, ConfigError, find_config, load_config, render_config
+from daemon.config import ConfigError, find_config, load_config, render_config
 from daemon.logs import setup_logging
+from pipelines.config import Config
 from pipelines.datasets.build import FILES
 from pipelines.progress import format_seconds
 from pipelines.publish.registry import RegistryError
@@ -139,6 +140,17 @@ def local_store(cfg: Config) -> Iterator[Store]:
         store.close()
 
 
+def ask(cfg: Config, method: str, path: str, body: dict[str, Any] | None,
+        local: Callable[[Store], Any]) -> tuple[Any, bool]:
+    """The running service's answer to `method path` (it holds the store: DuckDB allows one writer process),
+    or, when no service runs, `local` done here on the store. The flag says which."""
+    client = ApiClient.discover(cfg.state_dir)
+    if client is not None:
+        return client.call(method, path, body), True
+    with local_store(cfg) as store:
+        return local(store), False
+
+
 # -- commands ------------------------------------------------------------------------------------------------
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -164,12 +176,7 @@ def local_sources() -> list[dict[str, str]]:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    client = ApiClient.discover(cfg.state_dir)
-    if client is not None:
-        result = client.call("POST", "/api/collect", {})
-    else:
-        with local_store(cfg) as store:
-            result = jobs.collect(store, cfg)
+    result, _ = ask(cfg, "POST", "/api/collect", {}, lambda store: jobs.collect(store, cfg))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -264,13 +271,10 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
         print(f"devtune: {unknown}", file=sys.stderr)
         return 2
     out = args.out.resolve()
-    client = ApiClient.discover(cfg.state_dir)
-    if client is not None:  # the running service holds the store: it builds the files, this copies them
-        report = client.call("POST", "/api/dataset", {"scope": str(scope)})
+    report, remote = ask(cfg, "POST", "/api/dataset", {"scope": str(scope)},
+                         lambda store: jobs.build_dataset(store, cfg, scope, out))
+    if remote:  # the running service built the files in its own exports/ folder: copy them to --out
         report["out_dir"] = str(_copy_export(Path(report["out_dir"]), out))
-    else:
-        with local_store(cfg) as store:
-            report = jobs.build_dataset(store, cfg, scope, out)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -341,17 +345,12 @@ def dataset_tables(m: dict[str, Any]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    client = ApiClient.discover(cfg.state_dir)
-    if client is not None:
-        report = client.call("GET", "/api/status")
-    else:
-        with local_store(cfg) as store:
-            report = jobs.status(store, cfg)
+    report, remote = ask(cfg, "GET", "/api/status", None, lambda store: jobs.status(store, cfg))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
     sug = report["suggestions"]
-    print(f"state        {report['state_dir']}{'  (service running)' if client else ''}")
+    print(f"state        {report['state_dir']}{'  (service running)' if remote else ''}")
     print(f"suggestions  {sug['total']:,} (accepted {sug['accepted']:,}, rejected {sug['rejected']:,})")
     for kind, n in sug.get("by_kind", {}).items():
         print(f"  {kind:11s}{n['total']:,} (accepted {n['accepted']:,})")
@@ -361,6 +360,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                               for k, v in report[table]["by_kind"].items())
             print(f"{table.replace('_', ' '):13s}{report[table]['total']:,} ({kinds})")
     print(f"commits      {report['commits']['total']:,}")
+    for name, src in report.get("sources", {}).items():
+        when = f"last collected {src['collected_at']}" if src["collected_at"] else "not collected yet"
+        print(f"source       {name} ({src['kind']}): {src['streams']} stream(s), {src['suggestions']:,} suggestions, "
+              f"{src['commits']:,} commits, {src['quarantined']:,} quarantined; {when}")
     print(f"quarantined  {report['quarantined']['total']:,}")
     if report["dropped"]:
         print("dropped      " + ", ".join(f"{k} {v:,}" for k, v in report["dropped"].items()))
@@ -392,13 +395,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    client = ApiClient.discover(cfg.state_dir)
     if args.action == "list":
-        if client is not None:
-            rows = client.call("POST", "/api/quarantine/list", {"source": args.source, "limit": args.limit})
-        else:
-            with local_store(cfg) as store:
-                rows = jobs.quarantine_list(store, args.source, args.limit)
+        rows, _ = ask(cfg, "POST", "/api/quarantine/list", {"source": args.source, "limit": args.limit},
+                      lambda store: jobs.quarantine_list(store, args.source, args.limit))
         if args.json:
             print(json.dumps(rows, indent=2, default=str))
         for r in [] if args.json else rows:
@@ -408,11 +407,9 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             print("nothing quarantined")
         return 0
     if args.action == "show":
-        if client is not None:
-            found = client.call("GET", f"/api/quarantine/{args.id}")  # a 404 is an ApiError naming the id
-        else:
-            with local_store(cfg) as store:
-                found = jobs.quarantine_show(store, cfg, args.id)
+        # Through the service, an unknown id is a 404: an ApiError naming the id.
+        found, _ = ask(cfg, "GET", f"/api/quarantine/{args.id}", None,
+                       lambda store: jobs.quarantine_show(store, cfg, args.id))
         if found is None:
             print(f"devtune: no quarantined line {args.id}; `devtune quarantine list` shows the ids", file=sys.stderr)
             return 1
@@ -425,11 +422,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         if found["now"] is not None:
             print(f"{'line now':15s}{found['now']}")
         return 0
-    if client is not None:
-        result = client.call("POST", "/api/quarantine/retry", {"id": args.id})
-    else:
-        with local_store(cfg) as store:
-            result = jobs.quarantine_retry(store, cfg, args.id)
+    result, _ = ask(cfg, "POST", "/api/quarantine/retry", {"id": args.id},
+                    lambda store: jobs.quarantine_retry(store, cfg, args.id))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

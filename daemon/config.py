@@ -99,7 +99,6 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     errors.extend(_check(cfg))
     if errors:
         raise ConfigError(path, errors)
-    cfg = dataclasses.replace(cfg, collect=dataclasses.replace(cfg.collect, developers=cfg.developers))
     if cfg.continue_http.enabled:
         # The HTTP destination's inbox is collected like any folder of logs (collectors/continue_http.py).
         inbox = SourceConfig(kind=HTTP_KIND, path=inbox_dir(cfg.state_dir), name=HTTP_SOURCE)

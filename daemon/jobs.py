@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from daemon.config import Config
 from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, training_queue
+from pipelines.config import Config
 from pipelines.cycle import run_cycle
 from pipelines.datasets.build import build_datasets
-from pipelines.ingest.ingest import Directory, collect_all
+from pipelines.ingest.identity import Directory
+from pipelines.ingest.ingest import collect_all
+from pipelines.ingest.quarantine import inspect_quarantined, retry_quarantined
 from pipelines.publish import registry
 from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
@@ -25,7 +28,7 @@ log = logging.getLogger("devtune.jobs")
 
 def collect(store: Store, cfg: Config, only: str | None = None) -> dict[str, Any]:
     """Collect every source, or only the one named `only` (a file event's source)."""
-    directory = Directory.from_config(cfg.teams, cfg.default_team, cfg.collect.opt_out)
+    directory = Directory.from_config(cfg)
     sources = tuple(s for s in cfg.sources if only is None or s.name == only)
     outcome = run_job("collect", lambda: collect_all(store, sources, cfg.collect, directory))
     return {"sources": [r.as_dict() for r in outcome.value or []], "error": outcome.error}
@@ -133,30 +136,23 @@ def rollback(state_dir: Path, scope: str) -> dict[str, Any]:
 
 
 def status(store: Store, cfg: Config) -> dict[str, Any]:
-    return {**status_report(store, cfg.state_dir, cfg.team_names()), "cycles_running": running_cycles(),
+    return {**status_report(store, cfg.state_dir, cfg.team_names(), cfg.sources), "cycles_running": running_cycles(),
             "training_queue": training_queue(cfg.train.gpus_per_run).snapshot()}
 
 
-
-# -- quarantine (issue 3) ------------------------------------------------------------------------------------
+# -- quarantine ----------------------------------------------------------------------------------------------
 
 def quarantine_list(store: Store, source: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     return store.quarantined(limit=limit, source=source)
 
 
 def quarantine_show(store: Store, cfg: Config, qid: str) -> dict[str, Any] | None:
-    from pipelines.ingest.ingest import inspect_quarantined
-
     return inspect_quarantined(store, cfg.sources, cfg.collect, qid)
 
 
 def quarantine_retry(store: Store, cfg: Config, qid: str | None) -> dict[str, Any]:
     """Re-parse one quarantined line (or all): those that parse now are stored and leave the quarantine."""
-    from dataclasses import asdict
-
-    from pipelines.ingest.ingest import retry_quarantined
-
-    directory = Directory.from_config(cfg.teams, cfg.default_team, cfg.collect.opt_out, cfg.developers)
+    directory = Directory.from_config(cfg)
     outcome = run_job("quarantine-retry",
                       lambda: retry_quarantined(store, cfg.sources, cfg.collect, directory, qid))
     return {"results": [asdict(r) for r in outcome.value or []], "error": outcome.error}

@@ -24,11 +24,12 @@ from apscheduler.triggers.cron import CronTrigger
 from collectors.continue_http import append_to_inbox, check_body, wanted
 from daemon import jobs
 from daemon.api import ApiServer, Inbound, ensure_token, remove_service_file, write_service_file
-from daemon.config import HTTP_SOURCE, Config, http_token_file, inbox_dir
+from daemon.config import HTTP_SOURCE, http_token_file, inbox_dir
 from daemon.notify import notify
 from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
 from pipelines import child
+from pipelines.config import Config
 from pipelines.scope import Scope, ScopeError
 from pipelines.store.db import Store
 from pipelines.tokens import TokenizerError

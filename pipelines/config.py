@@ -67,9 +67,6 @@ class CollectConfig:
         (".env*", "*.pem", "*.key", "id_rsa*", "**/secrets/**"),
         "file globs whose content is never stored (matched against the path and its file name)")
     opt_out: tuple[str, ...] = key((), "developers (emails or ids) whose data is never stored")
-    # The top-level [[developers]] tables: collecting is where identities are mapped, so they travel with
-    # this section (filled in by parse_config, not written under [collect]).
-    developers: tuple[DeveloperConfig, ...] = field(default=(), metadata={"internal": True})
 
 
 @dataclass(frozen=True)

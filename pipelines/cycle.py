@@ -25,7 +25,8 @@ from pipelines.config import Config
 from pipelines.datasets.build import build_datasets
 from pipelines.evaluate.gate import EvalReport, gate
 from pipelines.files import read_json
-from pipelines.ingest.ingest import Directory, collect_all
+from pipelines.ingest.identity import Directory
+from pipelines.ingest.ingest import collect_all
 from pipelines.progress import format_seconds
 from pipelines.publish import registry
 from pipelines.scope import Scope
@@ -71,8 +72,8 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
 
     if not resuming:
         if scope.kind == "team":
-            directory = Directory.from_config(cfg.teams, cfg.default_team, cfg.collect.opt_out)
-            summary["collect"] = [r.as_dict() for r in collect_all(store, cfg.sources, cfg.collect, directory)]
+            summary["collect"] = [r.as_dict() for r in collect_all(store, cfg.sources, cfg.collect,
+                                                                    Directory.from_config(cfg))]
         start = plan_start(cfg, scope, team)
         if start.why:
             return skip(store, run_id, name, summary, "plan", start.why)

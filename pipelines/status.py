@@ -5,14 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipelines.config import SourceConfig
 from pipelines.publish import registry
 from pipelines.store.db import Store
 
 
-def status(store: Store, state_dir: Path, teams: list[str]) -> dict[str, Any]:
+def status(store: Store, state_dir: Path, teams: list[str], sources: tuple[SourceConfig, ...]) -> dict[str, Any]:
     """One JSON-ready object; the keys `suggestions`, `commits`, `quarantined` and `served` are a contract
     that outside checks rely on (see README)."""
     report = store.counts()
+    collected = store.source_streams()
+    report["sources"] = {}
+    for source in sources:
+        name = source.name
+        report["sources"][name] = {
+            "kind": source.kind, "path": str(source.path), **collected.get(name, {"streams": 0, "collected_at": None}),
+            "suggestions": report["suggestions"]["by_source"].get(name, {}).get("total", 0),
+            "commits": report["commits"]["by_source"].get(name, 0),
+            "quarantined": report["quarantined"]["by_source"].get(name, 0),
+        }
     served = {}
     for scope, s in registry.served(state_dir).items():
         scores = s.lineage.get("eval", {})

@@ -8,6 +8,7 @@ import pytest
 
 from daemon.config import ARRAYS, SECTIONS, ConfigError, load_config, parse_config, render_config
 from pipelines.config import Config
+from pipelines.ingest.identity import Directory
 from support import ROOT, run_devtune
 
 
@@ -121,4 +122,4 @@ def test_identity_and_http_destination_keys_are_checked(tmp_path: Path) -> None:
     assert "max_body_bytes = 2000000: must be at most [collect] max_line_bytes - 512" in errors
     cfg = parse_config({"continue_http": {"enabled": True}, "developers": [{"id": "a@x"}]}, tmp_path / "c.toml")
     assert [(s.kind, s.name) for s in cfg.sources] == [("continue_http", "continue-http")]
-    assert cfg.collect.developers == cfg.developers  # the collect stage gets the identity map with its section
+    assert Directory.from_config(cfg).canonical == {"a@x": "a@x"}  # collecting maps [[developers]] identities

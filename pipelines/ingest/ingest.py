@@ -8,13 +8,10 @@ same data stores nothing the second time, and every counter is a keyed row, so r
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,7 +22,6 @@ from collectors import COLLECTORS
 from collectors.base import (
     Batch,
     Commit,
-    Cursor,
     EditOutcome,
     Interaction,
     Limits,
@@ -34,9 +30,9 @@ from collectors.base import (
     TabbyAction,
     TabbyCompletion,
 )
-from collectors.continue_dev import language_of, normalize_repo
-from collectors.jsonl import read_line
-from pipelines.config import CollectConfig, DeveloperConfig, SourceConfig, TeamConfig
+from collectors.continue_dev import language_of
+from pipelines.config import CollectConfig, SourceConfig
+from pipelines.ingest.identity import Directory, Identity
 from pipelines.ingest.scrub import (
     FileScrubber,
     cursor_spans,
@@ -65,87 +61,10 @@ from pipelines.store.schema import (
 
 log = logging.getLogger("devtune.ingest")
 
-UNKNOWN_DEVELOPER = "unknown"
-
 # A timer, a file event and a cycle can all ask for a collect at once inside the service; serialising them
 # keeps two threads from reading one stream from the same cursor (their upserts would agree, but the work
 # would be done twice).
-_collect_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Identity:
-    developer: str  # the canonical id when the config knows the identity, else the raw identity
-    mapped: bool  # the config named it ([[developers]], [[teams]] members, a source's developer)
-    raw: str  # the identity that decided it ("" when the writer logged none)
-
-
-@dataclass(frozen=True)
-class Directory:
-    """Who is who: identities to canonical developers and teams, and who opted out."""
-
-    teams: tuple[TeamConfig, ...]
-    default_team: str
-    opt_out_ids: tuple[str, ...]
-    developers: tuple[DeveloperConfig, ...] = ()
-
-    @classmethod
-    def from_config(cls, teams: tuple[TeamConfig, ...], default_team: str, opt_out: tuple[str, ...],
-                    developers: tuple[DeveloperConfig, ...] = ()) -> Directory:
-        return cls(teams, default_team, tuple(opt_out), tuple(developers))
-
-    def with_developers(self, developers: tuple[DeveloperConfig, ...]) -> Directory:
-        return dataclasses.replace(self, developers=developers) if developers != self.developers else self
-
-    @functools.cached_property
-    def canonical(self) -> dict[str, str]:
-        """Lower-cased identity ([[developers]] ids and aliases, team members) -> canonical developer id."""
-        found: dict[str, str] = {}
-        for d in self.developers:
-            for identity in (d.id, *d.aliases):
-                found[identity.strip().lower()] = d.id.strip()
-        for t in self.teams:
-            for m in t.members:
-                found.setdefault(m.strip().lower(), m.strip())
-        return found
-
-    @functools.cached_property
-    def member_team(self) -> dict[str, str]:
-        """Lower-cased canonical id -> team."""
-        return {self.canonical[m.strip().lower()].lower(): t.name for t in self.teams for m in t.members}
-
-    @functools.cached_property
-    def repo_team(self) -> dict[str, str]:
-        return {normalize_repo(r): t.name for t in self.teams for r in t.repos}
-
-    @functools.cached_property
-    def opt_out(self) -> frozenset[str]:
-        """Lower-cased opted-out identities and the canonical ids they map to."""
-        raw = {o.strip().lower() for o in self.opt_out_ids}
-        return frozenset(raw | {self.canonical.get(o, o).lower() for o in raw})
-
-    def resolve(self, configured: str, logged: tuple[str, ...]) -> Identity:
-        """The developer behind an event: a source's configured owner first, else the first logged identity
-        the config knows, else the first logged one as it is."""
-        if configured:
-            return Identity(self.canonical.get(configured.lower(), configured), True, configured)
-        for identity in logged:
-            found = self.canonical.get(identity.lower())
-            if found is not None:
-                return Identity(found, True, identity)
-        first = next((i for i in logged if i), "")
-        return Identity(first or UNKNOWN_DEVELOPER, False, first or UNKNOWN_DEVELOPER)
-
-    def team(self, developer: str, repo: str | None) -> str:
-        """The developer's team, else the repository's, else the default team."""
-        if developer.lower() in self.member_team:
-            return self.member_team[developer.lower()]
-        if repo and repo in self.repo_team:
-            return self.repo_team[repo]
-        return self.default_team
-
-    def opted_out(self, *identities: str) -> bool:
-        return any(i.lower() in self.opt_out for i in identities if i)
+collect_lock = threading.Lock()
 
 
 @dataclass
@@ -164,13 +83,12 @@ class SourceReport:
 def collect_all(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig,
                 directory: Directory) -> list[SourceReport]:
     """Collect every configured source."""
-    directory = directory.with_developers(cfg.developers)
     return [collect_source(store, s, cfg, directory) for s in sources]
 
 
 def collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, directory: Directory) -> SourceReport:
     """Collect one source from its saved cursors until it has nothing new."""
-    with _collect_lock:
+    with collect_lock:
         return _collect_source(store, source, cfg, directory)
 
 
@@ -395,72 +313,3 @@ def _scrubbed(rows: Rows, target: str, key: str, scrubs: Counter[str]) -> None:
 
 def _identity(rows: Rows, who: Identity, source_kind: str) -> None:
     rows.add(IdentityRow(identity=who.raw, source_kind=source_kind, developer=who.developer, mapped=who.mapped))
-
-
-# -- quarantine retry ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RetryResult:
-    id: str
-    source: str
-    stream: str
-    offset: int
-    outcome: str  # "stored" | "still quarantined" | "skipped"
-    detail: str
-
-
-def retry_quarantined(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig, directory: Directory,
-                      qid: str | None = None) -> list[RetryResult]:
-    """Re-read and re-parse quarantined lines (one by id, or all): a line that parses now is stored (with
-    identity, privacy and scrubbing, as in a collect) and leaves the quarantine, in one transaction."""
-    with _collect_lock:
-        return list(_retry(store, sources, cfg, directory.with_developers(cfg.developers), qid))
-
-
-def _retry(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig, directory: Directory,
-           qid: str | None) -> Iterator[RetryResult]:
-    by_name = {s.name: s for s in sources}
-    for row in store.quarantined(limit=1_000_000, qid=qid):
-        where = (row["id"], row["source"], row["stream"], row["offset"])
-        source = by_name.get(row["source"])
-        if source is None:
-            yield RetryResult(*where, "skipped", f"source {row['source']!r} is no longer configured")
-            continue
-        parser = COLLECTORS[source.kind].line_parser(source.path, row["stream"])
-        if parser is None or row["length"] - 1 > cfg.max_line_bytes:
-            yield RetryResult(*where, "skipped", "this line cannot be re-parsed (over the line limit, or not a log)")
-            continue
-        raw = read_line(source.path / row["stream"], row["offset"], row["length"])
-        parsed = parser(raw) if isinstance(raw, bytes) else raw
-        if isinstance(parsed, str):
-            store.requarantine(row, parsed)
-            yield RetryResult(*where, "still quarantined", parsed)
-            continue
-        batch = Batch(events=parsed, rejects=(), cursor=Cursor(stream=row["stream"]))
-        repo = COLLECTORS[source.kind].repo(source.path)
-        store.apply_batch(source.name, to_rows(batch, source, repo, cfg, directory), None, settle=(row,))
-        yield RetryResult(*where, "stored", f"{len(parsed)} event(s) parsed and stored")
-
-
-def inspect_quarantined(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig,
-                        qid: str) -> dict[str, Any] | None:
-    """One quarantined line: its row, its file, the line as it reads now (scrubbed) and whether it parses now."""
-    found = store.quarantined(limit=1, qid=qid)
-    if not found:
-        return None
-    row = found[0]
-    source = {s.name: s for s in sources}.get(row["source"])
-    if source is None:
-        return {**row, "file": None, "now": None, "parses_now": None,
-                "verdict": f"source {row['source']!r} is no longer configured"}
-    path = source.path / row["stream"]
-    parser = COLLECTORS[source.kind].line_parser(source.path, row["stream"])
-    raw = read_line(path, row["offset"], row["length"]) if row["length"] - 1 <= cfg.max_line_bytes \
-        else "over the line limit: not read"
-    if isinstance(raw, str) or parser is None:
-        return {**row, "file": str(path), "now": None, "parses_now": False,
-                "verdict": raw if isinstance(raw, str) else "not a line-based source"}
-    parsed = parser(raw)
-    text = raw[:4000].decode("utf-8", errors="replace")
-    return {**row, "file": str(path), "now": scrub(text), "parses_now": not isinstance(parsed, str),
-            "verdict": parsed if isinstance(parsed, str) else f"parses now into {len(parsed)} event(s): retry it"}

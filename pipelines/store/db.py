@@ -261,6 +261,7 @@ class Store:
             "SELECT event_kind, count(*) FROM interactions GROUP BY 1 ORDER BY 1").fetchall())
         commits = one("SELECT count(*) FROM commits")
         commits_by_repo = dict(c.execute("SELECT repo, count(*) FROM commits GROUP BY 1 ORDER BY 1").fetchall())
+        commits_by_source = dict(c.execute("SELECT source, count(*) FROM commits GROUP BY 1 ORDER BY 1").fetchall())
         quarantined = one("SELECT count(*) FROM quarantine")
         q_by_source = dict(c.execute("SELECT source, count(*) FROM quarantine GROUP BY 1 ORDER BY 1").fetchall())
         drops = dict(c.execute("SELECT reason, count(*) FROM drops GROUP BY 1 ORDER BY 1").fetchall())
@@ -285,7 +286,7 @@ class Store:
             "tabby": {"completions": tabby_completions,
                       "not_shown": one("SELECT count(*) FROM tabby_completions c WHERE NOT EXISTS "
                                        "(SELECT 1 FROM suggestions s WHERE s.id = c.id)")},
-            "commits": {"total": commits, "by_repo": commits_by_repo},
+            "commits": {"total": commits, "by_repo": commits_by_repo, "by_source": commits_by_source},
             "quarantined": {"total": quarantined, "by_source": q_by_source},
             "dropped": drops,
             "dropped_by_source": drops_by_source,
@@ -293,6 +294,11 @@ class Store:
             "scrubbed_by_table": scrubs_by_table,
             "unassigned": unassigned,
         }
+
+    def source_streams(self) -> dict[str, dict[str, Any]]:
+        """Per source: how many streams (files, refs) it has a cursor for, and when one last moved."""
+        return {r[0]: {"streams": r[1], "collected_at": r[2].isoformat()} for r in self.con.execute(
+            "SELECT source, count(*), max(updated_at) FROM cursors GROUP BY 1 ORDER BY 1").fetchall()}
 
     # -- quarantine ----------------------------------------------------------------------------------------
 

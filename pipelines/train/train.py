@@ -428,11 +428,9 @@ def save_adapter(model: Any, run_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 def quiet_libraries() -> None:
-    """Library progress bars and advice would drown the progress lines in train.log."""
-    import datasets
+    """Library advice would drown the progress lines in train.log."""
     import transformers
 
-    datasets.disable_progress_bars()
     transformers.logging.set_verbosity_warning()
     # transformers' own deprecation notices about its internals (e.g. is_gradient_checkpointing, called by
     # peft): nothing a devtune user can act on.

@@ -1,0 +1,88 @@
+"""Who is who: the identities an event's writer logged, mapped to one developer and a team, and opt-outs.
+
+A developer is the source's configured `developer` when set; otherwise the first identity the tool logged
+(Continue userId then uniqueId, Tabby user, the git author email, the HTTP destination's token owner) that a
+`[[developers]]` table or a team's `members` names, mapped to that developer's `id`; otherwise the first
+logged identity as it is (listed as unassigned by `devtune status`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from collectors.continue_dev import normalize_repo
+from pipelines.config import Config, DeveloperConfig, TeamConfig
+
+UNKNOWN_DEVELOPER = "unknown"
+
+
+@dataclass(frozen=True)
+class Identity:
+    developer: str  # the canonical id when the config knows the identity, else the raw identity
+    mapped: bool  # the config named it ([[developers]], [[teams]] members, a source's developer)
+    raw: str  # the identity that decided it ("" when the writer logged none)
+
+
+@dataclass(frozen=True)
+class Directory:
+    """Who is who: identities to canonical developers and teams, and who opted out."""
+
+    teams: tuple[TeamConfig, ...]
+    default_team: str
+    opt_out_ids: tuple[str, ...]
+    developers: tuple[DeveloperConfig, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Directory:
+        return cls(cfg.teams, cfg.default_team, cfg.collect.opt_out, cfg.developers)
+
+    @functools.cached_property
+    def canonical(self) -> dict[str, str]:
+        """Lower-cased identity ([[developers]] ids and aliases, team members) -> canonical developer id."""
+        found: dict[str, str] = {}
+        for d in self.developers:
+            for identity in (d.id, *d.aliases):
+                found[identity.strip().lower()] = d.id.strip()
+        for t in self.teams:
+            for m in t.members:
+                found.setdefault(m.strip().lower(), m.strip())
+        return found
+
+    @functools.cached_property
+    def member_team(self) -> dict[str, str]:
+        """Lower-cased canonical id -> team."""
+        return {self.canonical[m.strip().lower()].lower(): t.name for t in self.teams for m in t.members}
+
+    @functools.cached_property
+    def repo_team(self) -> dict[str, str]:
+        return {normalize_repo(r): t.name for t in self.teams for r in t.repos}
+
+    @functools.cached_property
+    def opt_out(self) -> frozenset[str]:
+        """Lower-cased opted-out identities and the canonical ids they map to."""
+        raw = {o.strip().lower() for o in self.opt_out_ids}
+        return frozenset(raw | {self.canonical.get(o, o).lower() for o in raw})
+
+    def resolve(self, configured: str, logged: tuple[str, ...]) -> Identity:
+        """The developer behind an event: a source's configured owner first, else the first logged identity
+        the config knows, else the first logged one as it is."""
+        if configured:
+            return Identity(self.canonical.get(configured.lower(), configured), True, configured)
+        for identity in logged:
+            found = self.canonical.get(identity.lower())
+            if found is not None:
+                return Identity(found, True, identity)
+        first = next((i for i in logged if i), "")
+        return Identity(first or UNKNOWN_DEVELOPER, False, first or UNKNOWN_DEVELOPER)
+
+    def team(self, developer: str, repo: str | None) -> str:
+        """The developer's team, else the repository's, else the default team."""
+        if developer.lower() in self.member_team:
+            return self.member_team[developer.lower()]
+        if repo and repo in self.repo_team:
+            return self.repo_team[repo]
+        return self.default_team
+
+    def opted_out(self, *identities: str) -> bool:
+        return any(i.lower() in self.opt_out for i in identities if i)
