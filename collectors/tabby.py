@@ -7,7 +7,7 @@ be half-written (the shared line policy in collectors/jsonl.py leaves it for the
 A suggestion's events are spread over lines and day files: the `completion` (prompt, segments, choices),
 then `view`, `select` (`kind: "line"` for accept-line/word) and `dismiss` lines that share its
 `completion_id`, possibly after midnight in the next file. This collector yields each line as a typed
-record; the store links them (pipelines/store.py `link_tabby`), so the outcome of a completion read
+record; the store links them (pipelines/store/db.py `link_tabby`), so the outcome of a completion read
 yesterday still changes when its `select` arrives today.
 """
 

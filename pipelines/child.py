@@ -27,7 +27,7 @@ _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
 
 
-# How a stage's exit status reads in a run's error (pipelines/train.py defines 75 and 3).
+# How a stage's exit status reads in a run's error (pipelines/train/train.py defines 75 and 3).
 EXIT_MEANINGS = {
     -9: " (killed: the next cycle resumes training from its last checkpoint)",
     -15: " (terminated: the next cycle resumes training from its last checkpoint)",

@@ -11,7 +11,7 @@ This is the single entry point the cycle and `devtune dataset build` call. In or
                 not trained on
   5. near-dup   near duplicates within each set and split, then every training row near a held-out row
   6. tokens     rows fitted into max_row_tokens of the base tokenizer (context cut, middle kept)
-  7. write      sft/dpo/kto/chat/heldout.jsonl and manifest.json (formats: pipelines/rundir.py)
+  7. write      sft/dpo/kto/chat/heldout.jsonl and manifest.json (formats: pipelines/train/rundir.py)
 
 Scopes: a team scope reads its members' suggestions and edits and its commits (the `team` columns); a
 developer scope reads rows whose `developer` is that developer and nothing else, and links a suggestion

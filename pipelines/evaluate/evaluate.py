@@ -3,7 +3,7 @@
 All three run on the same rows in one process: the base model is loaded once, the candidate and the served
 adapter are attached to it by name, and the base is scored with adapters disabled. For each model:
 - held-out loss: mean cross-entropy per middle token of the held-out FIM rows (logits only at the middle);
-- exact match and edit similarity (pipelines/metrics.py) of a greedy completion of each FIM prompt,
+- exact match and edit similarity (pipelines/evaluate/metrics.py) of a greedy completion of each FIM prompt,
   generated in left-padded batches, against the middle the developer kept;
 - mean generated length, in tokens: the gate refuses a candidate that wins by saying less;
 - replay preference accuracy on held-out logged pairs: the share where the model gives the accepted

@@ -192,7 +192,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (identity, source_kind)
         );
     """),
-    # What became of each accepted suggestion in its developer's later commits (pipelines/link.py): the
+    # What became of each accepted suggestion in its developer's later commits (pipelines/datasets/link.py): the
     # evidence a dataset build reads instead of re-reading history, and what `kept`/`rewritten` counts rest on.
     ("0010_suggestion_links", """
         CREATE TABLE suggestion_links (

@@ -8,7 +8,7 @@ Three choices make devtune's training step cheaper than TRL's on the same rows (
   placed after it, so batches need no padding mask and SDPA takes its `is_causal` kernel. The positions
   are 0..n-1 per row, as unpadded rows have them; no row attends to another (unlike `wrapped` packing).
 - Targets only where the loss is: the middle of a FIM row (about 11% of its tokens in the sample data).
-  The LM head and the cross-entropy run on those positions only (see pipelines/losses.py).
+  The LM head and the cross-entropy run on those positions only (see pipelines/train/losses.py).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def plan_steps(lengths: Sequence[int], rows_per_step: int, n_steps: int, seed: i
     """`n_steps` optimizer steps of `rows_per_step` row indices each, length-grouped, epoch after epoch.
 
     The step holding the longest row goes first, so a batch that does not fit in memory fails (and is
-    split, see pipelines/fit.py) in the first seconds, not hours in.
+    split, see pipelines/train/fit.py) in the first seconds, not hours in.
     """
     n = len(lengths)
     if n == 0 or n_steps <= 0:

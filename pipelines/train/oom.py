@@ -1,6 +1,6 @@
 """Out-of-memory during a training step: recognise it, free what the failed step held, say what to do.
 
-The loop in pipelines/fit.py answers an out-of-memory by halving the micro-batch and running twice as many
+The loop in pipelines/train/fit.py answers an out-of-memory by halving the micro-batch and running twice as many
 micro-batches for the same optimizer step, so the effective batch, the data order and the learning curve
 stay what the config asked for; only when one row alone does not fit does the run fail, with this message.
 """

@@ -21,7 +21,7 @@ tokens, and every completion / chosen / rejected ends with the tokenizer's end-o
                    and for KTO "kto": {"desirable_weight", "undesirable_weight"}
 A file with no rows may be absent; readers treat a missing file as empty.
 
-Added keys (pipelines/datasets.py writes them; readers may ignore them):
+Added keys (pipelines/datasets/build.py writes them; readers may ignore them):
     every row      "path": the file it comes from ("owner/name/path" for a suggestion mapped onto a repository)
     FIM rows       "order": "psm" or "spm". An SPM row's prompt is laid out suffix-first in the family's own
                    way (FimTokens.spm: StarCoder/StarCoder2 and CodeLlama only); the completion still

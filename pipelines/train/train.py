@@ -4,12 +4,12 @@ Stages run on the same adapter: SFT on the FIM rows (and on chat rows when the t
 template), then DPO when dpo.jsonl holds enough pairs, else KTO when kto.jsonl holds both labels. The
 adapter starts from `init_adapter` when the run has one (tonight's run continues from the served adapter;
 a developer's from their team's) and then trains on the rows that adapter has not seen plus a replay
-sample of older ones (pipelines/replay.py); otherwise it starts fresh on every row.
+sample of older ones (pipelines/train/replay.py); otherwise it starts fresh on every row.
 
 Runs as a child of the service so GPU memory is returned when it exits and a crash cannot take the service
 down; it reads only RUN_DIR (and the base model). The same entry point runs under `accelerate launch` or
 `torchrun` for several GPUs. A killed run resumes from its last checkpoint when started again (see
-pipelines/fit.py). The adapter appears as RUN_DIR/adapter only once it is complete (written beside it,
+pipelines/train/fit.py). The adapter appears as RUN_DIR/adapter only once it is complete (written beside it,
 then renamed).
 """
 
@@ -56,7 +56,7 @@ from pipelines.train.rundir import RunConfig, read_rows
 log = logging.getLogger("devtune.train")
 
 # Target positions per LM-head chunk on CUDA: 2,048 x 151,936 (Qwen2.5's vocabulary) fp32 logits are
-# 1.2 GB, recomputed in backward; on CPU one chunk (see pipelines/losses.py).
+# 1.2 GB, recomputed in backward; on CPU one chunk (see pipelines/train/losses.py).
 CUDA_HEAD_CHUNK_TOKENS = 2048
 
 
