@@ -216,3 +216,12 @@ def test_served_names_are_unique_and_valid_for_vllm_and_ollama() -> None:
     # Ollama (types/model/name.go): [A-Za-z0-9_.-], no "..", at most 128 bytes; compared case-insensitively.
     assert all(re.fullmatch(r"[a-z0-9_.-]+", n) and ".." not in n and len(n) <= 100 for n in names)
     assert len({n.lower() for n in names}) == len(names)
+
+
+def test_the_service_can_name_versions_without_importing_torch() -> None:
+    # The gateway needs served_name(); the service never imports torch (DESIGN.md), only the child does.
+    code = ("import sys, pipelines.publish.exports as e; e.served_name('team:a', 'v0001'); "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'torch', 'transformers', 'peft', 'safetensors'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""
