@@ -83,19 +83,12 @@ def permute_rows(weights: F32, n_head: int) -> F32:
         weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape))
 
 
-def gguf_tensor_name(module: str, base: BaseShape) -> str:
-    """The llama.cpp name of the base weight a Hugging Face module adapts: model.layers.3.mlp.down_proj ->
-    blk.3.ffn_down.weight (the `gguf` package's table, as convert_hf_to_gguf.py uses it)."""
-    names = gguf.get_tensor_name_map(GGUF_ARCHITECTURES[base.architecture].arch, base.num_hidden_layers)
-    name = names.get_name(module + ".weight", try_suffixes=(".weight",))
-    if name is None:
-        raise ValueError(f"llama.cpp has no tensor for {module} in a {base.architecture}")
-    return name
-
-
 def write_lora_gguf(path: Path, pairs: list[LoraPair], alpha: float, base: BaseShape, name: str) -> int:
     """Write `pairs` as a GGUF LoRA adapter for `base` at `path`; returns the number of tensors written."""
     kind = GGUF_ARCHITECTURES[base.architecture]
+    # The llama.cpp name of the base weight each module adapts (model.layers.3.mlp.down_proj ->
+    # blk.3.ffn_down.weight): the `gguf` package's table, as convert_hf_to_gguf.py uses it.
+    names = gguf.get_tensor_name_map(kind.arch, base.num_hidden_layers)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[kind.arch])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -109,7 +102,8 @@ def write_lora_gguf(path: Path, pairs: list[LoraPair], alpha: float, base: BaseS
         elif kind.permute_qk and pair.module.endswith(".k_proj"):
             # LlamaModel.permute(w, n_head, n_head_kv) uses the KV head count for k under GQA.
             b = permute_rows(b, base.num_key_value_heads)
-        target = gguf_tensor_name(pair.module, base)
+        target = names.get_name(pair.module + ".weight", try_suffixes=(".weight",))
+        assert target is not None, f"llama.cpp has no tensor for {pair.module}"  # checked by check_adapter
         writer.add_tensor(f"{target}.lora_a", np.ascontiguousarray(pair.a, dtype=np.float32))
         writer.add_tensor(f"{target}.lora_b", np.ascontiguousarray(b, dtype=np.float32))
         count += 2
