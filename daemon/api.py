@@ -5,8 +5,9 @@ cannot even open it read-only), so CLI commands are forwarded here instead of op
 /api/ route needs the bearer token the service writes to <state_dir>/api.token (mode 0600): whoever can
 read that file may drive the service.
 
-Inbound routes (Continue's `data:` destination) have a token of their own, which lets a client post
-events and nothing else; the token and the body size are checked before the body is read.
+Inbound routes (Continue's `data:` destination) take developers' own tokens (daemon/auth.py), which let a
+client post events as that developer and nothing else; the token and the body size are checked before the
+body is read.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def ensure_token(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Inbound:
-    """A POST route for events from outside (not the CLI): its own token, its own body limit."""
+    """A POST route for events from outside (not the CLI): its own callers, its own body limit."""
 
-    token: str
+    caller: Callable[[str], str | None]  # bearer token -> who is calling; None = refused (401)
     max_body_bytes: int
-    handle: Callable[[Mapping[str, str], bytes], tuple[int, Any]]  # (lower-cased headers, body) -> reply
+    handle: Callable[[str, Mapping[str, str], bytes], tuple[int, Any]]  # (caller, lower-cased headers, body)
 
 
 class ApiServer:
@@ -144,15 +145,23 @@ def _bearer_ok(req: BaseHTTPRequestHandler, token: str) -> bool:
     return hmac.compare_digest(req.headers.get("Authorization", "").encode(), f"Bearer {token}".encode())
 
 
+def bearer(authorization: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header's value, or ""."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def _handle_inbound(req: BaseHTTPRequestHandler, method: str, route: Inbound) -> None:
     if method != "POST":
         return _reply(req, HTTPStatus.METHOD_NOT_ALLOWED, {"error": "POST events here"})
     length_header = req.headers.get("Content-Length")
     length = int(length_header) if length_header is not None and length_header.isdigit() else -1
-    if not _bearer_ok(req, route.token):
+    caller = route.caller(bearer(req.headers.get("Authorization", "")))
+    if caller is None:
         _discard(req, length)  # never parsed, never kept
-        return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token: set the data "
-                                                              "destination's apiKey to the service's token"})
+        return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing, wrong or revoked bearer token: set the data "
+                                                              "destination's apiKey to your own token (devtune "
+                                                              "token issue YOUR_ID on the server)"})
     if length < 0:
         req.close_connection = True
         return _reply(req, HTTPStatus.LENGTH_REQUIRED, {"error": "send a Content-Length"})
@@ -162,7 +171,7 @@ def _handle_inbound(req: BaseHTTPRequestHandler, method: str, route: Inbound) ->
                       {"error": f"body of {length} bytes is over the {route.max_body_bytes}-byte limit "
                                 "([continue_http] max_body_bytes)"})
     headers = {k.lower(): v for k, v in req.headers.items()}
-    status, payload = route.handle(headers, req.rfile.read(length))
+    status, payload = route.handle(caller, headers, req.rfile.read(length))
     return _reply(req, status, payload)
 
 

@@ -15,16 +15,18 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from collectors import COLLECTORS
-from daemon import jobs
+from daemon import auth, jobs
 from daemon.api import ApiClient, ApiError
 from daemon.config import ConfigError, find_config, load_config, render_config
 from daemon.logs import setup_logging
 from pipelines.config import Config
 from pipelines.datasets.build import FILES
+from pipelines.ingest.identity import Directory
 from pipelines.progress import format_seconds
 from pipelines.publish.registry import RegistryError
 from pipelines.scope import Scope, ScopeError
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"devtune: {e}", file=sys.stderr)
         return 2
-    except (StoreBusy, ApiError, TokenizerError, RegistryError) as e:
+    except (StoreBusy, ApiError, TokenizerError, RegistryError, auth.TokenError) as e:
         print(f"devtune: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
@@ -102,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id", nargs="?", help="one line's id (default: every quarantined line)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quarantine)
+
+    p = sub.add_parser("token", help="per-developer tokens for what editors send (events, completions)")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = tsub.add_parser("issue", help="a new token for DEVELOPER (an id or alias), printed once")
+    t.add_argument("developer")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_token)
+    t = tsub.add_parser("revoke", help="revoke one token by the id `token list` shows, or all of a developer's")
+    t.add_argument("id", nargs="?", help="the token's id (8 characters)")
+    t.add_argument("--developer", help="revoke every token of this developer instead")
+    t.set_defaults(func=cmd_token)
+    t = tsub.add_parser("list", help="every token: id, developer, issued, revoked (never the token itself)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_token)
 
     p = sub.add_parser("promote", help="serve VERSION of a scope now (atomic), e.g. promote v0003 --scope "
                        "team:payments")
@@ -434,6 +450,44 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         if result["error"]:
             print(f"devtune: retry failed: {result['error']}", file=sys.stderr)
     return 1 if result["error"] or any(r["outcome"] != "stored" for r in result["results"]) else 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    directory = Directory.from_config(cfg)
+    if args.action == "issue":
+        who = directory.resolve(args.developer, ())
+        token, record = auth.issue(cfg.state_dir, who.developer)
+        if args.json:
+            print(json.dumps({"token": token, **asdict(record)}, indent=2))
+            return 0
+        print(token)
+        print(f"issued {record.id} to {record.developer}: put it in their ~/.continue/.env as DEVTUNE_TOKEN "
+              "(devtune continue-config shows the rest); it is not shown again", file=sys.stderr)
+        if not who.mapped:
+            print(f"note: {record.developer} is in no [[developers]] or [[teams]] table: add it, or their events "
+                  f"go to default_team ({cfg.default_team})", file=sys.stderr)
+        return 0
+    if args.action == "revoke":
+        if (args.id is None) == (args.developer is None):
+            print("devtune: give a token id or --developer ID", file=sys.stderr)
+            return 2
+        developer = directory.resolve(args.developer, ()).developer if args.developer else None
+        revoked = auth.revoke(cfg.state_dir, args.id, developer)
+        for r in revoked:
+            print(f"revoked {r.id} of {r.developer}")
+        if not revoked:
+            print(f"{developer} has no live token")
+        return 0
+    records = auth.list_tokens(cfg.state_dir)
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2))
+    for r in [] if args.json else records:
+        state = f"revoked {r.revoked_at}" if r.revoked_at else "live"
+        print(f"{r.id}  {r.developer}  issued {r.issued_at}  {state}")
+    if not records and not args.json:
+        print("no tokens: devtune token issue DEVELOPER")
+    return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ running training children are stopped (they resume from their checkpoint next ti
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from apscheduler.triggers.cron import CronTrigger
 from collectors.continue_http import append_to_inbox, check_body, wanted
 from daemon import jobs
 from daemon.api import ApiServer, Inbound, ensure_token, remove_service_file, write_service_file
+from daemon.auth import TokenBook
 from daemon.config import HTTP_SOURCE, http_token_file, inbox_dir
 from daemon.notify import notify
 from daemon.runner import training_queue
@@ -166,11 +168,21 @@ def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbo
         return {}
     inbox = inbox_dir(cfg.state_dir)
     inbox.mkdir(parents=True, exist_ok=True)
-    token_path = http_token_file(cfg)
-    token = ensure_token(token_path)
-    log.info("continue http destination on: POST /continue/devdata with the token in %s", token_path)
+    book = TokenBook(cfg.state_dir)
+    shared = ensure_token(http_token_file(cfg)) if cfg.continue_http.shared_token else None
+    log.info("continue http destination on: POST /continue/devdata with a developer's token%s",
+             f" or the team-wide token in {http_token_file(cfg)}" if shared else "")
 
-    def devdata(headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
+    def caller(token: str) -> str | None:
+        """A developer token's owner; "" for the team-wide token (then X-Developer says who); None: refused."""
+        developer = book.developer(token)
+        if developer is not None:
+            return developer
+        if shared is not None and hmac.compare_digest(token.encode(), shared.encode()):
+            return ""
+        return None
+
+    def devdata(developer: str, headers: Mapping[str, str], raw: bytes) -> tuple[int, Any]:
         body = check_body(raw)
         if isinstance(body, str):
             log.warning("continue http destination: refused a body: %s", body)
@@ -179,7 +191,7 @@ def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbo
             return HTTPStatus.OK, {"stored": False, "reason": f"devtune does not keep {body['name']} events"}
         # Continue never retries, so the answer waits for the fsync: a crash after it loses nothing.
         try:
-            append_to_inbox(inbox, body, headers.get("x-developer", "").strip(),
+            append_to_inbox(inbox, body, developer or headers.get("x-developer", "").strip(),
                             datetime.now(UTC).replace(tzinfo=None))
         except OSError as e:
             log.error("continue http destination: cannot write to %s (%s): free space or fix its permissions; "
@@ -188,7 +200,7 @@ def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbo
         collect_soon(HTTP_SOURCE)
         return HTTPStatus.OK, {"stored": True}
 
-    return {"/continue/devdata": Inbound(token, cfg.continue_http.max_body_bytes, devdata)}
+    return {"/continue/devdata": Inbound(caller, cfg.continue_http.max_body_bytes, devdata)}
 
 
 def _wait_for_jobs(scheduler: BackgroundScheduler, timeout_s: float) -> None:

@@ -71,8 +71,11 @@ class CollectConfig:
 
 @dataclass(frozen=True)
 class ContinueHttpConfig:
-    enabled: bool = key(False, "accept Continue's `data:` POSTs at http://<[api] host>:<[api] port>/continue/devdata")
-    token_file: str = key("", "file holding the bearer token Continue must send (its apiKey); empty = "
+    enabled: bool = key(False, "accept Continue's `data:` POSTs at http://<[api] host>:<[api] port>/continue/devdata, "
+                        "each with its developer's own token (devtune token issue DEVELOPER) as the apiKey")
+    shared_token: bool = key(False, "also accept one team-wide token (token_file) and take the developer from the "
+                             "X-Developer header: single-user setups only, since its holder can write as anyone")
+    token_file: str = key("", "the team-wide token's file when shared_token = true; empty = "
                               "<state_dir>/continue.token, created (mode 0600) when the service starts")
     max_body_bytes: int = key(1_000_000, "larger POST bodies are refused with 413 (at most [collect] "
                                        "max_line_bytes - 512: an accepted event must fit one inbox line)")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from daemon import jobs
+from daemon import auth, jobs
 from daemon.api import ApiServer
 from daemon.config import http_token_file, inbox_dir, load_config
 from daemon.service import _inbound
@@ -24,7 +24,7 @@ class Destination:
     def __init__(self, cfg: Config, server: ApiServer, triggered: list[str]):
         self.cfg, self.server, self.triggered = cfg, server, triggered
         self.url = server.url + "/continue/devdata"
-        self.token = http_token_file(cfg).read_text().strip()
+        self.token, _ = auth.issue(cfg.state_dir, "alice@example.com")  # what alice's editor sends
 
     def post(self, body: dict[str, Any] | bytes, token: str | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -71,13 +71,12 @@ def test_replayed_bodies_are_stored_once_alongside_the_files(destination: Destin
     continue_log(tmp_path / "alice", [a, b])
     write_lines(tmp_path / "alice" / "dev_data" / "0.2.0" / "editOutcome.jsonl", [edit])
     no_code = ("prefix", "suffix", "prompt", "completion")
-    alice = {"X-Developer": "alice@example.com"}
+    carol, _ = auth.issue(destination.cfg.state_dir, "carol@example.com")
     replies = [
-        destination.post(body("autocomplete", a), headers=alice),  # also in the file
+        destination.post(body("autocomplete", a)),  # also in the file
         destination.post(body("autocomplete", {k: v for k, v in b.items() if k not in no_code}, level="noCode")),
         destination.post(body("autocomplete", {k: v for k, v in autocomplete_event(completionId="c").items()
-                                               if k not in no_code}, level="noCode"),
-                         headers={"X-Developer": "carol@example.com"}),
+                                               if k not in no_code}, level="noCode"), token=carol),
         # schema 0.1.0: no base fields, so no timestamp: the time of receipt stands in
         destination.post(body("autocomplete", {k: v for k, v in autocomplete_event(completionId="d").items()
                                                if k not in ("eventName", "schema", "timestamp", "userId",
@@ -128,3 +127,40 @@ def test_a_body_that_fails_the_event_schema_is_quarantined_not_lost(destination:
     (row,) = table_rows(db, "quarantine")
     assert row[0] == "continue-http" and "field 'accepted' must be a boolean, got string" in row[5]
     assert result["status"]["suggestions"]["total"] == 0
+
+
+def test_a_token_writes_as_its_developer_whatever_the_headers_say(destination: Destination) -> None:
+    mallory, record = auth.issue(destination.cfg.state_dir, "mallory@example.com")
+    forged = body("autocomplete", autocomplete_event(completionId="forged"))
+    assert destination.post(forged, token=mallory, headers={"X-Developer": "alice@example.com"})[0] == 200
+    _, db = destination.collect()
+    (row,) = [r for r in table_rows(db, "suggestions") if r[0] == "forged"]
+    assert row[5] == "mallory@example.com"  # the token's owner, not the header's claim
+    auth.revoke(destination.cfg.state_dir, record.id)
+    assert destination.post(body("autocomplete", autocomplete_event(completionId="late")), token=mallory)[0] == 401
+
+
+def test_the_team_wide_token_works_only_when_configured(tmp_path: Path) -> None:
+    def serve(shared: bool) -> tuple[Config, ApiServer]:
+        site = tmp_path / ("shared" if shared else "own")
+        cfg = load_config(write_config(site, [], overrides={"continue_http": {"enabled": True,
+                                                                              "shared_token": shared}}).config)
+        return cfg, ApiServer("127.0.0.1", 0, "api-token", {}, {}, inbound=_inbound(cfg, lambda _: None)).start()
+
+    cfg, server = serve(shared=False)
+    try:
+        assert not http_token_file(cfg).exists()  # no team-wide token is even made
+        status, _ = Destination(cfg, server, []).post(body("autocomplete", autocomplete_event()), token="anything")
+        assert status == 401
+    finally:
+        server.stop()
+    cfg, server = serve(shared=True)
+    try:
+        team_token = http_token_file(cfg).read_text().strip()
+        post = Destination(cfg, server, [])
+        event = body("autocomplete", autocomplete_event(completionId="shared"))
+        assert post.post(event, token=team_token, headers={"X-Developer": "bob@example.com"})[0] == 200
+        _, db = post.collect()
+        assert [r[5] for r in table_rows(db, "suggestions")] == ["bob@example.com"]
+    finally:
+        server.stop()
