@@ -6,7 +6,10 @@ answering; this collector then reads those files like any other log, from a save
 same `continue_dev.parse_event` as the files Continue writes itself. So a crash right after the answer
 loses nothing, and an event that arrives both ways is stored once (same completionId or content key).
 
-Inbox line: {"received_at": ISO-8601 UTC, "developer": the X-Developer header or "", "body": the POST body}.
+Inbox line: {"received_at": ISO-8601 UTC, "developer": who sent it, "by": "token" | "header", "body": the POST
+body}. "token": the developer owns the token the POST came with, and is the event's only identity (a body
+cannot name someone else in its userId). "header": the team-wide token's X-Developer header (single-user
+setups), placed ahead of the identities Continue logged; lines written before "by" existed read as "header".
 """
 
 from __future__ import annotations
@@ -95,10 +98,11 @@ def wanted(body: dict[str, Any]) -> bool:
     return body["name"] in EVENT_NAMES
 
 
-def append_to_inbox(inbox: Path, body: dict[str, Any], developer: str, received_at: datetime) -> Path:
+def append_to_inbox(inbox: Path, body: dict[str, Any], developer: str, received_at: datetime,
+                    by_token: bool = True) -> Path:
     """Append one event to today's inbox file and fsync it (and the folder, for a new file) before returning."""
     line = orjson.dumps({"received_at": received_at.isoformat(timespec="milliseconds") + "Z",
-                         "developer": developer, "body": body}) + b"\n"
+                         "developer": developer, "by": "token" if by_token else "header", "body": body}) + b"\n"
     path = inbox / f"{received_at:%Y-%m-%d}.jsonl"
     with _append_lock:  # one writer at a time keeps lines whole (the server is threaded)
         new = not path.exists()
@@ -118,7 +122,7 @@ def append_to_inbox(inbox: Path, body: dict[str, Any], developer: str, received_
 
 
 def parse_line(raw: bytes) -> tuple[RawEvent, ...] | str:
-    """One inbox line: the body's event through the Continue parser, attributed to the X-Developer header."""
+    """One inbox line: the body's event through the Continue parser, attributed to whoever sent it."""
     obj = decode_object(raw)
     if isinstance(obj, str):
         return obj
@@ -135,11 +139,13 @@ def parse_line(raw: bytes) -> tuple[RawEvent, ...] | str:
     developer = obj.get("developer")
     if isinstance(parsed, str) or not isinstance(developer, str) or not developer:
         return parsed
-    # The header names the person; it comes first, ahead of Continue's own (usually empty) userId.
-    return tuple(_attributed(e, developer) for e in parsed)
+    by_token = obj.get("by") == "token"
+    return tuple(_attributed(e, developer, by_token) for e in parsed)
 
 
-def _attributed(event: RawEvent, developer: str) -> RawEvent:
+def _attributed(event: RawEvent, developer: str, by_token: bool) -> RawEvent:
     if isinstance(event, Suggestion | EditOutcome | Interaction):
-        return dataclasses.replace(event, user_ids=(developer, *event.user_ids))
+        # A token's owner is the only identity; a header names the person ahead of Continue's own (usually
+        # empty) userId.
+        return dataclasses.replace(event, user_ids=(developer,) if by_token else (developer, *event.user_ids))
     return event

@@ -192,7 +192,7 @@ def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbo
         # Continue never retries, so the answer waits for the fsync: a crash after it loses nothing.
         try:
             append_to_inbox(inbox, body, developer or headers.get("x-developer", "").strip(),
-                            datetime.now(UTC).replace(tzinfo=None))
+                            datetime.now(UTC).replace(tzinfo=None), by_token=bool(developer))
         except OSError as e:
             log.error("continue http destination: cannot write to %s (%s): free space or fix its permissions; "
                       "events are refused with 503 meanwhile", inbox, e.strerror)

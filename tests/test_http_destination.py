@@ -50,7 +50,8 @@ class Destination:
 def destination(tmp_path: Path) -> Iterator[Destination]:
     setup = write_config(tmp_path / "site", [{"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice",
                                               "developer": "alice@example.com"}],
-                         overrides={"continue_http": {"enabled": True, "max_body_bytes": 64 * 1024}})
+                         overrides={"continue_http": {"enabled": True, "max_body_bytes": 64 * 1024}},
+                         developers=[{"id": "alice@example.com"}])
     cfg = load_config(setup.config)
     triggered: list[str] = []
     server = ApiServer("127.0.0.1", 0, "api-token", {}, {}, inbound=_inbound(cfg, triggered.append)).start()
@@ -131,7 +132,8 @@ def test_a_body_that_fails_the_event_schema_is_quarantined_not_lost(destination:
 
 def test_a_token_writes_as_its_developer_whatever_the_headers_say(destination: Destination) -> None:
     mallory, record = auth.issue(destination.cfg.state_dir, "mallory@example.com")
-    forged = body("autocomplete", autocomplete_event(completionId="forged"))
+    # Neither a header nor Continue's own userId in the body can name someone else.
+    forged = body("autocomplete", autocomplete_event(completionId="forged", userId="alice@example.com"))
     assert destination.post(forged, token=mallory, headers={"X-Developer": "alice@example.com"})[0] == 200
     _, db = destination.collect()
     (row,) = [r for r in table_rows(db, "suggestions") if r[0] == "forged"]
