@@ -80,6 +80,7 @@ class Applied:
     rejects: int
     edits: int = 0
     interactions: int = 0
+    requests: int = 0  # gateway_requests
 
 
 def quarantine_id(source: str, stream: str, offset: int, line_sha1: str) -> str:
@@ -198,7 +199,7 @@ class Store:
                     [source, cursor.stream, cursor.offset, cursor.head_sha1, cursor.head_len, cursor.sha, now()])
         return Applied(suggestions=n.get("suggestions", 0), commits=n.get("commits", 0),
                        rejects=n.get("quarantine", 0), edits=n.get("edit_outcomes", 0),
-                       interactions=n.get("interactions", 0))
+                       interactions=n.get("interactions", 0), requests=n.get("gateway_requests", 0))
 
     def _insert(self, table: Table, rows: list[Any]) -> int:
         batch = as_arrow(table, _unique(rows, table.key))  # noqa: F841 - read by DuckDB
