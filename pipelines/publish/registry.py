@@ -166,8 +166,19 @@ def history(state_dir: Path, scope: str) -> list[dict[str, Any]]:
 
 def adapter_for(state_dir: Path, developer: str, team: str) -> Served | None:
     """What a developer's editor should use: their own adapter, else their team's, else None (the base)."""
-    current = served(state_dir)
-    return current.get(f"dev:{developer}") or current.get(f"team:{team}")
+    return served_scope(state_dir, f"dev:{developer}") or served_scope(state_dir, f"team:{team}")
+
+
+def served_scope(state_dir: Path, scope: str) -> Served | None:
+    """What one scope serves now (one link and its lineage read), or None (also for a name no scope can have)."""
+    if not _SCOPE.match(scope):
+        return None
+    link = state_dir / "served" / scope
+    try:
+        target = (link.parent / os.readlink(link)).resolve()
+    except OSError:  # no link (nothing served), or not a link
+        return None
+    return Served(scope=scope, version=target.name, path=target, lineage=read_json(target / "lineage.json") or {})
 
 
 def _promoted_over(state_dir: Path, scope: str, version: str) -> str | None:
