@@ -71,7 +71,10 @@ class Worker:
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device).eval()
         self.model: Any = None  # a PeftModel around `base` once the first adapter is loaded
-        self.loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> path, least recently used first
+        # served name -> peft's name for it, least recently used first. peft refuses "." in a name (it becomes
+        # a module name), and served names have dots (emails), so peft gets "a<n>", never reused either.
+        self.loaded: OrderedDict[str, str] = OrderedDict()
+        self.loads = 0
         self.max_adapters = max_adapters
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else (self.tokenizer.eos_token_id or 0)
@@ -154,8 +157,8 @@ class Worker:
     # -- adapters ---------------------------------------------------------------------------------------------
 
     def attach(self, adapter: dict[str, str] | None, keep: set[str]) -> tuple[str, str]:
-        """The adapter name to run a request with (loading it on first use), or BASE, and a note when the
-        adapter asked for could not be used."""
+        """The served name to answer a request with (its adapter loaded on first use), or BASE, and a note when
+        the adapter asked for could not be used."""
         if adapter is None:
             return BASE, ""
         name, path = adapter["name"], adapter["path"]
@@ -163,24 +166,25 @@ class Worker:
             self.loaded.move_to_end(name)
             return name, ""
         started = time.monotonic()
+        internal = f"a{self.loads}"
         try:
             if self.model is None:
-                self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name, is_trainable=False)
+                self.model = PeftModel.from_pretrained(self.base, path, adapter_name=internal, is_trainable=False)
                 self.model.eval()
             else:
-                self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+                self.model.load_adapter(path, adapter_name=internal, is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             log.error("adapter %s (%s) could not be loaded: %s", name, path, e)
             return BASE, f"adapter {name} could not be loaded ({type(e).__name__}); answered by the base model"
-        self.loaded[name] = path
+        self.loads += 1
+        self.loaded[name] = internal
         log.info("loaded adapter %s from %s in %.2fs (%d loaded)", name, path, time.monotonic() - started,
                  len(self.loaded))
         while len(self.loaded) > self.max_adapters:
             old = next((n for n in self.loaded if n not in keep and n != name), None)
             if old is None:
                 break
-            self.model.delete_adapter(old)
-            del self.loaded[old]
+            self.model.delete_adapter(self.loaded.pop(old))
             log.info("unloaded adapter %s (least recently used of %d)", old, self.max_adapters + 1)
         return name, ""
 
@@ -219,7 +223,9 @@ class Worker:
                      **{self.cache_name: cache}, **self._adapter_kwargs(rows))
 
     def _adapter_kwargs(self, rows: list[Row]) -> dict[str, Any]:
-        return {"adapter_names": [r.adapter for r in rows]} if self.model is not None else {}
+        if self.model is None:
+            return {}
+        return {"adapter_names": [self.loaded.get(r.adapter, BASE) for r in rows]}
 
     def _choose(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
         greedy = logits.argmax(dim=-1).tolist()

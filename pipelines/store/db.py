@@ -504,6 +504,14 @@ class Store:
         row = self.con.execute(f"SELECT {self._RUN_COLUMNS} FROM runs WHERE run_id = ?", [run_id]).fetchone()
         return _run_dict(row) if row else None
 
+    def gateway_counts(self) -> dict[str, Any]:
+        """Requests the serving gateway answered, per adapter version that answered ("base" for none)."""
+        by_adapter = {r[0]: {"requests": r[1], "ok": r[2], "last_at": r[3].isoformat() if r[3] else None}
+                      for r in self.con.execute(
+            "SELECT coalesce(scope || '/' || version, 'base'), count(*), count(*) FILTER (WHERE status = 200), "
+            "max(received_at) FROM gateway_requests GROUP BY 1 ORDER BY 1").fetchall()}
+        return {"total": sum(v["requests"] for v in by_adapter.values()), "by_adapter": by_adapter}
+
     def fail_interrupted_runs(self) -> int:
         """Mark runs left 'running' by a process that died as failed (called at service start)."""
         with self.transaction():
