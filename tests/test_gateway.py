@@ -220,3 +220,10 @@ def test_the_request_log_is_collected_with_who_what_and_when_but_no_code(site: S
 
 def _log_lines(site: Site) -> list[dict[str, Any]]:
     return [line for p in sorted(gateway_dir(site.cfg.state_dir).glob("requests-*.jsonl")) for line in read_jsonl(p)]
+
+
+def test_a_request_line_that_is_not_one_is_quarantined_not_stored() -> None:
+    from collectors.gateway_log import parse_line
+
+    assert "lacks" in str(parse_line(b'{"key": "cmpl-1"}'))
+    assert "not JSON" in str(parse_line(b"{"))
