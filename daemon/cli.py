@@ -557,11 +557,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with local_store(cfg) as store:
         result = jobs.cycle(store, cfg, DEMO_TEAM)
         report = jobs.status(store, cfg)
-    print(demo_summary(result, report, time.monotonic() - started, config_path))
+    editors = demo_editors(cfg, DEMO_TEAM) if result["outcome"] in ("promoted", "kept") else ""
+    print(demo_summary(result, report, time.monotonic() - started, config_path, editors))
     return 0 if result["outcome"] in ("promoted", "kept") else 1
 
 
-def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float, config_path: Path) -> str:
+def demo_editors(cfg: Config, team: str) -> str:
+    """The editor's path after the demo's cycles: the gateway answering two developers with their adapters."""
+    import urllib.error
+
+    from daemon.demo import demo_developers, editor_path
+
+    try:
+        answers = editor_path(cfg, demo_developers(cfg, team))
+    except (urllib.error.URLError, OSError) as e:
+        return f"editor      the gateway did not answer: {e} (see {cfg.state_dir / 'gateway' / 'worker.log'})"
+    lines = [f"editor      gateway {answers[0]['url']}, model {cfg.serve.model_name!r}: the same prompt for "
+             f"{len(answers)} developers"]
+    lines += [f"            {a['developer']} -> {a['adapter']} ({a['ms']:,.0f} ms): {a['text'][:70]!r}"
+              for a in answers]
+    return "\n".join(lines)
+
+
+def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float, config_path: Path,
+                 editors: str = "") -> str:
     if result["outcome"] in ("failed", "skipped", "busy"):
         return describe_cycle(result)
     s = result["summary"]
@@ -595,6 +614,8 @@ def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float,
         lines.append(f"not promoted: {'; '.join(s['gate']['reasons'])}")
     for d in result.get("developers", []):
         lines.append(f"developer   {_describe_run(d)}")
+    if editors:
+        lines.append(editors)
     lines.append(f"total       {format_seconds(seconds)}; now try: devtune --config {config_path} status")
     return "\n".join(lines)
 

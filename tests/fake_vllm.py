@@ -138,8 +138,9 @@ class FakeVllm:
         req.send_header("Content-Type", "text/event-stream")
         req.end_headers()
         for i, piece in enumerate(pieces):
+            finish = "stop" if i == len(pieces) - 1 else None
             chunk = {"id": "cmpl-x", "object": "text_completion", "model": model,
-                     "choices": [{"index": 0, "text": piece, "finish_reason": "stop" if i == len(pieces) - 1 else None}]}
+                     "choices": [{"index": 0, "text": piece, "finish_reason": finish}]}
             req.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
             req.wfile.write(b"data: " + json.dumps({"id": "cmpl-x", "choices": [], "usage": usage}).encode() + b"\n\n")
