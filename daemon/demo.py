@@ -42,9 +42,10 @@ DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
     # The demo starts the gateway itself, on a free port; enabled = the service collects its request log.
     "serve": {"enabled": True},
 }
-# What the two developers' editors send: the text before the cursor in one of the team's modules.
+# What the two developers' editors send: the text before the cursor in one of the team's modules, at the
+# start of a guard clause's body (the house style: raise LedgerError naming the noun and the account).
 EDITOR_PREFIX = (module_header("deposit") + "\n\ndef refund_deposit(account: Account, amount: Decimal) -> Receipt:\n"
-                 '    """Refund a deposit on `account`."""\n')
+                 '    """Refund a deposit on `account`."""\n    if amount <= Decimal("0"):\n')
 PRETRAIN_STEPS = 300
 
 
@@ -72,16 +73,19 @@ def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
     return config
 
 
-def editor_path(cfg: Config, developers: list[str], max_tokens: int = 40) -> list[dict[str, Any]]:
+def editor_path(cfg: Config, developers: list[str], max_tokens: int = 32) -> list[dict[str, Any]]:
     """Start the gateway on a free loopback port, request one completion as each developer (a token issued for
     the occasion, revoked after) with the same prompt, and stop it; returns who got which adapter and what."""
     gateway = start_gateway(cfg, port=0)
     answers = []
     try:
+        deadline = time.monotonic() + cfg.serve.start_timeout_s
+        while not gateway.backend.ready() and time.monotonic() < deadline:  # the worker loads the base model
+            time.sleep(0.1)
         for developer in developers:
             token, record = auth.issue(cfg.state_dir, developer)
             body = json.dumps({"model": cfg.serve.model_name, "prompt": EDITOR_PREFIX, "suffix": "\n",
-                               "max_tokens": max_tokens, "temperature": 0}).encode()
+                               "max_tokens": max_tokens, "temperature": 0, "stop": ["\n"]}).encode()
             req = urllib.request.Request(f"{gateway.url}/v1/completions", data=body, method="POST",
                                          headers={"Content-Type": "application/json",
                                                   "Authorization": f"Bearer {token}"})
