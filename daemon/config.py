@@ -299,7 +299,7 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("continue_http", "max_body_bytes", 1024, None),
     ("publish", "export_timeout_s", 1, None),
     ("serve", "port", 0, 65535), ("serve", "max_batch_size", 1, 256), ("serve", "batch_window_ms", 0, 1000),
-    ("serve", "max_loaded_adapters", 1, None), ("serve", "unload_grace_s", 0, None),
+    ("serve", "max_loaded_adapters", 1, None), ("serve", "unload_grace_s", 0, None), ("serve", "cpu_threads", 0, 256),
     ("serve", "default_max_tokens", 1, None), ("serve", "max_tokens_limit", 1, None),
     ("serve", "request_timeout_s", 1, None), ("serve", "start_timeout_s", 1, None),
 ]

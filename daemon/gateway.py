@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -149,6 +150,12 @@ class Gateway:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive for plain answers; streams are chunked
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body go out as two writes: with Nagle's algorithm the second waits for the
+                # client's delayed ACK, 40 ms on Linux (measured: +35-42 ms per request). Streamed chunks too.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("%s %s", self.address_string(), format % args)

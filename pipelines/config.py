@@ -204,6 +204,8 @@ class ServeConfig:
     max_batch_size: int = key(16, "builtin: most requests completed together in one batch")
     batch_window_ms: float = key(2.0, "builtin: after a request arrives, wait this long for others to batch with it")
     max_loaded_adapters: int = key(32, "builtin: adapters kept loaded beside the base; the least recently used goes")
+    cpu_threads: int = key(0, "builtin on CPU: the worker's torch threads; 0 = one per core (on cores shared with "
+                           "training or other services, 1 avoids OpenMP stalls: bench/README.md)")
     vllm_url: str = key("http://127.0.0.1:8000", "vllm: the vLLM OpenAI server (started with --enable-lora and "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     vllm_model: str = key("", "vllm: the name vLLM serves the base model under (--served-model-name); "

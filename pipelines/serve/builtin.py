@@ -155,7 +155,7 @@ class BuiltinBackend:
         c = self.cfg
         args = [sys.executable, "-m", "pipelines.serve.worker", "--base-model", self.base_model, "--device", c.device,
                 "--max-batch-size", str(c.max_batch_size), "--batch-window-ms", str(c.batch_window_ms),
-                "--max-adapters", str(c.max_loaded_adapters)]
+                "--max-adapters", str(c.max_loaded_adapters), "--cpu-threads", str(c.cpu_threads)]
         with self.log_path.open("ab") as log_file:
             proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                                     env=child_env(), start_new_session=True)

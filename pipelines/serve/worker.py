@@ -151,8 +151,8 @@ class Worker:
             rows.append(Row(id=request["id"], ids=ids[-room:], adapter=adapter, max_tokens=max_tokens,
                             temperature=float(request.get("temperature") or 0.0),
                             top_p=float(request.get("top_p") or 1.0), stop=tuple(request.get("stop") or ())))
-        if rows:
-            self.generate(rows)
+        for group in length_groups(rows):
+            self.generate(group)
 
     # -- adapters ---------------------------------------------------------------------------------------------
 
@@ -285,6 +285,24 @@ class Worker:
                    "completion_tokens": completion_tokens})
 
 
+def length_groups(rows: list[Row], max_padding: float = 0.25) -> list[list[Row]]:
+    """Rows of similar prompt length together, shortest first. A batch is left-padded to its longest prompt and
+    the prompt's forward pass is most of a completion's cost on a CPU (about 270 prompt tokens for 16 generated
+    in bench/gateway.py): 16 prompts of 40-500 tokens padded together cost 1.8x their own tokens. A group
+    takes rows until padding would add more than `max_padding` of its real tokens. Measured on the bench
+    model, 16 such requests: 1.53 s grouped against 1.73 s padded together (medians of 6, alternating)."""
+    groups: list[list[Row]] = []
+    for row in sorted(rows, key=lambda r: len(r.ids)):
+        group = groups[-1] if groups else None
+        if group is not None:
+            real = sum(len(r.ids) for r in group) + len(row.ids)
+            if len(row.ids) * (len(group) + 1) <= real * (1 + max_padding):
+                group.append(row)
+                continue
+        groups.append([row])
+    return groups
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.serve.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--base-model", required=True)
@@ -292,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-window-ms", type=float, default=2.0)
     parser.add_argument("--max-adapters", type=int, default=32)
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads; 0 = torch's default")
     args = parser.parse_args(argv)
+    if args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
     # The protocol owns the real stdout; anything a library prints goes to the log (stderr) instead.
     protocol: TextIO = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)
