@@ -424,6 +424,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"gate         {scope} run {g['run_id']}: {verdict} on {g['primary_metric']}: {'; '.join(g['reasons'])}")
     for developer, d in report.get("developers", {}).items():
         print(f"developer    {developer} ({d['team']}) uses {d['adapter'] or 'the base model'}")
+    if report.get("gateway", {}).get("total"):
+        print(f"gateway      {report['gateway']['total']:,} completions served ("
+              + ", ".join(f"{k} {v['requests']:,}" for k, v in report["gateway"]["by_adapter"].items()) + ")")
     for q in report.get("training_queue", []):
         gpus = f" on GPU {','.join(q['gpus'])}" if q["gpus"] else ""
         print(f"queue        {q['run_id']} {q['scope']} {q['state']}{gpus} since {q['since']}")
