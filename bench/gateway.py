@@ -3,7 +3,7 @@
     python bench/gateway.py [--requests 200] [--seconds 20] [--max-tokens 16] [--concurrency 1,4,16]
 
 The base is the benchmarks' 5M Llama (random weights: it never emits its end token, so every completion runs
-to max_tokens and each costs the same); a team adapter and four personal ones (rank 16, random) are
+to max_tokens and each costs the same); a team adapter and four personal ones (rank 8, random) are
 promoted in a fresh registry; sixteen developers hold tokens, four of them with their own adapter. Prompts
 are the benchmarks' FIM rows with the prefix cut at a random point (bench/common.py "spread": 40-500 tokens).
 
