@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +24,13 @@ import pytest
 from daemon import auth, jobs
 from daemon.config import gateway_dir, load_config
 from daemon.gateway import Gateway, start_gateway
+from pipelines.child import free_port
 from pipelines.config import Config
 from pipelines.publish import registry
 from pipelines.publish.names import served_name
 from pipelines.store.db import Store
 from runs import random_adapter
-from support import all_text, read_jsonl, write_config
+from support import ROOT, all_text, read_jsonl, run_devtune, write_config
 
 PREFIX = "def settle_invoice_7f3a(amount):\n"  # a marker no table may hold: the log keeps no code
 SUFFIX = "\n\nprint('done')\n"
@@ -227,3 +235,43 @@ def test_a_request_line_that_is_not_one_is_quarantined_not_stored() -> None:
 
     assert "lacks" in str(parse_line(b'{"key": "cmpl-1"}'))
     assert "not JSON" in str(parse_line(b"{"))
+
+
+def test_devtune_run_serves_completions_collects_their_log_and_stops_its_worker(tmp_path: Path,
+                                                                                tiny_model: Path) -> None:
+    port = free_port()
+    setup = write_config(tmp_path, [], overrides={
+        "": {"base_model": str(tiny_model)}, "schedule": {"cycle_cron": "0 3 1 1 *"},
+        "collect": {"interval_s": 3600.0}, "serve": {"enabled": True, "port": port, "device": "cpu"}})
+    token, _ = auth.issue(setup.state_dir, "alice@example.com")
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(setup.config), "run"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        body = json.dumps({"model": "devtune", "prompt": PROMPT, "max_tokens": 4}).encode()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body, method="POST",
+                                             headers={"Authorization": f"Bearer {token}"})
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    assert resp.status == 200 and resp.headers["X-Devtune-Adapter"] == "base"
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline and proc.poll() is None, "the gateway did not come up"
+                time.sleep(0.5)
+        collect = run_devtune("--config", str(setup.config), "collect", "--json")  # through the service's API
+        assert collect.returncode == 0, collect.stderr
+        stored = {r["source"]: r["stored"] for r in json.loads(collect.stdout)["sources"]}
+        assert stored["gateway"].get("gateway_requests") == 1
+        worker_log = (gateway_dir(setup.state_dir) / "worker.log").read_text()
+        worker_pid = int(re.search(r"\(pid (\d+),", worker_log).group(1))  # type: ignore[union-attr]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(ProcessLookupError):  # the worker went with the service
+            for _ in range(100):
+                os.kill(worker_pid, 0)
+                time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

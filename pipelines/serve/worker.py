@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         inbox.put(None)
 
     threading.Thread(target=read, name="stdin", daemon=True).start()
-    log.info("serving %s on %s (loaded in %.1fs)", args.base_model, worker.device, time.monotonic() - started)
+    log.info("serving %s on %s (pid %d, loaded in %.1fs)", args.base_model, worker.device, os.getpid(),
+             time.monotonic() - started)
     emit({"event": "ready", "base_model": args.base_model, "device": str(worker.device),
           "load_s": round(time.monotonic() - started, 2), "pid": os.getpid()})
     worker.serve(inbox, args.max_batch_size, args.batch_window_ms / 1000)
