@@ -146,6 +146,8 @@ class Gateway:
         self.router = Router(cfg.state_dir, cfg.base_model)
         self.fim = load_base_tokenizer(cfg.base_model).fim
         self.log_dir = gateway_dir(cfg.state_dir)
+        self._busy = 0  # requests being answered or logged
+        self._idle = threading.Condition()
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -181,9 +183,16 @@ class Gateway:
         return self
 
     def stop(self) -> None:
+        """Stop accepting, let the requests being answered finish and be logged (a bounded wait), then stop."""
         self.httpd.shutdown()
+        self.wait_idle(self.cfg.serve.request_timeout_s)
         self.httpd.server_close()
         self.backend.close()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is being answered or logged; False if some still are after `timeout_s`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout=timeout_s)
 
     # -- routes ----------------------------------------------------------------------------------------------
 
@@ -222,6 +231,16 @@ class Gateway:
         return developer
 
     def _complete(self, req: BaseHTTPRequestHandler, developer: str, length: int) -> None:
+        with self._idle:
+            self._busy += 1
+        try:
+            self._answer(req, developer, length)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _answer(self, req: BaseHTTPRequestHandler, developer: str, length: int) -> None:
         started, received = time.monotonic(), datetime.now(UTC).replace(tzinfo=None)
         request_id = "cmpl-" + secrets.token_hex(12)
         team = self.directory.team(developer, None)

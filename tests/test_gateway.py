@@ -227,6 +227,7 @@ def test_the_request_log_is_collected_with_who_what_and_when_but_no_code(site: S
 
 
 def _log_lines(site: Site) -> list[dict[str, Any]]:
+    assert site.gateway.wait_idle(30)  # a request's line is appended right after its answer is sent
     return [line for p in sorted(gateway_dir(site.cfg.state_dir).glob("requests-*.jsonl")) for line in read_jsonl(p)]
 
 

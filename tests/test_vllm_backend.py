@@ -185,7 +185,7 @@ def test_a_version_vllm_refuses_is_answered_by_the_base_and_logged(site: Site) -
     assert adapter is not None
     site.vllm.refuse_paths.add(str(adapter.vllm_path))
     assert site.complete("bob@example.com") == (200, "base", f"<{BASE_NAME}>")
-    line = read_jsonl(next(gateway_dir(site.cfg.state_dir).glob("requests-*.jsonl")))[-1]
+    line = logged(site)[-1]
     assert line["scope"] is None and line["status"] == 200 and "could not be loaded on vLLM" in line["error"]
     assert "No adapter found" in line["error"] or "500" in line["error"]
 
@@ -194,3 +194,9 @@ def test_vllm_unreachable_is_a_503_not_a_hang(site: Site) -> None:
     site.vllm.stop()
     status, _, body = site.complete("carol@example.com")
     assert status == 503 and "cannot reach vLLM" in body
+
+
+def logged(site: Site) -> list[dict[str, Any]]:
+    """The request log, once the last answer's line is in (it is appended right after the answer is sent)."""
+    assert site.gateway.wait_idle(30)
+    return [x for p in gateway_dir(site.cfg.state_dir).glob("requests-*.jsonl") for x in read_jsonl(p)]
