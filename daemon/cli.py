@@ -198,12 +198,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
     else:
         for r in result["sources"]:
             stored = ", ".join(f"{n} {k}" for k, n in r["stored"].items() if n) or "nothing new"
-            print(f"{r['source']}: read {r['seen']:,} records, stored {stored} ({r['seconds']:.1f}s)")
+            verdict = f"FAILED: {r['error']}" if r["error"] else r.get("skipped") or "ok"
+            print(f"{r['source']}: read {r['seen']:,} records, stored {stored} ({r['seconds']:.1f}s); {verdict}")
             for note in r["notes"]:
                 print(f"  note: {note}")
-        if result["error"]:
-            print(f"devtune: collect failed: {result['error']}", file=sys.stderr)
-    return 1 if result["error"] else 0
+        if result["failed"]:
+            print(f"devtune: {len(result['failed'])} source(s) failed: {', '.join(result['failed'])}; every other "
+                  "source was collected. What was stored before a failure stays; fix the cause and collect again",
+                  file=sys.stderr)
+    return 1 if result["failed"] else 0
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
@@ -380,6 +383,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         when = f"last collected {src['collected_at']}" if src["collected_at"] else "not collected yet"
         print(f"source       {name} ({src['kind']}): {src['streams']} stream(s), {src['suggestions']:,} suggestions, "
               f"{src['commits']:,} commits, {src['quarantined']:,} quarantined; {when}")
+        if src["failures"]:
+            print(f"  FAILING    {src['failures']} collect(s) in a row, last at {src['failed_at']}: {src['error']}")
     print(f"quarantined  {report['quarantined']['total']:,}")
     if report["dropped"]:
         print("dropped      " + ", ".join(f"{k} {v:,}" for k, v in report["dropped"].items()))

@@ -54,12 +54,15 @@ def run_service(cfg: Config) -> int:
     def collect_now(only: str | None = None) -> dict[str, Any]:
         return jobs.collect(store.cursor(), cfg, only)
 
+    def collect_due() -> dict[str, Any]:  # the timer: failed sources wait out their back-off
+        return jobs.collect(store.cursor(), cfg, due_only=True)
+
     def cycle_now(team: str) -> None:
         result = jobs.cycle(store.cursor(), cfg, team)
         if result["error"]:
             log.warning("cycle team=%s run=%s: %s", team, result["run_id"], result["error"])
 
-    scheduler = _scheduler(cfg, collect_now, cycle_now)
+    scheduler = _scheduler(cfg, collect_due, cycle_now)
     debouncer = Debouncer(cfg.collect.debounce_s, collect_now)
     api = ApiServer(cfg.api.host, cfg.api.port, ensure_token(cfg.state_dir / "api.token"),
                     *_routes(cfg, store, collect_now), inbound=_inbound(cfg, debouncer.trigger)).start()

@@ -1,5 +1,8 @@
 """One nightly cycle for one scope, on one screen: collect, build, train, evaluate, gate, publish.
 
+Collecting is the caller's (`collect`: each source a job of its own, so one that fails is reported and the
+cycle goes on with what the others brought).
+
 A team's cycle starts from the team's served adapter (warm start: new rows plus a replay sample; a full
 retrain with `[train] warm_start = false`). A developer's cycle (run by daemon.jobs after their team's)
 starts from the team's current adapter and trains on that developer's rows only; it is gated against what
@@ -25,8 +28,6 @@ from pipelines.config import Config
 from pipelines.datasets.build import build_datasets
 from pipelines.evaluate.gate import EvalReport, gate
 from pipelines.files import read_json
-from pipelines.ingest.identity import Directory
-from pipelines.ingest.ingest import collect_all
 from pipelines.progress import format_seconds
 from pipelines.publish import registry
 from pipelines.scope import Scope
@@ -42,6 +43,13 @@ class Turn(Protocol):
     """Waits for a GPU slot for a run and holds it for the block; yields the slot's GPU ids ((), on CPU)."""
 
     def __call__(self, run_id: str, scope: str) -> AbstractContextManager[tuple[str, ...]]: ...
+
+
+class Collect(Protocol):
+    """Collects every source, each on its own (one that fails is reported, the others still collected);
+    returns a report per source."""
+
+    def __call__(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,8 @@ class Start:
     why: str  # the reason to skip the run, or ""
 
 
-def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn: Turn) -> CycleResult:
+def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn: Turn,
+              collect: Collect) -> CycleResult:
     """Run one full cycle for `scope` (team:<team>, or dev:<id> of `team`) as run `run_id` (recorded)."""
     name = str(scope)
     run_dir = cfg.state_dir / "runs" / run_id
@@ -72,8 +81,7 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
 
     if not resuming:
         if scope.kind == "team":
-            summary["collect"] = [r.as_dict() for r in collect_all(store, cfg.sources, cfg.collect,
-                                                                    Directory.from_config(cfg))]
+            summary["collect"] = collect()
         start = plan_start(cfg, scope, team)
         if start.why:
             return skip(store, run_id, name, summary, "plan", start.why)

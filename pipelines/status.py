@@ -15,11 +15,15 @@ def status(store: Store, state_dir: Path, teams: list[str], sources: tuple[Sourc
     that outside checks rely on (see README)."""
     report = store.counts()
     collected = store.source_streams()
+    health = store.source_health()
     report["sources"] = {}
     for source in sources:
         name = source.name
+        h = health.get(name, {})
         report["sources"][name] = {
             "kind": source.kind, "path": str(source.path), **collected.get(name, {"streams": 0, "collected_at": None}),
+            "failures": h.get("failures", 0), "error": h.get("error"),
+            "failed_at": h["failed_at"].isoformat() if h.get("failed_at") else None,
             "suggestions": report["suggestions"]["by_source"].get(name, {}).get("total", 0),
             "commits": report["commits"]["by_source"].get(name, 0),
             "quarantined": report["quarantined"]["by_source"].get(name, 0),

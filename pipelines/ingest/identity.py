@@ -9,6 +9,7 @@ logged identity as it is (listed as unassigned by `devtune status`).
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 from collectors.continue_dev import normalize_repo
@@ -32,10 +33,11 @@ class Directory:
     default_team: str
     opt_out_ids: tuple[str, ...]
     developers: tuple[DeveloperConfig, ...] = ()
+    exclude_authors: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Config) -> Directory:
-        return cls(cfg.teams, cfg.default_team, cfg.collect.opt_out, cfg.developers)
+        return cls(cfg.teams, cfg.default_team, cfg.collect.opt_out, cfg.developers, cfg.collect.exclude_authors)
 
     @functools.cached_property
     def canonical(self) -> dict[str, str]:
@@ -86,3 +88,25 @@ class Directory:
 
     def opted_out(self, *identities: str) -> bool:
         return any(i.lower() in self.opt_out for i in identities if i)
+
+    @functools.cached_property
+    def _bots(self) -> re.Pattern[str] | None:
+        if not self.exclude_authors:
+            return None
+        # Globs with * and ? only: "dependabot[bot]" is a name, not a character class.
+        parts = ("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in g.strip().lower())
+                 for g in self.exclude_authors)
+        return re.compile("|".join(f"(?:{p})" for p in parts))
+
+    def withheld(self, *identities: str) -> str | None:
+        """Why an event of these identities is not stored ("opted_out", "excluded_author"), or None."""
+        if self.opted_out(*identities):
+            return "opted_out"
+        if self.is_bot(*identities):
+            return "excluded_author"
+        return None
+
+    def is_bot(self, *identities: str) -> bool:
+        """An identity matches [collect] exclude_authors (a bot or a CI account)."""
+        bots = self._bots
+        return bots is not None and any(bots.fullmatch(i.strip().lower()) for i in identities if i)

@@ -295,6 +295,24 @@ class Store:
             "unassigned": unassigned,
         }
 
+    def record_collect(self, source: str, error: str | None) -> None:
+        """Note how a source's collect went: a failure counts up (for the back-off), a success resets it."""
+        with self.transaction():
+            if error is None:
+                self.con.execute(
+                    "INSERT INTO source_health VALUES (?, 0, NULL, NULL, ?) ON CONFLICT (source) DO UPDATE SET "
+                    "failures = 0, last_error = NULL, ok_at = excluded.ok_at", [source, now()])
+            else:
+                self.con.execute(
+                    "INSERT INTO source_health VALUES (?, 1, ?, ?, NULL) ON CONFLICT (source) DO UPDATE SET "
+                    "failures = source_health.failures + 1, last_error = excluded.last_error, "
+                    "failed_at = excluded.failed_at", [source, error, now()])
+
+    def source_health(self) -> dict[str, dict[str, Any]]:
+        """Per source that was ever collected: failures since its last success, the last error and when."""
+        return {r[0]: {"failures": r[1], "error": r[2], "failed_at": r[3], "ok_at": r[4]}
+                for r in self.con.execute("SELECT * FROM source_health ORDER BY source").fetchall()}
+
     def source_streams(self) -> dict[str, dict[str, Any]]:
         """Per source: how many streams (files, refs) it has a cursor for, and when one last moved."""
         return {r[0]: {"streams": r[1], "collected_at": r[2].isoformat()} for r in self.con.execute(

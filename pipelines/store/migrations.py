@@ -192,6 +192,17 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (identity, source_kind)
         );
     """),
+    # How each source's last collects went: a source that fails is reported and retried with back-off while
+    # the others are collected (daemon/jobs.py).
+    ("0004_source_health", """
+        CREATE TABLE source_health (
+            source VARCHAR PRIMARY KEY,
+            failures INTEGER NOT NULL,        -- failed collects since the last one that succeeded
+            last_error VARCHAR,               -- one line: what failed and why
+            failed_at TIMESTAMP,              -- the last failure
+            ok_at TIMESTAMP                   -- the last collect that succeeded
+        );
+    """),
     # What became of each accepted suggestion in its developer's later commits (pipelines/datasets/link.py): the
     # evidence a dataset build reads instead of re-reading history, and what `kept`/`rewritten` counts rest on.
     ("0010_suggestion_links", """
