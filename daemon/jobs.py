@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +15,7 @@ from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, t
 from pipelines.config import Config
 from pipelines.cycle import run_cycle
 from pipelines.datasets.build import build_datasets
+from pipelines.forget import finish_forgets, forget, forget_opted_out, plan_forget, undo_forget
 from pipelines.ingest.identity import Directory
 from pipelines.ingest.ingest import SourceReport, collect_source
 from pipelines.ingest.quarantine import inspect_quarantined, retry_quarantined
@@ -27,6 +29,9 @@ from pipelines.train.rundir import new_run_id
 log = logging.getLogger("devtune.jobs")
 
 
+# One forget at a time (a collect finishes pending ones first): two would race on the same files.
+forgetting = threading.Lock()
+
 # A failing source is tried again after interval_s, then twice that, and so on up to an hour: a repository
 # that cannot be read is not re-walked every 5 minutes, and one that was fixed is picked up within the hour.
 MAX_BACKOFF_S = 3600.0
@@ -37,7 +42,12 @@ def collect(store: Store, cfg: Config, only: str | None = None, due_only: bool =
     a source that fails is reported (and recorded for `status`) while every other one is collected.
 
     `due_only` (the service's timer) skips a failed source until its back-off has passed; a collect asked
-    for by hand or by a file event tries it at once."""
+    for by hand or by a file event tries it at once. First, an interrupted forget is finished and what was
+    stored of developers added to `opt_out` since is removed."""
+    with forgetting:
+        forgotten = run_job("forget-pending", lambda: (finish_forgets(store, cfg), forget_opted_out(store, cfg)))
+    if forgotten.error:  # the rows stay until the next collect tries again; collecting is still safe
+        log.error("collect: finishing forgets failed: %s", forgotten.error)
     directory = Directory.from_config(cfg)
     health = store.source_health()
     reports: list[dict[str, Any]] = []
@@ -167,6 +177,17 @@ def rollback(state_dir: Path, scope: str) -> dict[str, Any]:
     current = registry.served_version(state_dir, scope)
     version = registry.rollback(state_dir, scope, reason="rolled back by hand")
     return {"scope": scope, "version": version, "previous": current}
+
+
+def forget_developer(store: Store, cfg: Config, developer: str, dry_run: bool = False, undo: bool = False
+                     ) -> dict[str, Any]:
+    """`devtune forget`: what forgetting `developer` removes (`dry_run`), or do it; `undo` lets their future
+    events in again."""
+    if undo:
+        return {"developer": developer, "tombstones_removed": undo_forget(store, cfg, developer)}
+    with forgetting:
+        plan = plan_forget(store, cfg, developer) if dry_run else forget(store, cfg, developer)
+    return {**plan.as_dict(), "done": not dry_run}
 
 
 def status(store: Store, cfg: Config) -> dict[str, Any]:

@@ -159,9 +159,17 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
     def quarantine_retry(body: dict[str, Any]) -> tuple[int, Any]:
         return HTTPStatus.OK, jobs.quarantine_retry(store.cursor(), cfg, body.get("id"))
 
+    def forget(body: dict[str, Any]) -> tuple[int, Any]:
+        developer = str(body.get("developer") or "")
+        if not developer:
+            return HTTPStatus.BAD_REQUEST, {"error": "give the developer's id or an alias"}
+        return HTTPStatus.OK, jobs.forget_developer(store.cursor(), cfg, developer, dry_run=bool(body.get("dry_run")),
+                                                    undo=bool(body.get("undo")))
+
     routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle,
               ("POST", "/api/dataset"): dataset,
-              ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry}
+              ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry,
+              ("POST", "/api/forget"): forget}
     return routes, {("GET", "/api/runs/"): run, ("GET", "/api/quarantine/"): quarantine_show}
 
 

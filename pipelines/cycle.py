@@ -18,6 +18,7 @@ handling: an exception here leaves the run marked failed with its error.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
     if not resuming:
         if scope.kind == "team":
             summary["collect"] = collect()
-        start = plan_start(cfg, scope, team)
+        start = plan_start(cfg, scope, team, store.retrain_marks().keys())
         if start.why:
             return skip(store, run_id, name, summary, "plan", start.why)
         tokenizer = load_base_tokenizer(cfg.base_model)
@@ -143,9 +144,18 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
     return CycleResult(run_id, name, "promoted" if version else "kept", version, summary)
 
 
-def plan_start(cfg: Config, scope: Scope, team: str) -> Start:
-    """The champion to beat and the adapter to start from, for a team or one of its developers."""
+def plan_start(cfg: Config, scope: Scope, team: str, marked: Collection[tuple[str, str]] = ()) -> Start:
+    """The champion to beat and the adapter to start from, for a team or one of its developers.
+
+    A served version in `marked` (trained on rows of a developer who was since forgotten) is neither a
+    starting point nor a champion: the run retrains from the base model on the remaining rows, and is
+    promoted when it beats the base."""
     team_adapter = same_base(cfg, registry.served(cfg.state_dir).get(f"team:{team}"))
+    if team_adapter is not None and (team_adapter.scope, team_adapter.version) in marked:
+        if scope.kind == "dev":
+            return Start(None, None, None, f"team:{team} serves {team_adapter.version}, trained on rows of a "
+                                           "forgotten developer: a developer's adapter waits for its retrain")
+        return Start(None, None, None, "")
     if scope.kind == "team":
         if not cfg.train.warm_start or team_adapter is None:
             return Start(team_adapter, None, None, "")
@@ -154,6 +164,8 @@ def plan_start(cfg: Config, scope: Scope, team: str) -> Start:
         return Start(None, None, None, f"team:{team} serves no adapter yet: a developer's adapter starts from "
                                        "their team's, so it waits for the team's first promotion")
     own = same_base(cfg, registry.served(cfg.state_dir).get(str(scope)))
+    if own is not None and (own.scope, own.version) in marked:
+        own = None
     # Every night from the team's current adapter, on all of the developer's rows: the team adapter saw
     # them diluted among everyone's, and a personal adapter exists to weigh them more.
     return Start(own or team_adapter, team_adapter, None, "")

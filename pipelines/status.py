@@ -43,6 +43,10 @@ def status(store: Store, state_dir: Path, teams: list[str], sources: tuple[Sourc
             "started_from": s.lineage.get("init"),
         }
     report["served"] = served
+    marks = store.retrain_marks()
+    report["retrain_required"] = {scope: {"version": s["version"], "reason": marks[(scope, s["version"])]}
+                                  for scope, s in served.items() if (scope, s["version"]) in marks}
+    report["forgotten"] = store.forget_counts()
     report["gate"] = {
         run["scope"]: {"run_id": run["run_id"], "finished_at": run["finished_at"], **run["summary"]["gate"]}
         for run in store.latest_runs_by_scope(with_gate=True)}

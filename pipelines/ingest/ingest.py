@@ -82,8 +82,8 @@ class SourceReport:
 
 def collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, directory: Directory) -> SourceReport:
     """Collect one source from its saved cursors until it has nothing new."""
-    with collect_lock:
-        return _collect_source(store, source, cfg, directory)
+    with collect_lock:  # held by a forget too: no batch of a person can land after their forget
+        return _collect_source(store, source, cfg, directory.with_tombstones(store.tombstones()))
 
 
 def limits_of(cfg: CollectConfig) -> Limits:
@@ -166,7 +166,7 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
             return
         rows.add(TabbyActionRow(id=event.key, completion_id=event.completion_id, source=source.name,
                                 kind=event.kind, acted_at=event.at, choice_index=event.choice_index,
-                                line_select=event.line_select))
+                                line_select=event.line_select, developer=who.developer))
         rows.tabby_touched.add(event.completion_id)
         return
     who = directory.resolve(source.developer, event.user_ids)
