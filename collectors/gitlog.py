@@ -32,7 +32,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -86,7 +86,7 @@ class GitCollector:
         if cursor is not None and cursor.sha:
             if _is_commit(repo, cursor.sha):
                 revs.append(f"^{cursor.sha}")
-                if not repo.is_ancestor(cursor.sha, head):
+                if not _is_ancestor(repo, cursor.sha, head):
                     note = f"{stream} moved from {cursor.sha[:12]} to {head[:12]} without fast-forward " \
                            "(force-push or reset): harvesting the new history"
             else:
@@ -135,7 +135,7 @@ def count_commits(root: Path, cursor: Cursor | None) -> int:
         return 0
     if cursor is not None and cursor.sha and _is_commit(repo, cursor.sha):
         revs.append(f"^{cursor.sha}")
-    return int(repo.git.rev_list("--count", *revs))
+    return int(_git(_cwd(repo), "rev-list", "--count", *revs, "--"))
 
 
 def remote_name(root: Path) -> str:
@@ -163,8 +163,7 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
                  stream: str = "HEAD") -> Iterator[Commit | Reject]:
     """Every commit in `revs` (git rev-list syntax), oldest first (parents before children), with files,
     diffs and contents; a commit that cannot be read comes as a `Reject` (its sha and why) in its place."""
-    # .mailmap (which %aE follows) is read from the work tree, so git runs there rather than on --git-dir.
-    cwd = Path(repo.working_tree_dir or repo.git_dir)
+    cwd = _cwd(repo)
     objects = ObjectReader(Path(repo.git_dir))
     # Commits read so far that no commit read after them names as a parent. Read in topological order, what
     # has been read is all of their ancestors inside `revs`, so a walk restarted with them excluded goes on
@@ -261,7 +260,7 @@ def _git_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "GIT_DIFF_OPTS"}
 
 
-def _git_records(cwd: Path, args: list[str | bytes]) -> Iterator[bytes]:
+def _git_records(cwd: Path, args: list[str | bytes]) -> Generator[bytes, None, None]:
     """The commits one `git log` or `git diff-tree` writes, each once the next has begun and the last once git
     exited 0."""
     with tempfile.TemporaryFile() as err:
@@ -297,11 +296,31 @@ def _failure(code: int, err: IO[bytes]) -> str:
 
 def _rev_list(cwd: Path, walk: list[str]) -> list[tuple[str, list[str]]]:
     """The commits of `walk` with their parents, in the order `git log --reverse --topo-order` shows them."""
-    out = subprocess.run(["git", "rev-list", "--reverse", "--topo-order", "--parents", *walk, "--"], cwd=cwd,
-                         capture_output=True, env=_git_env())
+    out = _git(cwd, "rev-list", "--reverse", "--topo-order", "--parents", *walk, "--")
+    return [(line.split()[0], line.split()[1:]) for line in out.splitlines()]
+
+
+def _git(cwd: Path, *args: str) -> str:
+    """What a short git command prints; a failure is a GitError that quotes git (a history missing a commit
+    object cannot be walked at all: "error: Could not read <sha>")."""
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, env=_git_env())
     if out.returncode != 0:
-        raise GitError(f"git rev-list cannot walk {cwd}: {out.stderr.decode('utf-8', 'replace').strip()}")
-    return [(line.split()[0], line.split()[1:]) for line in out.stdout.decode().splitlines()]
+        why = out.stderr.decode("utf-8", "replace").strip()[-_STDERR_CHARS:]
+        raise GitError(f"git {args[0]} failed in {cwd}: {why} (exit status {out.returncode}); "
+                       "`git fsck` lists what the repository is missing")
+    return out.stdout.decode()
+
+
+def _is_ancestor(repo: git.Repo, ancestor: str, sha: str) -> bool:
+    out = subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, sha], cwd=_cwd(repo), capture_output=True)
+    if out.returncode > 1:  # 1: not an ancestor
+        raise GitError(f"git merge-base failed in {_cwd(repo)}: {out.stderr.decode('utf-8', 'replace').strip()}")
+    return out.returncode == 0
+
+
+def _cwd(repo: git.Repo) -> Path:
+    # .mailmap (which %aE follows) is read from the work tree, so git runs there rather than on --git-dir.
+    return Path(repo.working_tree_dir or repo.git_dir)
 
 
 def _records(stdout: Any) -> Iterator[bytes]:
