@@ -13,7 +13,7 @@ import git
 import pytest
 
 from collectors.base import Commit, Reject
-from collectors.gitlog import DIFF_OPTIONS, _git_records, iter_commits
+from collectors.gitlog import DIFF_OPTIONS, MAX_RESTARTS, _git_records, iter_commits
 from support import run_devtune, write_config
 
 EVERY_BYTE = bytes(range(256))
@@ -299,3 +299,30 @@ def test_a_history_git_cannot_walk_fails_naming_gits_reason(tmp_path: Path) -> N
     result = run_devtune("--config", str(site.config), "collect")
     assert result.returncode != 0
     assert gone in result.stderr and "-13" not in result.stderr
+
+
+def test_a_history_where_every_commit_lacks_a_blob_is_read_whole(tmp_path: Path) -> None:
+    # More failures than MAX_RESTARTS: past it, the rest is read one commit at a time instead of a walk each.
+    repo = tmp_path / "repo"
+    head = fast_import(_init(repo), [Spec(b"root", {b"README": b"r\n"})])[0]
+    gone, wanted = [], []
+    for i in range(MAX_RESTARTS + 4):
+        gone.append(loose_blob(repo, b"\0lost %d" % i))
+        head = plumbing_commit(repo, head, [("100644", gone[-1], f"lost{i}.bin"),
+                                            ("100644", loose_blob(repo, b"K = %d\n" % i), f"kept{i}.py")], f"c{i}")
+        wanted.append(head)
+    subprocess.run(["git", "update-ref", "refs/heads/main", head], cwd=repo, check=True)
+    for sha in gone:
+        delete_loose(repo, sha)
+    items = list(iter_commits(git.Repo(repo), [head], 1 << 20))
+    commits = [i for i in items if isinstance(i, Commit)]
+    assert len(commits) == len(items) == len(wanted) + 1
+    assert [c.sha for c in commits[1:]] == wanted  # parents before children, each once
+    for i, c in enumerate(commits[1:]):
+        files = {f.path: f for f in c.files}
+        assert files[f"kept{i}.py"].content == f"K = {i}\n" and files[f"lost{i}.bin"].content is None
+
+
+def _init(repo: Path) -> Path:
+    git.Repo.init(repo, initial_branch="main")
+    return repo
