@@ -492,12 +492,13 @@ def _parse_record(objects: ObjectReader, record: bytes, max_file_bytes: int) -> 
 
 def _time(raw: bytes, who: str) -> datetime:
     # git prints an empty %at for a date it cannot parse ("author A <a@b> notatime +0000"; fsck: badDate).
+    text = raw[:40].decode("ascii", "replace")
     try:
         return datetime.fromtimestamp(int(raw), UTC).replace(tzinfo=None)
     except ValueError:
-        raise Unreadable(f"{who} date {raw[:40]!r} is not a unix time") from None
+        raise Unreadable(f"{who} date {text!r} is not a unix time (`git fsck` reports it as badDate)") from None
     except (OverflowError, OSError):
-        raise Unreadable(f"{who} date {raw[:40]!r} is out of range") from None
+        raise Unreadable(f"{who} date {text!r} is out of range") from None
 
 
 def _message(found: tuple[int, bytes] | None, max_bytes: int) -> str:
