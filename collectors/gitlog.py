@@ -33,7 +33,8 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -63,6 +64,7 @@ _STDERR_CHARS = 2000  # what an error or a reject quotes of git's stderr (its la
 # this many, the rest goes one commit at a time (~5 ms each), so a history where most commits lack a blob (a
 # partial clone that cannot fetch) costs linear time, not a walk per commit.
 MAX_RESTARTS = 16
+READ_AHEAD = 64  # commits without text files that wait at most for the next one's round trip
 
 
 class GitError(Exception):
@@ -177,16 +179,35 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
     tips: set[str] = set()
     walk = list(revs)
     restarts = 0
+    done: set[str] = set()  # commits of the current walk read so far
+
+    def emit(waiting: list[tuple[bytes, _Record | Reject]]) -> Iterator[Commit | Reject]:
+        for record, item in _complete(objects, waiting, max_file_bytes, stream):
+            yield item
+            if isinstance(item, Commit):
+                _advance(tips, done, item.sha, item.parents)
+            else:
+                sha, _, parents = record.partition(b"\n")[0].partition(b" ")
+                _advance(tips, done, sha.decode(), parents.decode().split())
+
     try:
         while True:
-            done: set[str] = set()
+            done.clear()
+            waiting: list[tuple[bytes, _Record | Reject]] = []  # parsed, their objects not read yet
             try:
                 for record in _git_records(cwd, ["log", *DIFF_OPTIONS, "--topo-order", "--reverse", *walk, "--"]):
-                    item = _read(objects, record, max_file_bytes, stream)
-                    yield item
-                    _advance(tips, done, record)
+                    parsed = _parse(record, max_file_bytes, stream, objects.seen)
+                    waiting.append((record, parsed))
+                    # A commit with no text file to read (a merge: 31% of flask's commits, 30% of Pillow's) waits
+                    # for the next one that has, and their objects come in one round trip: a round trip per commit
+                    # made the collector alone 12% slower on flask (0.71 -> 0.81 s, after 4 alternating runs).
+                    if (isinstance(parsed, _Record) and len(parsed.objects) > 1) or len(waiting) >= READ_AHEAD:
+                        yield from emit(waiting)
+                        waiting = []
+                yield from emit(waiting)
                 return
             except _GitFailed as failure:
+                yield from emit(waiting)  # whole records: the failure is handled from the commit after them
                 # Git stops at the first commit it cannot show ("fatal: unable to read <blob>"). The record it was
                 # writing is held back, so that commit is the first one of this walk not read yet, or the next
                 # one when git had finished writing it (it reads a commit's trees before writing its header).
@@ -200,7 +221,7 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
                 for sha, parents in left if one_by_one else left[:2]:
                     item, failed = _show_one(cwd, objects, sha, max_file_bytes, stream)
                     yield item
-                    _advance(tips, done, sha.encode() + b" " + b" ".join(p.encode() for p in parents))
+                    _advance(tips, done, sha, parents)
                     if failed and not one_by_one:
                         break
                 if one_by_one:
@@ -210,11 +231,10 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
         objects.close()
 
 
-def _advance(tips: set[str], done: set[str], record: bytes) -> None:
-    sha, _, rest = record.partition(b"\n")[0].partition(b" ")
-    tips.difference_update(p.decode() for p in rest.split())
-    tips.add(sha.decode())
-    done.add(sha.decode())
+def _advance(tips: set[str], done: set[str], sha: str, parents: Iterable[str]) -> None:
+    tips.difference_update(parents)
+    tips.add(sha)
+    done.add(sha)
 
 
 def _show_one(cwd: Path, objects: ObjectReader, sha: str, max_file_bytes: int,
@@ -392,9 +412,11 @@ class ObjectReader:
                     out[sha] = None
                     continue
                 size = int(header[2])
-                data = self.proc.stdout.read(min(size, max_bytes))
-                _skip(self.proc.stdout, size - len(data) + 1)  # the rest, then "\n"
-                out[sha] = (size, data)
+                if size <= max_bytes:
+                    out[sha] = (size, self.proc.stdout.read(size + 1)[:-1])  # the object, then "\n"
+                    continue
+                out[sha] = (size, self.proc.stdout.read(max_bytes))
+                _skip(self.proc.stdout, size - max_bytes + 1)
         return out
 
     def _died(self) -> GitError:
@@ -431,19 +453,68 @@ def _text(found: tuple[int, bytes] | None, max_file_bytes: int) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class _Record:
+    """A commit as `git log` describes it: all but its message and the contents of its files."""
+
+    sha: str
+    parents: tuple[str, ...]
+    author_name: str
+    author_email: str
+    authored_at: datetime
+    committed_at: datetime
+    changes: tuple[tuple[FileChange, bool], ...]  # each file, and whether its content is worth reading
+    olds: tuple[str, ...]  # old versions to read too (see _parse)
+
+    @property
+    def objects(self) -> list[str]:
+        """What to ask `cat-file` for: the commit (its message), the new versions to keep, the old ones."""
+        return [self.sha, *(change.blob for change, text in self.changes if text), *self.olds]
+
+
 def _read(objects: ObjectReader, record: bytes, max_file_bytes: int, stream: str) -> Commit | Reject:
     """The commit one record describes, or a reject that says why it cannot be read."""
+    return _complete(objects, [(record, _parse(record, max_file_bytes, stream, objects.seen))], max_file_bytes,
+                     stream)[0][1]
+
+
+def _complete(objects: ObjectReader, parsed: list[tuple[bytes, _Record | Reject]], max_file_bytes: int,
+              stream: str) -> list[tuple[bytes, Commit | Reject]]:
+    """Parsed commits with their messages and contents, read in one round trip, in their order."""
+    objs = objects.read([sha for _, one in parsed if isinstance(one, _Record) for sha in one.objects],
+                        max_file_bytes)
+    return [(record, one if isinstance(one, Reject) else _commit(one, objs, max_file_bytes, stream))
+            for record, one in parsed]
+
+
+def _commit(record: _Record, objs: dict[str, tuple[int, bytes] | None], max_file_bytes: int,
+            stream: str) -> Commit | Reject:
+    try:
+        message = _message(objs[record.sha], max_file_bytes)
+    except Unreadable as e:
+        return _reject(stream, record.sha, str(e))
+    files = tuple(dataclasses.replace(change, content=_text(objs.get(change.blob), max_file_bytes),
+                                      old_content=_text(objs.get(change.old_blob), max_file_bytes)
+                                      if change.old_blob in record.olds else None)
+                  if text else change for change, text in record.changes)
+    return Commit(sha=record.sha, parents=record.parents, author_name=record.author_name,
+                  author_email=record.author_email, authored_at=record.authored_at,
+                  committed_at=record.committed_at, message=message, files=files)
+
+
+def _parse(record: bytes, max_file_bytes: int, stream: str, seen: set[str]) -> _Record | Reject:
+    """What one record says of its commit, or a reject that says why it cannot be read. `seen`: the blobs
+    read already."""
     if not _HEAD.fullmatch(record.partition(b"\n")[0]):
         # Not a commit header, which the framing rules out: a parser bug, not data to quarantine.
         raise GitError(f"git log wrote {record[:80]!r} where a commit should start")
     try:
-        return _parse_record(objects, record, max_file_bytes)
+        return _parse_record(record, max_file_bytes, seen)
     except Unreadable as e:
-        sha = record.partition(b" ")[0].partition(b"\n")[0].decode()
-        return _reject(stream, sha, str(e), len(record))
+        return _reject(stream, record.partition(b" ")[0].partition(b"\n")[0].decode(), str(e), len(record))
 
 
-def _parse_record(objects: ObjectReader, record: bytes, max_file_bytes: int) -> Commit:
+def _parse_record(record: bytes, max_file_bytes: int, seen: set[str]) -> _Record:
     lines = record.split(b"\n", 4)
     if len(lines) < 4 or lines[2][:1] != b"e" or lines[3][:1] != b"n":
         raise Unreadable(f"git log printed an incomplete header: {b' / '.join(lines[1:4])[:200]!r}")
@@ -468,28 +539,14 @@ def _parse_record(objects: ObjectReader, record: bytes, max_file_bytes: int) -> 
                 changes.append(change)
     if diffs:
         raise Unreadable(f"patches without a --raw line: {sorted(diffs)[:3]!r}")
-    sha_text = sha.decode()
-    wanted = [change.blob for change, text in changes if text]
     # A history read from its root has read every old version already, as an earlier commit's new one; an
     # incremental harvest reads the old version of each file it modifies first (one blob per file, once).
-    olds = [change.old_blob for change, text in changes
-            if text and change.status == "M" and change.old_blob not in objects.seen]
-    # The message comes with the blobs, in the same round trip.
-    objs = objects.read([sha_text, *wanted, *olds], max_file_bytes)
-    files = tuple(dataclasses.replace(change, content=_text(objs.get(change.blob), max_file_bytes),
-                                      old_content=_text(objs.get(change.old_blob), max_file_bytes)
-                                      if change.old_blob in olds else None)
-                  if text else change for change, text in changes)
-    return Commit(
-        sha=sha_text,
-        parents=tuple(parents.decode().split()),
-        author_name=name[1:].decode("utf-8", "replace"),
-        author_email=email[1:].decode("utf-8", "replace").strip().lower(),
-        authored_at=authored_at,
-        committed_at=committed_at,
-        message=_message(objs[sha_text], max_file_bytes),
-        files=files,
-    )
+    olds = tuple(change.old_blob for change, text in changes
+                 if text and change.status == "M" and change.old_blob not in seen)
+    return _Record(sha=sha.decode(), parents=tuple(parents.decode().split()),
+                   author_name=name[1:].decode("utf-8", "replace"),
+                   author_email=email[1:].decode("utf-8", "replace").strip().lower(),
+                   authored_at=authored_at, committed_at=committed_at, changes=tuple(changes), olds=olds)
 
 
 def _time(raw: bytes, who: str) -> datetime:
