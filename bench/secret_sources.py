@@ -29,8 +29,9 @@ secret", since the scrubber is judged as one whole rule set:
 - a negative of one rule that another rule of the same scanner flags is a positive (`nonMatchingToken :=
   "i4azeplb1a2j8cxa"` is a negative of gitleaks' settlemint rule, and its generic-api-key rule flags it).
   gitleaks' rules run here with their entropy thresholds, keywords and allowlists (paths aside), Nosey
-  Parker's patterns as they are; detect-secrets runs itself (`scan_line` with every plugin and its default
-  filters) when it is installed (the `bench` extra); rules whose regex Python cannot read are left out;
+  Parker's patterns as they are; detect-secrets runs itself (`scan_file` on the line alone as a `.txt`,
+  `.conf`, `.yaml`, `.py`, `.go`, `.c`, `.java` and `.js` file, every plugin with its default filters) when it
+  is installed (the `bench` extra); rules whose regex Python cannot read are left out;
 - the same text labeled both ways (detect-secrets' keyword plugin flags `password = VALUE` in a `.conf` file
   and not in a `.cpp` file; the scrubber sees no file names) counts once, as a positive;
 - the positives of rules for identifiers rather than credentials (Nosey Parker's rules in its "identifier"
@@ -47,6 +48,7 @@ import random
 import re
 import sre_constants
 import sre_parse
+import tempfile
 import tomllib
 import zlib
 from collections import Counter
@@ -637,16 +639,24 @@ def detect_secrets(root: Path) -> list[Example]:
 
 
 def _detect_secrets_flags(line: str) -> str | None:
-    """The type of the first secret detect-secrets reports in `line` with every plugin and its default
-    filters, or None (also when detect-secrets is not installed)."""
+    """The type of the first secret detect-secrets reports in `line` as a file of its own, with every plugin and
+    its default filters, or None (also when detect-secrets is not installed). (`scan_line`, its one-string
+    mode, turns the entropy limits off and reports "foo".)"""
     try:
-        from detect_secrets.core.scan import scan_line
+        from detect_secrets import SecretsCollection
         from detect_secrets.settings import default_settings
     except ImportError:
         return None
-    with default_settings():
-        for secret in scan_line(line):
-            return str(secret.type)
+    with tempfile.TemporaryDirectory() as tmp, default_settings():
+        # Its keyword plugin reads a line differently per file type (quotes required in `.py`, not in `.conf`):
+        # a line it flags in any of them is a secret by its own judgment (the scrubber sees no file names).
+        for suffix in (".txt", ".conf", ".yaml", ".py", ".go", ".c", ".java", ".js"):
+            path = Path(tmp) / f"line{suffix}"
+            path.write_text(line + "\n")
+            collection = SecretsCollection()
+            collection.scan_file(str(path))
+            for _, secret in collection:
+                return str(secret.type)
     return None
 
 

@@ -35,6 +35,7 @@ import binascii
 import fnmatch
 import functools
 import itertools
+import json
 import math
 import re
 from collections import Counter
@@ -127,12 +128,12 @@ RULES: tuple[Rule, ...] = (
           "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     _rule("gitlab_token", r"\b(?:glpat-[\w-]{20}|glpat-[\w-]{27,300}\.[0-9a-z]{2}[0-9a-z]{7}"
                           r"|glrt-[\w-]{20}|glrt-t\d_[\w-]{27,300}\.[0-9a-z]{2}[0-9a-z]{7}"
-                          r"|gldt-[\w-]{20}|glffct-[\w-]{20}|glft-[\w-]{20}|glsoat-[\w-]{20}|glimt-[\w-]{25}"
-                          r"|glptt-[\w-]{40}|glagent-[\w-]{50}|gloas-[\w-]{64}|glcbt-[0-9a-zA-Z]{1,5}_[\w-]{20}"
-                          r"|GR1348941[\w-]{20})" + _END,
+                          r"|gldt-[\w-]{20}|glffct-[\w-]{20}|glft-[\w-]{20}|glsoat-[\w-]{20,50}|glimt-[\w-]{25}"
+                          r"|glptt-[\w-]{40}|glagent-[\w-]{50,1024}|gloas-[\w-]{64}"
+                          r"|glcbt-(?:[0-9a-zA-Z]{1,5}_)?[\w-]{20}|GR1348941[\w-]{20,50})" + _END,
           "glpat-", "glrt-", "gldt-", "glffct-", "glft-", "glsoat-", "glimt-", "glptt-", "glagent-", "gloas-",
           "glcbt-", "GR1348941"),
-    _rule("gitlab_token", r"_gitlab_session=(?P<s>[0-9a-z]{32})" + _END, "_gitlab_session="),
+    _rule("gitlab_token", r"_gitlab_session=[0-9a-z]{32}" + _END, "_gitlab_session="),
     _rule("bitbucket_token", r"\bATBB[A-Za-z0-9_=.\-]{24,}", "ATBB"),
     _rule("atlassian_token", r"\bATATT3[A-Za-z0-9_=.\-]{24,}", "ATATT3"),
     _rule("circleci_token", r"\bCCIPAT_[A-Za-z0-9_]{20,}", "CCIPAT_"),
@@ -173,16 +174,17 @@ RULES: tuple[Rule, ...] = (
     # chat apps and mail (gitleaks slack-*, discord-*, telegram-*, twilio-*, sendgrid-*, mailchimp-*, ...)
     _rule("slack_token", r"\b(?:xoxb-[0-9]{10,13}-[0-9]{10,13}[a-zA-Z0-9-]*|xoxb-[0-9]{8,14}-[a-zA-Z0-9]{18,26}"
                          r"|xox[pe](?:-[0-9]{10,13}){3}-[a-zA-Z0-9-]{28,34}|xox[os]-\d+-\d+-\d+-[a-fA-F\d]+"
-                         r"|xox[ar]-(?:\d-)?[0-9a-zA-Z]{8,48}|xoxe\.xox[bp]-\d-[A-Z0-9]{163,166}"
-                         r"|xoxe-\d-[A-Z0-9]{146}|xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+)" + _END,
+                         r"|xox[ar]-(?:\d-)?[0-9a-zA-Z]{8,48}(?:-[0-9a-zA-Z]+)*|xoxe\.xox[bp]-\d-[A-Za-z0-9]{163,166}"
+                         r"|xoxe-\d-[A-Za-z0-9]{146}|xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+)" + _END,
           "xoxb-", "xoxp-", "xoxe-", "xoxo-", "xoxs-", "xoxa-", "xoxr-", "xoxe.", "xapp-"),
     _rule("slack_webhook", r"(?:https?://)?hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_+-]{20,}",
-          "hooks.slack.com"),
+          "hooks.slack.com", anchored=False),
     _rule("discord_webhook", r"https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/\d+/[\w-]{30,}",
           "/api/webhooks/", anchored=False),
     _rule("teams_webhook", r"https://[A-Za-z0-9.\-]+\.webhook\.office\.com/webhookb2/[A-Za-z0-9@/\-]{40,}",
           "webhook.office.com", anchored=False),
-    _rule("teams_webhook", r"https://outlook\.office(?:365)?\.com/webhook/[A-Za-z0-9@/\-]{40,}", "outlook.office"),
+    _rule("teams_webhook", r"https://outlook\.office(?:365)?\.com/webhook/[A-Za-z0-9@/\-]{40,}", "outlook.office",
+          anchored=False),
     # A bot token is its id, ":A" and 34 more (35 after the colon; gitleaks telegram-bot-api-token).
     _rule("telegram_token", r"\b\d{5,16}:A[A-Za-z0-9_\-]{34,35}" + _END, ":A", anchored=False),
     # The marker takes the first hex digit too: "AC" alone occurred on most events (ACCESS, STACK), "AC0"-"ACf"
@@ -226,16 +228,27 @@ RULES: tuple[Rule, ...] = (
     _rule("langsmith_key", r"\blsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}" + _END, "lsv2_"),
     _rule("tavily_key", r"\btvly-(?:dev-)?[a-zA-Z0-9]{32}" + _END, "tvly-"),
     _rule("thingsboard_token", r"thingsboard\.cloud/api/v1/(?P<s>[a-z0-9]{20})/", "thingsboard.cloud/api/v1/"),
+    _rule("intra42_secret", r"\bs-s4t2(?:ud|af)-[a-f0-9]{64}" + _END, "s-s4t2"),
+    _rule("mapbox_token", r"\b[st]k\.eyJ[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{20,}" + _END, "sk.eyJ", "tk.eyJ"),
+    # Sidekiq Enterprise and Pro: Bundler's credentials for their gem servers, in an environment variable.
+    _rule("sidekiq_credentials", r"(?i)BUNDLE_(?:ENTERPRISE|GEMS)__CONTRIBSYS__COM[\"']?[ \t]*[:=][ \t]*[\"']?"
+                                 r"(?P<s>[a-f0-9]{8}:[a-f0-9]{8})", "bundle_enterprise__contribsys", "bundle_gems__contribsys",
+          lower=True),
+    # .NET: new NetworkCredential("user", "password"), new DirectoryEntry("LDAP://...", "user", "password").
+    _rule("secret_assignment", r"(?i)NetworkCredential\([ \t]*\"[^\"\n]*\"[ \t]*,[ \t]*\"(?P<s>[^\"\n]+)\"",
+          "networkcredential(", lower=True),
+    _rule("secret_assignment", r"(?i)DirectoryEntry\(\s*\"[^\"\n]*\"\s*,\s*\"[^\"\n]*\"\s*,\s*\"(?P<s>[^\"\n]+)\"",
+          "directoryentry(", lower=True),
     _rule("sidekiq_credentials", r"(?i)https?://(?P<s>[a-f0-9]{8}:[a-f0-9]{8})@(?:gems|enterprise)\.contribsys\.com",
           "contribsys.com", lower=True, anchored=False),
     _rule("password_hash", r"\$(?:1|2[abxy]?|5|6|md5|apr1)\$(?:rounds=\d+\$)?[./A-Za-z0-9]{1,22}\$[./A-Za-z0-9]{22,86}"
                            r"|\$2[abxy]?\$\d\d\$[./A-Za-z0-9]{53}|\$8\$[./A-Za-z0-9]{14}\$[./A-Za-z0-9]{43}"
                            r"|\$krb5(?:asrep|tgs)\$\d+\$[^\s$]*\$?[0-9a-f]{32}\$[0-9a-f]{64,}|\$argon2(?:id|i|d)\$[^\s\"']+",
           "$1$", "$2a$", "$2b$", "$2x$", "$2y$", "$2$", "$5$", "$6$", "$8$", "$md5$", "$apr1$", "$krb5", "$argon2"),
-    # JWTs, signed or not: a base64url JSON header, a payload, an optional signature. Only one that decodes to
-    # a JSON object counts (see _real_jwt).
-    _rule("jwt", r"\beyJ[A-Za-z0-9_\-]{10,}={0,2}\.[A-Za-z0-9_\-]{10,}={0,2}\.(?:[A-Za-z0-9_\-+/]{10,}={0,2})?",
-          "eyJ"),
+    # JWTs, signed or not: a base64url JSON header, a payload, an optional signature (`alg: none` tokens end
+    # with a dot or at the payload). Only one whose header and payload decode to JSON objects counts (_real_jwt).
+    _rule("jwt", r"\beyJ[A-Za-z0-9_\-]{10,}={0,2}\.[A-Za-z0-9_\-]{10,}={0,2}(?:\.(?:[A-Za-z0-9_\-+/]{10,}={0,2})?)?"
+                 + _END, "eyJ"),
     # Credentials in transit: HTTP headers, URLs and command lines.
     _rule("authorization_header", r"(?i)\b(?:proxy-)?authorization\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?[ \t]*"
                                   r"(?:(?:bearer|basic|token|api-token|apikey|ssws|digest|bot|key)[ \t]+)?"
@@ -251,9 +264,10 @@ RULES: tuple[Rule, ...] = (
     _rule("url_credentials", r"(?i)[?&](?:access_?token|auth_?token|token|api_?key|apikey|key|secret|password|pwd"
                              r"|client_secret|signature|sig|auth)=(?P<s>[^&#\s'\"<>]{8,})", "token=", "key=",
           "secret=", "password=", "pwd=", "signature=", "auth=", lower=True, anchored=False, check=True),
-    # curl -u user:password, --user 'key:' (an API key given as a user name, with no password).
-    _rule("url_credentials", r"(?:(?<=\s)|^)(?:-u|--user)(?:[ \t]+|=)(?P<q>[\"']?)(?:[^\s:\"']*:(?P<s>[^\s\"']{3,})"
-                             r"|(?P<k>[^\s:\"']{10,}):)(?P=q)(?=\s|$)", "-u ", "-u\t", "--user"),
+    # curl -u user:password, --user 'key:' (an API key as the user name): both, since the user can be the key.
+    _rule("url_credentials", r"(?:(?<=\s)|^)(?:-u|--user)(?:[ \t]+|=)(?P<s>\"[^\"\s:]*:[^\"\s]*\"|'[^'\s:]*:[^'\s]*'"
+                             r"|(?P<q>[\"']?)[^\s:\"']*(?P=q):(?P<q2>[\"']?)[^\s\"']{3,}(?P=q2)|[^\s:\"']{10,}:)(?=\s|$)",
+          "-u ", "-u\t", "--user"),
     # psexec and friends: `-u USER -p PASSWORD`.
     _rule("url_credentials", r"-u[ \t]+\S+[ \t]+-p[ \t]*(?P<s>[^\s\"'%$-][^\s\"']*)", "-u "),
 )
@@ -275,15 +289,21 @@ _PUBLIC_EXAMPLES = frozenset({
 # Keys meant to be shipped to browsers and apps: not credentials.
 _PUBLIC_PREFIXES = ("pk_live_", "pk_test_", "FLWPUBK", "pk.eyJ")
 
-# Placeholders: a run of one character (xxxxxx, ******, 000000), an alphabet run (abcdefg, KLMNOPQ), and the
-# words people write instead of a value. A random 32-character token holds a run of 6 equal characters or 7
+# Placeholders: six x, # or * in a row, runs of one character making a third of the value (000000..., a
+# `5555555dAAAAA7777777` pattern; a real Twitter bearer token starts with 22 "A"s and 90 random characters
+# follow, a Kubernetes value with 10), one character making half of it (A3-XXXXXX-XXXXXXXXXXX-...), an
+# alphabet run (abcdefg, KLMNOPQ), and the words people write instead of a value, in one case ("FaKe" inside a
+# random token is chance). A random 32-character token holds a run of 5 equal characters or 7 ascending
+# letters with odds under 1e-5, so a real key is not taken for one. A random 32-character token holds a run of 6 equal characters or 7
 # ascending letters with odds under 1e-5, so a real key is not taken for one. (Digit runs are left: ids in
 # real webhooks and bot tokens are as likely to be 123456789 as anything else.)
-_FILLER = re.compile(r"(.)\1{5,}|^(.)\2{2,}$")
+_FILLER = re.compile(r"(.)\1{4,}")
+_ONE_CHAR = re.compile(r"^(.)\1{2,}$")
 # <user:password>, [PASSWORD], {token}: a slot to fill in.
 _BRACKETED = re.compile(r"^(?:<[^<>]*>?|\[[^\[\]]*\]?|\{[^{}]*\}?)$|^[^<>]*>$")
-_FILLER_WORDS = re.compile(r"(?i)example|sample|dummy|fake|placeholder|changeme|change_me|redacted|your|here\b|here_"
-                           r"|insert|<[^>]*>|&lt;|\.\.\.")
+_FILLER_WORDS = re.compile("|".join(f"{w}|{w.upper()}|{w.capitalize()}" for w in (
+    "example", "sample", "dummy", "fake", "placeholder", "changeme", "change_me", "redacted", "your", "insert"))
+    + r"|here\b|HERE\b|Here\b|here_|HERE_|<[^>]*>|&lt;|\.\.\.")
 
 
 def _ascending_run(value: str, n: int = 7) -> bool:
@@ -297,7 +317,10 @@ def _ascending_run(value: str, n: int = 7) -> bool:
 
 def placeholder(value: str) -> bool:
     """Whether a value is written in place of a credential rather than being one."""
-    return (value in _PUBLIC_EXAMPLES or value.startswith(_PUBLIC_PREFIXES) or bool(_FILLER.search(value))
+    runs = [m.group() for m in _FILLER.finditer(value)]
+    return (value in _PUBLIC_EXAMPLES or value.startswith(_PUBLIC_PREFIXES) or bool(_ONE_CHAR.match(value))
+            or any(r[0] in "xX#*•" for r in runs) or sum(map(len, runs)) * 3 >= len(value)
+            or len(value) >= 12 and Counter(value).most_common(1)[0][1] * 2 >= len(value)
             or bool(_FILLER_WORDS.search(value)) or _ascending_run(value))
 
 
@@ -336,7 +359,9 @@ _NOT_LAST = frozenset({
     "options", "flag", "flags", "kwargs", "args", "arg", "spec", "info", "data", "list", "map", "dict", "set",
     "table", "ref", "source", "src", "generator", "counter", "parser", "reader", "writer", "event", "events",
     "state", "status", "hash", "digest", "file", "location", "usage", "used", "mask", "char", "chars", "bytes",
-    "mgr", "pair", "position", "pos", "offset", "start", "end", "stream", "iter", "types",
+    "mgr", "pair", "position", "pos", "offset", "start", "end", "stream", "iter", "types", "help", "description",
+    "desc", "doc", "docs", "tooltip", "caption", "instructions", "example", "examples", "note", "comment",
+    "warning", "exception", "realm",
 })
 _NOT_ANY = frozenset({"public", "pub", "publishable", "csrf", "xsrf", "authenticity", "fake", "dummy", "example",
                       "sample", "mock", "placeholder", "tokenizer", "tokens"})
@@ -347,7 +372,7 @@ _NAME_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 def name_strength(name: str) -> int:
     """2: a secret-sounding name (anything assigned to it is a secret); 1: a name ending in "key" or an auth
     word (only a value that reads as a credential is); 0: not a secret's name."""
-    words = [w.lower() for w in _NAME_WORD.findall(name)]
+    words = [w.lower().rstrip("0123456789") or w for w in _NAME_WORD.findall(name)]  # token1, Key2
     if not words or words[-1] in _NOT_LAST or any(w in _NOT_ANY for w in words):
         return 0
     if any(w in _STRONG_WORDS for w in words):
@@ -371,7 +396,7 @@ _KEYWORDS = ("passw", "passphrase", "passcode", "pwd", "secret", "token", "crede
 # words like "passed" would otherwise be a hit on most events.
 _WEAK_KEYWORDS = tuple(f"{w}{quote}{space}{op}" for w in ("key", "auth", "login", "pass")
                        for quote in ("", '"', "'", '\\"') for space in ("", " ", "  ", "\t")
-                       for op in ("=", ":", ">"))
+                       for op in ("=", ":", ">", "?="))
 _KEYWORD_SET = frozenset(_KEYWORDS + _WEAK_KEYWORDS)
 
 # name (operator) value, matched at the start of a name found from its keyword. The operator is optional
@@ -382,8 +407,8 @@ _ASSIGN = re.compile(r"""
     (?P<name>[A-Za-z0-9_.\-]+)
     (?:\[[0-9]*\])?                                     # char secret[25] = "..."
     (?P<close>\\?["'])?                                 # "password": "..."
-    (?:[ \t]*:[ \t]*[A-Za-z_][\w.]*(?:\[\])?(?=[ \t]*=[^=>])    # password: str = "..."
-      |[ \t]+(?!is\b)[A-Za-z_]\w*(?=[ \t]*=[^=>]))?            # token string = "..."
+    (?:[ \t]*:[ \t]*[A-Za-z_][\w.]*(?:\[[\w.,\[\] ]*\])?(?=[ \t]+=[^=>]|=[ \t])   # password: str = "..."
+      |[ \t]+(?!is\b)[A-Za-z_]\w*(?=[ \t]+=[^=>]|=[ \t]))?                   # token string = "..."
     (?P<pre>\s*)
     (?P<op>:{1,3}=|[?.+]=|===?|!==?|=>|=|:|,|\(|\bis\b:?)?
     (?P<post>\s*)
@@ -391,10 +416,12 @@ _ASSIGN = re.compile(r"""
 # A quoted value, perhaps in a call (`password = decrypt("...")`), an Objective-C or Python string prefix, or
 # JSON-encoded text (tool arguments), where its quotes arrive as \". Any character but the quote and a line
 # break: a password can hold spaces, `$`, braces and brackets.
-_QUOTED = re.compile(r"""(?:[A-Za-z_][\w.]*\(\s*|\(\s*)?(?:@|[rbuRBU]{1,2}(?=["'`]))?\\?"""
+_QUOTED = re.compile(r"""(?:[A-Za-z_][\w.]*\(\s*|\(\s*)?(?P<prefix>@|[rbufRBUF]{1,2}(?=["'`]))?\\?"""
                      r"""(?:"(?P<d>[^"\n]*?)\\?"|'(?P<s>[^'\n]*?)\\?'|`(?P<b>[^`\n]*)`)""")
-# An unquoted value: to the end of the word (a trailing comma or semicolon is punctuation, not the value).
+# An unquoted value: to the end of the word (a trailing comma or semicolon is punctuation, not the value); in
+# YAML (`name: value` starting a line), to the end of the line or a comment.
 _BARE = re.compile(r"[^\s\"'`\\;<]+")
+_YAML_VALUE = re.compile(r"[^\s\"'`\\;<#|>&*!][^\n\"'`\\;<]*?(?=[ \t]+#|[ \t]*$|[ \t]*\n)", re.M)
 # <password>...</password>, also across one line break each side (XML configuration files).
 _ELEMENT = re.compile(r"(?P<name>[\w.\-:]+)(?:[ \t][^<>\n]*)?>[ \t]*\n?[ \t]*(?P<v>[^<>\s][^<>\n]*?)[ \t]*\n?[ \t]*"
                       r"</(?P=name)>")
@@ -406,9 +433,13 @@ _COMPARED = re.compile(r"""(?P<q>["'`])(?P<v>[^"'`\n]+)(?P=q)[ \t]*(?:===?|!==?)
 
 # Values a name can be given that are not secrets: templates and references (`${TOKEN}`, `{{ secret }}`,
 # `%(password)s`, `$PASSWORD`, `#{...}`, `<%= ... %>`), and code (`None`, `true`, `os.environ["X"]`, `f(x)`).
-_TEMPLATE = re.compile(r"^\$\{?[A-Za-z_][\w.:-]*\}?|\$\{[A-Za-z_][\w.:-]*(?::-[^}]*)?\}|\{\{.*\}\}|\{%|<%|#\{"
-                       r"|%\([\w.]+\)[sdr]|%(?:\d*\.\d+)?[sdrf](?![A-Za-z0-9])|^%[A-Za-z_]\w*%$|^\{[A-Za-z_]\w*\}$"
-                       r"|\{\d*\}|\{[A-Za-z_][\w.\[\]'\"]*(?:![rsa])?(?::[^{}]*)?\}|\[\[.*\]\]")
+_TEMPLATE = re.compile(r"^\$\{?[A-Za-z_][\w.:-]*\}?|\$\{[A-Za-z_][\w.:-]*(?::-[^}]*)?\}|\$\{\{|\{\{[\s\w.\[\]'\"|:()-]+\}\}"
+                       r"|\{%|<%|#\{|%\([\w.]+\)[sdr]|(?<![A-Za-z0-9])%[sd](?![A-Za-z0-9])|^%[A-Za-z_]\w*%$"
+                       r"|^\{[A-Za-z_][\w.]*\}$|\[\[.*\]\]")
+# A format field (`{name}`, `{0}`) is a slot only in a string that is formatted: an f-string, or one followed
+# by `.format(` or `%`; elsewhere braces are characters a password can hold.
+_FIELD = re.compile(r"\{(?:\d*|[A-Za-z_][\w.\[\]'\"]*)(?:![rsa])?(?::[^{}]*)?\}")
+_FORMATTED = re.compile(r"[ \t]*(?:\.format\(|%[ \t]*[(\w])")
 _CODE_WORDS = frozenset({"none", "null", "nil", "true", "false", "undefined", "self", "this", "new", "await",
                          "required", "optional", "str", "string", "bytes", "int", "secret", "password", "token",
                          "void", "function", "lambda", "return", "if", "not", "and", "or", "is", "in"})
@@ -416,6 +447,9 @@ _CODE_WORDS = frozenset({"none", "null", "nil", "true", "false", "undefined", "s
 _CODE = re.compile(r"[A-Za-z_$][\w$]*(?:(?:\.|::|->)[A-Za-z_$][\w$]*)*(?:\(.*|\[.*)?")
 _WORDS = re.compile(r"^[a-z_]+(?:[\-. ][a-z_]+)*$", re.I)
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9+/=_\-.~:!@#$%^&*]+")
+_FILE = re.compile(r"\.(?:txt|json|ya?ml|py|js|ts|html?|css|md|csv|xml|png|jpe?g|gif|svg|pem|crt|key|conf|cfg|ini|log"
+                   r"|sh|toml|lock|gz|zip|tar)$", re.I)
+_VARIABLE = re.compile(r"[A-Za-z_]+\d{0,2}|[a-z][a-z0-9]*(?:_[a-z0-9]+)+|(?:[A-Z][a-z0-9]*[a-z][a-z0-9]*)+")
 _GLUE = re.compile(r"^\s*[+.,)&|]|[+(,&|]\s*$")
 _PATH = re.compile(r"^(?:/[\w.@%-]+){2,}/?$|^[a-z][a-z0-9+.-]*://\S*$")
 _CALL = re.compile(r"[A-Za-z_][\w.]*\(")
@@ -424,8 +458,7 @@ _STATEMENT_END = re.compile(r"[ \t]*(?:[;,)}\]]|$|\n|#|//)")
 # Values that stand in for one in examples and tests.
 _STAND_INS = frozenset({"changeme", "change_me", "test", "xxx", "foo", "bar", "baz", "qux", "foobar", "secret",
                         "password", "passwd", "pass", "token", "none", "null"})
-_PROSE_END = re.compile(r"[:?!.…]\s*$|\s(?:a|an|the|is|are|be|to|for|of|your|you|not|and|or|with|must|will|can)\s",
-                        re.I)
+_PROSE_END = re.compile(r"[:?!.…]\s*$")
 _NAME_WORDS = ("pass", "pwd", "secret", "token", "key", "credential", "auth")
 
 
@@ -440,8 +473,11 @@ def _credential_like(value: str) -> bool:
     a path, a dotted name, code or a template."""
     if len(value) < 8 or " " in value or _TEMPLATE.search(value) or placeholder(value):
         return False
-    if not _TOKEN_CHARS.fullmatch(value) or value.count("/") > 2 or _WORDS.match(value) or _CODE.fullmatch(value):
-        return False
+    if not _TOKEN_CHARS.fullmatch(value) or value.startswith(("/", "./", "../")) or "//" in value or (
+            "/" in value or "." in value) and _FILE.search(value) or value.count("/") > 1 and not _reads_random(value):
+        return False  # a path or a URL
+    if _WORDS.match(value) or _CODE.fullmatch(value) and (re.search(r"[.(\[]|->|::", value) or _VARIABLE.fullmatch(value)):
+        return False  # a word, a dotted name, a call, `value_2`
     has_digit = any(c.isdigit() for c in value)
     return (has_digit and any(c.isalpha() for c in value)) or _reads_random(value) or (has_digit and len(value) >= 16)
 
@@ -456,6 +492,8 @@ def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: i
     value = value.strip()
     if not any(c.isalnum() for c in value) or len(value) < 4 or placeholder(value) or _TEMPLATE.search(value):
         return False
+    if value == name or value.lower().lstrip("$@") == name.lower():
+        return False  # `auth=auth,`: a keyword argument passed on
     if _GLUE.search(value) or _BRACKETED.match(value) or _PATH.match(value):
         return False  # `" + x + "`, `<your key>`, `/en/enterprise/auth`: the space between literals, a slot, a path
     low = value.lower()
@@ -464,7 +502,8 @@ def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: i
     if strength == 1:
         return _credential_like(value)
     is_word = _WORDS.match(value) is not None
-    if any(w in low for w in _NAME_WORDS) and not any(c.isdigit() for c in value):
+    if not any(c.isdigit() for c in value) and any(
+            w.lower().startswith(_NAME_WORDS) for w in _NAME_WORD.findall(value)):
         return False  # `token = "access_token"`, `PASSWORD = "password"`, "Password: ": a name or a label
     if quoted:
         if " " in value:
@@ -476,7 +515,9 @@ def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: i
         return True
     if not data or value[0] in "([{":
         return _credential_like(value)  # code: `(self, input)`, `[a, b]` are expressions
-    if ini or name.isupper():
+    if " " in value:  # YAML's `db_password: two words` (to the end of the line)
+        return not _PROSE_END.search(value) and value.count(" ") <= 5 and "<" not in value
+    if ini:
         return re.search(r"[(\[]|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$", value) is None
     # `db_password: s3cretValue9` is a value; `password: str`, `secret = key1`, `token = make()` are code
     if _CODE.fullmatch(value):
@@ -548,7 +589,7 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
             return None  # `logger.debug(\n 'text'`: a call's argument on the next line is not the value
         if op is None and (not m.group("pre") or "\n" in gap or not _STATEMENT_END.match(text, q.end())):
             return _compared(text, start, name, strength)  # `password "..."` ends a statement; prose goes on
-        if op == "," and not (close and text[start - 2:start - 1] == "("):
+        if op == "," and not (close and text[start - 2:start - 1] == "(" and (name.islower() or name.isupper())):
             # `getenv("DB_PASSWORD", "...")`, `.get("token", "...")`: a call's first argument and its default;
             # not `f(token, "x")` or a list of names ('raise', 'pass', 'break')
             return _compared(text, start, name, strength)
@@ -556,6 +597,11 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
             return None
         if op and op.startswith("is") and strength != 2:
             return None
+        formatted = _FORMATTED.match(text, q.end()) is not None
+        if _FIELD.search(value) and ("f" in (q.group("prefix") or "").lower() or formatted) or formatted and "%" in value:
+            return None  # f"{user}:{password}", "Bearer {}".format(token), "VS%0.f0COMNTOOLS" % v: filled in later
+        if _CALL.match(lead) and (_WORDS.match(value) or text.startswith(",", q.end())):
+            return None  # `self.helper("_format_explanation", msg)`: an argument to a call, not the value
         if value and assigned_secret(name, value, True, True, strength):
             return q.span(group)
         return None
@@ -567,15 +613,15 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
         return _compared(text, start, name, strength)
     if "\n" in m.group("post"):
         return None  # an unquoted value on the next line is the next statement
-    b = _BARE.match(text, end)
+    context = _config_context(text, start)
+    b = (_YAML_VALUE if op == ":" and context == "\n" else _BARE).match(text, end)
     if b is None:
         return None
-    value = _bare(b.group())
+    value = _bare(b.group().rstrip())
     if before in "?&":
         value = value.split("&", 1)[0].split("#", 1)[0]
     # NAME=value with no spaces, not followed by a comma (a keyword argument on its own line: `token=text,`)
     ini = op == "=" and not m.group("pre") and not m.group("post") and not close and not b.group().endswith(",")
-    context = _config_context(text, start)
     data = context is not None and op in ("=", ":", ":=", "=>") and (context != "#" or ini)
     if value and assigned_secret(name, value, False, data, strength, ini):
         return b.start(), b.start() + len(value)
@@ -614,14 +660,50 @@ def _compared(text: str, start: int, name: str, strength: int) -> tuple[int, int
     return None
 
 
+# A Kubernetes Secret manifest: every value under `data:` or `stringData:` is a secret, whatever its key is named
+# (`.dockercfg`, `ca.pem`, `extra`). The `kind: Secret` line may come before or after the block, with no blank
+# line between them (so that a file cut into pieces at blank lines finds the same; see FileScrubber).
+_K8S_KIND = re.compile(r"""(?im)^[ \t]*kind:[ \t]*["']?secret["']?[ \t]*$""")
+_K8S_DATA = re.compile(r"(?m)^(?P<indent>[ \t]*)(?:data|stringData):[ \t]*$")
+_K8S_ITEM = re.compile(r"""(?m)^(?P<indent>[ \t]*)(?:#.*|[\w.\-]+:[ \t]*(?:(?P<block>[|>][-+]?)[ \t]*\n[ \t]+)?"""
+                       r"""(?P<q>["']?)(?P<v>[^\s"'#][^\n"']*?)(?P=q)[ \t]*)$""")
+
+
+def _kubernetes_secret_values(text: str) -> list[tuple[int, int]]:
+    kinds = [m.start() for m in _K8S_KIND.finditer(text)]
+    if not kinds:
+        return []
+    spans = []
+    for data in _K8S_DATA.finditer(text):
+        if not any("\n\n" not in text[min(k, data.start()):max(k, data.start())] for k in kinds):
+            continue
+        depth = len(data.group("indent").expandtabs(4))
+        pos = data.end() + 1
+        while (item := _K8S_ITEM.match(text, pos)) is not None and len(item.group("indent").expandtabs(4)) > depth:
+            value = item.group("v")
+            if value and len(value) >= 4 and not (_TEMPLATE.search(value) or placeholder(value) or _stand_in(value)):
+                spans.append(item.span("v"))
+            pos = item.end() + 1
+    return spans
+
+
+def _stand_in(value: str) -> bool:
+    """Whether a base64 value decodes to a stand-in word (`YmFyCg==` is "bar\\n")."""
+    try:
+        decoded = base64.b64decode(value, validate=True).decode().strip().lower()
+    except (binascii.Error, ValueError):
+        return False
+    return decoded in _STAND_INS
+
+
 def _real_jwt(token: str) -> bool:
     """Whether a JWT-shaped token's header and payload decode to JSON objects (a typo'd one is not a JWT)."""
     for part in token.split(".")[:2]:
         try:
-            decoded = base64.urlsafe_b64decode(part.rstrip("=") + "=" * (-len(part.rstrip("=")) % 4))
-        except (binascii.Error, ValueError):
+            decoded = json.loads(base64.urlsafe_b64decode(part.rstrip("=") + "=" * (-len(part.rstrip("=")) % 4)))
+        except (binascii.Error, ValueError):  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             return False
-        if not (decoded.startswith(b"{") and decoded.rstrip().endswith(b"}")):
+        if not isinstance(decoded, dict):
             return False
     return True
 
@@ -743,6 +825,9 @@ def find_secrets(text: str, scanned: Scan | None = None) -> list[Span]:
     if keywords:
         for start, end in _assignments(text, lower, keywords):
             _add(found, start, end, "secret_assignment")
+    if "ata:" in text and "ind:" in text:  # data: / stringData:, kind:
+        for start, end in _kubernetes_secret_values(text):
+            _add(found, start, end, "kubernetes_secret")
     for m in _LITERAL.finditer(text):
         end = m.end("s")
         if m.group("q") != "=":
@@ -755,9 +840,20 @@ def find_secrets(text: str, scanned: Scan | None = None) -> list[Span]:
             continue  # `= module.attr.name`: an unquoted dotted value is code
         elif end < len(text) and (text[end].isalnum() or text[end] in "_"):
             continue
-        if looks_random(m.group("s")):
+        if looks_random(m.group("s")) and not _public_name(text, m.start()):
             _add(found, m.start("s"), end, "high_entropy")
     return sorted(found) if len(found) > 1 else found
+
+
+_NAME_BEFORE = re.compile(r"([A-Za-z0-9_.\-]+)\\?[\"']?[ \t]*(?::=|=>|=|:)[ \t]*$")
+
+
+def _public_name(text: str, start: int) -> bool:
+    """Whether a random-looking literal is given to a name that says it is public (`public_key = "..."`,
+    `publicToken`): such values are published on purpose."""
+    m = _NAME_BEFORE.search(text, max(0, start - 80), start)
+    return m is not None and any(w.lower() in ("public", "pub", "publishable")
+                                 for w in _NAME_WORD.findall(m.group(1)))
 
 
 def _found_by(rule: Rule, m: re.Match[str]) -> tuple[int, int, int, str, str]:
@@ -779,8 +875,14 @@ def _kept(kind: str, value: str, start: int, end: int, text: str) -> bool:
     if kind == "private_key":
         return True
     if kind == "url_credentials":  # postgres://%s:%s@host, -u ${USER}:${PASS}, -u 1000:1000 (a uid and a gid)
-        return not (_TEMPLATE.search(value) or placeholder(value) or value.isdigit() or value.lower() in _STAND_INS
-                    or _BRACKETED.match(value))
+        parts = [p.strip("\"'") for p in value.strip("\"'").rsplit(":", 1)]
+        secret = parts[-1] or parts[0]  # `-u user:password`, or `-u KEY:` (a key as the user name, no password)
+        if secret.startswith("{") and secret.endswith("}"):
+            if _VARIABLE.fullmatch(secret[1:-1]):
+                return False  # '{scheme}://aws:{auth_token}@{netloc}': a format field
+            secret = secret[1:-1]
+        return not (_TEMPLATE.search(secret) or placeholder(secret) or secret.isdigit()
+                    or secret.lower() in _STAND_INS or _BRACKETED.match(secret) or len(secret) < 3)
     if kind == "jwt":
         return _real_jwt(value)
     return not placeholder(value)
