@@ -158,7 +158,7 @@ def found(find: Callable[[str], list[Any]], e: Example) -> bool:
         covered.update(range(s, t))
     located = False
     for secret in e.secrets:
-        secret = secret.strip().strip("\"'`")
+        secret = secret.strip("\"'`\\ \t\n")  # the quotes and escapes around it a rule captured
         starts = [i for i in range(len(e.text)) if e.text.startswith(secret, i)] if secret else []
         located = located or bool(starts)
         if starts and all(all(i in covered for i in range(a, a + len(secret))) for a in starts):

@@ -29,9 +29,9 @@ secret", since the scrubber is judged as one whole rule set:
 - a negative of one rule that another rule of the same scanner flags is a positive (`nonMatchingToken :=
   "i4azeplb1a2j8cxa"` is a negative of gitleaks' settlemint rule, and its generic-api-key rule flags it).
   gitleaks' rules run here with their entropy thresholds, keywords and allowlists (paths aside), Nosey
-  Parker's patterns as they are; detect-secrets runs itself (`scan_file` on the line alone as a `.txt`,
-  `.conf`, `.yaml`, `.py`, `.go`, `.c`, `.java` and `.js` file, every plugin with its default filters) when it
-  is installed (the `bench` extra); rules whose regex Python cannot read are left out;
+  Parker's patterns as they are; detect-secrets runs itself (`scan_file` on the line alone as a `.txt` file,
+  every plugin with its default filters) when it is installed (the `bench` extra); rules whose regex Python
+  cannot read are left out;
 - the same text labeled both ways (detect-secrets' keyword plugin flags `password = VALUE` in a `.conf` file
   and not in a `.cpp` file; the scrubber sees no file names) counts once, as a positive;
 - the positives of rules for identifiers rather than credentials (Nosey Parker's rules in its "identifier"
@@ -615,8 +615,8 @@ def detect_secrets(root: Path) -> list[Example]:
                     and len(node.args) >= 2 and isinstance(node.args[0], ast.Constant)):
                 continue
             names = [n.strip() for n in str(node.args[0].value).split(",")]
-            if len(names) != 2 or names[1] not in ("should_flag", "should_be_caught"):
-                continue
+            if names[1:] != ["should_flag"]:
+                continue  # (the high-entropy plugin's `format, should_be_caught` are templates, not lines)
             values = node.args[1]
             if not isinstance(values, (ast.List, ast.Tuple)):
                 continue
@@ -648,15 +648,12 @@ def _detect_secrets_flags(line: str) -> str | None:
     except ImportError:
         return None
     with tempfile.TemporaryDirectory() as tmp, default_settings():
-        # Its keyword plugin reads a line differently per file type (quotes required in `.py`, not in `.conf`):
-        # a line it flags in any of them is a secret by its own judgment (the scrubber sees no file names).
-        for suffix in (".txt", ".conf", ".yaml", ".py", ".go", ".c", ".java", ".js"):
-            path = Path(tmp) / f"line{suffix}"
-            path.write_text(line + "\n")
-            collection = SecretsCollection()
-            collection.scan_file(str(path))
-            for _, secret in collection:
-                return str(secret.type)
+        path = Path(tmp) / "line.txt"
+        path.write_text(line + "\n")
+        collection = SecretsCollection()
+        collection.scan_file(str(path))
+        for _, secret in collection:
+            return str(secret.type)
     return None
 
 

@@ -38,6 +38,7 @@ import itertools
 import json
 import math
 import re
+import string
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -185,8 +186,9 @@ RULES: tuple[Rule, ...] = (
           "webhook.office.com", anchored=False),
     _rule("teams_webhook", r"https://outlook\.office(?:365)?\.com/webhook/[A-Za-z0-9@/\-]{40,}", "outlook.office",
           anchored=False),
-    # A bot token is its id, ":A" and 34 more (35 after the colon; gitleaks telegram-bot-api-token).
-    _rule("telegram_token", r"\b\d{5,16}:A[A-Za-z0-9_\-]{34,35}" + _END, ":A", anchored=False),
+    # A bot token is its id, ":A" and 34 more (35 after the colon; gitleaks telegram-bot-api-token; Nosey
+    # Parker's examples hold 34 and 36). The id can follow a word (`bot110201543:AA...` in a URL path).
+    _rule("telegram_token", r"(?<![0-9])\d{5,16}:A[A-Za-z0-9_\-]{33,35}" + _END, ":A", anchored=False),
     # The marker takes the first hex digit too: "AC" alone occurred on most events (ACCESS, STACK), "AC0"-"ACf"
     # on 1 in 50.
     _rule("twilio_key", r"SK[0-9a-fA-F]{32}" + _END, *(f"SK{c}" for c in "0123456789abcdefABCDEF")),
@@ -215,8 +217,8 @@ RULES: tuple[Rule, ...] = (
     _rule("duffel_token", r"\bduffel_(?:test|live)_[A-Za-z0-9_\-=]{43}" + _END, "duffel_"),
     _rule("easypost_token", r"\bEZ[AT]K[A-Za-z0-9]{54}" + _END, "EZAK", "EZTK"),
     _rule("plaid_token", r"\baccess-(?:sandbox|development|production)-" + _HEX8_4_4_4_12, "access-"),
-    # A session id: the org id (an identifier, kept), "!" and the session's secret.
-    _rule("salesforce_token", r"\b00D[a-zA-Z0-9]{12}!(?P<s>[a-zA-Z0-9._]{80,})", "00D"),
+    # A session id: the org id, "!" and the session's secret.
+    _rule("salesforce_token", r"\b00D[a-zA-Z0-9]{12}![a-zA-Z0-9._]{80,}", "00D"),
     # AI and other APIs
     _rule("openai_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}T3BlbkFJ[A-Za-z0-9_\-]{20,}"
                         r"|\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{40,}", "sk-"),
@@ -228,6 +230,11 @@ RULES: tuple[Rule, ...] = (
     _rule("langsmith_key", r"\blsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}" + _END, "lsv2_"),
     _rule("tavily_key", r"\btvly-(?:dev-)?[a-zA-Z0-9]{32}" + _END, "tvly-"),
     _rule("thingsboard_token", r"thingsboard\.cloud/api/v1/(?P<s>[a-z0-9]{20})/", "thingsboard.cloud/api/v1/"),
+    _rule("adobe_secret", r"\bp8e-[A-Za-z0-9]{32}" + _END, "p8e-"),
+    _rule("softlayer_key", r"(?i)api\.softlayer\.com/(?:soap|rest)/v3(?:\.1)?/(?P<s>[a-z0-9]{64})" + _END,
+          "api.softlayer.com/", lower=True),
+    # A PEM block in base64 ("-----BEGIN " encodes as "LS0tLS1CRUdJTi"): a private key only (see _kept).
+    _rule("private_key", r"\bLS0tLS1CRUdJTi[A-Za-z0-9+/]{20,}={0,2}", "LS0tLS1CRUdJTi"),
     _rule("intra42_secret", r"\bs-s4t2(?:ud|af)-[a-f0-9]{64}" + _END, "s-s4t2"),
     _rule("mapbox_token", r"\b[st]k\.eyJ[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{20,}" + _END, "sk.eyJ", "tk.eyJ"),
     # Sidekiq Enterprise and Pro: Bundler's credentials for their gem servers, in an environment variable.
@@ -249,6 +256,9 @@ RULES: tuple[Rule, ...] = (
     # with a dot or at the payload). Only one whose header and payload decode to JSON objects counts (_real_jwt).
     _rule("jwt", r"\beyJ[A-Za-z0-9_\-]{10,}={0,2}\.[A-Za-z0-9_\-]{10,}={0,2}(?:\.(?:[A-Za-z0-9_\-+/]{10,}={0,2})?)?"
                  + _END, "eyJ"),
+    # A Kubernetes Secret manifest: its `data:` values are found by _kubernetes_secret_values when this occurs.
+    _rule("kubernetes_secret", r"(?im)^[ \t]*kind:[ \t]*[\"']?secret[\"']?[ \t]*$", "kind:", lower=True,
+          anchored=False),
     # Credentials in transit: HTTP headers, URLs and command lines.
     _rule("authorization_header", r"(?i)\b(?:proxy-)?authorization\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?[ \t]*"
                                   r"(?:(?:bearer|basic|token|api-token|apikey|ssws|digest|bot|key)[ \t]+)?"
@@ -271,6 +281,8 @@ RULES: tuple[Rule, ...] = (
     # psexec and friends: `-u USER -p PASSWORD`.
     _rule("url_credentials", r"-u[ \t]+\S+[ \t]+-p[ \t]*(?P<s>[^\s\"'%$-][^\s\"']*)", "-u "),
 )
+
+_K8S_RULE = next(r for r in RULES if r.kind == "kubernetes_secret")
 
 # Values that look like credentials and are published as examples by the vendors (AWS's documentation,
 # the Firebase SDK's sample apps): gitleaks allows exactly these (its aws-access-token and gcp-api-key
@@ -303,25 +315,24 @@ _ONE_CHAR = re.compile(r"^(.)\1{2,}$")
 _BRACKETED = re.compile(r"^(?:<[^<>]*>?|\[[^\[\]]*\]?|\{[^{}]*\}?)$|^[^<>]*>$")
 _FILLER_WORDS = re.compile("|".join(f"{w}|{w.upper()}|{w.capitalize()}" for w in (
     "example", "sample", "dummy", "fake", "placeholder", "changeme", "change_me", "redacted", "your", "insert"))
-    + r"|here\b|HERE\b|Here\b|here_|HERE_|<[^>]*>|&lt;|\.\.\.")
+    + r"|here\b|HERE\b|Here\b|here_|HERE_|<[A-Za-z_ -]+>|&lt;|\.\.\.")
 
 
-def _ascending_run(value: str, n: int = 7) -> bool:
-    run = 1
-    for a, b in itertools.pairwise(value):
-        run = run + 1 if ord(b) - ord(a) == 1 and b.isalpha() and a.isalpha() else 1
-        if run >= n:
-            return True
-    return False
+_ASCENDING = re.compile("|".join(alphabet[i:i + 7] for alphabet in (string.ascii_lowercase, string.ascii_uppercase)
+                                 for i in range(20)))
 
 
 def placeholder(value: str) -> bool:
     """Whether a value is written in place of a credential rather than being one."""
-    runs = [m.group() for m in _FILLER.finditer(value)]
-    return (value in _PUBLIC_EXAMPLES or value.startswith(_PUBLIC_PREFIXES) or bool(_ONE_CHAR.match(value))
-            or any(r[0] in "xX#*•" for r in runs) or sum(map(len, runs)) * 3 >= len(value)
-            or len(value) >= 12 and Counter(value).most_common(1)[0][1] * 2 >= len(value)
-            or bool(_FILLER_WORDS.search(value)) or _ascending_run(value))
+    if value in _PUBLIC_EXAMPLES or value.startswith(_PUBLIC_PREFIXES) or _ONE_CHAR.match(value):
+        return True
+    if _FILLER_WORDS.search(value) or _ASCENDING.search(value):
+        return True
+    if _FILLER.search(value):
+        runs = [m.group() for m in _FILLER.finditer(value)]
+        if any(r[0] in "xX#*•" for r in runs) or sum(map(len, runs)) * 3 >= len(value):
+            return True
+    return len(value) >= 12 and max(map(value.count, set(value))) * 2 >= len(value)
 
 
 # -- values given to secret-sounding names --------------------------------------------------------------------
@@ -366,6 +377,7 @@ _NOT_LAST = frozenset({
 _NOT_ANY = frozenset({"public", "pub", "publishable", "csrf", "xsrf", "authenticity", "fake", "dummy", "example",
                       "sample", "mock", "placeholder", "tokenizer", "tokens"})
 _NAME_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+_ENCODINGS = frozenset({"b64", "base64", "pem", "hex", "enc", "encoded", "raw", "str", "string", "value", "bytes"})
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -373,6 +385,8 @@ def name_strength(name: str) -> int:
     """2: a secret-sounding name (anything assigned to it is a secret); 1: a name ending in "key" or an auth
     word (only a value that reads as a credential is); 0: not a secret's name."""
     words = [w.lower().rstrip("0123456789") or w for w in _NAME_WORD.findall(name)]  # token1, Key2
+    while len(words) > 1 and words[-1] in _ENCODINGS:
+        words.pop()  # PRIVATE_KEY_B64, token_hex: what it holds, encoded
     if not words or words[-1] in _NOT_LAST or any(w in _NOT_ANY for w in words):
         return 0
     if any(w in _STRONG_WORDS for w in words):
@@ -390,8 +404,9 @@ def name_strength(name: str) -> int:
 # Where a secret-sounding name can be, in lower-cased text. The strong words are found wherever they occur;
 # the weak ones only right before an operator, so `sort(key=...)` and `key, value` cost a hit each rather than
 # every `key` in a file (17 per event, measured).
-_KEYWORDS = ("passw", "passphrase", "passcode", "pwd", "secret", "token", "credential", "creds", "apikey",
-             "api_key", "api-key", "_pw", "pw_", "_pass", "-pass", ".pass", "pass_", "pass-")
+_KEYWORDS = ("passw", "passphrase", "passcode", "pwd", "secret", "token", "credential", "creds", "_pw", "pw_",
+             "_pass", "-pass", ".pass", "pass_", "pass-",
+             *(f"{w}{sep}key" for w in sorted(_KEY_OWNERS - {"x"}) for sep in ("_", "-", "")))
 # "pass" alone (a name of its own) and the weak words, only before an operator: Python's `pass` statement and
 # words like "passed" would otherwise be a hit on most events.
 _WEAK_KEYWORDS = tuple(f"{w}{quote}{space}{op}" for w in ("key", "auth", "login", "pass")
@@ -453,6 +468,7 @@ _VARIABLE = re.compile(r"[A-Za-z_]+\d{0,2}|[a-z][a-z0-9]*(?:_[a-z0-9]+)+|(?:[A-Z
 _GLUE = re.compile(r"^\s*[+.,)&|]|[+(,&|]\s*$")
 _PATH = re.compile(r"^(?:/[\w.@%-]+){2,}/?$|^[a-z][a-z0-9+.-]*://\S*$")
 _CALL = re.compile(r"[A-Za-z_][\w.]*\(")
+_NETRC = re.compile(r"(?:^|\s)(?:machine|login)\s+\S+\s+$")
 # What can follow `password "..."` with no operator: the end of a statement or a line.
 _STATEMENT_END = re.compile(r"[ \t]*(?:[;,)}\]]|$|\n|#|//)")
 # Values that stand in for one in examples and tests.
@@ -519,9 +535,13 @@ def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: i
         return not _PROSE_END.search(value) and value.count(" ") <= 5 and "<" not in value
     if ini:
         return re.search(r"[(\[]|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$", value) is None
-    # `db_password: s3cretValue9` is a value; `password: str`, `secret = key1`, `token = make()` are code
+    # `db_password: s3cretValue9` and `token: s.ZC9Ecf4M5g9o34Q6` are values; `password: str`, `secret = key1`,
+    # `token = make()`, `key: self.key` are code
     if _CODE.fullmatch(value):
-        return any(c.isdigit() for c in value) and re.fullmatch(r"[A-Za-z_]+\d{0,2}|.*[.(\[].*", value) is None
+        if re.search(r"[(\[]|->|::", value):
+            return False
+        parts = value.split(".")
+        return any(c.isdigit() for c in value) and not all(_VARIABLE.fullmatch(p) or len(p) < 3 for p in parts)
     return not is_word
 
 
@@ -539,14 +559,16 @@ def _config_context(text: str, start: int) -> str | None:
     return "\n" if text[word_start:i + 1] in ("export", "set", "ENV", "ARG", "SET") else None
 
 
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_.-"
+
+
 def _assignments(text: str, lower: str, keywords: list[int]) -> list[tuple[int, int]]:
     """Value spans of assignments to secret-sounding names, from the keyword hits at `keywords`."""
     spans: list[tuple[int, int]] = []
     tried: set[int] = set()
     for hit in keywords:
-        start = hit
-        while start > 0 and (lower[start - 1].isalnum() or lower[start - 1] in "_.-"):
-            start -= 1
+        head = lower[max(0, hit - 128):hit]
+        start = hit - len(head) + len(head.rstrip(_NAME_CHARS))  # back to where the name starts
         if start in tried:
             continue
         tried.add(start)
@@ -589,7 +611,8 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
             return None  # `logger.debug(\n 'text'`: a call's argument on the next line is not the value
         if op is None and (not m.group("pre") or "\n" in gap or not _STATEMENT_END.match(text, q.end())):
             return _compared(text, start, name, strength)  # `password "..."` ends a statement; prose goes on
-        if op == "," and not (close and text[start - 2:start - 1] == "(" and (name.islower() or name.isupper())):
+        if op == "," and not (close and (text[start - 2:start - 1] == "(" and (name.islower() or name.isupper())
+                                         or _credential_like(value))):
             # `getenv("DB_PASSWORD", "...")`, `.get("token", "...")`: a call's first argument and its default;
             # not `f(token, "x")` or a list of names ('raise', 'pass', 'break')
             return _compared(text, start, name, strength)
@@ -606,8 +629,9 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
             return q.span(group)
         return None
     if op in (None, ",", "(", "==", "===", "!=", "!==", ".=", "+=") or (op and op.startswith("is")):
-        if op is None and m.group("name").startswith("-") and m.group("pre") and "\n" not in gap:
-            b = _BARE.match(text, end)  # a command-line flag: --api-key VALUE
+        netrc = op is None and strength == 2 and _NETRC.search(text, max(0, start - 200), start) is not None
+        if op is None and (m.group("name").startswith("-") or netrc) and m.group("pre") and "\n" not in gap:
+            b = _BARE.match(text, end)  # a command-line flag: --api-key VALUE; .netrc: login USER password VALUE
             if b is not None and assigned_secret(name, _bare(b.group()), False, True, strength, ini=True):
                 return b.start(), b.start() + len(_bare(b.group()))
         return _compared(text, start, name, strength)
@@ -618,7 +642,7 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
     if b is None:
         return None
     value = _bare(b.group().rstrip())
-    if before in "?&":
+    if before and before in "?&":
         value = value.split("&", 1)[0].split("#", 1)[0]
     # NAME=value with no spaces, not followed by a comma (a keyword argument on its own line: `token=text,`)
     ini = op == "=" and not m.group("pre") and not m.group("post") and not close and not b.group().endswith(",")
@@ -773,9 +797,16 @@ _RULES_BY_MARKER: dict[tuple[bool, str], tuple[Rule, ...]] = {}
 for _r in RULES:
     for _m in _r.markers:
         _RULES_BY_MARKER[_r.lower, _m] = (*_RULES_BY_MARKER.get((_r.lower, _m), ()), _r)
-_EXACT_RULES = [_RULES_BY_MARKER.get((False, m), ()) for m in _EXACT_MARKERS]
-_LOWER_RULES = [_RULES_BY_MARKER.get((True, m), ()) for m in _LOWER_PATTERNS]
-_IS_KEYWORD = [m in _KEYWORD_SET for m in _LOWER_PATTERNS]
+# What a hit on each pattern means: (an assignment keyword, anchored rules with their `back`, other rules).
+_Action = tuple[bool, tuple[tuple[int, Rule], ...], tuple[Rule, ...]]
+
+
+def _action(keyword: bool, rules: tuple[Rule, ...]) -> _Action:
+    return keyword, tuple((r.back, r) for r in rules if r.anchored), tuple(r for r in rules if not r.anchored)
+
+
+_EXACT_ACTIONS = [_action(False, _RULES_BY_MARKER.get((False, m), ())) for m in _EXACT_MARKERS]
+_LOWER_ACTIONS = [_action(m in _KEYWORD_SET, _RULES_BY_MARKER.get((True, m), ())) for m in _LOWER_PATTERNS]
 
 
 def _scan(text: str, lower: str) -> Scan:
@@ -783,15 +814,16 @@ def _scan(text: str, lower: str) -> Scan:
     anchored: list[tuple[int, Rule]] = []
     floating: list[Rule] = []
     keywords: list[int] = []
-    for hits, rules_by_pattern in ((_EXACT_AC.find_matches_as_indexes(text, overlapping=True), _EXACT_RULES),
-                                   (_LOWER_AC.find_matches_as_indexes(lower, overlapping=True), _LOWER_RULES)):
+    for hits, actions in ((_EXACT_AC.find_matches_as_indexes(text, overlapping=True), _EXACT_ACTIONS),
+                          (_LOWER_AC.find_matches_as_indexes(lower, overlapping=True), _LOWER_ACTIONS)):
         for index, start, _ in hits:
-            if rules_by_pattern is _LOWER_RULES and _IS_KEYWORD[index]:
+            keyword, at, anywhere = actions[index]
+            if keyword:
                 keywords.append(start)
-            for rule in rules_by_pattern[index]:
-                if rule.anchored:
-                    anchored.append((start - rule.back, rule))
-                elif rule not in floating:
+            for back, rule in at:
+                anchored.append((start - back, rule))
+            for rule in anywhere:
+                if rule not in floating:
                     floating.append(rule)
     if len(keywords) > 1:
         keywords.sort()
@@ -817,7 +849,8 @@ def find_secrets(text: str, scanned: Scan | None = None) -> list[Span]:
             if pos >= 0 and (m := rule.pattern.match(text, pos)) is not None:
                 matches.append(_found_by(rule, m))
         for rule in floating:
-            matches += [_found_by(rule, m) for m in rule.pattern.finditer(text)]
+            if rule is not _K8S_RULE:
+                matches += [_found_by(rule, m) for m in rule.pattern.finditer(text)]
         matches.sort()
         for _, start, end, kind, value in matches:
             if _kept(kind, value, start, end, text):
@@ -825,7 +858,7 @@ def find_secrets(text: str, scanned: Scan | None = None) -> list[Span]:
     if keywords:
         for start, end in _assignments(text, lower, keywords):
             _add(found, start, end, "secret_assignment")
-    if "ata:" in text and "ind:" in text:  # data: / stringData:, kind:
+    if floating and _K8S_RULE in floating:
         for start, end in _kubernetes_secret_values(text):
             _add(found, start, end, "kubernetes_secret")
     for m in _LITERAL.finditer(text):
@@ -873,6 +906,9 @@ def _kept(kind: str, value: str, start: int, end: int, text: str) -> bool:
     if kind.startswith("check:"):
         return _credential_like(value.strip("\"'"))
     if kind == "private_key":
+        if value.startswith("LS0tLS1CRUdJTi"):
+            head = value[:80]
+            return b"PRIVATE KEY" in base64.b64decode(head[:len(head) // 4 * 4], validate=False)
         return True
     if kind == "url_credentials":  # postgres://%s:%s@host, -u ${USER}:${PASS}, -u 1000:1000 (a uid and a gid)
         parts = [p.strip("\"'") for p in value.strip("\"'").rsplit(":", 1)]
