@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -147,6 +148,9 @@ def load_baseline(ref: str) -> ModuleType:
     return module
 
 
+_NAMED = re.compile(r"[\w.\-]+:[ \t]+(?:[|>][-+]?\s+)?(.+)", re.S)
+
+
 def found(find: Callable[[str], list[Any]], e: Example) -> bool:
     """Whether the scrubber takes one of a positive's secrets whole (every place it occurs), or anything at all
     in a negative."""
@@ -157,8 +161,10 @@ def found(find: Callable[[str], list[Any]], e: Example) -> bool:
     for s, t in spans:
         covered.update(range(s, t))
     located = False
-    for secret in e.secrets:
-        secret = secret.strip("\"'`\\ \t\n")  # the quotes and escapes around it a rule captured
+    # A captured `name: value` is also met by its value (gitleaks' kubernetes-secret-yaml captures the key).
+    named = [m.group(1) for c in e.secrets if (m := _NAMED.fullmatch(c.strip()))]
+    for captured in [*e.secrets, *named]:
+        secret = captured.strip("\"'`\\ \t\n")  # the quotes and escapes around it a rule captured
         starts = [i for i in range(len(e.text)) if e.text.startswith(secret, i)] if secret else []
         located = located or bool(starts)
         if starts and all(all(i in covered for i in range(a, a + len(secret))) for a in starts):

@@ -193,7 +193,7 @@ RULES: tuple[Rule, ...] = (
     # on 1 in 50.
     _rule("twilio_key", r"SK[0-9a-fA-F]{32}" + _END, *(f"SK{c}" for c in "0123456789abcdefABCDEF")),
     _rule("twilio_key", r"AC[0-9a-f]{32}" + _END, *(f"AC{c}" for c in "0123456789abcdef")),
-    _rule("sendgrid_key", r"\bSG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}" + _END, "SG."),
+    _rule("sendgrid_key", r"\bSG\.(?:[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}|[A-Za-z0-9=_\-.]{66})" + _END, "SG."),
     _rule("sendinblue_key", r"\bxkeysib-[a-f0-9]{64}-[A-Za-z0-9]{16}" + _END, "xkeysib-"),
     _rule("mailchimp_key", r"\b[0-9a-f]{32}-us[0-9]{1,2}" + _END, "-us", back=32),
     _rule("mailgun_key", r"\bkey-[0-9a-f]{32}" + _END, "key-"),
@@ -235,6 +235,9 @@ RULES: tuple[Rule, ...] = (
           "api.softlayer.com/", lower=True),
     # A PEM block in base64 ("-----BEGIN " encodes as "LS0tLS1CRUdJTi"): a private key only (see _kept).
     _rule("private_key", r"\bLS0tLS1CRUdJTi[A-Za-z0-9+/]{20,}={0,2}", "LS0tLS1CRUdJTi"),
+    # HashiCorp Vault unseal keys, as `vault operator init` prints them and `vault operator unseal` takes them.
+    _rule("vault_unseal_key", r"(?i)(?:unseal key \d+:|operator unseal)[ \t]+(?P<s>[A-Za-z0-9+/]{43,44}={0,2})" + _END,
+          "unseal key", "operator unseal", lower=True),
     _rule("intra42_secret", r"\bs-s4t2(?:ud|af)-[a-f0-9]{64}" + _END, "s-s4t2"),
     _rule("mapbox_token", r"\b[st]k\.eyJ[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{20,}" + _END, "sk.eyJ", "tk.eyJ"),
     # Sidekiq Enterprise and Pro: Bundler's credentials for their gem servers, in an environment variable.
@@ -436,7 +439,7 @@ _QUOTED = re.compile(r"""(?:[A-Za-z_][\w.]*\(\s*|\(\s*)?(?P<prefix>@|[rbufRBUF]{
 # An unquoted value: to the end of the word (a trailing comma or semicolon is punctuation, not the value); in
 # YAML (`name: value` starting a line), to the end of the line or a comment.
 _BARE = re.compile(r"[^\s\"'`\\;<]+")
-_YAML_VALUE = re.compile(r"[^\s\"'`\\;<#|>&*!][^\n\"'`\\;<]*?(?=[ \t]+#|[ \t]*$|[ \t]*\n)", re.M)
+_YAML_VALUE = re.compile(r"[^\s\"'`\\;<#|>&*!][^\n\"'`\\;<]*?(?=[\"'`]?(?:[ \t]+#|[ \t]*$|[ \t]*\n))", re.M)
 # <password>...</password>, also across one line break each side (XML configuration files).
 _ELEMENT = re.compile(r"(?P<name>[\w.\-:]+)(?:[ \t][^<>\n]*)?>[ \t]*\n?[ \t]*(?P<v>[^<>\s][^<>\n]*?)[ \t]*\n?[ \t]*"
                       r"</(?P=name)>")
@@ -468,6 +471,8 @@ _VARIABLE = re.compile(r"[A-Za-z_]+\d{0,2}|[a-z][a-z0-9]*(?:_[a-z0-9]+)+|(?:[A-Z
 _GLUE = re.compile(r"^\s*[+.,)&|]|[+(,&|]\s*$")
 _PATH = re.compile(r"^(?:/[\w.@%-]+){2,}/?$|^[a-z][a-z0-9+.-]*://\S*$")
 _CALL = re.compile(r"[A-Za-z_][\w.]*\(")
+_COMPARISONS = ("==", "===", "!=", "!==")
+_LINE_END = re.compile(r"[ \t]*(?:\n|$)")
 _NETRC = re.compile(r"(?:^|\s)(?:machine|login)\s+\S+\s+$")
 # What can follow `password "..."` with no operator: the end of a statement or a line.
 _STATEMENT_END = re.compile(r"[ \t]*(?:[;,)}\]]|$|\n|#|//)")
@@ -498,7 +503,8 @@ def _credential_like(value: str) -> bool:
     return (has_digit and any(c.isalpha() for c in value)) or _reads_random(value) or (has_digit and len(value) >= 16)
 
 
-def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: int, ini: bool = False) -> bool:
+def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: int, ini: bool = False,
+                    compared: bool = False) -> bool:
     """Whether `value`, given to the secret-sounding `name`, is a credential worth scrubbing.
 
     `data`: an unquoted value that starts a line or a field (`DB_PASSWORD=...`, `;Password=...;`,
@@ -526,8 +532,10 @@ def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: i
             # A password can hold spaces; prose rarely is one: "Enter your password:", "Invalid token for %s".
             return not _PROSE_END.search(value) and value.count(" ") <= 5 and "<" not in value
         if is_word:
-            # A password can be a word ('hunter', 'open-sesame'); a token, key or secret never is.
-            return any(w in name.lower() for w in ("pass", "pwd", "pw")) or _reads_random(value)
+            # A password can be a word ('hunter', 'open-sesame'); a token, key or secret never is, unless it is
+            # what a login checks against (`if creds.Secret != "open-sesame"`).
+            return any(w in name.lower() for w in ("pass", "pwd", "pw")) or _reads_random(value) or (
+                compared and "secret" in name.lower())
         return True
     if not data or value[0] in "([{":
         return _credential_like(value)  # code: `(self, input)`, `[a, b]` are expressions
@@ -625,7 +633,7 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
             return None  # f"{user}:{password}", "Bearer {}".format(token), "VS%0.f0COMNTOOLS" % v: filled in later
         if _CALL.match(lead) and (_WORDS.match(value) or text.startswith(",", q.end())):
             return None  # `self.helper("_format_explanation", msg)`: an argument to a call, not the value
-        if value and assigned_secret(name, value, True, True, strength):
+        if value and assigned_secret(name, value, True, True, strength, compared=op in _COMPARISONS):
             return q.span(group)
         return None
     if op in (None, ",", "(", "==", "===", "!=", "!==", ".=", "+=") or (op and op.startswith("is")):
@@ -646,7 +654,9 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
         value = value.split("&", 1)[0].split("#", 1)[0]
     # NAME=value with no spaces, not followed by a comma (a keyword argument on its own line: `token=text,`)
     ini = op == "=" and not m.group("pre") and not m.group("post") and not close and not b.group().endswith(",")
-    data = context is not None and op in ("=", ":", ":=", "=>") and (context != "#" or ini)
+    # `passwd = value;` ending a line is a C-like statement, where an unquoted value is a name, not a string
+    statement = text.startswith(";", b.start() + len(value)) and _LINE_END.match(text, b.start() + len(value) + 1)
+    data = context is not None and op in ("=", ":", ":=", "=>") and (context != "#" or ini) and not statement
     if value and assigned_secret(name, value, False, data, strength, ini):
         return b.start(), b.start() + len(value)
     return None
@@ -679,7 +689,7 @@ def _compared(text: str, start: int, name: str, strength: int) -> tuple[int, int
         return None
     line = text.rfind("\n", 0, start) + 1
     m = _COMPARED.search(text, max(line, start - 300), start)
-    if m is not None and assigned_secret(name, m.group("v"), True, True, strength):
+    if m is not None and assigned_secret(name, m.group("v"), True, True, strength, compared=True):
         return m.span("v")
     return None
 
