@@ -117,7 +117,7 @@ def issue_examples() -> list[Example]:
             "MTk4NjIyNDgzNDcxOTI1MjQ4.Gk2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWsR3xQvYb8"),
         pos("npm-authtoken", "//registry.npmjs.org/:_authToken=1f9c3a4e-7b2d-4c8e-9a0f-5d6b7e8f9a0b",
             "1f9c3a4e-7b2d-4c8e-9a0f-5d6b7e8f9a0b"),
-        pos("gitlab-runner", "registration-token: GR1348941zX8qLmN4vB7cT2yK9wQ", "GR1348941zX8qLmN4vB7cT2yK9wQ"),
+        pos("gitlab-runner", "registration-token: GR1348941zX8qLmN4vB7cT2yK9wQp", "GR1348941zX8qLmN4vB7cT2yK9wQp"),
         pos("mailchimp", "mc = MailchimpClient('0f3a9b2c7d4e5f60718293a4b5c6d7e8-us30')",
             "0f3a9b2c7d4e5f60718293a4b5c6d7e8-us30"),
         pos("twilio", "sid = 'AC3f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c'", "AC3f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c"),
@@ -200,6 +200,17 @@ def report(examples: list[Example], results: dict[str, list[bool]], show_misses:
     idx = groups["overall"]
     print(f"{'overall, as each rule test labels it':38}" + "".join(f"{rate(idx, True, n, True):>22}" for n in names)
           + "".join(f"{rate(idx, False, n, True):>22}" for n in names))
+    last = names[-1]
+    kept = [e for i, e in enumerate(examples) if e.positive and not e.identifier and not results[last][i]
+            and any(candidate.placeholder(s.strip("\"'`")) for s in e.secrets
+                    or [t for t in re.split(r"[\s\"'`=:,;]+", e.text) if len(t) >= 8])]
+    print(f"\n{last}: {len(kept)} of the missed positives hold a value this scrubber keeps on purpose as a placeholder "
+          "(xxxx, EXAMPLE, aaaa..., an alphabet run)")
+    by_kind: Counter[str] = Counter()
+    for i, e in enumerate(examples):
+        if not e.positive and results[last][i]:
+            by_kind.update({kind for _, _, kind in candidate.find_secrets(e.text)})
+    print(f"{last}: false positives by the detector that took them: {dict(by_kind.most_common())}")
     if show_misses:
         last = names[-1]
         print(f"\nmissed positives ({last}):")

@@ -122,7 +122,8 @@ RULES: tuple[Rule, ...] = (
     _rule("openshift_token", r"\bsha256~[\w-]{43}" + _END, "sha256~"),
     _rule("planetscale_token", r"\bpscale_(?:tkn|oauth|pw)_[\w=.\-]{32,64}" + _END, "pscale_"),
     _rule("okta_token", r"(?i)\bSSWS[ \t]+(?P<s>00[\w-]{40})" + _END, "ssws", lower=True),
-    _rule("ibm_cos_key", r"(?i)\bcos_hmac_keys(?:(?!\n\n)[\s\S]){0,100}?secret_access_key[\"']?\s*[:=]\s*[\"']?(?P<s>[a-f0-9]{48})",
+    _rule("ibm_cos_key", r"(?i)\bcos_hmac_keys(?:(?!\n\n)[\s\S]){0,100}?secret_access_key[\"']?\s*[:=]\s*[\"']?"
+                         r"(?P<s>[a-f0-9]{48})",
           "cos_hmac_keys", lower=True),
     # version control, CI and package registries (gitleaks github-*, gitlab-*, npm-*, pypi-*, ...)
     _rule("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{82})" + _END,
@@ -242,8 +243,8 @@ RULES: tuple[Rule, ...] = (
     _rule("mapbox_token", r"\b[st]k\.eyJ[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{20,}" + _END, "sk.eyJ", "tk.eyJ"),
     # Sidekiq Enterprise and Pro: Bundler's credentials for their gem servers, in an environment variable.
     _rule("sidekiq_credentials", r"(?i)BUNDLE_(?:ENTERPRISE|GEMS)__CONTRIBSYS__COM[\"']?[ \t]*[:=][ \t]*[\"']?"
-                                 r"(?P<s>[a-f0-9]{8}:[a-f0-9]{8})", "bundle_enterprise__contribsys", "bundle_gems__contribsys",
-          lower=True),
+                                 r"(?P<s>[a-f0-9]{8}:[a-f0-9]{8})", "bundle_enterprise__contribsys",
+          "bundle_gems__contribsys", lower=True),
     # .NET: new NetworkCredential("user", "password"), new DirectoryEntry("LDAP://...", "user", "password").
     _rule("secret_assignment", r"(?i)NetworkCredential\([ \t]*\"[^\"\n]*\"[ \t]*,[ \t]*\"(?P<s>[^\"\n]+)\"",
           "networkcredential(", lower=True),
@@ -304,14 +305,13 @@ _PUBLIC_EXAMPLES = frozenset({
 # Keys meant to be shipped to browsers and apps: not credentials.
 _PUBLIC_PREFIXES = ("pk_live_", "pk_test_", "FLWPUBK", "pk.eyJ")
 
-# Placeholders: six x, # or * in a row, runs of one character making a third of the value (000000..., a
-# `5555555dAAAAA7777777` pattern; a real Twitter bearer token starts with 22 "A"s and 90 random characters
-# follow, a Kubernetes value with 10), one character making half of it (A3-XXXXXX-XXXXXXXXXXX-...), an
-# alphabet run (abcdefg, KLMNOPQ), and the words people write instead of a value, in one case ("FaKe" inside a
-# random token is chance). A random 32-character token holds a run of 5 equal characters or 7 ascending
-# letters with odds under 1e-5, so a real key is not taken for one. A random 32-character token holds a run of 6 equal characters or 7
-# ascending letters with odds under 1e-5, so a real key is not taken for one. (Digit runs are left: ids in
-# real webhooks and bot tokens are as likely to be 123456789 as anything else.)
+# Placeholders: five x, # or * in a row; runs of 5+ equal characters making a third of the value (000000...,
+# `5555555dAAAAA7777777`; a real Twitter bearer token starts with 22 "A"s and 90 random characters follow, a
+# real base64 value may start with 10); one character making half of it (A3-XXXXXX-XXXXXXXXXXX-...); seven
+# ascending letters (abcdefg, KLMNOPQ); and the words people write instead of a value, in one case ("FaKe"
+# inside a random token is chance). A random 32-character base62 token holds 5 equal characters in a row or 7
+# ascending letters with odds under 1e-5, so a real key is not taken for one. (Digit runs are left: ids in real
+# webhooks and bot tokens are as likely to be 123456789 as anything else.)
 _FILLER = re.compile(r"(.)\1{4,}")
 _ONE_CHAR = re.compile(r"^(.)\1{2,}$")
 # <user:password>, [PASSWORD], {token}: a slot to fill in.
@@ -372,8 +372,8 @@ _NOT_LAST = frozenset({
     "rule", "input", "widget", "form", "view", "template", "style", "button", "link", "page", "route", "option",
     "options", "flag", "flags", "kwargs", "args", "arg", "spec", "info", "data", "list", "map", "dict", "set",
     "table", "ref", "source", "src", "generator", "counter", "parser", "reader", "writer", "event", "events",
-    "state", "status", "hash", "digest", "file", "location", "usage", "used", "mask", "char", "chars", "bytes",
-    "mgr", "pair", "position", "pos", "offset", "start", "end", "stream", "iter", "types", "help", "description",
+    "state", "status", "hash", "digest", "usage", "used", "mask", "char", "chars", "bytes",
+    "mgr", "pair", "position", "pos", "offset", "start", "end", "stream", "iter", "help", "description",
     "desc", "doc", "docs", "tooltip", "caption", "instructions", "example", "examples", "note", "comment",
     "warning", "exception", "realm",
 })
@@ -387,7 +387,8 @@ _ENCODINGS = frozenset({"b64", "base64", "pem", "hex", "enc", "encoded", "raw", 
 def name_strength(name: str) -> int:
     """2: a secret-sounding name (anything assigned to it is a secret); 1: a name ending in "key" or an auth
     word (only a value that reads as a credential is); 0: not a secret's name."""
-    words = [w.lower().rstrip("0123456789") or w for w in _NAME_WORD.findall(name)]  # token1, Key2
+    words = [w if w in _ENCODINGS else w.rstrip("0123456789") or w  # token1, Key2 (but b64)
+             for w in map(str.lower, _NAME_WORD.findall(name))]
     while len(words) > 1 and words[-1] in _ENCODINGS:
         words.pop()  # PRIVATE_KEY_B64, token_hex: what it holds, encoded
     if not words or words[-1] in _NOT_LAST or any(w in _NOT_ANY for w in words):
@@ -395,8 +396,8 @@ def name_strength(name: str) -> int:
     if any(w in _STRONG_WORDS for w in words):
         return 2
     last = words[-1]
-    if last == "key" or last.endswith("key") and _GLUED.search(last) is None:
-        if len(words) > 1 and words[-2] in _KEY_NOT_OWNERS or last[:-3] in _KEY_NOT_OWNERS:
+    if last == "key" or (last.endswith("key") and _GLUED.search(last) is None):
+        if (len(words) > 1 and words[-2] in _KEY_NOT_OWNERS) or last[:-3] in _KEY_NOT_OWNERS:
             return 0
         return 2 if len(words) > 1 and words[-2] in _KEY_OWNERS else 1
     if _GLUED.search(last) or "passw" in last:
@@ -444,15 +445,16 @@ _YAML_VALUE = re.compile(r"[^\s\"'`\\;<#|>&*!][^\n\"'`\\;<]*?(?=[\"'`]?(?:[ \t]+
 _ELEMENT = re.compile(r"(?P<name>[\w.\-:]+)(?:[ \t][^<>\n]*)?>[ \t]*\n?[ \t]*(?P<v>[^<>\s][^<>\n]*?)[ \t]*\n?[ \t]*"
                       r"</(?P=name)>")
 # key="ClearTextPassword" value="...", "name": "DB_PASSWORD", "value": "..." (name and value in two fields).
-_NAMED_VALUE = re.compile(r"""[A-Za-z0-9_.\-]+\\?(?P<q>["'])(?:[ \t]+value[ \t]*=[ \t]*|[ \t]*,[ \t]*\\?["']value\\?["']"""
-                          r"""[ \t]*:[ \t]*)\\?(?P<q2>["'])(?P<v>[^"'\n]+)\\?(?P=q2)""")
+_NAMED_VALUE = re.compile(r"""[A-Za-z0-9_.\-]+\\?(?P<q>["'])(?:[ \t]+value[ \t]*=[ \t]*"""
+                          r"""|[ \t]*,[ \t]*\\?["']value\\?["'][ \t]*:[ \t]*)"""
+                          r"""\\?(?P<q2>["'])(?P<v>[^"'\n]+)\\?(?P=q2)""")
 # "...." == password: a literal compared with a secret-sounding name, on the same line.
 _COMPARED = re.compile(r"""(?P<q>["'`])(?P<v>[^"'`\n]+)(?P=q)[ \t]*(?:===?|!==?)[ \t]*(?:\(\s*)?$""")
 
 # Values a name can be given that are not secrets: templates and references (`${TOKEN}`, `{{ secret }}`,
 # `%(password)s`, `$PASSWORD`, `#{...}`, `<%= ... %>`), and code (`None`, `true`, `os.environ["X"]`, `f(x)`).
-_TEMPLATE = re.compile(r"^\$\{?[A-Za-z_][\w.:-]*\}?|\$\{[A-Za-z_][\w.:-]*(?::-[^}]*)?\}|\$\{\{|\{\{[\s\w.\[\]'\"|:()-]+\}\}"
-                       r"|\{%|<%|#\{|%\([\w.]+\)[sdr]|(?<![A-Za-z0-9])%[sd](?![A-Za-z0-9])|^%[A-Za-z_]\w*%$"
+_TEMPLATE = re.compile(r"^\$\{?[A-Za-z_][\w.:-]*\}?|\$\{[A-Za-z_][\w.:-]*(?::-[^}]*)?\}|\$\{\{"
+                       r"|\{\{[\s\w.\[\]'\"|:()-]+\}\}|\{%|<%|#\{|%\([\w.]+\)[sdr]|(?<![A-Za-z0-9])%[sd](?![A-Za-z0-9])|^%[A-Za-z_]\w*%$"
                        r"|^\{[A-Za-z_][\w.]*\}$|\[\[.*\]\]")
 # A format field (`{name}`, `{0}`) is a slot only in a string that is formatted: an f-string, or one followed
 # by `.format(` or `%`; elsewhere braces are characters a password can hold.
@@ -467,6 +469,7 @@ _WORDS = re.compile(r"^[a-z_]+(?:[\-. ][a-z_]+)*$", re.I)
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9+/=_\-.~:!@#$%^&*]+")
 _FILE = re.compile(r"\.(?:txt|json|ya?ml|py|js|ts|html?|css|md|csv|xml|png|jpe?g|gif|svg|pem|crt|key|conf|cfg|ini|log"
                    r"|sh|toml|lock|gz|zip|tar)$", re.I)
+_ACCESS = re.compile(r"[.(\[]|->|::")
 _VARIABLE = re.compile(r"[A-Za-z_]+\d{0,2}|[a-z][a-z0-9]*(?:_[a-z0-9]+)+|(?:[A-Z][a-z0-9]*[a-z][a-z0-9]*)+")
 _GLUE = re.compile(r"^\s*[+.,)&|]|[+(,&|]\s*$")
 _PATH = re.compile(r"^(?:/[\w.@%-]+){2,}/?$|^[a-z][a-z0-9+.-]*://\S*$")
@@ -494,10 +497,11 @@ def _credential_like(value: str) -> bool:
     a path, a dotted name, code or a template."""
     if len(value) < 8 or " " in value or _TEMPLATE.search(value) or placeholder(value):
         return False
-    if not _TOKEN_CHARS.fullmatch(value) or value.startswith(("/", "./", "../")) or "//" in value or (
-            "/" in value or "." in value) and _FILE.search(value) or value.count("/") > 1 and not _reads_random(value):
+    if not _TOKEN_CHARS.fullmatch(value) or value.startswith(("/", "./", "../")) or "//" in value:
         return False  # a path or a URL
-    if _WORDS.match(value) or _CODE.fullmatch(value) and (re.search(r"[.(\[]|->|::", value) or _VARIABLE.fullmatch(value)):
+    if _FILE.search(value) or (value.count("/") > 1 and not _reads_random(value)):
+        return False  # a file name or a path
+    if _WORDS.match(value) or (_CODE.fullmatch(value) and (_ACCESS.search(value) or _VARIABLE.fullmatch(value))):
         return False  # a word, a dotted name, a call, `value_2`
     has_digit = any(c.isdigit() for c in value)
     return (has_digit and any(c.isalpha() for c in value)) or _reads_random(value) or (has_digit and len(value) >= 16)
@@ -602,24 +606,24 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
         e = _ELEMENT.match(text, start)
         if e is not None and assigned_secret(name, e.group("v"), True, True, strength):
             return e.span("v")
-    if close and not op:
+    if close and (not op or op == ","):
         e = _NAMED_VALUE.match(text, start)
         if e is not None and assigned_secret(name, e.group("v"), True, True, strength):
             return e.span("v")
     end = m.end()
     gap = text[m.end("name"):end]
-    if (strength == 1 or op == ":" and not close) and "\n" in m.group("post"):
+    if (strength == 1 or (op == ":" and not close)) and "\n" in m.group("post"):
         return None  # a weak name's value is on its line; `if token in d:` then a new line is a block
     q = _QUOTED.match(text, end)
     if q is not None:
         group = "d" if q.group("d") is not None else "s" if q.group("s") is not None else "b"
         value = q.group(group)
         lead = text[end:q.start(group)]
-        if strength == 1 and "\n" in text[m.end("name"):q.start(group)] or _CALL.match(lead) and "\n" in lead:
+        if (strength == 1 and "\n" in text[m.end("name"):q.start(group)]) or (_CALL.match(lead) and "\n" in lead):
             return None  # `logger.debug(\n 'text'`: a call's argument on the next line is not the value
         if op is None and (not m.group("pre") or "\n" in gap or not _STATEMENT_END.match(text, q.end())):
             return _compared(text, start, name, strength)  # `password "..."` ends a statement; prose goes on
-        if op == "," and not (close and (text[start - 2:start - 1] == "(" and (name.islower() or name.isupper())
+        if op == "," and not (close and ((text[start - 2:start - 1] == "(" and (name.islower() or name.isupper()))
                                          or _credential_like(value))):
             # `getenv("DB_PASSWORD", "...")`, `.get("token", "...")`: a call's first argument and its default;
             # not `f(token, "x")` or a list of names ('raise', 'pass', 'break')
@@ -629,7 +633,8 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
         if op and op.startswith("is") and strength != 2:
             return None
         formatted = _FORMATTED.match(text, q.end()) is not None
-        if _FIELD.search(value) and ("f" in (q.group("prefix") or "").lower() or formatted) or formatted and "%" in value:
+        f_string = "f" in (q.group("prefix") or "").lower()
+        if (_FIELD.search(value) and (f_string or formatted)) or (formatted and "%" in value):
             return None  # f"{user}:{password}", "Bearer {}".format(token), "VS%0.f0COMNTOOLS" % v: filled in later
         if _CALL.match(lead) and (_WORDS.match(value) or text.startswith(",", q.end())):
             return None  # `self.helper("_format_explanation", msg)`: an argument to a call, not the value
