@@ -88,9 +88,9 @@ RULES: tuple[Rule, ...] = (
                          r"(?P<s>(?:[A-Za-z0-9+/=]+\n?)+)", "PuTTY-User-Key-File-"),
     _rule("private_key", r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}" + _END, "AGE-SECRET-KEY-1"),
     # cloud providers (gitleaks aws-*, gcp-*, azure-*, alibaba-*, digitalocean-*, ...; Nosey Parker np.aws.*, ...)
-    _rule("aws_access_key", r"\b(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|AROA|APKA)[A-Z0-9]{16}"
-                            r"(?![A-Za-z0-9])",
-          "A3T", "AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AIPA", "ANPA", "ANVA", "AROA", "APKA"),
+    # Access key ids only: AIDA, AROA, AGPA... name users, roles and groups (identifiers, as in moto's fixtures).
+    _rule("aws_access_key", r"\b(?:A3T[A-Z0-9]|AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])",
+          "A3T", "AKIA", "ASIA", "ABIA", "ACCA"),
     _rule("aws_bedrock_key", r"\bABSK[A-Za-z0-9+/]{109,269}={0,2}" + _END, "ABSK"),
     _rule("aws_bedrock_key", r"bedrock-api-key-YmVkcm9jay5hbWF6b25hd3MuY29t[A-Za-z0-9+/=%-]*", "bedrock-api-key-"),
     _rule("aws_mws_token", r"amzn\.mws\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "amzn.mws."),
@@ -265,7 +265,8 @@ RULES: tuple[Rule, ...] = (
           anchored=False),
     # Credentials in transit: HTTP headers, URLs and command lines.
     _rule("authorization_header", r"(?i)\b(?:proxy-)?authorization\\?[\"']?[ \t]*[:=][ \t]*\\?[\"']?[ \t]*"
-                                  r"(?:(?:bearer|basic|token|api-token|apikey|ssws|digest|bot|key)[ \t]+)?"
+                                  r"(?:(?:bearer|basic|token|api-token|apikey|ssws|digest|bot|key|aws4-hmac-sha256)"
+                                  r"[ \t]+)?"
                                   r"(?P<s>[A-Za-z0-9_\-.~+/:!@%]{8,}={0,3})",
           "authorization", lower=True, check=True),
     _rule("authorization_header", r"(?i)\bbearer[ \t]+(?P<s>[A-Za-z0-9_\-.~+/]{20,}={0,3})" + _END,
@@ -317,7 +318,8 @@ _ONE_CHAR = re.compile(r"^(.)\1{2,}$")
 # <user:password>, [PASSWORD], {token}: a slot to fill in.
 _BRACKETED = re.compile(r"^(?:<[^<>]*>?|\[[^\[\]]*\]?|\{[^{}]*\}?)$|^[^<>]*>$")
 _FILLER_WORDS = re.compile("|".join(f"{w}|{w.upper()}|{w.capitalize()}" for w in (
-    "example", "sample", "dummy", "fake", "placeholder", "changeme", "change_me", "redacted", "your", "insert"))
+    "example", "sample", "dummy", "fake", "mock_", "placeholder", "changeme", "change_me", "redacted", "your",
+    "insert"))
     + r"|here\b|HERE\b|Here\b|here_|HERE_|<[A-Za-z_ -]+>|&lt;|\.\.\.")
 
 
@@ -375,7 +377,8 @@ _NOT_LAST = frozenset({
     "state", "status", "hash", "digest", "usage", "used", "mask", "char", "chars", "bytes",
     "mgr", "pair", "position", "pos", "offset", "start", "end", "stream", "iter", "help", "description",
     "desc", "doc", "docs", "tooltip", "caption", "instructions", "example", "examples", "note", "comment",
-    "warning", "exception", "realm",
+    "warning", "exception", "realm", "arn", "seconds", "secs", "ms", "minutes", "hours", "days", "duration",
+    "domains", "config", "settings", "report", "binary",
 })
 _NOT_ANY = frozenset({"public", "pub", "publishable", "csrf", "xsrf", "authenticity", "fake", "dummy", "example",
                       "sample", "mock", "placeholder", "tokenizer", "tokens"})
@@ -455,7 +458,7 @@ _COMPARED = re.compile(r"""(?P<q>["'`])(?P<v>[^"'`\n]+)(?P=q)[ \t]*(?:===?|!==?)
 # `%(password)s`, `$PASSWORD`, `#{...}`, `<%= ... %>`), and code (`None`, `true`, `os.environ["X"]`, `f(x)`).
 _TEMPLATE = re.compile(r"^\$\{?[A-Za-z_][\w.:-]*\}?|\$\{[A-Za-z_][\w.:-]*(?::-[^}]*)?\}|\$\{\{"
                        r"|\{\{[\s\w.\[\]'\"|:()-]+\}\}|\{%|<%|#\{|%\([\w.]+\)[sdr]|(?<![A-Za-z0-9])%[sd](?![A-Za-z0-9])|^%[A-Za-z_]\w*%$"
-                       r"|^\{[A-Za-z_][\w.]*\}$|\[\[.*\]\]")
+                       r"|^\{[A-Za-z_][\w.]*\}$|\[\[.*\]\]|#[A-Za-z_]\w*#")
 # A format field (`{name}`, `{0}`) is a slot only in a string that is formatted: an f-string, or one followed
 # by `.format(` or `%`; elsewhere braces are characters a password can hold.
 _FIELD = re.compile(r"\{(?:\d*|[A-Za-z_][\w.\[\]'\"]*)(?:![rsa])?(?::[^{}]*)?\}")
@@ -470,11 +473,25 @@ _TOKEN_CHARS = re.compile(r"[A-Za-z0-9+/=_\-.~:!@#$%^&*]+")
 _FILE = re.compile(r"\.(?:txt|json|ya?ml|py|js|ts|html?|css|md|csv|xml|png|jpe?g|gif|svg|pem|crt|key|conf|cfg|ini|log"
                    r"|sh|toml|lock|gz|zip|tar)$", re.I)
 _ACCESS = re.compile(r"[.(\[]|->|::")
-_VARIABLE = re.compile(r"[A-Za-z_]+\d{0,2}|[a-z][a-z0-9]*(?:_[a-z0-9]+)+|(?:[A-Z][a-z0-9]*[a-z][a-z0-9]*)+")
+_VARIABLE = re.compile(r"[A-Za-z_]+\d{0,2}|[a-z][a-z0-9]*(?:_[a-z0-9]+)+|[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+"
+                       r"|(?:[A-Z][a-z0-9]*[a-z][a-z0-9]*)+")
 _GLUE = re.compile(r"^\s*[+.,)&|]|[+(,&|]\s*$")
 _PATH = re.compile(r"^(?:/[\w.@%-]+){2,}/?$|^[a-z][a-z0-9+.-]*://\S*$")
 _CALL = re.compile(r"[A-Za-z_][\w.]*\(")
 _COMPARISONS = ("==", "===", "!=", "!==")
+_NUMBERS = re.compile(r"[\d.\s-]+")
+# What follows a parameter's annotation in a signature: more parameters, a default, the end of the signature.
+_PARAMETERS = re.compile(r"[ \t]*(?:\|[ \t]*[A-Za-z_]|\[|,[ \t]*\*{0,2}[A-Za-z_]\w*[ \t]*[:=,)]|\)[ \t]*(?:->|:)"
+                         r"|=[ \t]*None\b)")
+_LINE_REST = re.compile(r"[ \t]*(?:[#;].*)?(?:\n|$|\\n)")
+# A Python annotation, perhaps with its default: `str | None = None`, `dict[str, bool]`, `ed25519.Key, f: F`.
+_ANNOTATED = re.compile(r"[|\[]|[ \t]=[ \t]")
+_TYPE_HINT = re.compile(r"[A-Za-z_][\w.]*(?:\[.*\])?(?:[ \t]*\|[ \t]*[A-Za-z_][\w.]*(?:\[.*\])?)*"
+                        r"(?:[ \t]*=[^=].*|,.*|\).*)?")
+_VERBS = frozenset({"get", "set", "load", "read", "create", "make", "generate", "gen", "fetch", "find", "parse",
+                    "new", "build", "derive", "encode", "decode", "encrypt", "decrypt", "sign", "verify", "validate",
+                    "check", "is", "has", "update", "delete", "remove", "add", "put", "rotate", "refresh", "revoke",
+                    "save", "write", "store", "print", "log", "format", "hash", "compare", "match", "split"})
 _LINE_END = re.compile(r"[ \t]*(?:\n|$)")
 _NETRC = re.compile(r"(?:^|\s)(?:machine|login)\s+\S+\s+$")
 # What can follow `password "..."` with no operator: the end of a statement or a line.
@@ -534,7 +551,8 @@ def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: i
     if quoted:
         if " " in value:
             # A password can hold spaces; prose rarely is one: "Enter your password:", "Invalid token for %s".
-            return not _PROSE_END.search(value) and value.count(" ") <= 5 and "<" not in value
+            # A token holds none ("end of template" given to a lexer's TOKEN_EOF).
+            return not (_PROSE_END.search(value) or _only_token(name)) and value.count(" ") <= 5 and "<" not in value
         if is_word:
             # A password can be a word ('hunter', 'open-sesame'); a token, key or secret never is, unless it is
             # what a login checks against (`if creds.Secret != "open-sesame"`).
@@ -591,8 +609,10 @@ def _assignments(text: str, lower: str, keywords: list[int]) -> list[tuple[int, 
 
 
 def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
-    if text.startswith("::", start - 2):
-        return None  # `"AWS::KMS::Key": "2b447c..."`: a type's path (CloudFormation, C++, Ruby), not a variable
+    if start > 1 and text[start - 1] in ":/" and (text[start - 2].isalnum() or text[start - 2] in ":*/"):
+        # `"AWS::KMS::Key": "2b447c..."`, `arn:aws:secretsmanager:*:*:secret:name`, `/api/token/...`: a type's
+        # path or a name's (CloudFormation, C++, ARNs, URLs), not a variable
+        return None
     m = _ASSIGN.match(text, start)
     if m is None:
         return None
@@ -623,29 +643,34 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
             return None  # `logger.debug(\n 'text'`: a call's argument on the next line is not the value
         if op is None and (not m.group("pre") or "\n" in gap or not _STATEMENT_END.match(text, q.end())):
             return _compared(text, start, name, strength)  # `password "..."` ends a statement; prose goes on
-        if op == "," and not (close and ((text[start - 2:start - 1] == "(" and (name.islower() or name.isupper()))
-                                         or _credential_like(value))):
+        if op == "," and ("\n" in text[m.end("name"):q.start(group)] or not (close and (
+                (text[start - 2:start - 1] == "(" and (name.islower() or name.isupper())) or _credential_like(value)))):
             # `getenv("DB_PASSWORD", "...")`, `.get("token", "...")`: a call's first argument and its default;
             # not `f(token, "x")` or a list of names ('raise', 'pass', 'break')
             return _compared(text, start, name, strength)
-        if op == "(" and m.group("pre"):
-            return None
-        if op and op.startswith("is") and strength != 2:
-            return None
+        if op == "(" and (m.group("pre") or _NAME_WORD.findall(name)[0].lower() in _VERBS):
+            return None  # `generate_private_key("Ed25519")`: a call's argument
+        if (op and op.startswith("is") and strength != 2) or op == "+=":
+            return None  # `share_token += "-tags"` appends to a value
         formatted = _FORMATTED.match(text, q.end()) is not None
         f_string = "f" in (q.group("prefix") or "").lower()
         if (_FIELD.search(value) and (f_string or formatted)) or (formatted and "%" in value):
             return None  # f"{user}:{password}", "Bearer {}".format(token), "VS%0.f0COMNTOOLS" % v: filled in later
-        if _CALL.match(lead) and (_WORDS.match(value) or text.startswith(",", q.end())):
-            return None  # `self.helper("_format_explanation", msg)`: an argument to a call, not the value
-        if value and assigned_secret(name, value, True, True, strength, compared=op in _COMPARISONS):
+        call = _CALL.match(lead)
+        if call and (_WORDS.match(value) or text.startswith(",", q.end()) or _NUMBERS.fullmatch(value)
+                     or call.group()[:-1].rsplit(".", 1)[-1].split("_")[0].lower() in _VERBS):
+            return None  # `self.helper("_format_explanation", msg)`, `x.decode("utf-8")`, `Oid("1.3.6.1")`
+        compared = op in _COMPARISONS
+        if compared and _only_token(name) and not _credential_like(value):
+            return None  # `if token == "#bygroup"`: a parser's tokens are compared with literals all the time
+        if value and assigned_secret(name, value, True, True, strength, compared=compared):
             return q.span(group)
         return None
     if op in (None, ",", "(", "==", "===", "!=", "!==", ".=", "+=") or (op and op.startswith("is")):
         netrc = op is None and strength == 2 and _NETRC.search(text, max(0, start - 200), start) is not None
         if op is None and (m.group("name").startswith("-") or netrc) and m.group("pre") and "\n" not in gap:
             b = _BARE.match(text, end)  # a command-line flag: --api-key VALUE; .netrc: login USER password VALUE
-            if b is not None and assigned_secret(name, _bare(b.group()), False, True, strength, ini=True):
+            if b is not None and assigned_secret(name, _bare(b.group()), False, True, strength):
                 return b.start(), b.start() + len(_bare(b.group()))
         return _compared(text, start, name, strength)
     if "\n" in m.group("post"):
@@ -654,17 +679,30 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
     b = (_YAML_VALUE if op == ":" and context == "\n" else _BARE).match(text, end)
     if b is None:
         return None
+    if b.re is _YAML_VALUE and _TYPE_HINT.fullmatch(b.group()) and _ANNOTATED.search(b.group()):
+        return None  # `next_token: str | None = None,`: a parameter or a field in code
+    first = _BARE.match(text, end)
+    if op == ":" and (before == "{" or (first is not None
+                                        and _PARAMETERS.match(text, first.start() + len(_bare(first.group()))))):
+        return None  # `self, private_key: ed25519.Key, f: F`; `f"{self.token:056d}"` (a format spec)
     value = _bare(b.group().rstrip())
     if before and before in "?&":
         value = value.split("&", 1)[0].split("#", 1)[0]
-    # NAME=value with no spaces, not followed by a comma (a keyword argument on its own line: `token=text,`)
-    ini = op == "=" and not m.group("pre") and not m.group("post") and not close and not b.group().endswith(",")
+    # NAME=value with no spaces and nothing after it on the line (not `token=text,`, `is_token=a == 0`)
+    ini = op == "=" and not m.group("pre") and not m.group("post") and not close and \
+        _LINE_REST.match(text, b.start() + len(value)) is not None
     # `passwd = value;` ending a line is a C-like statement, where an unquoted value is a name, not a string
     statement = text.startswith(";", b.start() + len(value)) and _LINE_END.match(text, b.start() + len(value) + 1)
     data = context is not None and op in ("=", ":", ":=", "=>") and (context != "#" or ini) and not statement
     if value and assigned_secret(name, value, False, data, strength, ini):
         return b.start(), b.start() + len(value)
     return None
+
+
+def _only_token(name: str) -> bool:
+    """Whether "token" is a name's only secret word (a lexer's `token`, `TOKEN_EOF`)."""
+    words = {w.lower() for w in _NAME_WORD.findall(name)}
+    return "token" in words and not words & (_STRONG_WORDS - {"token"}) and not words & _KEY_OWNERS
 
 
 def _owner(name: str) -> str:
