@@ -189,7 +189,9 @@ RULES: tuple[Rule, ...] = (
           anchored=False),
     # A bot token is its id, ":A" and 34 more (35 after the colon; gitleaks telegram-bot-api-token; Nosey
     # Parker's examples hold 34 and 36). The id can follow a word (`bot110201543:AA...` in a URL path).
-    _rule("telegram_token", r"(?<![0-9])\d{5,16}:A[A-Za-z0-9_\-]{33,35}" + _END, ":A", anchored=False),
+    # (A digit first, then the look-behind: a pattern starting with a character set is scanned at 330 MB/s, one
+    # starting with a look-behind at 68.)
+    _rule("telegram_token", r"[0-9](?<![0-9][0-9])[0-9]{4,15}:A[A-Za-z0-9_\-]{33,35}" + _END, ":A", anchored=False),
     # The marker takes the first hex digit too: "AC" alone occurred on most events (ACCESS, STACK), "AC0"-"ACf"
     # on 1 in 50.
     _rule("twilio_key", r"SK[0-9a-fA-F]{32}" + _END, *(f"SK{c}" for c in "0123456789abcdefABCDEF")),
