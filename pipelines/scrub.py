@@ -669,7 +669,9 @@ def _assignment_at(text: str, start: int) -> tuple[int, int] | None:
             return q.span(group)
         return None
     if op in (None, ",", "(", "==", "===", "!=", "!==", ".=", "+=") or (op and op.startswith("is")):
-        netrc = op is None and strength == 2 and _NETRC.search(text, max(0, start - 200), start) is not None
+        # (the `machine`/`login` words within 200 characters, not past a blank line: see FileScrubber)
+        back = max(0, start - 200, text.rfind("\n\n", max(0, start - 200), start) + 2)
+        netrc = op is None and strength == 2 and _NETRC.search(text, back, start) is not None
         if op is None and (m.group("name").startswith("-") or netrc) and m.group("pre") and "\n" not in gap:
             b = _BARE.match(text, end)  # a command-line flag: --api-key VALUE; .netrc: login USER password VALUE
             if b is not None and assigned_secret(name, _bare(b.group()), False, True, strength):
@@ -792,6 +794,7 @@ def _real_jwt(token: str) -> bool:
 # A string literal or assignment value of 24+ token characters whose Shannon entropy is at least 4.0
 # bits/char and that mixes letters and digits. The scan starts on a quote or "=" (a character-set start keeps
 # Python's engine at ~130 MB/s instead of 13 with a look-behind first).
+_LITERAL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_-.~\"'`")
 _LITERAL = re.compile(r"(?P<q>[\"'`=])(?:(?<==)[ \t]*)?(?P<s>[A-Za-z0-9+/=_\-.~]{24,512})")
 ENTROPY_BITS = 4.0
 SWITCH_RATE = 0.3
@@ -895,6 +898,11 @@ def find_secrets(text: str, scanned: Scan | None = None) -> list[Span]:
 
     `scanned` is `_scan`'s answer for this text when the caller already has it (see `scrub_fields`).
     """
+    return _find(text, scanned, literals=True)
+
+
+def _find(text: str, scanned: Scan | None, literals: bool) -> list[Span]:
+    """`find_secrets`, with the high-entropy scan of literals only when `literals` (see `cursor_spans`)."""
     found: list[Span] = []
     lower = lower_in_place(text) if scanned is None or scanned[2] else ""  # only assignments read it
     anchored, floating, keywords = scanned if scanned is not None else _scan(text, lower)
@@ -916,7 +924,7 @@ def find_secrets(text: str, scanned: Scan | None = None) -> list[Span]:
     if floating and _K8S_RULE in floating:
         for start, end in _kubernetes_secret_values(text):
             _add(found, start, end, "kubernetes_secret")
-    for m in _LITERAL.finditer(text):
+    for m in _LITERAL.finditer(text) if literals else ():
         end = m.end("s")
         if m.group("q") != "=":
             closing = text[end:end + 2]
@@ -992,7 +1000,7 @@ def scrub(text: str, counts: Counter[str] | None = None, scanned: Scan | None = 
     to replace besides what the scan finds."""
     if not text:
         return text
-    spans = find_secrets(text, scanned)
+    spans = _find(text, scanned, literals=True)
     if extra:
         spans = _merge(spans, extra)
     if not spans:
@@ -1031,14 +1039,17 @@ class FileScrubber:
     previous one (19% of the bytes were new in that history), and the scrubbed file is the same text as
     `scrub(text)` gives (tests/test_privacy.py compares them on real files with planted secrets).
 
-    Why a cut at a blank line cannot split a secret: every detector but two matches within one line
-    (their character classes exclude "\n"), and a piece boundary lies between two line breaks. The two that
-    span lines are handled apart:
+    Why a cut at a blank line cannot split a secret: most detectors match within one line (their character
+    classes exclude "\n"), and a piece boundary lies between two line breaks. Those that span lines:
     - a private key block (`[\s\S]*?` up to its END line or the end of the text): a file holding the
       "PRIVATE KEY" marker is scrubbed whole;
-    - an assignment whose name and value are on different lines (`password =\n\n"..."`, through the
-      `\s*` around its operator): a piece whose last non-blank line holds a secret-sounding keyword or only
-      an operator, or that is blank, is joined to the next piece before it is scrubbed.
+    - an assignment to a strong name (`password`, `api_key`) whose value is on a later line
+      (`password =\n\n"..."`, through the `\s*` around its operator): a piece whose last non-blank line holds
+      one of their words or only an operator, or that is blank, is joined to the next piece before it is
+      scrubbed (a weak name's value, `sl_key = ...`, must be on its line);
+    - what spans lines without a blank one: an XML element (`<password>\n  value\n</password>`), a PuTTY key,
+      a Kubernetes Secret's `kind:` and `data:` (not read across a blank line), a .netrc `login` before its
+      `password`.
     Everything a detector checks next to a match (`\b`, `^`/`$`, the character before a literal's "=", the
     quote after it) reads the same at a piece edge as next to the "\n" there.
     """
@@ -1245,7 +1256,13 @@ def cursor_spans(prefix: str | None, middles: list[str | None], suffix: str | No
         # where each part lies in the joined prefix + middle + suffix
         bounds = [(0, 0, lp), (which, lp, lp + lm), (last, lp + lm, lp + lm + len(s))] if which else \
             [(0, 0, lp), (last, lp, lp + len(s))]
-        for start, end, kind in find_secrets(p[tail:] + middle + s[:head]):
+        # A literal (24+ characters of no space) can only cross a seam that has token characters on both
+        # sides; elsewhere the parts' own scans find every literal (skipping it here: 7% of this function).
+        window = p[tail:] + middle + s[:head]
+        seams = [lp - tail, lp - tail + lm] if which else [lp - tail]
+        literals = any(0 < at < len(window) and window[at - 1] in _LITERAL_CHARS and window[at] in _LITERAL_CHARS
+                       for at in seams)
+        for start, end, kind in _find(window, None, literals):
             start, end = start + tail, end + tail
             for part, lo, hi in bounds:
                 if start < hi and end > lo:
