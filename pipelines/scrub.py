@@ -53,8 +53,9 @@ from ahocorasick_rs import AhoCorasick, Implementation
 class Rule:
     """A credential format: its kind, its pattern, and literals one of which must occur for it to match.
 
-    An anchored rule's pattern starts with its marker and is matched only where a marker is; the others (the
-    marker inside the pattern, like `Q~` or `-us`) search the whole text when one of their markers occurs."""
+    An anchored rule's pattern starts `back` characters before its marker (0 for a prefix; 4 for Azure's `Q~`,
+    32 for Mailchimp's `-us`) and is matched only there; the others (a marker at a varying distance from the
+    start, like Telegram's `:A`) search the whole text when one of their markers occurs."""
 
     kind: str
     pattern: re.Pattern[str]
@@ -984,6 +985,8 @@ def _kept(kind: str, value: str, start: int, end: int, text: str) -> bool:
                     or secret.lower() in _STAND_INS or _BRACKETED.match(secret) or len(secret) < 3)
     if kind == "jwt":
         return _real_jwt(value)
+    if kind == "telegram_token":  # `clm00972:AgencyIdentificationCodeContentType` (an XML type) is no bot token
+        return _DIGIT.search(value, value.index(":")) is not None and not placeholder(value)
     return not placeholder(value)
 
 
