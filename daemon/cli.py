@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quarantine)
 
+    p = sub.add_parser("forget", help="remove everything stored of a developer, for good (asks first)")
+    p.add_argument("developer", help="their id or any alias")
+    p.add_argument("--yes", action="store_true", help="do it without asking")
+    p.add_argument("--undo", action="store_true", help="store their events again from now on (lifts the tombstone)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_forget)
+
     p = sub.add_parser("token", help="per-developer tokens for what editors send (events, completions)")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = tsub.add_parser("issue", help="a new token for DEVELOPER (an id or alias), printed once")
@@ -222,12 +229,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
     else:
         for r in result["sources"]:
             stored = ", ".join(f"{n} {k}" for k, n in r["stored"].items() if n) or "nothing new"
-            print(f"{r['source']}: read {r['seen']:,} records, stored {stored} ({r['seconds']:.1f}s)")
+            verdict = f"FAILED: {r['error']}" if r["error"] else r.get("skipped") or "ok"
+            print(f"{r['source']}: read {r['seen']:,} records, stored {stored} ({r['seconds']:.1f}s); {verdict}")
             for note in r["notes"]:
                 print(f"  note: {note}")
-        if result["error"]:
-            print(f"devtune: collect failed: {result['error']}", file=sys.stderr)
-    return 1 if result["error"] else 0
+        if result["failed"]:
+            print(f"devtune: {len(result['failed'])} source(s) failed: {', '.join(result['failed'])}; every other "
+                  "source was collected. What was stored before a failure stays; fix the cause and collect again",
+                  file=sys.stderr)
+    return 1 if result["failed"] else 0
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
@@ -404,6 +414,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         when = f"last collected {src['collected_at']}" if src["collected_at"] else "not collected yet"
         print(f"source       {name} ({src['kind']}): {src['streams']} stream(s), {src['suggestions']:,} suggestions, "
               f"{src['commits']:,} commits, {src['quarantined']:,} quarantined; {when}")
+        if src["failures"]:
+            print(f"  FAILING    {src['failures']} collect(s) in a row, last at {src['failed_at']}: {src['error']}")
     print(f"quarantined  {report['quarantined']['total']:,}")
     if report["dropped"]:
         print("dropped      " + ", ".join(f"{k} {v:,}" for k, v in report["dropped"].items()))
@@ -419,6 +431,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"(base {s['base_heldout_loss']:.4f}){extra} at {s['path']}{_exports_note(scope, s)}")
     if not report["served"]:
         print("served       nothing yet")
+    for scope, r in report.get("retrain_required", {}).items():
+        print(f"retrain      {scope} {r['version']}: {r['reason']}")
+    if report.get("forgotten", {}).get("forgotten"):
+        print(f"forgotten    {report['forgotten']['forgotten']} developer(s) ({report['forgotten']['tombstones']} "
+              "identities kept as one-way hashes only)")
     for scope, g in report.get("gate", {}).items():
         verdict = "promoted" if g["promote"] else "kept the champion"
         print(f"gate         {scope} run {g['run_id']}: {verdict} on {g['primary_metric']}: {'; '.join(g['reasons'])}")
@@ -486,6 +503,56 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         if result["error"]:
             print(f"devtune: retry failed: {result['error']}", file=sys.stderr)
     return 1 if result["error"] or any(r["outcome"] != "stored" for r in result["results"]) else 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+
+    def call(**body: Any) -> tuple[dict[str, Any], bool]:
+        return ask(cfg, "POST", "/api/forget", {"developer": args.developer, **body},
+                   lambda store: jobs.forget_developer(store, cfg, args.developer, **body))
+
+    if args.undo:
+        result, _ = call(undo=True)
+        print(json.dumps(result, indent=2) if args.json else
+              f"{result['tombstones_removed']} tombstone(s) lifted: events of {args.developer} logged from now on are "
+              "stored again (what was logged while they were forgotten is not collected again)")
+        return 0
+    plan, _ = call(dry_run=True)
+    if not args.yes:
+        print(describe_forget(plan))
+        if not sys.stdin.isatty():
+            print("devtune: nothing changed; pass --yes to forget them", file=sys.stderr)
+            return 1
+        if input(f"forget {plan['developer']} for good? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing changed")
+            return 1
+    done, remote = call(dry_run=False)
+    if not remote:  # this process holds the store alone: rewrite its file without their bytes now
+        with local_store(cfg):
+            pass
+    if args.json:
+        print(json.dumps(done, indent=2))
+        return 0
+    print(describe_forget(done))
+    print(f"forgotten: {done['developer']} is kept only as one-way hashes, so later collects store nothing of theirs "
+          f"(devtune forget --undo {done['developer']} lifts that). " + (
+              "The store file is rewritten without their bytes when the service next starts (systemctl restart "
+              "devtune)." if remote else "The store file was rewritten without their bytes."))
+    return 0
+
+
+def describe_forget(plan: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in plan["counts"].items() if n) or "no stored rows"
+    verb = "removed" if plan["done"] else "would remove"
+    lines = [f"{plan['developer']}: {verb} {counts}",
+             f"  identities: {', '.join(plan['identities'])}",
+             f"  their runs, personal adapters ({', '.join(plan['personal_versions']) or 'none'}), HTTP inbox lines "
+             "and tokens; the datasets of their teams' runs"]
+    if plan["retrain"]:
+        lines.append("  retrained without them by the next cycle: "
+                     + ", ".join(f"{scope} {version}" for scope, version in plan["retrain"]))
+    return "\n".join(lines)
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,25 +15,66 @@ from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, t
 from pipelines.config import Config
 from pipelines.cycle import run_cycle
 from pipelines.datasets.build import build_datasets
+from pipelines.forget import finish_forgets, forget, forget_opted_out, plan_forget, undo_forget
 from pipelines.ingest.identity import Directory
-from pipelines.ingest.ingest import collect_all
+from pipelines.ingest.ingest import SourceReport, collect_source
 from pipelines.ingest.quarantine import inspect_quarantined, retry_quarantined
 from pipelines.publish import registry
 from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
-from pipelines.store.db import Store
+from pipelines.store.db import Store, now
 from pipelines.tokens import load_base_tokenizer
 from pipelines.train.rundir import new_run_id
 
 log = logging.getLogger("devtune.jobs")
 
 
-def collect(store: Store, cfg: Config, only: str | None = None) -> dict[str, Any]:
-    """Collect every source, or only the one named `only` (a file event's source)."""
+# One forget at a time (a collect finishes pending ones first): two would race on the same files.
+forgetting = threading.Lock()
+
+# A failing source is tried again after interval_s, then twice that, and so on up to an hour: a repository
+# that cannot be read is not re-walked every 5 minutes, and one that was fixed is picked up within the hour.
+MAX_BACKOFF_S = 3600.0
+
+
+def collect(store: Store, cfg: Config, only: str | None = None, due_only: bool = False) -> dict[str, Any]:
+    """Collect every source, or only the one named `only` (a file event's source), each as a job of its own:
+    a source that fails is reported (and recorded for `status`) while every other one is collected.
+
+    `due_only` (the service's timer) skips a failed source until its back-off has passed; a collect asked
+    for by hand or by a file event tries it at once. First, an interrupted forget is finished and what was
+    stored of developers added to `opt_out` since is removed."""
+    with forgetting:
+        forgotten = run_job("forget-pending", lambda: (finish_forgets(store, cfg), forget_opted_out(store, cfg)))
+    if forgotten.error:  # the rows stay until the next collect tries again; collecting is still safe
+        log.error("collect: finishing forgets failed: %s", forgotten.error)
     directory = Directory.from_config(cfg)
-    sources = tuple(s for s in cfg.sources if only is None or s.name == only)
-    outcome = run_job("collect", lambda: collect_all(store, sources, cfg.collect, directory))
-    return {"sources": [r.as_dict() for r in outcome.value or []], "error": outcome.error}
+    health = store.source_health()
+    reports: list[dict[str, Any]] = []
+    for source in cfg.sources:
+        if only is not None and source.name != only:
+            continue
+        wait = retry_in(health.get(source.name), cfg.collect.interval_s)
+        if due_only and wait > 0:
+            reports.append({**SourceReport(source.name).as_dict(), "error": None,
+                            "skipped": f"failed {health[source.name]['failures']} time(s); next try in {wait:.0f}s"})
+            continue
+        outcome = run_job(f"collect source={source.name}",
+                          functools.partial(collect_source, store, source, cfg.collect, directory))
+        store.record_collect(source.name, outcome.error)
+        report = outcome.value or SourceReport(source.name)
+        reports.append({**report.as_dict(), "error": outcome.error})
+    failed = [r for r in reports if r["error"]]
+    return {"sources": reports, "failed": [r["source"] for r in failed],
+            "error": "; ".join(f"source {r['source']}: {r['error']}" for r in failed) or None}
+
+
+def retry_in(health: dict[str, Any] | None, interval_s: float) -> float:
+    """Seconds until a source that failed its last `failures` collects may be tried again (0: now)."""
+    if not health or not health["failures"] or health["failed_at"] is None:
+        return 0.0
+    backoff = min(interval_s * 2 ** (health["failures"] - 1), MAX_BACKOFF_S)
+    return max(0.0, backoff - (now() - health["failed_at"]).total_seconds())
 
 
 def start_cycle(store: Store, cfg: Config, team: str, scope: str | None = None) -> str | None:
@@ -79,7 +122,8 @@ def finish_cycle(store: Store, cfg: Config, team: str, run_id: str) -> dict[str,
 def _finish(store: Store, cfg: Config, scope: Scope, team: str, run_id: str) -> dict[str, Any]:
     queue = training_queue(cfg.train.gpus_per_run)
     try:
-        outcome = run_job("cycle", lambda: run_cycle(store, cfg, scope, team, run_id, queue.turn), store, run_id)
+        outcome = run_job("cycle", lambda: run_cycle(store, cfg, scope, team, run_id, queue.turn,
+                                                     lambda: collect(store, cfg)["sources"]), store, run_id)
     finally:
         release_cycle(str(scope))
     result = outcome.value
@@ -133,6 +177,17 @@ def rollback(state_dir: Path, scope: str) -> dict[str, Any]:
     current = registry.served_version(state_dir, scope)
     version = registry.rollback(state_dir, scope, reason="rolled back by hand")
     return {"scope": scope, "version": version, "previous": current}
+
+
+def forget_developer(store: Store, cfg: Config, developer: str, dry_run: bool = False, undo: bool = False
+                     ) -> dict[str, Any]:
+    """`devtune forget`: what forgetting `developer` removes (`dry_run`), or do it; `undo` lets their future
+    events in again."""
+    if undo:
+        return {"developer": developer, "tombstones_removed": undo_forget(store, cfg, developer)}
+    with forgetting:
+        plan = plan_forget(store, cfg, developer) if dry_run else forget(store, cfg, developer)
+    return {**plan.as_dict(), "done": not dry_run}
 
 
 def status(store: Store, cfg: Config) -> dict[str, Any]:

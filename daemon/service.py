@@ -55,12 +55,15 @@ def run_service(cfg: Config) -> int:
     def collect_now(only: str | None = None) -> dict[str, Any]:
         return jobs.collect(store.cursor(), cfg, only)
 
+    def collect_due() -> dict[str, Any]:  # the timer: failed sources wait out their back-off
+        return jobs.collect(store.cursor(), cfg, due_only=True)
+
     def cycle_now(team: str) -> None:
         result = jobs.cycle(store.cursor(), cfg, team)
         if result["error"]:
             log.warning("cycle team=%s run=%s: %s", team, result["run_id"], result["error"])
 
-    scheduler = _scheduler(cfg, collect_now, cycle_now)
+    scheduler = _scheduler(cfg, collect_due, cycle_now)
     debouncer = Debouncer(cfg.collect.debounce_s, collect_now)
     api = ApiServer(cfg.api.host, cfg.api.port, ensure_token(cfg.state_dir / "api.token"),
                     *_routes(cfg, store, collect_now), inbound=_inbound(cfg, debouncer.trigger)).start()
@@ -161,9 +164,17 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
     def quarantine_retry(body: dict[str, Any]) -> tuple[int, Any]:
         return HTTPStatus.OK, jobs.quarantine_retry(store.cursor(), cfg, body.get("id"))
 
+    def forget(body: dict[str, Any]) -> tuple[int, Any]:
+        developer = str(body.get("developer") or "")
+        if not developer:
+            return HTTPStatus.BAD_REQUEST, {"error": "give the developer's id or an alias"}
+        return HTTPStatus.OK, jobs.forget_developer(store.cursor(), cfg, developer, dry_run=bool(body.get("dry_run")),
+                                                    undo=bool(body.get("undo")))
+
     routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle,
               ("POST", "/api/dataset"): dataset,
-              ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry}
+              ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry,
+              ("POST", "/api/forget"): forget}
     return routes, {("GET", "/api/runs/"): run, ("GET", "/api/quarantine/"): quarantine_show}
 
 

@@ -66,7 +66,13 @@ class CollectConfig:
     exclude_paths: tuple[str, ...] = key(
         (".env*", "*.pem", "*.key", "id_rsa*", "**/secrets/**"),
         "file globs whose content is never stored (matched against the path and its file name)")
-    opt_out: tuple[str, ...] = key((), "developers (emails or ids) whose data is never stored")
+    opt_out: tuple[str, ...] = key((), "developers (emails or ids) whose data is never stored; adding one removes "
+                                   "what was stored of them at the next collect, as `devtune forget` does")
+    exclude_authors: tuple[str, ...] = key(
+        ("*[bot]*", "*-bot", "*-bot@*", "dependabot*", "renovate*", "github-actions*", "snyk-bot*",
+         "semantic-release-bot*", "pre-commit-ci*", "Travis CI*", "GitLab CI*", "Jenkins*"),
+        "bots and CI identities (globs on author name and email or any logged id; * and ? only, [ ] are literal): "
+        "their IDE events are not stored, their commits keep only sha and time, they get no adapter")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """One nightly cycle for one scope, on one screen: collect, build, train, evaluate, gate, publish.
 
+Collecting is the caller's (`collect`: each source a job of its own, so one that fails is reported and the
+cycle goes on with what the others brought).
+
 A team's cycle starts from the team's served adapter (warm start: new rows plus a replay sample; a full
 retrain with `[train] warm_start = false`). A developer's cycle (run by daemon.jobs after their team's)
 starts from the team's current adapter and trains on that developer's rows only; it is gated against what
@@ -15,6 +18,7 @@ handling: an exception here leaves the run marked failed with its error.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +29,6 @@ from pipelines.config import Config
 from pipelines.datasets.build import build_datasets
 from pipelines.evaluate.gate import EvalReport, gate
 from pipelines.files import read_json
-from pipelines.ingest.identity import Directory
-from pipelines.ingest.ingest import collect_all
 from pipelines.progress import format_seconds
 from pipelines.publish import registry
 from pipelines.publish.publish import register_with_exports
@@ -43,6 +45,13 @@ class Turn(Protocol):
     """Waits for a GPU slot for a run and holds it for the block; yields the slot's GPU ids ((), on CPU)."""
 
     def __call__(self, run_id: str, scope: str) -> AbstractContextManager[tuple[str, ...]]: ...
+
+
+class Collect(Protocol):
+    """Collects every source, each on its own (one that fails is reported, the others still collected);
+    returns a report per source."""
+
+    def __call__(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,8 @@ class Start:
     why: str  # the reason to skip the run, or ""
 
 
-def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn: Turn) -> CycleResult:
+def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn: Turn,
+              collect: Collect) -> CycleResult:
     """Run one full cycle for `scope` (team:<team>, or dev:<id> of `team`) as run `run_id` (recorded)."""
     name = str(scope)
     run_dir = cfg.state_dir / "runs" / run_id
@@ -73,9 +83,8 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
 
     if not resuming:
         if scope.kind == "team":
-            summary["collect"] = [r.as_dict() for r in collect_all(store, cfg.sources, cfg.collect,
-                                                                    Directory.from_config(cfg))]
-        start = plan_start(cfg, scope, team)
+            summary["collect"] = collect()
+        start = plan_start(cfg, scope, team, store.retrain_marks().keys())
         if start.why:
             return skip(store, run_id, name, summary, "plan", start.why)
         tokenizer = load_base_tokenizer(cfg.base_model)
@@ -140,9 +149,18 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
     return CycleResult(run_id, name, "promoted" if version else "kept", version, summary)
 
 
-def plan_start(cfg: Config, scope: Scope, team: str) -> Start:
-    """The champion to beat and the adapter to start from, for a team or one of its developers."""
+def plan_start(cfg: Config, scope: Scope, team: str, marked: Collection[tuple[str, str]] = ()) -> Start:
+    """The champion to beat and the adapter to start from, for a team or one of its developers.
+
+    A served version in `marked` (trained on rows of a developer who was since forgotten) is neither a
+    starting point nor a champion: the run retrains from the base model on the remaining rows, and is
+    promoted when it beats the base."""
     team_adapter = same_base(cfg, registry.served(cfg.state_dir).get(f"team:{team}"))
+    if team_adapter is not None and (team_adapter.scope, team_adapter.version) in marked:
+        if scope.kind == "dev":
+            return Start(None, None, None, f"team:{team} serves {team_adapter.version}, trained on rows of a "
+                                           "forgotten developer: a developer's adapter waits for its retrain")
+        return Start(None, None, None, "")
     if scope.kind == "team":
         if not cfg.train.warm_start or team_adapter is None:
             return Start(team_adapter, None, None, "")
@@ -151,6 +169,8 @@ def plan_start(cfg: Config, scope: Scope, team: str) -> Start:
         return Start(None, None, None, f"team:{team} serves no adapter yet: a developer's adapter starts from "
                                        "their team's, so it waits for the team's first promotion")
     own = same_base(cfg, registry.served(cfg.state_dir).get(str(scope)))
+    if own is not None and (own.scope, own.version) in marked:
+        own = None
     # Every night from the team's current adapter, on all of the developer's rows: the team adapter saw
     # them diluted among everyone's, and a personal adapter exists to weigh them more.
     return Start(own or team_adapter, team_adapter, None, "")

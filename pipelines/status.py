@@ -16,11 +16,15 @@ def status(store: Store, state_dir: Path, teams: list[str], sources: tuple[Sourc
     that outside checks rely on (see README)."""
     report = store.counts()
     collected = store.source_streams()
+    health = store.source_health()
     report["sources"] = {}
     for source in sources:
         name = source.name
+        h = health.get(name, {})
         report["sources"][name] = {
             "kind": source.kind, "path": str(source.path), **collected.get(name, {"streams": 0, "collected_at": None}),
+            "failures": h.get("failures", 0), "error": h.get("error"),
+            "failed_at": h["failed_at"].isoformat() if h.get("failed_at") else None,
             "suggestions": report["suggestions"]["by_source"].get(name, {}).get("total", 0),
             "commits": report["commits"]["by_source"].get(name, 0),
             "quarantined": report["quarantined"]["by_source"].get(name, 0),
@@ -41,6 +45,10 @@ def status(store: Store, state_dir: Path, teams: list[str], sources: tuple[Sourc
             "exports": _exports(s),
         }
     report["served"] = served
+    marks = store.retrain_marks()
+    report["retrain_required"] = {scope: {"version": s["version"], "reason": marks[(scope, s["version"])]}
+                                  for scope, s in served.items() if (scope, s["version"]) in marks}
+    report["forgotten"] = store.forget_counts()
     report["gate"] = {
         run["scope"]: {"run_id": run["run_id"], "finished_at": run["finished_at"], **run["summary"]["gate"]}
         for run in store.latest_runs_by_scope(with_gate=True)}

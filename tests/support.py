@@ -146,7 +146,8 @@ def table_rows(db: Path, table: str) -> list[tuple[Any, ...]]:
     con = duckdb.connect(str(db), read_only=True)
     try:
         cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
-        order = ", ".join(f'"{c}"' for c in cols if c not in ("ingested_at", "quarantined_at", "updated_at"))
+        clock = ("ingested_at", "quarantined_at", "updated_at", "ok_at", "failed_at")  # wall-clock columns
+        order = ", ".join(f'"{c}"' for c in cols if c not in clock)
         return con.execute(f"SELECT {order} FROM {table} ORDER BY {order}").fetchall()
     finally:
         con.close()

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from collectors.gitlog import RECORD, _records
+from collectors.gitlog import _records
 from support import T0, CommitSpec, collect_site, commit, days, make_repo, merge, table_rows, write_config
 
 BOB = ("Bob", "bob@example.com")
@@ -133,7 +133,9 @@ class Trickle(io.RawIOBase):
 
 
 def test_log_records_are_whole_however_the_output_is_cut() -> None:
-    records = [b"a" * 5, b"b" * 3000, b"", b"c", b"d" * 70_000]
-    data = b"".join(RECORD + r for r in records)
-    for n in (1, 7, 4096, 1 << 20):
-        assert list(_records(io.BufferedReader(Trickle(data, n)))) == [r for r in records if r]
+    # As git frames them: each commit starts with a NUL at the start of a line, and ends with a newline; inside,
+    # NULs, newlines and record separators anywhere but a NUL right after a newline.
+    records = [b"a" * 5, b"b\x00\x1e\x1f\n+\x00\n" * 300, b"c", b"\n\n", b"d\x00" * 70_000, b"e\n\x1e"]
+    data = b"".join(b"\0" + r + b"\n" for r in records)
+    for n in (1, 2, 7, 4096, 1 << 20):
+        assert list(_records(io.BufferedReader(Trickle(data, n)))) == records

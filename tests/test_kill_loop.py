@@ -1,9 +1,12 @@
 """Exactly-once under SIGKILL: an ingest killed at 22 random points and restarted ends with the same tables as
-one clean run (every column but the wall-clock ones), with real subprocesses, files, git and DuckDB."""
+one clean run (every column but the wall-clock ones), with real subprocesses, files, git and DuckDB.
+
+Each kill is timed from that run's first committed batch (the runner prints a line after each commit), so
+every kill lands after some of the ingest is stored and the next run has a saved cursor to resume from: the
+killed store's rows are counted after each kill and must grow."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -33,11 +36,28 @@ from support import (
 )
 
 KILLS = 22
-# Imports first, then "ready", then the ingest: kills land inside the ingest, not in the interpreter's start.
-RUNNER = ("import sys\nfrom daemon import jobs\nfrom daemon.config import load_config\n"
-          "from pipelines.store.db import Store\nprint('ready', flush=True)\n"
-          "cfg = load_config(sys.argv[1])\nstore = Store.open(cfg.state_dir / 'store.duckdb')\n"
-          "result = jobs.collect(store, cfg)\nstore.close()\nsys.exit(1 if result['error'] else 0)\n")
+# The real collect, with a line printed after each batch's transaction commits: an observer around the real
+# method, so the test can time its kill from a commit (nothing about what is stored changes).
+RUNNER = """
+import sys
+from daemon import jobs
+from daemon.config import load_config
+from pipelines.store.db import Store
+
+apply_batch = Store.apply_batch
+
+def observed(self, *args, **kwargs):
+    applied = apply_batch(self, *args, **kwargs)
+    print("committed", flush=True)
+    return applied
+
+Store.apply_batch = observed
+cfg = load_config(sys.argv[1])
+store = Store.open(cfg.state_dir / "store.duckdb")
+result = jobs.collect(store, cfg)
+store.close()
+sys.exit(1 if result["error"] else 0)
+"""
 
 
 def make_sources(root: Path) -> list[dict[str, str]]:
@@ -82,19 +102,30 @@ def make_sources(root: Path) -> list[dict[str, str]]:
 
 
 def run(config: Path, kill_after_s: float | None) -> tuple[bool, float]:
-    """One ingest, SIGKILLed `kill_after_s` after its imports: (killed before it finished, seconds after imports)."""
+    """One ingest, SIGKILLed `kill_after_s` after its first batch committed: (killed before it finished, seconds
+    from that commit to its end)."""
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(config)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    assert proc.stdout is not None
+    first = proc.stdout.readline().strip()  # blocks until the first commit (or the end, with nothing left)
     started = time.monotonic()
-    if kill_after_s is None:
+    if kill_after_s is None or first != "committed":
         assert proc.wait(timeout=300) == 0
         return False, time.monotonic() - started
     time.sleep(kill_after_s)
     killed = proc.poll() is None
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # a no-op on a child that has already been reaped
     proc.wait()
     return killed, time.monotonic() - started
+
+
+def stored_rows(db: Path) -> int:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return sum(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[index]
+                   for t in ("suggestions", "commits", "edit_outcomes", "interactions", "tabby_actions"))
+    finally:
+        con.close()
 
 
 def tables(db: Path) -> dict[str, list[tuple[object, ...]]]:
@@ -123,10 +154,17 @@ def test_kill_9_at_random_points_neither_loses_nor_duplicates(tmp_path: Path) ->
     assert len(expected["suggestions"]) > 1500 and len(expected["commits"]) == 40 and expected["quarantine"]
 
     rng = random.Random(11)
-    interrupted = 0
+    interrupted, grew, before = 0, 0, 0
     for _ in range(KILLS):
-        # Lifetimes of up to 1/15 of the ingest: together about 3/4 of it, so the kills land all along it.
-        interrupted += run(killed.config, rng.uniform(0.02, max(0.1, ingest_s / 15)))[0]
+        # Up to 1/12 of the whole ingest after a run's first commit: mid-batch, between batches, mid-harvest.
+        killed_early = run(killed.config, rng.uniform(0.0, max(0.05, ingest_s / 12)))[0]
+        interrupted += killed_early
+        rows = stored_rows(killed.state_dir / "store.duckdb")
+        assert rows >= before, f"a kill lost stored rows: {before} -> {rows}"
+        grew += rows > before
+        before = rows
     assert interrupted >= KILLS // 2, f"only {interrupted} of {KILLS} runs were killed before finishing"
+    # Each killed run committed at least one batch first, so the next one resumed from a saved cursor.
+    assert grew >= interrupted * 3 // 4, f"rows grew after only {grew} of {interrupted} kills"
     run(killed.config, None)
     assert tables(killed.state_dir / "store.duckdb") == expected

@@ -130,3 +130,32 @@ def test_kto_weights_and_chat_rows_in_a_built_dataset(tmp_path: Path) -> None:
     assert [r["completion"][0]["content"] for r in alice_chat] == ["```\nv1 + guard 1\n```"]
 
 
+
+
+def test_the_build_holds_out_the_most_recent_pairs(tmp_path: Path) -> None:
+    """What `build_datasets` itself splits: the most recent pairs go to heldout.jsonl, the rest to dpo.jsonl,
+    one time cutoff between them and no pair in both."""
+    setup = write_config(tmp_path / "site", [], teams=[{"name": "payments", "members": ["alice@example.com"]}])
+    cfg = load_config(setup.config)
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    rows = []
+    for i in range(24):  # one spot a day: a suggestion rejected, then another one accepted at the same cursor
+        spot = {"filepath": f"lib/m{i}.py", "prefix": f"def area_{i}(r):\n", "suffix": "\n"}
+        rows.append(tabby_suggestion(id=f"no{i}", shown_at=T0 + days(i), accepted=False,
+                                     completion=f"    return r * {i}\n", **spot))
+        rows.append(tabby_suggestion(id=f"yes{i}", shown_at=T0 + days(i) + timedelta(minutes=1), accepted=True,
+                                     completion=f"    return math.pi * r * r * {i}\n", **spot))
+    store_suggestions(store, rows)
+    tokenizer = load_base_tokenizer(str(family_tokenizer(tmp_path / "tok", *QWEN)))
+    build_datasets(store, team("payments"), DatasetsConfig(min_train_rows=1, min_heldout_rows=1,
+                                                           heldout_fraction=0.25), tokenizer, tmp_path / "out")
+    store.close()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    train = read_jsonl(tmp_path / "out" / "dpo.jsonl")
+    held = [r for r in read_jsonl(tmp_path / "out" / "heldout.jsonl") if r["kind"] == "pair"]
+    assert len(train) + len(held) == 24 and len(held) >= 4 and len(train) >= 12
+    cutoff = manifest["heldout_cutoff"]
+    assert max(r["ts"] for r in train) < cutoff <= min(r["ts"] for r in held)
+    key = [(r["prompt"], r["chosen"], r["rejected"]) for r in train]
+    assert not set(key) & {(r["prompt"], r["chosen"], r["rejected"]) for r in held}
+    assert all("area_" in r["prompt"] and r["chosen"].startswith("    return math.pi") for r in held)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+
 from daemon import jobs
 from daemon.config import load_config
 from daemon.sample import DEVELOPERS, make_sample
 from pipelines.store.db import Store
-from support import write_config
+from support import ROOT, write_config
 
 
 def test_the_next_cycle_resumes_a_killed_training_run(tmp_path: Path, tiny_model: Path) -> None:
@@ -27,7 +33,11 @@ def test_the_next_cycle_resumes_a_killed_training_run(tmp_path: Path, tiny_model
         "train": {"max_steps": 200, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
                   "checkpoint_every_steps": 5, "dev_adapters": False},
         "evaluate": {"generate_rows": 4, "max_new_tokens": 8},
-        "gate": {"primary_metric": "heldout_loss"}})
+        # The gate is waived (this file tests resuming, not the gate): with 4 generated rows, a guardrail on
+        # edit similarity decided promote or keep by chance (seen once under CI load).
+        "gate": {"primary_metric": "heldout_loss", "min_improvement": -1.0, "edit_similarity_tolerance": 1.0,
+                 "exact_match_tolerance": 1.0, "preference_accuracy_tolerance": 1.0,
+                 "generated_length_tolerance": 10.0}})
     cfg = load_config(setup.config)
     store = Store.open(cfg.state_dir / "store.duckdb")
     try:
@@ -50,6 +60,19 @@ def test_the_next_cycle_resumes_a_killed_training_run(tmp_path: Path, tiny_model
         train = json.loads((run_dir / "train.json").read_text())
         assert train["resumed_from_step"] == {"sft": saved} and saved >= 5 and train["steps"] == 200
         assert "resumes at step" in (run_dir / "train.log").read_text()
+        # The promoted adapter is, bit for bit, what the same run gives when nobody kills it.
+        whole = tmp_path / "whole"
+        whole.mkdir()
+        shutil.copy(run_dir / "config.json", whole / "config.json")
+        shutil.copytree(run_dir / "data", whole / "data")
+        trained = subprocess.run([sys.executable, "-m", "pipelines.train", str(whole)], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=600)
+        assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+        promoted = load_file(str(cfg.state_dir / "registry" / "team:payments" / again["version"] /
+                                 "adapter_model.safetensors"))
+        uninterrupted = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+        assert set(promoted) == set(uninterrupted)
+        assert all(torch.equal(promoted[k], uninterrupted[k]) for k in promoted)
     finally:
         store.close()
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from daemon import auth
 from support import (
     ROOT,
     T0,
@@ -144,7 +145,7 @@ def test_service_lifecycle(service: Service, tmp_path: Path) -> None:
 def test_an_event_posted_by_continue_survives_a_kill_right_after_the_answer(service: Service) -> None:
     service.wait_for("READY=1")
     url = json.loads((service.state_dir / "service.json").read_text())["url"]
-    token = (service.state_dir / "continue.token").read_text().strip()
+    token, _ = auth.issue(service.state_dir, "alice@example.com")  # read by the running service at the POST
     body = {"name": "autocomplete", "data": autocomplete_event(completionId="posted-then-killed"),
             "schema": "0.2.0", "level": "all", "profileId": "local"}
     req = urllib.request.Request(url + "/continue/devdata", data=json.dumps(body).encode(), method="POST",

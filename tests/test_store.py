@@ -47,7 +47,12 @@ def test_store_waits_for_a_short_lived_holder(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
                                "print('held', flush=True); time.sleep(1.0)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    waited = time.monotonic()
     store = Store.open(db, lock_timeout_s=20)  # succeeds once the holder exits
+    waited = time.monotonic() - waited
+    # It waited out the holder's remaining second (it prints "held", then sleeps 1.0 s), then got in.
+    assert 0.5 < waited < 20, waited
+    store.con.execute("CREATE TABLE written_after_the_wait (x INTEGER)")  # read-write, not a read-only fallback
     store.close()
     holder.wait()
 

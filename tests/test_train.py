@@ -103,8 +103,9 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_checkpoint(tmp_path: Pa
     whole = make_run(tmp_path / "whole", tiny_model, cfg, files)
     run_module("pipelines.train", whole)
     resumed, reference = lora(run_dir / "adapter"), lora(whole / "adapter")
-    for k in reference:
-        torch.testing.assert_close(resumed[k], reference[k], rtol=1e-4, atol=1e-6)
+    assert set(resumed) == set(reference)
+    for k in reference:  # bit for bit: a resume replays the same arithmetic
+        assert torch.equal(resumed[k], reference[k]), k
 
 
 def _step(run_dir: Path) -> int:
@@ -196,13 +197,6 @@ def test_evaluation_scores_base_candidate_and_served(strong_run: Path, tmp_path:
     assert report.candidate.edit_similarity > report.base.edit_similarity
     assert 0 < report.reference_tokens < 16 and report.generated_rows_per_s > 0
     assert isinstance(EvaluateConfig().max_new_tokens, int)
-
-
-def test_dpo_pairs_are_held_out_too(strong_run: Path) -> None:
-    held = [json.loads(x) for x in (strong_run / "data" / "heldout.jsonl").read_text().splitlines()]
-    train = {json.loads(x)["prompt"] for x in (strong_run / "data" / "dpo.jsonl").read_text().splitlines()}
-    assert {r["kind"] for r in held} == {"fim", "pair"} and not train & {r["prompt"] for r in held}
-    assert pair_rows(1, seed=3, kind="pair")[0]["kind"] == "pair"
 
 
 def test_two_processes_under_torchrun_train_what_one_process_trains_with_both_batches(tmp_path: Path,

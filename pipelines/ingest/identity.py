@@ -8,13 +8,45 @@ logged identity as it is (listed as unassigned by `devtune status`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import hmac
+import os
+import re
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from collectors.continue_dev import normalize_repo
 from pipelines.config import Config, DeveloperConfig, TeamConfig
 
 UNKNOWN_DEVELOPER = "unknown"
+
+
+def tombstone(key: bytes, identity: str) -> str:
+    """A forgotten identity as it is kept: HMAC-SHA256 under this installation's key, so a copy of the store
+    alone cannot be searched for a guessed email the way a plain hash could."""
+    return hmac.new(key, identity.strip().lower().encode(), hashlib.sha256).hexdigest()
+
+
+def tombstone_key(state_dir: Path) -> bytes:
+    """The installation's tombstone key (<state_dir>/forget.key, 32 random bytes, mode 0600), made on first use.
+    Lose it and tombstones stop matching: back it up with the store."""
+    path = state_dir / "forget.key"
+    if path.is_file():
+        return bytes.fromhex(path.read_text().strip())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first: use theirs
+        return bytes.fromhex(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key
 
 
 @dataclass(frozen=True)
@@ -32,10 +64,19 @@ class Directory:
     default_team: str
     opt_out_ids: tuple[str, ...]
     developers: tuple[DeveloperConfig, ...] = ()
+    exclude_authors: tuple[str, ...] = ()
+    tombstones: frozenset[str] = frozenset()  # forgotten identities, as `tombstone` hashes
+    tombstone_key: bytes = b""
 
     @classmethod
     def from_config(cls, cfg: Config) -> Directory:
-        return cls(cfg.teams, cfg.default_team, cfg.collect.opt_out, cfg.developers)
+        return cls(cfg.teams, cfg.default_team, cfg.collect.opt_out, cfg.developers, cfg.collect.exclude_authors,
+                   frozenset(), tombstone_key(cfg.state_dir))
+
+    def with_tombstones(self, tombstones: frozenset[str]) -> Directory:
+        """This directory, withholding the forgotten people too (`Store.tombstones()`, read where it is used:
+        a forget may land between building a directory and collecting)."""
+        return dataclasses.replace(self, tombstones=tombstones) if tombstones != self.tombstones else self
 
     @functools.cached_property
     def canonical(self) -> dict[str, str]:
@@ -86,3 +127,35 @@ class Directory:
 
     def opted_out(self, *identities: str) -> bool:
         return any(i.lower() in self.opt_out for i in identities if i)
+
+    @functools.cached_property
+    def _bots(self) -> re.Pattern[str] | None:
+        if not self.exclude_authors:
+            return None
+        # Globs with * and ? only: "dependabot[bot]" is a name, not a character class.
+        parts = ("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in g.strip().lower())
+                 for g in self.exclude_authors)
+        return re.compile("|".join(f"(?:{p})" for p in parts))
+
+    def forgotten(self, *identities: str) -> bool:
+        return bool(self.tombstones) and any(tombstone(self.tombstone_key, i) in self.tombstones
+                                             for i in identities if i)
+
+    def identities_of(self, developer: str) -> list[str]:
+        """A developer's canonical id and every alias the config gives them, lower-cased."""
+        return sorted({developer.lower(), *(i for i, d in self.canonical.items() if d.lower() == developer.lower())})
+
+    def withheld(self, *identities: str) -> str | None:
+        """Why an event of these identities is not stored ("forgotten", "opted_out", "excluded_author"), or None."""
+        if self.forgotten(*identities):
+            return "forgotten"
+        if self.opted_out(*identities):
+            return "opted_out"
+        if self.is_bot(*identities):
+            return "excluded_author"
+        return None
+
+    def is_bot(self, *identities: str) -> bool:
+        """An identity matches [collect] exclude_authors (a bot or a CI account)."""
+        bots = self._bots
+        return bots is not None and any(bots.fullmatch(i.strip().lower()) for i in identities if i)

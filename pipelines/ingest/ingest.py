@@ -82,16 +82,10 @@ class SourceReport:
                 "seconds": round(self.seconds, 3)}
 
 
-def collect_all(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig,
-                directory: Directory) -> list[SourceReport]:
-    """Collect every configured source."""
-    return [collect_source(store, s, cfg, directory) for s in sources]
-
-
 def collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, directory: Directory) -> SourceReport:
     """Collect one source from its saved cursors until it has nothing new."""
-    with collect_lock:
-        return _collect_source(store, source, cfg, directory)
+    with collect_lock:  # held by a forget too: no batch of a person can land after their forget
+        return _collect_source(store, source, cfg, directory.with_tombstones(store.tombstones()))
 
 
 def limits_of(cfg: CollectConfig) -> Limits:
@@ -173,17 +167,17 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
         # An action holds ids and times only; it is dropped with its developer, and links to nothing when
         # its completion was dropped for its path.
         who = directory.resolve(source.developer, event.user_ids)
-        if directory.opted_out(who.developer, *event.user_ids):
-            _dropped(rows, source.name, "opted_out", event.key)
+        if why := directory.withheld(who.developer, *event.user_ids):
+            _dropped(rows, source.name, why, event.key)
             return
         rows.add(TabbyActionRow(id=event.key, completion_id=event.completion_id, source=source.name,
                                 kind=event.kind, acted_at=event.at, choice_index=event.choice_index,
-                                line_select=event.line_select))
+                                line_select=event.line_select, developer=who.developer))
         rows.tabby_touched.add(event.completion_id)
         return
     who = directory.resolve(source.developer, event.user_ids)
-    if directory.opted_out(who.developer, *event.user_ids):
-        _dropped(rows, source.name, "opted_out", event.key)
+    if why := directory.withheld(who.developer, *event.user_ids):
+        _dropped(rows, source.name, why, event.key)
         return
     filepath = event.filepath
     if filepath and is_excluded(filepath, cfg.exclude_paths):
@@ -262,12 +256,13 @@ def _scrub_prefixes(s: Suggestion, scrubs: Counter[str]) -> tuple[str | None, ..
 def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: CollectConfig, directory: Directory,
                  ingested: datetime, contents: FileScrubber) -> None:
     who = directory.resolve("", (c.author_email,))
-    opted_out = directory.opted_out(who.developer, c.author_email)
+    why = directory.withheld(who.developer, c.author_email, c.author_name)
+    opted_out = why is not None
     scrubs: Counter[str] = Counter()
     rows.add(CommitRow(
         sha=c.sha, repo=repo, source=source_name, parents=list(c.parents),
-        # An opted-out author's commit keeps only its sha, parents and time, so history counts stay
-        # whole; no name, email, message or file of theirs is stored.
+        # An opted-out (or bot) author's commit keeps only its sha, parents and time, so history counts stay
+        # whole; no name, email, message or file of theirs is stored, and nothing of it is trained on.
         author_name=None if opted_out else c.author_name,
         author_email=None if opted_out else c.author_email,
         developer="" if opted_out else who.developer,
@@ -277,8 +272,8 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
         ingested_at=ingested,
     ))
     _scrubbed(rows, "commits", c.sha, scrubs)
-    if opted_out:
-        _dropped(rows, source_name, "opted_out_commit", c.sha)
+    if why is not None:
+        _dropped(rows, source_name, f"{why}_commit", c.sha)
         return
     _identity(rows, who, "git")
     for f in c.files:

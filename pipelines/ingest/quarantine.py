@@ -35,7 +35,7 @@ def retry_quarantined(store: Store, sources: tuple[SourceConfig, ...], cfg: Coll
     """Re-read and re-parse quarantined lines (one by id, or all): a line that parses now is stored (with
     identity, privacy and scrubbing, as in a collect) and leaves the quarantine, in one transaction."""
     with collect_lock:
-        return list(_retry(store, sources, cfg, directory, qid))
+        return list(_retry(store, sources, cfg, directory.with_tombstones(store.tombstones()), qid))
 
 
 def _retry(store: Store, sources: tuple[SourceConfig, ...], cfg: CollectConfig, directory: Directory,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -36,9 +38,10 @@ from pipelines.store.records import (
     LinkedSuggestion,
     ToLink,
 )
-from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, as_arrow
+from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, as_arrow, text_columns
 
 R = TypeVar("R")
+log = logging.getLogger("devtune.store")
 
 
 class StoreBusy(Exception):
@@ -103,8 +106,23 @@ class Store:
 
     @classmethod
     def open(cls, path: Path, lock_timeout_s: float = 0.0) -> Store:
-        """Open (creating and migrating) the store, waiting up to `lock_timeout_s` for another process."""
+        """Open (creating and migrating) the store, waiting up to `lock_timeout_s` for another process. A store
+        marked by `request_rewrite` is rewritten into a fresh file first."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        con = cls._connect(path, lock_timeout_s)
+        if _rewrite_marker(path).exists():
+            con = _rewrite(con, path)
+        # DuckDB checkpoints (compresses and writes the WAL into the file) every 16 MB of WAL by default: with
+        # 2-20 KB events that is every few batches. 64 MB made the ingest's storage path 1.4-1.5x faster and
+        # the file 25% smaller (bigger checkpoints compress better; bench/README.md), while keeping the WAL a
+        # crash replays small.
+        con.execute("SET checkpoint_threshold = '64MB'")
+        store = cls(con, path)
+        store.migrate()
+        return store
+
+    @staticmethod
+    def _connect(path: Path, lock_timeout_s: float) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + lock_timeout_s
         delay = 0.05
         while True:
@@ -122,14 +140,7 @@ class Store:
                         "finish or stop it.") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        # DuckDB checkpoints (compresses and writes the WAL into the file) every 16 MB of WAL by default: with
-        # 2-20 KB events that is every few batches. 64 MB made the ingest's storage path 1.4-1.5x faster and
-        # the file 25% smaller (bigger checkpoints compress better; bench/README.md), while keeping the WAL a
-        # crash replays small.
-        con.execute("SET checkpoint_threshold = '64MB'")
-        store = cls(con, path)
-        store.migrate()
-        return store
+        return con
 
     def close(self) -> None:
         self.con.close()
@@ -296,6 +307,24 @@ class Store:
             "unassigned": unassigned,
         }
 
+    def record_collect(self, source: str, error: str | None) -> None:
+        """Note how a source's collect went: a failure counts up (for the back-off), a success resets it."""
+        with self.transaction():
+            if error is None:
+                self.con.execute(
+                    "INSERT INTO source_health VALUES (?, 0, NULL, NULL, ?) ON CONFLICT (source) DO UPDATE SET "
+                    "failures = 0, last_error = NULL, ok_at = excluded.ok_at", [source, now()])
+            else:
+                self.con.execute(
+                    "INSERT INTO source_health VALUES (?, 1, ?, ?, NULL) ON CONFLICT (source) DO UPDATE SET "
+                    "failures = source_health.failures + 1, last_error = excluded.last_error, "
+                    "failed_at = excluded.failed_at", [source, error, now()])
+
+    def source_health(self) -> dict[str, dict[str, Any]]:
+        """Per source that was ever collected: failures since its last success, the last error and when."""
+        return {r[0]: {"failures": r[1], "error": r[2], "failed_at": r[3], "ok_at": r[4]}
+                for r in self.con.execute("SELECT * FROM source_health ORDER BY source").fetchall()}
+
     def source_streams(self) -> dict[str, dict[str, Any]]:
         """Per source: how many streams (files, refs) it has a cursor for, and when one last moved."""
         return {r[0]: {"streams": r[1], "collected_at": r[2].isoformat()} for r in self.con.execute(
@@ -434,6 +463,142 @@ class Store:
             "SELECT developer FROM commits WHERE team = ? AND NOT opted_out ORDER BY 1", [team, team]).fetchall()
         return [r[0] for r in rows if r[0]]
 
+    # -- forgetting (pipelines/forget.py) ------------------------------------------------------------------
+
+    def _mine(self, table: str, developer: str, ids: list[str]) -> tuple[str, list[Any]]:
+        """The WHERE clause selecting a developer's own rows of `table`, and its arguments."""
+        where, params = _MINE[table]
+        return where, [developer if p == "developer" else ids for p in params]
+
+    def footprint(self, developer: str, ids: list[str], sources: list[str]) -> dict[str, int]:
+        """What is stored of a developer: their rows per table, their quarantined lines (of `sources`, or naming
+        them), their runs, and other rows whose text names them (replaced, not removed)."""
+        counts = {}
+        for table in _MINE:
+            where, args = self._mine(table, developer, ids)
+            row = self.con.execute(f"SELECT count(*) FROM {table} WHERE {where}", args).fetchone()
+            counts[table] = int(row[0]) if row else 0
+        where, args = _quarantine_of(sources, ids)
+        counts["quarantine"] = int((self.con.execute(f"SELECT count(*) FROM quarantine WHERE {where}", args)
+                                    .fetchone() or (0,))[0])
+        counts["runs"] = int((self.con.execute("SELECT count(*) FROM runs WHERE scope = ?", [f"dev:{developer}"])
+                              .fetchone() or (0,))[0])
+        counts["named_in_other_rows"] = sum(n for _, _, n in self._naming(ids))
+        return counts
+
+    def team_runs_of(self, developer: str) -> tuple[list[str], list[str]]:
+        """The teams a developer's rows went to, and those teams' runs (whose datasets held the rows)."""
+        teams = [r[0] for r in self.con.execute(
+            "SELECT team FROM suggestions WHERE developer = ? UNION SELECT team FROM edit_outcomes WHERE developer = ? "
+            "UNION SELECT team FROM interactions WHERE developer = ? UNION SELECT team FROM tabby_completions "
+            "WHERE developer = ? UNION SELECT team FROM commits WHERE developer = ? AND NOT opted_out ORDER BY 1",
+            [developer] * 5).fetchall() if r[0]]
+        runs = [r[0] for r in self.con.execute(
+            "SELECT run_id FROM runs WHERE scope IN (SELECT 'team:' || unnest(?::VARCHAR[])) ORDER BY 1",
+            [teams]).fetchall()]
+        return teams, runs
+
+    def forget_rows(self, developer: str, ids: list[str], sources: list[str], hashes: list[str],
+                    marks: list[tuple[str, str, str]], job_id: str, plan: dict[str, Any]) -> None:
+        """One transaction: a developer's rows go, their commits keep only sha, parents and time, other rows'
+        texts lose their identities, and the tombstones, retrain marks and the job for the files are written."""
+        with self.transaction():
+            c = self.con
+            for table, target in (("suggestions", "suggestions"), ("edit_outcomes", "edit_outcomes"),
+                                  ("interactions", "interactions"), ("tabby_completions", "tabby_completions")):
+                where, args = self._mine(table, developer, ids)
+                c.execute(f"DELETE FROM scrubs WHERE target = '{target}' AND key IN (SELECT id FROM {table} "
+                          f"WHERE {where})", args)
+                if table == "suggestions":
+                    c.execute(f"DELETE FROM suggestion_links WHERE suggestion_id IN (SELECT id FROM suggestions "
+                              f"WHERE {where})", args)
+                if table == "tabby_completions":
+                    where_a, args_a = self._mine("tabby_actions", developer, ids)
+                    c.execute(f"DELETE FROM tabby_actions WHERE {where_a}", args_a)
+                c.execute(f"DELETE FROM {table} WHERE {where}", args)
+            where, args = self._mine("commits", developer, ids)
+            c.execute(f"CREATE OR REPLACE TEMP TABLE forget_shas AS SELECT sha FROM commits WHERE {where}", args)
+            c.execute("DELETE FROM scrubs WHERE (target = 'commits' AND key IN (SELECT sha FROM forget_shas)) OR "
+                      "(target = 'commit_files' AND split_part(key, ':', 1) IN (SELECT sha FROM forget_shas))")
+            c.execute("DELETE FROM commit_files WHERE sha IN (SELECT sha FROM forget_shas)")
+            c.execute("UPDATE commits SET author_name = NULL, author_email = NULL, developer = '', team = '', "
+                      "message = NULL, opted_out = TRUE WHERE sha IN (SELECT sha FROM forget_shas)")
+            c.execute("DROP TABLE forget_shas")
+            c.execute("DELETE FROM scrubs WHERE target = 'blobs' AND key NOT IN "
+                      "(SELECT blob FROM commit_files WHERE blob IS NOT NULL)")
+            c.execute("DELETE FROM blobs WHERE blob NOT IN (SELECT blob FROM commit_files WHERE blob IS NOT NULL)")
+            where, args = self._mine("identities", developer, ids)
+            c.execute(f"DELETE FROM identities WHERE {where}", args)
+            where, args = _quarantine_of(sources, ids)
+            c.execute(f"DELETE FROM quarantine WHERE {where}", args)
+            c.execute("DELETE FROM runs WHERE scope = ?", [f"dev:{developer}"])
+            for table, column, _ in self._naming(ids):
+                c.execute(f"UPDATE {table} SET {column} = regexp_replace({column}, ?, '<forgotten>', 'g') "
+                          f"WHERE regexp_matches({column}, ?)", [_any_of(ids)] * 2)
+            stamp = now()
+            if hashes:
+                c.execute("INSERT INTO tombstones SELECT unnest(?::VARCHAR[]), ? ON CONFLICT DO NOTHING",
+                          [hashes, stamp])
+            for scope, version, reason in marks:
+                c.execute("INSERT INTO retrain_marks VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                          [scope, version, reason, stamp])
+            c.execute("INSERT INTO forget_jobs VALUES (?, ?, NULL, ?)", [job_id, stamp, json.dumps(plan)])
+
+    def _naming(self, ids: list[str]) -> list[tuple[str, str, int]]:
+        """(table, text column, rows) whose text names one of `ids` (run summaries included)."""
+        if not ids:
+            return []
+        found = []
+        columns = [(t.name, col) for t in TABLES.values() for col in text_columns(t)]
+        for table, col in [*columns, ("runs", "summary"), ("runs", "error")]:
+            row = self.con.execute(f"SELECT count(*) FROM {table} WHERE regexp_matches({col}, ?)",
+                                   [_any_of(ids)]).fetchone()
+            if row and row[0]:
+                found.append((table, col, int(row[0])))
+        return found
+
+    def stored_identities(self, developer: str) -> list[str]:
+        """Every identity a developer's events were stored under, and their git author emails and names."""
+        return [r[0] for r in self.con.execute(
+            "SELECT identity FROM identities WHERE developer = ? UNION SELECT author_email FROM commits "
+            "WHERE developer = ? AND author_email IS NOT NULL UNION SELECT author_name FROM commits "
+            "WHERE developer = ? AND author_name IS NOT NULL ORDER BY 1", [developer] * 3).fetchall() if r[0]]
+
+    def has_rows_of(self, developer: str, ids: list[str]) -> bool:
+        """Whether any row of the developer's own is stored (cheap: a LIMIT 1 per table)."""
+        for table in _MINE:
+            where, args = self._mine(table, developer, ids)
+            if self.con.execute(f"SELECT 1 FROM {table} WHERE {where} LIMIT 1", args).fetchone():
+                return True
+        return False
+
+    def tombstones(self) -> frozenset[str]:
+        return frozenset(r[0] for r in self.con.execute("SELECT hash FROM tombstones").fetchall())
+
+    def remove_tombstones(self, hashes: list[str]) -> int:
+        with self.transaction():
+            row = self.con.execute("DELETE FROM tombstones WHERE hash IN (SELECT unnest(?::VARCHAR[]))",
+                                   [hashes]).fetchone()
+        return int(row[0]) if row else 0
+
+    def pending_forgets(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(r[0], json.loads(r[1])) for r in self.con.execute(
+            "SELECT id, plan FROM forget_jobs WHERE done_at IS NULL ORDER BY created_at").fetchall()]
+
+    def finish_forget(self, job_id: str) -> None:
+        with self.transaction():
+            self.con.execute("UPDATE forget_jobs SET done_at = ? WHERE id = ?", [now(), job_id])
+
+    def forget_counts(self) -> dict[str, int]:
+        """How many people were forgotten (jobs with tombstones) and identities are tombstoned: no names."""
+        row = self.con.execute("SELECT (SELECT count(*) FROM forget_jobs WHERE CAST(json_extract(plan, '$.tombstone') "
+                               "AS BOOLEAN)), (SELECT count(*) FROM tombstones)").fetchone()
+        return {"forgotten": int(row[0]), "tombstones": int(row[1])} if row else {"forgotten": 0, "tombstones": 0}
+
+    def retrain_marks(self) -> dict[tuple[str, str], str]:
+        return {(r[0], r[1]): r[2] for r in self.con.execute(
+            "SELECT scope, version, reason FROM retrain_marks ORDER BY 1, 2").fetchall()}
+
     # -- runs ----------------------------------------------------------------------------------------------
 
     def start_run(self, run_id: str, scope: str) -> None:
@@ -531,6 +696,68 @@ def _records(cur: duckdb.DuckDBPyConnection, record: type[R], batch_rows: int = 
     while rows := cur.fetchmany(batch_rows):
         for r in rows:
             yield record(*r)
+
+
+# A developer's own rows, per table: the WHERE clause, and what each `?` stands for (the developer's id, or
+# the list of their lower-cased identities).
+_MINE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "suggestions": ("developer = ?", ("developer",)),
+    "edit_outcomes": ("developer = ?", ("developer",)),
+    "interactions": ("developer = ?", ("developer",)),
+    "tabby_completions": ("developer = ?", ("developer",)),
+    "tabby_actions": ("developer = ? OR completion_id IN (SELECT id FROM tabby_completions WHERE developer = ?)",
+                      ("developer", "developer")),
+    "commits": ("NOT opted_out AND (developer = ? OR lower(author_email) IN (SELECT unnest(?::VARCHAR[])))",
+                ("developer", "ids")),
+    "identities": ("developer = ? OR lower(identity) IN (SELECT unnest(?::VARCHAR[]))", ("developer", "ids")),
+}
+
+
+# Identities shorter than this are removed with their own rows but not searched for in other rows' text:
+# a 3-letter alias would otherwise turn "malice" into "m<forgotten>e".
+MIN_NAMING_CHARS = 6
+
+
+def request_rewrite(path: Path) -> None:
+    """Ask for the store to be rewritten into a fresh file at its next open: DuckDB keeps a deleted row's bytes
+    in the file (a forgotten person's text was still there after DELETE, CHECKPOINT and VACUUM) until then."""
+    _rewrite_marker(path).touch()
+
+
+def _rewrite_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".rewrite")
+
+
+def _rewrite(con: duckdb.DuckDBPyConnection, path: Path) -> duckdb.DuckDBPyConnection:
+    """Copy every table into a fresh file (COPY FROM DATABASE keeps keys and defaults), put it in the store's
+    place and reconnect. A kill at any point leaves the old file, or the new one, and the marker until done."""
+    fresh = path.with_name(path.name + ".fresh")
+    for stale in (fresh, fresh.with_name(fresh.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    started = time.monotonic()
+    name = con.execute("SELECT current_database()").fetchone()[0]
+    con.execute("CHECKPOINT")
+    con.execute(f"ATTACH '{fresh}' AS fresh")
+    con.execute(f"COPY FROM DATABASE \"{name}\" TO fresh")
+    con.execute("DETACH fresh")
+    con.close()
+    with fresh.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(fresh, path)
+    _rewrite_marker(path).unlink(missing_ok=True)
+    log.info("rewrote %s without the bytes of deleted rows (%.1fs)", path, time.monotonic() - started)
+    return duckdb.connect(str(path))
+
+
+def _any_of(ids: list[str]) -> str:
+    """An RE2 pattern matching any of `ids` (each taken literally, \\Q...\\E) case-insensitively, or nothing."""
+    usable = [f"\\Q{i}\\E" for i in ids if len(i) >= MIN_NAMING_CHARS and "\\E" not in i]
+    return "(?i)" + "|".join(usable) if usable else "[^\\s\\S]"
+
+
+def _quarantine_of(sources: list[str], ids: list[str]) -> tuple[str, list[Any]]:
+    """Quarantined lines of a developer: every line of their own sources, and any line that names them."""
+    return ("source IN (SELECT unnest(?::VARCHAR[])) OR regexp_matches(excerpt, ?)", [sources, _any_of(ids)])
 
 
 def _run_dict(r: tuple[Any, ...]) -> dict[str, Any]:

@@ -192,6 +192,42 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (identity, source_kind)
         );
     """),
+    # How each source's last collects went: a source that fails is reported and retried with back-off while
+    # the others are collected (daemon/jobs.py).
+    ("0004_source_health", """
+        CREATE TABLE source_health (
+            source VARCHAR PRIMARY KEY,
+            failures INTEGER NOT NULL,        -- failed collects since the last one that succeeded
+            last_error VARCHAR,               -- one line: what failed and why
+            failed_at TIMESTAMP,              -- the last failure
+            ok_at TIMESTAMP                   -- the last collect that succeeded
+        );
+    """),
+    # Forgetting a developer (pipelines/forget.py): keyed hashes of their identities, so later collects store
+    # nothing of theirs; the work a forget left for after its transaction (files), so a kill is finished later;
+    # the adapters that saw their rows, retrained without them by the next cycle. Tabby actions get their
+    # developer, so they can be removed with the person and not only with their completion.
+    ("0005_forget", """
+        CREATE TABLE tombstones (
+            hash VARCHAR PRIMARY KEY,         -- HMAC-SHA256 of a lower-cased identity, keyed by <state_dir>/forget.key
+            forgotten_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE forget_jobs (
+            id VARCHAR PRIMARY KEY,
+            created_at TIMESTAMP NOT NULL,
+            done_at TIMESTAMP,
+            plan VARCHAR NOT NULL             -- JSON: team runs to purge, counts; never the person's ids
+        );
+        CREATE TABLE retrain_marks (
+            scope VARCHAR NOT NULL,
+            version VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            marked_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (scope, version)
+        );
+        ALTER TABLE tabby_actions ADD COLUMN developer VARCHAR;
+        UPDATE tabby_actions SET developer = c.developer FROM tabby_completions c WHERE c.id = completion_id;
+    """),
     # What became of each accepted suggestion in its developer's later commits (pipelines/datasets/link.py): the
     # evidence a dataset build reads instead of re-reading history, and what `kept`/`rewritten` counts rest on.
     ("0010_suggestion_links", """

@@ -141,6 +141,7 @@ class TabbyActionRow:
     acted_at: datetime
     choice_index: Int32
     line_select: bool  # a select of kind "line": a partial accept
+    developer: str | None  # who acted (None: before migration 0005, when its completion was never stored)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +269,12 @@ TABLES: dict[type, Table] = {t.row: t for t in (
         if c != "suggestion_id")),
     Table("gateway_requests", GatewayRequestRow, ("id",)),
 )}
+
+
+def text_columns(table: Table) -> list[str]:
+    """The columns of a table that hold free text (not its key): where a person's name can appear."""
+    hints = typing.get_type_hints(table.row)
+    return [c for c in table.columns if c not in table.key and hints[c] in (str, str | None)]
 
 
 def arrow_schema(row: type) -> pa.Schema:

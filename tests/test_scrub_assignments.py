@@ -1,0 +1,119 @@
+"""Values given to secret-sounding names, in the forms code, configuration files and shells write them, and
+the look-alikes in ordinary code that are left alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.ingest.scrub import cursor_spans, find_secrets, name_strength, scrub, scrub_fields
+
+V = "Qm9vZ1e-9vLk2Tn4Xw"  # a password-like value with letters, digits and a dash
+BRACES = "m{o)p${e]nob(dy[f>-_$#th1s}}"  # a password can hold any of these
+
+
+@pytest.mark.parametrize("text", [
+    f'if (api_key == "{V}") {{',
+    f'if ("{V}" === db_password) return',
+    f"if token != '{V}':",
+    f"db_pass := {V}",
+    f'apikey := "{V}"',
+    f'DB_TOKEN ::= "{V}"',
+    f'DB_TOKEN ?= "{V}"',
+    f'$secretToken .= "{V}";',
+    f'password "{V}";',
+    f"curl --x-api-key {V} https://api.example.com",
+    f"mytool --password={V} --verbose",
+    f'NSString *password = @"{V}";',
+    f'char secret[] = "{V}";',
+    f'char secret[25] = "{V}";',
+    f'std::string secret("{V}");',
+    f'var apiToken string = "{V}"',
+    f'password: str = "{V}"',
+    f"smtp_pw = {V}",
+    f'ldap_pass: "{V}"',
+    f"sl_key = {V}",
+    f"ibm-cloud-key: {V}",
+    f'"{V}" == password',
+    f'System.setProperty("DB_PASSWORD", "{V}")',
+    f'os.environ.get("API_TOKEN", "{V}")',
+    f"<password>{V}</password>",
+    f"<apiToken>\n    {V}\n</apiToken>",
+    f'<add key="ClearTextPassword" value="{V}" />',
+    f'{{"name": "DB_PASSWORD", "value": "{V}"}}',
+    f'{{"config.ini": "AIRTABLE_TOKEN={V}\\nBACKUP_ENABLED=true"}}',
+    f"Server=db;Database=app;User Id=app;Password={V};",
+    f"machine api.example.com login deploy password {V}",
+    f"export AWS_SECRET_ACCESS_KEY={V}",
+    f"PRIVATE_KEY_B64={V}",
+    f'new NetworkCredential("ci@example.com", "{V}")',
+])
+def test_an_assignment_form_is_scrubbed(text: str) -> None:
+    out = scrub(text)
+    assert V not in out, (text, find_secrets(text))
+
+
+@pytest.mark.parametrize(("text", "secret"), [
+    ('password = "correct horse battery staple"', "correct horse battery staple"),  # spaces
+    (f'password = "{BRACES}"', BRACES),  # $, braces, brackets, < and >
+    (f"apikey = {BRACES}", BRACES),  # unquoted, to the end of the word
+    ("db_password: three plain words", "three plain words"),  # YAML: to the end of the line
+    ('SECRET_KEY = "django-insecure-_du9e^cmago!%(^+=gr@cu@v9-v7ulhbk2s3!w&39w4"', "django-insecure-_du9e"),
+    ('password = "rootpasswd"', "rootpasswd"),  # holds the name's word, but is not a name
+])
+def test_a_value_is_not_thrown_away_for_its_characters(text: str, secret: str) -> None:
+    assert secret not in scrub(text), find_secrets(text)
+
+
+@pytest.mark.parametrize("text", [
+    'api_key = ""',
+    "password = get_password(user)",
+    "token = self.token2",
+    "last_token = call_start",
+    "password = auth[2]",
+    'password = getpass.getpass("Password: ")',
+    'password = input("Enter your password")',
+    'token_type = "bearer"',
+    'PASSWORD = "password"',
+    'token = "access_token"',
+    "password: ${DB_PASSWORD}",
+    'password = "{{ vault_password }}"',
+    'password = f"{prefix}{suffix}"',
+    'token = "Bearer {}".format(tok)',
+    "secret = '%s' % value",
+    'password = "<your password here>"',
+    'password = "changeme"',
+    'api_key = "your-api-key"',
+    'password = "somefakekey"',
+    "sort(key=lambda x: x[1])",
+    "primaryKey=XEyH0H4-4NsIIuMGFI-=sQX1O_0a.H",  # a database's key, not a credential
+    'public_key = "9Cnzj4p4WGeKLs1Pt8QuKUpRKfFLfRYC9AIKjbJTWit"',
+    '"AWS::KMS::Key": "2b447c471bc70388",',  # a CloudFormation type's path, not a variable
+    "            token=text,",  # a keyword argument on its own line
+    "s3_auth=s3_auth,",
+    'fmt_pass = self.helper("_format_explanation", msg)',
+    "    pass",
+    "# the key: 'test/1/2/3.txt'",
+    "TOKEN_ENDS = TSPECIALS | WSP",
+    'MovedAttribute("HTTPPasswordMgr", "urllib2", "urllib.request"),',
+])
+def test_ordinary_code_is_left_alone(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+@pytest.mark.parametrize(("name", "strength"), [
+    ("password", 2), ("DB_PASSWORD", 2), ("db_pass", 2), ("smtp_pw", 2), ("clientSecret", 2), ("api_key", 2),
+    ("x-api-key", 2), ("token1", 2), ("PRIVATE_KEY_B64", 2), ("dbpassword", 2),
+    ("sl_key", 1), ("MAILCHIMP_KEY", 1), ("auth", 1),
+    ("password_hint", 0), ("token_type", 0), ("secret_name", 0), ("primary_key", 0), ("public_key", 0),
+    ("tokenizer", 0), ("max_tokens", 0), ("csrf_token", 0), ("jsonwebtoken", 0),
+])
+def test_names_are_read_by_their_words(name: str, strength: int) -> None:
+    assert name_strength(name) == strength
+
+
+def test_a_flag_split_by_the_cursor_is_scrubbed() -> None:
+    """The name and flag in the prefix, the value completed by the model."""
+    prefix, completion, suffix = "run() {\n  mytool --api-key ", f"{V} \\\n", "    --verbose\n}\n"
+    at_prefix, at_completion, at_suffix = cursor_spans(prefix, [completion], suffix)
+    out = scrub_fields([prefix, completion, suffix], None, [at_prefix, at_completion, at_suffix])
+    assert V not in "".join(t or "" for t in out)

@@ -1,0 +1,150 @@
+"""Credential formats the scrubber knows by their shape: each is scrubbed whole, and its near-misses (one
+character too many, a suffix, a placeholder, a key that is public by design) are left alone.
+
+The values are made up here in each format's exact shape; none is a real credential.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.ingest.scrub import FileScrubber, find_secrets, scrub
+
+R32 = "q8Lw2ZrX9vT4nB6mK1pD7sF3gH5jC0aE"  # 32 random-looking letters and digits
+HEX32 = "9f3a0c7e51b24d86a0e3c9f17b5d2e48"
+HEX64 = HEX32 + "c1d2e3f405a6b7c8d9e0f1a2b3c4d5e6"
+
+
+def kinds(text: str) -> list[str]:
+    return [kind for _, _, kind in find_secrets(text)]
+
+
+@pytest.mark.parametrize(("kind", "secret"), [
+    ("github_token", "ghp_" + R32 + "Ab3d"),
+    ("github_token", "github_pat_11ABCDE2Y0" + "xK7mQ2pL9vR4tN8wB3cF6hJ1zD5sG0aE" * 2 + "q8Lw2ZrX"),
+    ("gitlab_token", "glpat-" + "Xk9m2Qp7Lz4Rt8Vn1Bc6"),
+    ("gitlab_token", "GR1348941" + "zX8qLmN4vB7cT2yK9wQp"),  # a runner registration token
+    ("gitlab_token", "glrt-" + "Xk9m2Qp7Lz4Rt8Vn1Bc6"),
+    ("artifactory_token", "AKCp" + "8jQ8sL3rJ5n1NfGZ2WVY4tkQ8s3Yhq6rDq6pYUGkF5zXRqyN6J2e8oG5a2TpwV8Q6cXDB"),
+    ("aws_access_key", "AKIAQ3EGZ7VXRTYUPLMN"),
+    ("google_api_key", "AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY"),
+    ("azure_client_secret", "QtT8Q~9C-_Ij~RouHVpD2Tuf3oHWGh.DQ3kcjbAn"),
+    ("slack_token", "xoxb-1234567890-0987654321-" + "AbCdEfGhIjKlMnOpQrStUvWx"),
+    ("twilio_key", "SK" + HEX32),
+    ("twilio_key", "AC" + HEX32),
+    ("mailchimp_key", HEX32 + "-us30"),
+    ("mailgun_key", "key-" + HEX32),
+    ("sendgrid_key", "SG." + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Y" + "." + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Yh3Gs5Fw0Ej2Kq7Wm2Kx9L"),
+    ("discord_bot_token", "MTk4NjIyNDgzNDcxOTI1MjQ4.Gk2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWsR3xQvYb8"),
+    ("telegram_token", "110201543:AA" + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Yh3Gs5Fw0Ej2K"[:33]),
+    ("stripe_key", "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc"),
+    ("npm_token", "npm_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"),
+    ("pypi_token", "pypi-AgEIcHlwaS5vcmc" + "CJDk4ZjFkNjE0LWE3ZGItNDFkNS1iYzI5LTM2NmQ" + "x7Lp2Qm9"),
+    ("databricks_token", "dapi" + HEX32),
+    ("doppler_token", "dp.pt." + "bAqhcVzrhy5cRHkOlNTc0Ve6w5NUDCpcutm8vGE9myi"),
+    ("anthropic_key", "sk-ant-api03-" + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Yh3Gs5Fw0Ej2Kq7Wm2Kx9Lp4Rz8Tn1Vb6"),
+    ("huggingface_token", "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh"),
+    ("vault_token", "hvs." + "CAESIP2jTxc9S2K7Z6CtcFWQv7-044m_oSsxnPE1H3nF89l3GiYKHGh2cy5"),
+    ("password_hash", "$2a$12$" + "R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW"),
+    ("private_key", "AGE-SECRET-KEY-1" + "QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L"[::-1] + "GF2TVDW0S3JN54KHCE6MUA7LQP"),
+])
+def test_a_format_is_scrubbed_whole(kind: str, secret: str) -> None:
+    for text in (secret, f'value = "{secret}"\n', f"  {secret},\n"):
+        out = scrub(text)
+        assert secret not in out and f"<SECRET:{kind}>" in out, (text, find_secrets(text))
+
+
+@pytest.mark.parametrize("text", [
+    "AKIAIOSFODNN7EXAMPLE1",  # one character too long for an AWS key id (and AWS's documented example)
+    "ghp_" + R32 + "Ab3dEXTRA9",  # a GitHub token with a suffix
+    "glpat-" + "Xk9m2Qp7Lz4Rt8Vn1Bc6" + "Q",  # 21 after the prefix: not the 20-character form
+    "AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWYabcd123",  # too long for a Google API key
+    "twilio AC" + HEX32 + "f",  # 33 hex digits
+])
+def test_a_near_miss_of_a_format_is_not_that_format(text: str) -> None:
+    assert scrub(text) == text
+
+
+@pytest.mark.parametrize("text", [
+    "ghp_" + "x" * 36,
+    "AKIAXXXXXXXXXXXXXXXX",
+    "xoxb-xxxxxxxxxxx-xxxxxxxxxxxxxxxxxxxxxxxx",
+    'api_key: "AIzaSyabcdefghijklmnopqrstuvwxyz1234567"',  # an alphabet run (and a published Firebase sample)
+    "sk-ant-api03-abc123xyz-456def789ghij-klmnopqrstuvwx-3456yza789bcde-1234fghijklmnopAA",
+    "const stripe = Stripe('pk_live_" + "51HqLyjWDarjtT1zdp7dcXpXzjBj0a5a8');",  # publishable: public by design
+    "STRIPE_PUBLISHABLE_KEY=pk_test_" + "TYooMQauvdEDq54NiTphI7jx",
+    "https://indieweb.org/images/3/35/2018-250-xoxo-indieweb-1.jpg",
+    "-----BEGIN OPENSSH PRIVATE KEY----------END OPENSSH PRIVATE KEY-----",  # an empty block in a doc
+    "video_box.ico-7a388b69018576d24b59331fd60aab0c.png",  # a file name, not an Infracost token
+])
+def test_placeholders_and_public_values_are_kept(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+def test_jwts_signed_or_not_and_only_real_ones() -> None:
+    header, payload = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJzdWIiOiJhZG1pbiIsImlhdCI6MTUxNjIzOTAyMn0"
+    for token in (f"{header}.{payload}.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV", f"{header}.{payload}.",
+                  f"{header}.{payload}"):
+        assert kinds(f"Authorization = {token!r}") == ["jwt"], token
+    broken = header[:-2] + "J." + payload  # a header that does not decode to JSON
+    assert "jwt" not in kinds(broken)
+
+
+@pytest.mark.parametrize(("text", "secret"), [
+    (f'curl -H "Authorization: Bearer {HEX32}" https://api.example.com', HEX32),
+    ("Authorization: Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==", "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+    ("curl -u deploy:Tr0ub4dor-3x https://ci.example.com", "Tr0ub4dor-3x"),
+    ("curl --user 'api:d2LkV78zLx!t' https://api.example.com", "d2LkV78zLx!t"),
+    ("https://hooks.zapier.com/hooks/catch/1234567/abcdEF12/?token=9fK2mQ7xLp4Rt8Vw", "9fK2mQ7xLp4Rt8Vw"),
+    ("mongodb+srv://app:D1fficultP%40ssw0rd@cluster0.example.mongodb.net/db", "D1fficultP%40ssw0rd"),
+    ("//registry.npmjs.org/:_authToken=1f9c3a4e-7b2d-4c8e-9a0f-5d6b7e8f9a0b", "1f9c3a4e-7b2d-4c8e-9a0f-5d6b7e8f9a0b"),
+    ("psexec \\\\10.0.0.1 -u Administrator -p dev_4dmin cmd", "dev_4dmin"),
+    ("BUNDLE_GEMS__CONTRIBSYS__COM: cafe0b1e:dead0bee", "cafe0b1e:dead0bee"),
+])
+def test_credentials_in_headers_urls_and_command_lines(text: str, secret: str) -> None:
+    out = scrub(text)
+    assert secret not in out, find_secrets(text)
+
+
+@pytest.mark.parametrize("text", [
+    "curl -u username:password https://test.com/endpoint",  # stand-ins
+    'curl -XGET -u "${{needs.vault.outputs.account_id}}:${{needs.vault.outputs.account_password}}"',
+    "docker run -u 1000:1000 image",  # a uid and a gid
+    "PIP_INDEX_URL_FMT = '{scheme}://aws:{auth_token}@{netloc}{path}simple/'",  # format fields
+    'headers = {"Authorization": f"Bearer {token}"}',
+])
+def test_templates_in_those_places_are_kept(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+MANIFEST = """apiVersion: v1
+kind: Secret
+metadata:
+  name: registry
+type: Opaque
+data:
+  .dockercfg: |
+    eyJhdXRocyI6eyJodHRwczovL2V4YW1wbGUvdjEvIjp7ImF1dGgiOiJvcGVuc2VzYW1lIn19fQo=
+  ca.pem: UyFCXCpkJHpEc2I9bXlwYXNzd29yZA==
+  htpasswd: {{ htpasswd }}
+"""
+
+
+def test_every_value_of_a_kubernetes_secret_is_scrubbed() -> None:
+    out = scrub(MANIFEST)
+    assert "eyJhdXRocyI6" not in out and "UyFCXCpk" not in out and out.count("<SECRET:kubernetes_secret>") == 2
+    assert "{{ htpasswd }}" in out  # a template is not a value
+    # a ConfigMap's data is not secret
+    config_map = MANIFEST.replace("kind: Secret", "kind: ConfigMap")
+    assert "<SECRET:kubernetes_secret>" not in scrub(config_map)
+
+
+def test_file_scrubber_agrees_on_the_new_forms() -> None:
+    """Multi-line forms (a Kubernetes Secret, an XML element, a Vault unseal key) give the same result piece by
+    piece as whole, also with blank lines added between them."""
+    text = (MANIFEST + "\n\n<config>\n  <password>\n    s3cr3t-Passw0rd\n  </password>\n</config>\n\n"
+            "Unseal Key 1: 0tZn+7QQCxphpHwTm7/dC3LpP5JGIbYl3PK8Sy81R+P2\n\nif (api_key == \"Qm9vZ1e-9vLk2Tn4Xw\") {}\n")
+    scrubber = FileScrubber()
+    for version in (text, text.replace("\ndata:", "\n\ndata:"), text.replace("<password>\n", "<password>\n\n")):
+        assert scrubber.scrub(version) == scrub(version)
+    assert "s3cr3t-Passw0rd" not in scrub(text) and "0tZn+7QQ" not in scrub(text) and "Qm9vZ1e" not in scrub(text)
