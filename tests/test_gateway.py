@@ -276,3 +276,33 @@ def test_devtune_run_serves_completions_collects_their_log_and_stops_its_worker(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_forgetting_a_developer_removes_their_served_requests_and_log_lines(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from collectors.base import GatewayRequest
+    from collectors.gateway_log import append_request
+    from pipelines.forget import forget
+
+    team = {"name": "payments", "members": ["alice@example.com", "bob@example.com"]}
+    setup = write_config(tmp_path, [], teams=[team], overrides={"serve": {"enabled": True}})
+    cfg = load_config(setup.config)
+    folder = gateway_dir(cfg.state_dir)
+    for i, developer in enumerate(["alice@example.com", "bob@example.com", "alice@example.com"]):
+        append_request(folder, GatewayRequest(
+            key=f"cmpl-{i}", received_at=datetime(2026, 12, 1, 9, 0, i), developer=developer, team="payments",
+            scope=f"dev:{developer}", version="v0001", served_name="x", model="devtune", backend="builtin",
+            stream=False, status=200, latency_ms=10.0, first_token_ms=5.0, prompt_tokens=9, completion_tokens=4,
+            finish_reason="stop", error=None))
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    try:
+        assert jobs.collect(store, cfg)["sources"][-1]["stored"]["gateway_requests"] == 3
+        forget(store, cfg, "alice@example.com")
+        developers = [r[0] for r in store.con.execute("SELECT developer FROM gateway_requests").fetchall()]
+        assert developers == ["bob@example.com"]
+        assert jobs.collect(store, cfg)["sources"][-1]["stored"].get("gateway_requests", 0) == 0
+    finally:
+        store.close()
+    text = "".join(p.read_text() for p in folder.glob("requests-*.jsonl"))
+    assert "alice" not in text and "bob@example.com" in text  # her lines blanked in place, his kept

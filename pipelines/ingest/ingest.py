@@ -303,9 +303,9 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
 
 
 def _request_row(r: GatewayRequest, rows: Rows, source: str, directory: Directory, ingested: datetime) -> None:
-    """A served request: its developer is already the token's owner; an opted-out one's requests are dropped."""
-    if directory.opted_out(r.developer):
-        _dropped(rows, source, "opted_out", r.key)
+    """A served request: its developer is already the token's owner; a withheld one's requests are dropped."""
+    if why := directory.withheld(r.developer):
+        _dropped(rows, source, why, r.key)
         return
     scrubs: Counter[str] = Counter()
     rows.add(GatewayRequestRow(

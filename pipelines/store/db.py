@@ -505,7 +505,8 @@ class Store:
         with self.transaction():
             c = self.con
             for table, target in (("suggestions", "suggestions"), ("edit_outcomes", "edit_outcomes"),
-                                  ("interactions", "interactions"), ("tabby_completions", "tabby_completions")):
+                                  ("interactions", "interactions"), ("tabby_completions", "tabby_completions"),
+                                  ("gateway_requests", "gateway_requests")):
                 where, args = self._mine(table, developer, ids)
                 c.execute(f"DELETE FROM scrubs WHERE target = '{target}' AND key IN (SELECT id FROM {table} "
                           f"WHERE {where})", args)
@@ -710,6 +711,7 @@ _MINE: dict[str, tuple[str, tuple[str, ...]]] = {
     "commits": ("NOT opted_out AND (developer = ? OR lower(author_email) IN (SELECT unnest(?::VARCHAR[])))",
                 ("developer", "ids")),
     "identities": ("developer = ? OR lower(identity) IN (SELECT unnest(?::VARCHAR[]))", ("developer", "ids")),
+    "gateway_requests": ("developer = ?", ("developer",)),  # the completions the serving gateway gave them
 }
 
 
