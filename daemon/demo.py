@@ -53,6 +53,7 @@ def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
     """Sample data, tiny model and config under `state_dir` (reused when present); returns the config path."""
     state_dir.mkdir(parents=True, exist_ok=True)
     sample = make_sample(state_dir / "sample")
+    (state_dir / "gateway").mkdir(exist_ok=True)  # the request log's folder: collected from the first collect on
     model_dir = state_dir / "tiny-model"
     if not (model_dir / "model.safetensors").is_file():
         log.info("building the tiny base model: a BPE tokenizer and a %d-step pretraining on Python's "
@@ -103,10 +104,14 @@ def editor_path(cfg: Config, developers: list[str], max_tokens: int = 32) -> lis
     return answers
 
 
+OUTSIDER = "dana@example.com"  # in no team: the default team, which serves nothing, so the base model answers
+
+
 def demo_developers(cfg: Config, team: str) -> list[str]:
-    """Two of the team's developers: one with an adapter of their own and one without, when there are both."""
+    """Two developers served differently: one with an adapter of their own and one with their team's; when the
+    gate promoted no personal adapter, a team member and someone in no team (answered by the base model)."""
     router = Router(cfg.state_dir, cfg.base_model)
     emails = [email for _, email in DEVELOPERS]
     own = [e for e in emails if router.adapter_of(f"dev:{e}") is not None]
     others = [e for e in emails if e not in own]
-    return [own[0], others[0]] if own and others else emails[:2]
+    return [own[0], others[0]] if own and others else [emails[0], OUTSIDER]

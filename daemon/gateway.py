@@ -146,6 +146,7 @@ class Gateway:
         self.router = Router(cfg.state_dir, cfg.base_model)
         self.fim = load_base_tokenizer(cfg.base_model).fim
         self.log_dir = gateway_dir(cfg.state_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self._busy = 0  # requests being answered or logged
         self._idle = threading.Condition()
         gateway = self

@@ -32,6 +32,7 @@ def test_demo_builds_sample_data_a_tiny_model_and_a_config_the_cli_uses(tmp_path
 
 def test_the_demo_shows_the_editor_path_through_the_gateway(tmp_path: Path) -> None:
     cfg = load_config(prepare_demo(tmp_path / "state", pretrain_steps=5))
+    assert demo_developers(cfg, DEMO_TEAM) == ["alice@example.com", "dana@example.com"]  # nothing promoted yet
     for scope, seed in (("team:payments", 1), ("dev:alice@example.com", 2)):
         adapter = random_adapter(Path(cfg.base_model), tmp_path / f"adapter{seed}", seed)
         registry.promote(cfg.state_dir, scope, registry.register(cfg.state_dir, scope, adapter,
