@@ -83,7 +83,8 @@ class VllmBackend:
                 self._ensure_loaded(adapter)
             except BackendError as e:
                 log.warning("%s: %s; answering with the base model", adapter.label, e)
-                adapter, note = None, f"{adapter.label} could not be loaded on vLLM: {e}"
+                note = f"{adapter.label} could not be loaded on vLLM: {e}"
+                adapter = None
         model = adapter.name if adapter is not None else self.base_name
         with self._lock:
             self._in_flight[model] += 1
