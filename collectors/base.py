@@ -62,6 +62,8 @@ class Suggestion:
     repo: str | None  # "owner/name" when the writer knew the git remote
     model: str | None
     user_ids: tuple[str, ...]  # identities the writer logged, strongest first (userId, uniqueId, ...)
+    # Secrets the sender already replaced before the event touched disk (kind, count): counted as if found here.
+    scrubbed: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class EditOutcome:
     repo: str | None
     model: str | None
     user_ids: tuple[str, ...]
+    scrubbed: tuple[tuple[str, int], ...] = ()  # see Suggestion.scrubbed
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class Interaction:
     label: bool | None  # chatFeedback: thumbs up (True) / down (False); toolUsage: approved; else None
     detail: dict[str, Any] | None  # the kind's other fields (tool name and arguments, diffs, rules, ...)
     user_ids: tuple[str, ...]
+    scrubbed: tuple[tuple[str, int], ...] = ()  # see Suggestion.scrubbed
 
 
 @dataclass(frozen=True)

@@ -99,10 +99,12 @@ def wanted(body: dict[str, Any]) -> bool:
 
 
 def append_to_inbox(inbox: Path, body: dict[str, Any], developer: str, received_at: datetime,
-                    by_token: bool = True) -> Path:
-    """Append one event to today's inbox file and fsync it (and the folder, for a new file) before returning."""
+                    by_token: bool = True, scrubbed: dict[str, int] | None = None) -> Path:
+    """Append one event to today's inbox file and fsync it (and the folder, for a new file) before returning.
+    `body` is what may be kept on disk: the service scrubs it first, and `scrubbed` counts what that removed."""
     line = orjson.dumps({"received_at": received_at.isoformat(timespec="milliseconds") + "Z",
-                         "developer": developer, "by": "token" if by_token else "header", "body": body}) + b"\n"
+                         "developer": developer, "by": "token" if by_token else "header",
+                         "scrubbed": scrubbed or {}, "body": body}) + b"\n"
     path = inbox / f"{received_at:%Y-%m-%d}.jsonl"
     with _append_lock:  # one writer at a time keeps lines whole (the server is threaded)
         new = not path.exists()
@@ -136,16 +138,22 @@ def parse_line(raw: bytes) -> tuple[RawEvent, ...] | str:
     if isinstance(checked, str):
         return f"inbox line: {checked}"
     parsed = parse_event(checked["name"], checked["data"], received, checked.get("level", "all"))
-    developer = obj.get("developer")
-    if isinstance(parsed, str) or not isinstance(developer, str) or not developer:
+    if isinstance(parsed, str):
         return parsed
-    by_token = obj.get("by") == "token"
-    return tuple(_attributed(e, developer, by_token) for e in parsed)
+    sender = obj.get("developer")
+    developer = sender if isinstance(sender, str) else ""
+    counted = obj.get("scrubbed")
+    scrubbed = tuple(sorted((str(k), n) for k, n in counted.items() if isinstance(n, int))) \
+        if isinstance(counted, dict) else ()
+    return tuple(_attributed(e, developer, obj.get("by") == "token", scrubbed) for e in parsed)
 
 
-def _attributed(event: RawEvent, developer: str, by_token: bool) -> RawEvent:
-    if isinstance(event, Suggestion | EditOutcome | Interaction):
-        # A token's owner is the only identity; a header names the person ahead of Continue's own (usually
-        # empty) userId.
-        return dataclasses.replace(event, user_ids=(developer,) if by_token else (developer, *event.user_ids))
-    return event
+def _attributed(event: RawEvent, developer: str, by_token: bool, scrubbed: tuple[tuple[str, int], ...]) -> RawEvent:
+    if not isinstance(event, Suggestion | EditOutcome | Interaction):
+        return event
+    if not developer:
+        return dataclasses.replace(event, scrubbed=scrubbed)
+    # A token's owner is the only identity; a header names the person ahead of Continue's own (usually empty)
+    # userId.
+    return dataclasses.replace(event, user_ids=(developer,) if by_token else (developer, *event.user_ids),
+                               scrubbed=scrubbed)

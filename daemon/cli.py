@@ -403,7 +403,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"state        {report['state_dir']}{'  (service running)' if remote else ''}")
     print(f"suggestions  {sug['total']:,} (accepted {sug['accepted']:,}, rejected {sug['rejected']:,})")
     for kind, n in sug.get("by_kind", {}).items():
-        print(f"  {kind:11s}{n['total']:,} (accepted {n['accepted']:,})")
+        print(f"  {kind} {n['total']:,} (accepted {n['accepted']:,})")
     for table in ("edit_outcomes", "interactions"):
         if report.get(table, {}).get("total"):
             kinds = ", ".join(f"{k} {v if isinstance(v, int) else v['total']:,}"

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from daemon.config import HTTP_SOURCE, inbox_dir
 from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, training_queue
 from pipelines.config import Config
 from pipelines.cycle import run_cycle
@@ -64,9 +65,25 @@ def collect(store: Store, cfg: Config, only: str | None = None, due_only: bool =
         store.record_collect(source.name, outcome.error)
         report = outcome.value or SourceReport(source.name)
         reports.append({**report.as_dict(), "error": outcome.error})
+    prune_inbox(store, cfg)
     failed = [r for r in reports if r["error"]]
     return {"sources": reports, "failed": [r["source"] for r in failed],
             "error": "; ".join(f"source {r['source']}: {r['error']}" for r in failed) or None}
+
+
+def prune_inbox(store: Store, cfg: Config) -> list[str]:
+    """Remove the HTTP inbox's day files that are over (a past UTC day) and collected to their end: their
+    events are in the store, and the inbox would otherwise grow for ever. Returns the files removed."""
+    inbox = inbox_dir(cfg.state_dir)
+    today = f"{now():%Y-%m-%d}.jsonl"
+    removed = []
+    for path in sorted(inbox.glob("*.jsonl")) if inbox.is_dir() else []:
+        cursor = store.load_cursor(HTTP_SOURCE, path.name)
+        if path.name < today and cursor is not None and cursor.offset == path.stat().st_size:
+            path.unlink()
+            store.drop_cursor(HTTP_SOURCE, path.name)
+            removed.append(path.name)
+    return removed
 
 
 def retry_in(health: dict[str, Any] | None, interval_s: float) -> float:

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -33,6 +34,7 @@ from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
 from pipelines import child
 from pipelines.config import Config
+from pipelines.ingest.scrub import scrub_event
 from pipelines.scope import Scope, ScopeError
 from pipelines.store.db import Store
 from pipelines.tokens import TokenizerError
@@ -205,10 +207,14 @@ def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbo
             return HTTPStatus.BAD_REQUEST, {"error": body}
         if not wanted(body):
             return HTTPStatus.OK, {"stored": False, "reason": f"devtune does not keep {body['name']} events"}
+        # The raw body never touches disk: it is scrubbed as ingest would scrub it (~70 us for a 3.5 KB event,
+        # against ~1.2 ms a POST costs at the destination's ~800/s), and the inbox line counts what went.
         # Continue never retries, so the answer waits for the fsync: a crash after it loses nothing.
+        found: Counter[str] = Counter()
+        body = {**body, "data": scrub_event(body["data"], found)}
         try:
             append_to_inbox(inbox, body, developer or headers.get("x-developer", "").strip(),
-                            datetime.now(UTC).replace(tzinfo=None), by_token=bool(developer))
+                            datetime.now(UTC).replace(tzinfo=None), by_token=bool(developer), scrubbed=dict(found))
         except OSError as e:
             log.error("continue http destination: cannot write to %s (%s): free space or fix its permissions; "
                       "events are refused with 503 meanwhile", inbox, e.strerror)

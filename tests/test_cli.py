@@ -154,6 +154,7 @@ def test_unknown_team_is_a_clear_error(site: Setup) -> None:
 def test_human_status_names_what_is_served(site: Setup) -> None:
     result = run_devtune("--config", str(site.config), "status")
     assert result.returncode == 0 and "suggestions  163" in result.stdout
+    assert re.search(r"^  continue/autocomplete 16\d \(accepted \d+\)$", result.stdout, re.M), result.stdout
 
 
 def test_missing_config_says_how_to_create_one(tmp_path: Path) -> None:

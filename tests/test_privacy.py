@@ -357,3 +357,66 @@ def test_a_patch_is_scrubbed_as_the_code_it_holds() -> None:
     assert counts == {"secret_assignment": 4}
     assert out.startswith(patch[:patch.index("-  db_password")])  # the headers are kept as they were
     assert "\n-  db_password: <SECRET:secret_assignment>\n" in out
+
+
+def test_no_planted_secret_reaches_any_file_under_the_state_directory(tmp_path: Path, tiny_model: Path) -> None:
+    """Not only the tables: the HTTP inbox, run directories (datasets, logs, adapters), exports, the registry."""
+    from daemon import auth, jobs
+    from daemon.api import ApiServer
+    from daemon.service import _inbound
+    from pipelines.scope import team
+    from pipelines.store.db import Store
+
+    code = code_with_secrets()
+    plain = "".join(f"def fee_{i}(amount):\n    return amount * {i} // 100\n\n" for i in range(30))
+    make_repo(tmp_path / "repo", [CommitSpec({f"app/m{i}.py": plain + code if i % 2 else plain + f"N = {i}\n"},
+                                             when=T0 + timedelta(hours=i), message=f"m{i}") for i in range(16)])
+    continue_log(tmp_path / "alice", [autocomplete_event(completionId=f"c{i}", accepted=i % 2 == 0,
+                                                         timestamp=(T0 + timedelta(hours=i)).isoformat() + "Z",
+                                                         prefix=plain + code, completion=f"x = {i}\n")
+                                      for i in range(12)])
+    setup = write_config(tmp_path / "site", [
+        {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": "alice@example.com"},
+        {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}],
+        teams=[{"name": "payments", "members": ["alice@example.com"]}],
+        overrides={"": {"base_model": str(tiny_model)}, "continue_http": {"enabled": True},
+                   "datasets": {"min_train_rows": 4, "min_heldout_rows": 1, "max_row_tokens": 256},
+                   "train": {"max_steps": 2, "dev_adapters": False},
+                   "evaluate": {"max_rows": 8, "generate_rows": 2, "max_new_tokens": 4},
+                   "gate": {"min_improvement": -1.0, "edit_similarity_tolerance": 1.0, "exact_match_tolerance": 1.0,
+                            "preference_accuracy_tolerance": 1.0, "generated_length_tolerance": 10.0,
+                            "heldout_loss_tolerance_rel": 10.0}})
+    cfg = load_config(setup.config)
+    token, _ = auth.issue(cfg.state_dir, "alice@example.com")
+    server = ApiServer("127.0.0.1", 0, "api", {}, {}, inbound=_inbound(cfg, lambda _: None)).start()
+    try:
+        import urllib.request
+
+        for i, field in enumerate(("prefix", "completion", "suffix")):
+            body = {"name": "autocomplete", "schema": "0.2.0", "level": "all",
+                    "data": autocomplete_event(completionId=f"h{i}", **{field: code})}
+            req = urllib.request.Request(server.url + "/continue/devdata", data=json.dumps(body).encode(),
+                                         method="POST", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == 200
+    finally:
+        server.stop()
+    inbox_text = "".join(p.read_text() for p in (cfg.state_dir / "inbox" / "continue").iterdir())
+    assert "<SECRET:" in inbox_text  # scrubbed before it was written, not only before the store
+
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    try:
+        result = jobs.cycle(store, cfg, "payments")
+        assert result["outcome"] == "promoted", result
+        jobs.export_dataset(store, cfg, team("payments"))
+        scrubbed = jobs.status(store, cfg)["scrubbed"]
+    finally:
+        store.close()
+    assert scrubbed.get("github_token", 0) >= 3 + 1  # the inbox's counts reached the store
+    files = [p for p in cfg.state_dir.rglob("*") if p.is_file()]
+    for where in ("inbox", "runs", "exports", "registry"):
+        assert any(where in p.relative_to(cfg.state_dir).parts for p in files), f"nothing under {where}/"
+    leaks = [f"{kind} in {p.relative_to(cfg.state_dir)}" for p in files for kind, secret in SECRETS.items()
+             for needle in {secret, secret.splitlines()[1 if "\n" in secret else 0]}
+             if needle.encode() in p.read_bytes()]
+    assert leaks == []

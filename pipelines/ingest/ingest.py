@@ -186,7 +186,7 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
     repo_of_event = getattr(event, "repo", None)
     team = directory.team(who.developer, repo_of_event)
     _identity(rows, who, event.source_kind if not isinstance(event, TabbyCompletion) else "tabby")
-    scrubs: Counter[str] = Counter()
+    scrubs: Counter[str] = Counter(dict(getattr(event, "scrubbed", ())))
     if isinstance(event, Suggestion):
         prefix, compiled, suffix, completion = _scrub_prefixes(event, scrubs)
         rows.add(SuggestionRow(

@@ -1327,6 +1327,23 @@ def scrub_json(value: Any, counts: Counter[str] | None = None) -> Any:
     return value
 
 
+FIM_FIELDS = ("prefix", "completion", "suffix")
+
+
+def scrub_event(data: dict[str, Any], counts: Counter[str] | None = None) -> dict[str, Any]:
+    """An editor's event (a JSON object, e.g. a Continue `data:` body) with every string scrubbed, its prefix,
+    completion and suffix also read across the cursor as ingest reads a suggestion's: what is written to disk
+    holds no more than the store will."""
+    fim = [data.get(k) if isinstance(data.get(k), str) else None for k in FIM_FIELDS]
+    out: dict[str, Any] = scrub_json({k: v for k, v in data.items() if k not in FIM_FIELDS or not isinstance(v, str)},
+                                     counts)
+    at_prefix, at_completion, at_suffix = cursor_spans(fim[0], [fim[1]], fim[2])
+    for name, text in zip(FIM_FIELDS, scrub_fields(fim, counts, [at_prefix, at_completion, at_suffix]), strict=True):
+        if text is not None:
+            out[name] = text
+    return {k: out[k] for k in data}  # the writer's key order
+
+
 def is_excluded(path: str, globs: tuple[str, ...]) -> bool:
     """Whether a file path (plain, repo-relative or a file:// URI) matches an exclude glob.
 

@@ -190,6 +190,11 @@ class Store:
             return None
         return Cursor(stream=stream, offset=row[0], head_sha1=row[1], head_len=row[2], sha=row[3])
 
+    def drop_cursor(self, source: str, stream: str) -> None:
+        """Forget where a stream was read to (its file is gone for good)."""
+        with self.transaction():
+            self.con.execute("DELETE FROM cursors WHERE source = ? AND stream = ?", [source, stream])
+
     def apply_batch(self, source: str, rows: Rows, cursor: Cursor | None,
                     settle: tuple[dict[str, Any], ...] = ()) -> Applied:
         """Store one batch and its cursor atomically; rows already present are left as they are.
