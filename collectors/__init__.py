@@ -7,6 +7,7 @@ collector would be (add an entry mapping a `[[sources]] kind` to an object satis
 from collectors.base import Collector
 from collectors.continue_dev import ContinueCollector
 from collectors.continue_http import ContinueHttpCollector
+from collectors.gateway_log import GatewayLogCollector
 from collectors.gitlog import GitCollector
 from collectors.tabby import TabbyCollector
 
@@ -16,4 +17,6 @@ COLLECTORS: dict[str, Collector] = {
     "git": GitCollector(),
     # The service's own inbox for Continue's HTTP `data:` destination (enabled by [continue_http]).
     "continue_http": ContinueHttpCollector(),
+    # The serving gateway's request log (enabled by [serve]).
+    "gateway": GatewayLogCollector(),
 }

@@ -162,7 +162,31 @@ class TabbyAction:
     user_ids: tuple[str, ...]
 
 
-RawEvent = Suggestion | Commit | EditOutcome | Interaction | TabbyCompletion | TabbyAction
+@dataclass(frozen=True)
+class GatewayRequest:
+    """One completion request the serving gateway answered (or refused after authenticating the caller): who
+    asked, when, which adapter version answered, how long it took and how many tokens. Never the code."""
+
+    key: str  # the completion id the gateway answered with ("cmpl-<hex>")
+    received_at: datetime  # UTC, naive, millisecond precision: when the request arrived
+    developer: str  # the caller's token's owner: a canonical developer id
+    team: str  # the team the gateway resolved them to
+    scope: str | None  # what answered: "team:payments", "dev:alice@example.com"; None = the base model
+    version: str | None  # "v0003"; None = the base model
+    served_name: str | None  # the version's never-reused name on the serving backend
+    model: str  # the model name the editor asked for (the stable name)
+    backend: str  # builtin | vllm
+    stream: bool
+    status: int  # the HTTP status answered
+    latency_ms: float  # arrival to the last byte
+    first_token_ms: float | None  # arrival to the first generated text (streamed or not)
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None  # stop | length | cancelled | error
+    error: str | None  # what went wrong, in devtune's words (never a backend's body, which may quote the prompt)
+
+
+RawEvent = Suggestion | Commit | EditOutcome | Interaction | TabbyCompletion | TabbyAction | GatewayRequest
 
 # Parses one complete line (without its newline) of a log stream: the events it holds (none for a line that
 # carries nothing to store) or the reason it was rejected.

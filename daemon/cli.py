@@ -144,7 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a full cycle on local sample data and a tiny model (no network)")
     p.add_argument("--state-dir", type=Path, default=Path("devtune-state"))
     p.set_defaults(func=cmd_demo)
+
+    add_serving_commands(sub)
     return parser
+
+
+def add_serving_commands(sub: Any) -> None:
+    """serve, publish, continue-config: the path from a promoted version to an editor."""
+    p = sub.add_parser("serve", help="run the serving gateway alone (OpenAI-compatible completions, one model "
+                       "name per developer); `devtune run` starts it when [serve] enabled")
+    p.add_argument("--port", type=int, help="default: [serve] port")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("publish", help="write a registered version's exports (vLLM folder, adapter.gguf, "
+                       "Modelfile), e.g. publish v0002 --scope team:payments")
+    p.add_argument("version", help="a registered version, e.g. v0002")
+    p.add_argument("--scope", required=True, help="team:NAME or dev:ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("continue-config", help="print the Continue config.yaml for DEVELOPER: autocomplete from the "
+                       "gateway and events back to devtune, with their token")
+    p.add_argument("developer", help="an id or alias")
+    p.add_argument("--gateway-url", help="how the editor reaches the gateway (default: http://[serve] host:port)")
+    p.add_argument("--api-url", help="how the editor reaches the service's API (default: http://[api] host:port)")
+    p.set_defaults(func=cmd_continue_config)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -404,7 +428,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         m = s.get("metrics") or {}
         extra = f", edit similarity {m['edit_similarity']:.3f}" if m.get("edit_similarity") is not None else ""
         print(f"served       {scope} {s['version']}: held-out loss {s['heldout_loss']:.4f} "
-              f"(base {s['base_heldout_loss']:.4f}){extra} at {s['path']}")
+              f"(base {s['base_heldout_loss']:.4f}){extra} at {s['path']}{_exports_note(scope, s)}")
     if not report["served"]:
         print("served       nothing yet")
     for scope, r in report.get("retrain_required", {}).items():
@@ -417,6 +441,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"gate         {scope} run {g['run_id']}: {verdict} on {g['primary_metric']}: {'; '.join(g['reasons'])}")
     for developer, d in report.get("developers", {}).items():
         print(f"developer    {developer} ({d['team']}) uses {d['adapter'] or 'the base model'}")
+    if report.get("gateway", {}).get("total"):
+        print(f"gateway      {report['gateway']['total']:,} completions served ("
+              + ", ".join(f"{k} {v['requests']:,}" for k, v in report["gateway"]["by_adapter"].items()) + ")")
     for q in report.get("training_queue", []):
         gpus = f" on GPU {','.join(q['gpus'])}" if q["gpus"] else ""
         print(f"queue        {q['run_id']} {q['scope']} {q['state']}{gpus} since {q['since']}")
@@ -424,6 +451,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         detail = run["error"] or run["summary"].get("version") or ""
         print(f"run          {run['run_id']} {run['status']} ({run['stage']}) {detail}".rstrip())
     return 0
+
+
+def _exports_note(scope: str, served: dict[str, Any]) -> str:
+    exports = served.get("exports")
+    if exports is None:
+        return f"; no exports (devtune publish {served['version']} --scope {scope})"
+    if not exports.get("ok"):
+        return f"; exports FAILED: {exports.get('error')} (devtune publish {served['version']} --scope {scope})"
+    return f"; served as {exports['served_name']}"
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -591,11 +627,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with local_store(cfg) as store:
         result = jobs.cycle(store, cfg, DEMO_TEAM)
         report = jobs.status(store, cfg)
-    print(demo_summary(result, report, time.monotonic() - started, config_path))
+    editors = demo_editors(cfg, DEMO_TEAM) if result["outcome"] in ("promoted", "kept") else ""
+    print(demo_summary(result, report, time.monotonic() - started, config_path, editors))
     return 0 if result["outcome"] in ("promoted", "kept") else 1
 
 
-def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float, config_path: Path) -> str:
+def demo_editors(cfg: Config, team: str) -> str:
+    """The editor's path after the demo's cycles: the gateway answering two developers with their adapters."""
+    import urllib.error
+
+    from daemon.demo import demo_developers, editor_path
+
+    try:
+        answers = editor_path(cfg, demo_developers(cfg, team))
+    except (urllib.error.URLError, OSError) as e:
+        return f"editor      the gateway did not answer: {e} (see {cfg.state_dir / 'gateway' / 'worker.log'})"
+    lines = [f"editor      gateway {answers[0]['url']}, model {cfg.serve.model_name!r}: the same prompt for "
+             f"{len(answers)} developers"]
+    lines += [f"            {a['developer']} -> {a['adapter']} ({a['ms']:,.0f} ms): {a['text'][:70]!r}"
+              for a in answers]
+    return "\n".join(lines)
+
+
+def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float, config_path: Path,
+                 editors: str = "") -> str:
     if result["outcome"] in ("failed", "skipped", "busy"):
         return describe_cycle(result)
     s = result["summary"]
@@ -629,8 +684,82 @@ def demo_summary(result: dict[str, Any], report: dict[str, Any], seconds: float,
         lines.append(f"not promoted: {'; '.join(s['gate']['reasons'])}")
     for d in result.get("developers", []):
         lines.append(f"developer   {_describe_run(d)}")
+    if editors:
+        lines.append(editors)
     lines.append(f"total       {format_seconds(seconds)}; now try: devtune --config {config_path} status")
     return "\n".join(lines)
+
+
+# -- serving -------------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from daemon.gateway import start_gateway
+
+    cfg = _config(args)
+    port = cfg.serve.port if args.port is None else args.port
+    if not cfg.serve.enabled:
+        print("note: [serve] enabled = false: requests are logged in the gateway folder but the service does not "
+              "collect them until it is true", file=sys.stderr)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        gateway = start_gateway(cfg, port)
+    except OSError as e:
+        print(f"devtune: the gateway cannot listen on {cfg.serve.host}:{port}: {e.strerror} (another gateway, or "
+              "`devtune run` with [serve] in_service = true, may hold it): pick another [serve] port", file=sys.stderr)
+        return 2
+    print(f"serving {cfg.serve.model_name!r} at {gateway.url}/v1 ({cfg.serve.backend} backend); Ctrl-C stops",
+          flush=True)
+    stop.wait()
+    gateway.stop()
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from pipelines.publish.publish import export_version_by_hand
+
+    cfg = _config(args)
+    result = export_version_by_hand(cfg.state_dir, args.scope, args.version, cfg.publish.export_timeout_s)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif result["ok"]:
+        done = "was already exported" if result.get("already") else "exported"
+        print(f"{args.scope} {args.version} {done} as {result['served_name']}: "
+              f"{cfg.state_dir / 'registry' / args.scope / args.version / 'exports'}")
+    else:
+        print(f"devtune: the export of {args.scope} {args.version} failed: {result['error']} (log: {result['log']})",
+              file=sys.stderr)
+    return 0 if result["ok"] else 1
+
+
+def cmd_continue_config(args: argparse.Namespace) -> int:
+    from daemon.onboarding import continue_yaml
+    from pipelines.serve.backend import Router
+    from pipelines.tokens import load_base_tokenizer
+
+    cfg = _config(args)
+    directory = Directory.from_config(cfg)
+    who = directory.resolve(args.developer, ())
+    team = directory.team(who.developer, None)
+    notes = []
+    if not who.mapped:
+        notes.append(f"{who.developer} is in no [[developers]] or [[teams]] table: they are served as team "
+                     f"{team} (default_team)")
+    if not cfg.serve.enabled:
+        notes.append("[serve] enabled = false on the server: start the gateway (devtune serve) for completions")
+    if not cfg.continue_http.enabled:
+        notes.append("[continue_http] enabled = false on the server: the data: destination is refused until it is on")
+    served = Router(cfg.state_dir, cfg.base_model).adapter_for(who.developer, team)
+    notes.append(f"served now: {served.label if served else 'the base model'} (the gateway decides per request)")
+    gateway_url = args.gateway_url or f"http://{cfg.serve.host}:{cfg.serve.port}"
+    api_url = args.api_url or f"http://{cfg.api.host}:{cfg.api.port}"
+    print(continue_yaml(cfg, who.developer, load_base_tokenizer(cfg.base_model).fim, gateway_url, api_url, notes),
+          end="")
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from pipelines.config import (
     DeveloperConfig,
     EvaluateConfig,
     GateConfig,
+    PublishConfig,
     ScheduleConfig,
+    ServeConfig,
     SourceConfig,
     TeamConfig,
     TrainConfig,
@@ -34,6 +36,9 @@ from pipelines.config import (
 
 HTTP_SOURCE = "continue-http"  # the source name of Continue's HTTP destination inbox ([continue_http])
 HTTP_KIND = "continue_http"  # its collector (collectors/continue_http.py)
+GATEWAY_SOURCE = "gateway"  # the source name of the gateway's request log ([serve] enabled)
+GATEWAY_KIND = "gateway"  # its collector (collectors/gateway_log.py)
+SERVE_BACKENDS = ("builtin", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
 PREFERENCE_STAGES = ("auto", "dpo", "kto", "none")
 GATE_METRICS = ("edit_similarity", "exact_match", "heldout_loss", "preference_accuracy")
@@ -44,7 +49,7 @@ DEFAULT_CONFIG_PATHS = ("config.toml", "/etc/devtune/config.toml")
 SECTIONS: dict[str, type] = {
     "collect": CollectConfig, "continue_http": ContinueHttpConfig, "schedule": ScheduleConfig,
     "datasets": DatasetsConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "gate": GateConfig,
-    "api": ApiConfig,
+    "api": ApiConfig, "publish": PublishConfig, "serve": ServeConfig,
 }
 ARRAYS: dict[str, type] = {"sources": SourceConfig, "developers": DeveloperConfig, "teams": TeamConfig}
 
@@ -103,12 +108,21 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         # The HTTP destination's inbox is collected like any folder of logs (collectors/continue_http.py).
         inbox = SourceConfig(kind=HTTP_KIND, path=inbox_dir(cfg.state_dir), name=HTTP_SOURCE)
         cfg = dataclasses.replace(cfg, sources=(*cfg.sources, inbox))
+    if cfg.serve.enabled:
+        # The gateway appends one line per request, in or out of this process (collectors/gateway_log.py).
+        requests = SourceConfig(kind=GATEWAY_KIND, path=gateway_dir(cfg.state_dir), name=GATEWAY_SOURCE)
+        cfg = dataclasses.replace(cfg, sources=(*cfg.sources, requests))
     return cfg
 
 
 def inbox_dir(state_dir: Path) -> Path:
     """Where the service keeps the events Continue POSTs until they are collected."""
     return state_dir / "inbox" / "continue"
+
+
+def gateway_dir(state_dir: Path) -> Path:
+    """Where the serving gateway logs its requests (requests-YYYY-MM-DD.jsonl) until they are collected."""
+    return state_dir / "gateway"
 
 
 def http_token_file(cfg: Config) -> Path:
@@ -202,9 +216,10 @@ def _check(cfg: Config) -> list[str]:
         where = f"[[sources]] #{i + 1} "
         if s.kind and s.kind not in source_kinds():
             errors.append(f"{where}kind = {_show(s.kind)}: use one of {', '.join(source_kinds())}")
-        if s.name in seen or s.name == HTTP_SOURCE:
+        if s.name in seen or s.name in (HTTP_SOURCE, GATEWAY_SOURCE):
             errors.append(f"{where}name = {_show(s.name)}: two sources share it; give each a distinct name"
-                          + (" (the HTTP destination's inbox is named so)" if s.name == HTTP_SOURCE else ""))
+                          + (" (the HTTP destination's inbox is named so)" if s.name == HTTP_SOURCE else "")
+                          + (" (the gateway's request log is named so)" if s.name == GATEWAY_SOURCE else ""))
         seen.add(s.name)
     ids: dict[str, str] = {}
     for i, d in enumerate(cfg.developers):
@@ -282,6 +297,11 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("gate", "generated_length_tolerance", 0, 10),
     ("api", "port", 0, 65535), ("api", "lock_timeout_s", 0, None),
     ("continue_http", "max_body_bytes", 1024, None),
+    ("publish", "export_timeout_s", 1, None),
+    ("serve", "port", 0, 65535), ("serve", "max_batch_size", 1, 256), ("serve", "batch_window_ms", 0, 1000),
+    ("serve", "max_loaded_adapters", 1, None), ("serve", "unload_grace_s", 0, None), ("serve", "cpu_threads", 0, 256),
+    ("serve", "default_max_tokens", 1, None), ("serve", "max_tokens_limit", 1, None),
+    ("serve", "request_timeout_s", 1, None), ("serve", "start_timeout_s", 1, None),
 ]
 
 
@@ -310,16 +330,40 @@ def _check_ranges(cfg: Config) -> list[str]:
     if cfg.train.gpus_per_run > 1 and cfg.train.device == "cpu":
         errors.append(f"[train] gpus_per_run = {cfg.train.gpus_per_run} with device = \"cpu\": set gpus_per_run = 1 "
                       "or use CUDA")
+    errors.extend(_check_serve(cfg))
     if any(m in ("lm_head", "embed_out", "output") for m in cfg.train.target_modules):
         errors.append(f"[train] target_modules = {_show(list(cfg.train.target_modules))}: the LM head cannot get an "
                       "adapter (training computes its logits only where the loss needs them); remove it")
     return errors
 
 
+def _check_serve(cfg: Config) -> list[str]:
+    s = cfg.serve
+    errors = []
+    if s.backend not in SERVE_BACKENDS:
+        errors.append(f"[serve] backend = {_show(s.backend)}: use one of {', '.join(SERVE_BACKENDS)}")
+    if s.device not in DEVICES:
+        errors.append(f"[serve] device = {_show(s.device)}: use one of {', '.join(DEVICES)}")
+    if not s.model_name or any(c.isspace() for c in s.model_name):
+        errors.append(f"[serve] model_name = {_show(s.model_name)}: give the one name editors ask for, without "
+                      "spaces, e.g. \"devtune\"")
+    if not s.host:
+        errors.append('[serve] host = "": use "127.0.0.1" (loopback) or an address of this machine')
+    if s.backend == "vllm" and not s.vllm_url.startswith(("http://", "https://")):
+        errors.append(f"[serve] vllm_url = {_show(s.vllm_url)}: give the vLLM server's URL, e.g. "
+                      "\"http://127.0.0.1:8000\"")
+    if s.default_max_tokens > s.max_tokens_limit:
+        errors.append(f"[serve] default_max_tokens = {s.default_max_tokens}: must be at most max_tokens_limit = "
+                      f"{s.max_tokens_limit}")
+    if s.port and s.port == cfg.api.port and s.host == cfg.api.host:
+        errors.append(f"[serve] port = {s.port}: the local API already listens there ([api] port); pick another")
+    return errors
+
+
 def source_kinds() -> list[str]:
     """The `kind`s a [[sources]] table may name: every entry of the `COLLECTORS` table but the service's own
-    HTTP inbox, which `[continue_http] enabled` adds."""
-    return [kind for kind in COLLECTORS if kind != HTTP_KIND]
+    HTTP inbox and the gateway's request log, which `[continue_http] enabled` and `[serve] enabled` add."""
+    return [kind for kind in COLLECTORS if kind not in (HTTP_KIND, GATEWAY_KIND)]
 
 
 def find_config(explicit: str | None) -> Path:

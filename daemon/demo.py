@@ -1,18 +1,27 @@
 """Everything `devtune demo` needs, built locally with no network: sample data, a tiny base model, a config.
 
 The demo then runs the main job exactly as a real installation does (collect, then one cycle) on the
-config written here, so `devtune --config <state_dir>/config.toml status` works on the result.
+config written here, so `devtune --config <state_dir>/config.toml status` works on the result. Last it
+shows the editor's path (`editor_path`): the serving gateway on a free loopback port, one completion
+requested as two developers with the same prompt, and which adapter answered each.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from daemon import auth
 from daemon.config import render_config
-from daemon.sample import DEVELOPERS, make_sample
+from daemon.gateway import start_gateway
+from daemon.sample import DEVELOPERS, make_sample, module_header
 from pipelines.child import run_child, tail
+from pipelines.config import Config
+from pipelines.serve.backend import Router
 from pipelines.train.tiny import generic_corpus
 
 log = logging.getLogger("devtune.demo")
@@ -30,7 +39,13 @@ DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
     "train": {"learning_rate": 5e-3, "max_steps": 80, "batch_size": 8, "logging_steps": 10,
               "warmup_ratio": 0.05, "train_timeout_s": 900.0},
     "evaluate": {"batch_size": 16, "max_rows": 200, "eval_timeout_s": 600.0},
+    # The demo starts the gateway itself, on a free port; enabled = the service collects its request log.
+    "serve": {"enabled": True},
 }
+# What the two developers' editors send: the text before the cursor in one of the team's modules, at the
+# start of a guard clause's body (the house style: raise LedgerError naming the noun and the account).
+EDITOR_PREFIX = (module_header("deposit") + "\n\ndef refund_deposit(account: Account, amount: Decimal) -> Receipt:\n"
+                 '    """Refund a deposit on `account`."""\n    if amount <= Decimal("0"):\n')
 PRETRAIN_STEPS = 300
 
 
@@ -38,6 +53,7 @@ def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
     """Sample data, tiny model and config under `state_dir` (reused when present); returns the config path."""
     state_dir.mkdir(parents=True, exist_ok=True)
     sample = make_sample(state_dir / "sample")
+    (state_dir / "gateway").mkdir(exist_ok=True)  # the request log's folder: collected from the first collect on
     model_dir = state_dir / "tiny-model"
     if not (model_dir / "model.safetensors").is_file():
         log.info("building the tiny base model: a BPE tokenizer and a %d-step pretraining on Python's "
@@ -56,3 +72,46 @@ def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
     config = state_dir / "config.toml"
     config.write_text(render_config(overrides, sources=sources, teams=teams))
     return config
+
+
+def editor_path(cfg: Config, developers: list[str], max_tokens: int = 32) -> list[dict[str, Any]]:
+    """Start the gateway on a free loopback port, request one completion as each developer (a token issued for
+    the occasion, revoked after) with the same prompt, and stop it; returns who got which adapter and what."""
+    gateway = start_gateway(cfg, port=0)
+    answers = []
+    try:
+        deadline = time.monotonic() + cfg.serve.start_timeout_s
+        while not gateway.backend.ready() and time.monotonic() < deadline:  # the worker loads the base model
+            time.sleep(0.1)
+        for developer in developers:
+            token, record = auth.issue(cfg.state_dir, developer)
+            body = json.dumps({"model": cfg.serve.model_name, "prompt": EDITOR_PREFIX, "suffix": "\n",
+                               "max_tokens": max_tokens, "temperature": 0, "stop": ["\n"]}).encode()
+            req = urllib.request.Request(f"{gateway.url}/v1/completions", data=body, method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {token}"})
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(req, timeout=cfg.serve.start_timeout_s) as resp:
+                    answer = json.loads(resp.read())
+                    adapter = resp.headers["X-Devtune-Adapter"]
+            finally:
+                auth.revoke(cfg.state_dir, record.id)
+            answers.append({"developer": developer, "adapter": adapter, "text": answer["choices"][0]["text"],
+                            "ms": (time.monotonic() - started) * 1000, "url": f"{gateway.url}/v1"})
+    finally:
+        gateway.stop()
+    return answers
+
+
+OUTSIDER = "dana@example.com"  # in no team: the default team, which serves nothing, so the base model answers
+
+
+def demo_developers(cfg: Config, team: str) -> list[str]:
+    """Two developers served differently: one with an adapter of their own and one with their team's; when the
+    gate promoted no personal adapter, a team member and someone in no team (answered by the base model)."""
+    router = Router(cfg.state_dir, cfg.base_model)
+    emails = [email for _, email in DEVELOPERS]
+    own = [e for e in emails if router.adapter_of(f"dev:{e}") is not None]
+    others = [e for e in emails if e not in own]
+    return [own[0], others[0]] if own and others else [emails[0], OUTSIDER]

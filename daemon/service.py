@@ -28,6 +28,7 @@ from daemon import jobs
 from daemon.api import ApiServer, Inbound, ensure_token, remove_service_file, write_service_file
 from daemon.auth import TokenBook
 from daemon.config import HTTP_SOURCE, http_token_file, inbox_dir
+from daemon.gateway import start_gateway
 from daemon.notify import notify
 from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
@@ -69,10 +70,12 @@ def run_service(cfg: Config) -> int:
     api = ApiServer(cfg.api.host, cfg.api.port, ensure_token(cfg.state_dir / "api.token"),
                     *_routes(cfg, store, collect_now), inbound=_inbound(cfg, debouncer.trigger)).start()
     observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
+    gateway = start_gateway(cfg) if cfg.serve.enabled and cfg.serve.in_service else None
     scheduler.start()
     write_service_file(cfg.state_dir, api.url)
     notify("READY=1")
-    notify(f"STATUS=serving {api.url}; {len(cfg.sources)} sources, teams {', '.join(cfg.team_names())}")
+    serving = f"; completions at {gateway.url}/v1" if gateway is not None else ""
+    notify(f"STATUS=serving {api.url}{serving}; {len(cfg.sources)} sources, teams {', '.join(cfg.team_names())}")
     log.info("devtune service ready: api=%s state_dir=%s sources=%d teams=%s", api.url, cfg.state_dir,
              len(cfg.sources), ",".join(cfg.team_names()))
 
@@ -87,6 +90,8 @@ def run_service(cfg: Config) -> int:
     if observer is not None:
         observer.stop()
     scheduler.shutdown(wait=False)
+    if gateway is not None:
+        gateway.stop()  # its worker child goes with it
     training_queue(cfg.train.gpus_per_run).close()  # runs still waiting for a GPU slot give up now
     stopped = child.stop_all()
     if stopped:

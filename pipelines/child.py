@@ -63,14 +63,7 @@ def run_child(module: str, args: list[str], log_path: Path, timeout_s: float,
               env: dict[str, str] | None = None) -> float:
     """Run `python -m <module> <args>` (under `accelerate launch` when `processes` > 1) with `env` added to
     this process's environment, appending its output to `log_path`; returns seconds taken."""
-    full_env = {**os.environ, **(env or {})}
-    # The children must import this checkout's packages even when devtune runs from a source tree.
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), full_env.get("PYTHONPATH", "")) if p)
-    full_env["PYTHONUNBUFFERED"] = "1"
-    full_env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # A training child stops (with a checkpoint) when this process is gone: if the service is killed, its
-    # orphan must not go on writing into a run directory the restarted service resumes.
-    full_env["DEVTUNE_SUPERVISOR_PID"] = str(os.getpid())
+    full_env = child_env(env)
     started = time.monotonic()
     with log_path.open("ab") as log:
         proc = subprocess.Popen(child_command(module, args, processes), stdout=log, stderr=subprocess.STDOUT,
@@ -99,6 +92,19 @@ def run_child(module: str, args: list[str], log_path: Path, timeout_s: float,
         raise ChildFailed(f"{module} exited with status {proc.returncode}{meaning}; last lines of {log_path}:\n"
                           + tail(log_path, 20))
     return time.monotonic() - started
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus `env`, as every child of devtune gets it."""
+    full_env = {**os.environ, **(env or {})}
+    # The children must import this checkout's packages even when devtune runs from a source tree.
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), full_env.get("PYTHONPATH", "")) if p)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A training child stops (with a checkpoint) when this process is gone: if the service is killed, its
+    # orphan must not go on writing into a run directory the restarted service resumes.
+    full_env["DEVTUNE_SUPERVISOR_PID"] = str(os.getpid())
+    return full_env
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

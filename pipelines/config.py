@@ -190,6 +190,41 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class PublishConfig:
+    export_timeout_s: float = key(900.0, "writing a promoted version's exports (vLLM folder, adapter.gguf, Modelfile) "
+                                  "is stopped after this; a failed export is reported and the version is served")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    enabled: bool = key(False, "serve completions: the gateway's request log is collected, and `devtune run` starts "
+                        "the gateway when in_service = true")
+    in_service: bool = key(True, "`devtune run` starts the gateway; false = run `devtune serve` as its own process "
+                           "(e.g. a second systemd unit)")
+    host: str = key("127.0.0.1", "the gateway listens here (keep it on loopback; forward the port to editors)")
+    port: int = key(8766, "TCP port of the gateway's OpenAI-compatible API; 0 = pick a free one")
+    model_name: str = key("devtune", "the one model name every editor asks for; each caller gets what they are served")
+    backend: str = key("builtin", "\"builtin\" (transformers + peft in a worker process: small teams, CPU, demo) or "
+                       "\"vllm\" (forward to a vLLM server at vllm_url)")
+    device: str = key("auto", "builtin: \"auto\" (cuda when present), \"cuda\" or \"cpu\"")
+    max_batch_size: int = key(16, "builtin: most requests completed together in one batch")
+    batch_window_ms: float = key(2.0, "builtin: after a request arrives, wait this long for others to batch with it")
+    max_loaded_adapters: int = key(32, "builtin: adapters kept loaded beside the base; the least recently used goes")
+    cpu_threads: int = key(0, "builtin on CPU: the worker's torch threads; 0 = one per core (on cores shared with "
+                           "training or other services, 1 avoids OpenMP stalls: bench/README.md)")
+    vllm_url: str = key("http://127.0.0.1:8000", "vllm: the vLLM OpenAI server (started with --enable-lora and "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    vllm_model: str = key("", "vllm: the name vLLM serves the base model under (--served-model-name); "
+                          "empty = base_model")
+    unload_grace_s: float = key(600.0, "vllm: an adapter nobody is served any more is unloaded this long after its "
+                                "last request")
+    default_max_tokens: int = key(64, "tokens generated for a request that sets no max_tokens")
+    max_tokens_limit: int = key(512, "a request's max_tokens is capped at this")
+    request_timeout_s: float = key(60.0, "a completion not finished after this is answered with an error")
+    start_timeout_s: float = key(600.0, "builtin: loading the base model may take this long before requests fail")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; `path` is the file it came from (relative paths resolve against it)."""
 
@@ -209,6 +244,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def team(self, name: str) -> TeamConfig:
         for t in self.teams:

@@ -31,6 +31,7 @@ from pipelines.evaluate.gate import EvalReport, gate
 from pipelines.files import read_json
 from pipelines.progress import format_seconds
 from pipelines.publish import registry
+from pipelines.publish.publish import register_with_exports
 from pipelines.scope import Scope
 from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer
@@ -135,7 +136,11 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
                    "train_config": asdict(run.train), "train": summary["train"], "eval": report.as_dict(),
                    "gate": decision.as_dict(), "parent": registry.served_version(cfg.state_dir, name),
                    "init": {"scope": init.get("scope"), "version": init.get("version")} if init else None}
-        version = registry.register(cfg.state_dir, name, run_dir / "adapter", lineage)
+        # Exports (vLLM folder, GGUF, Modelfile) are written before the version exists; a failed one is
+        # reported and does not block the promotion (pipelines/publish/publish.py).
+        version, summary["exports"] = register_with_exports(
+            cfg.state_dir, name, run_dir / "adapter", lineage, cfg.base_model, cfg.publish.export_timeout_s,
+            run_dir / "export.log")
         registry.promote(cfg.state_dir, name, version, reason="; ".join(decision.reasons))
         summary["version"] = version
     log.info("run %s %s: %s (%s)", run_id, name, f"promoted {version}" if version else "kept the champion",

@@ -8,7 +8,7 @@ tombstone so later collects store nothing of theirs.
                  "<forgotten>", tombstones and retrain marks written, and a job listing the file work
     3. files     their own runs and personal adapters (registry/dev:<id>, served/dev:<id>) removed; their
                  teams' runs lose data/ and checkpoints/; exports/ emptied; their lines in the HTTP inbox
-                 blanked in place (offsets stay valid); their tokens removed
+                 and the gateway's request log blanked in place (offsets stay valid); their tokens removed
     4. done      the job is marked done; the store file is rewritten without the deleted bytes the next time
                  a process opens it alone (DuckDB keeps deleted rows' bytes in the file until then)
 
@@ -152,6 +152,9 @@ def _finish(store: Store, cfg: Config, job_id: str, job: dict[str, Any]) -> None
     _remove(state / "exports")
     for inbox in sorted((state / "inbox").rglob("*.jsonl")) if (state / "inbox").is_dir() else []:
         _blank_lines(inbox, lambda line: any(named(i) for i in _line_identities(line)))
+    # The serving gateway's request log names its callers the same way (a top-level "developer").
+    for requests in sorted((state / "gateway").glob("requests-*.jsonl")) if (state / "gateway").is_dir() else []:
+        _blank_lines(requests, lambda line: any(named(i) for i in _line_identities(line)))
     _drop_tokens(state, named)
     request_rewrite(state / "store.duckdb")
     store.finish_forget(job_id)

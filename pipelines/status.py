@@ -7,6 +7,7 @@ from typing import Any
 
 from pipelines.config import SourceConfig
 from pipelines.publish import registry
+from pipelines.publish.publish import exports_of
 from pipelines.store.db import Store
 
 
@@ -41,6 +42,7 @@ def status(store: Store, state_dir: Path, teams: list[str], sources: tuple[Sourc
             "run_id": s.lineage.get("run_id"),
             "registered_at": s.lineage.get("registered_at"),
             "started_from": s.lineage.get("init"),
+            "exports": _exports(s),
         }
     report["served"] = served
     marks = store.retrain_marks()
@@ -58,6 +60,17 @@ def status(store: Store, state_dir: Path, teams: list[str], sources: tuple[Sourc
             developers[developer] = {"team": team, "adapter": use.scope if use else None,
                                      "path": str(state_dir / "served" / use.scope) if use else None}
     report["developers"] = developers
+    report["gateway"] = store.gateway_counts()
     report["runs"] = store.runs(limit=10)
     report["state_dir"] = str(state_dir)
     return report
+
+
+def _exports(served: registry.Served) -> dict[str, Any] | None:
+    """{"ok": true, "served_name"} when the version has exports; what its failed export said; None when it was
+    registered before exports existed (`devtune publish VERSION --scope S` writes them)."""
+    manifest = exports_of(served.path)
+    if manifest is not None:
+        return {"ok": True, "served_name": manifest["served_name"]}
+    recorded: dict[str, Any] | None = served.lineage.get("exports")
+    return recorded

@@ -103,3 +103,22 @@ def train_config(**overrides: Any) -> TrainConfig:
     values: dict[str, Any] = {"lora_r": 8, "lora_alpha": 16, "batch_size": 8, "learning_rate": 1e-2,
                               "logging_steps": 1, "warmup_ratio": 0.0, "device": "cpu", "lora_dropout": 0.0}
     return TrainConfig(**{**values, **overrides})
+
+
+def random_adapter(base_model: Path, out: Path, seed: int, scale: float = 0.15) -> Path:
+    """A PEFT LoRA adapter for `base_model` with random weights (peft starts B at zero, which would change
+    nothing): different seeds complete the same prompt differently."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    peft_model.save_pretrained(out)
+    return out

@@ -73,6 +73,10 @@ def test_cycle_promotes_the_team_then_each_developer_starts_from_it(site: Setup)
     assert served["version"] == "v0001" and Path(served["path"]).is_dir()
     assert served["heldout_loss"] < served["base_heldout_loss"]
     assert (Path(served["path"]) / "adapter_model.safetensors").is_file()
+    # Promoted with its exports, written before the version appeared (tests/test_publish.py has the details).
+    assert served["exports"] == {"ok": True, "served_name": "devtune-team-payments-v0001"}
+    assert (Path(served["path"]) / "exports" / "adapter.gguf").is_file()
+    assert all(s["exports"]["ok"] for s in report["served"].values())
     assert report["gate"]["team:payments"]["promote"] is True
 
     runs = {r["scope"]: r for r in report["runs"]}

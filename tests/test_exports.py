@@ -220,8 +220,8 @@ def test_served_names_are_unique_and_valid_for_vllm_and_ollama() -> None:
 
 def test_the_service_can_name_versions_without_importing_torch() -> None:
     # The gateway needs served_name(); the service never imports torch (DESIGN.md), only the child does.
-    code = ("import sys, pipelines.publish.exports as e; e.served_name('team:a', 'v0001'); "
+    code = ("import sys, pipelines.publish.names as n; n.served_name('team:a', 'v0001'); "
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "{'torch', 'transformers', 'peft', 'safetensors'})))")
+            "{'torch', 'transformers', 'peft', 'safetensors', 'gguf'})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == ""

@@ -23,6 +23,7 @@ from collectors.base import (
     Batch,
     Commit,
     EditOutcome,
+    GatewayRequest,
     Interaction,
     Limits,
     RawEvent,
@@ -50,6 +51,7 @@ from pipelines.store.schema import (
     CommitRow,
     DropRow,
     EditOutcomeRow,
+    GatewayRequestRow,
     IdentityRow,
     InteractionRow,
     QuarantineRow,
@@ -128,6 +130,7 @@ def _account(report: SourceReport, applied: Applied, n: int) -> None:
     report.stored["quarantined"] += applied.rejects
     report.stored["edit_outcomes"] += applied.edits
     report.stored["interactions"] += applied.interactions
+    report.stored["gateway_requests"] += applied.requests
 
 
 def to_rows(batch: Batch, source: SourceConfig, repo: str | None, cfg: CollectConfig,
@@ -156,6 +159,9 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
                 directory: Directory, ingested: datetime, contents: FileScrubber) -> None:
     if isinstance(event, Commit):
         _commit_rows(event, rows, source.name, repo or "", cfg, directory, ingested, contents)
+        return
+    if isinstance(event, GatewayRequest):
+        _request_row(event, rows, source.name, directory, ingested)
         return
     if isinstance(event, TabbyAction):
         # An action holds ids and times only; it is dropped with its developer, and links to nothing when
@@ -294,6 +300,21 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
         rows.add(CommitFileRow(sha=c.sha, path=f.path, status=f.status, blob=f.blob if keep_blob else None,
                                added=[list(r) for r in f.added], diff=scrub_diff(f.diff, scrubs, known)))
         _scrubbed(rows, "commit_files", f"{c.sha}:{f.path}", scrubs)
+
+
+def _request_row(r: GatewayRequest, rows: Rows, source: str, directory: Directory, ingested: datetime) -> None:
+    """A served request: its developer is already the token's owner; a withheld one's requests are dropped."""
+    if why := directory.withheld(r.developer):
+        _dropped(rows, source, why, r.key)
+        return
+    scrubs: Counter[str] = Counter()
+    rows.add(GatewayRequestRow(
+        id=r.key, received_at=r.received_at, developer=r.developer, team=r.team, scope=r.scope, version=r.version,
+        served_name=r.served_name, model=r.model, backend=r.backend, stream=r.stream, status=r.status,
+        latency_ms=r.latency_ms, first_token_ms=r.first_token_ms, prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens, finish_reason=r.finish_reason,
+        error=scrub(r.error, scrubs) if r.error is not None else None, ingested_at=ingested))
+    _scrubbed(rows, "gateway_requests", r.key, scrubs)
 
 
 def _dropped(rows: Rows, source: str, reason: str, key: str) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.publish.lora_gguf import GGUF_ARCHITECTURES, BaseShape, LoraPair, write_lora_gguf
+from pipelines.publish.names import served_name
 
 # The modules an exported adapter may adapt: what vLLM wraps in every Llama/Qwen2-style decoder layer and
 # what llama.cpp names blk.N.attn_q ... ffn_down.
@@ -39,31 +40,8 @@ PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _LORA_KEY = re.compile(r"^base_model\.model\.(model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+))\.lora_([AB])\.weight$")
 
-# Ollama accepts [A-Za-z0-9_.-] in a model name, compares names case-insensitively, refuses ".." and names
-# over 128 bytes (ollama types/model/name.go); vLLM takes any string. 64 characters of scope leave room
-# for "devtune-", the version, a hash and an Ollama namespace or tag.
-_NAME_UNSAFE = re.compile(r"[^a-z0-9_.-]")
-MAX_SCOPE_CHARS = 64
-
-
 class ExportError(Exception):
     """A version that cannot be exported; the message says why and what to do."""
-
-
-def served_name(scope: str, version: str) -> str:
-    """The model name a server knows this version by: `devtune-team-payments-v0003`.
-
-    Unique per (scope, version), so never reused: vLLM serves stale cached state when a name is reloaded
-    with new weights. A scope that Ollama's rules would change (upper case, '@', '+', '..', or too long)
-    keeps a readable slug plus 8 hex digits of the exact scope's sha256, so `dev:Alice` and `dev:alice`
-    stay apart.
-    """
-    kind, _, who = scope.partition(":")
-    plain = f"{kind}-{who}"
-    slug = re.sub(r"\.{2,}", ".", _NAME_UNSAFE.sub("-", plain.lower()))
-    if slug != plain or len(slug) > MAX_SCOPE_CHARS:
-        slug = f"{slug[:MAX_SCOPE_CHARS]}-{hashlib.sha256(scope.encode()).hexdigest()[:8]}"
-    return f"devtune-{slug}-{_NAME_UNSAFE.sub('-', version.lower())}"
 
 
 def export_version(version_dir: Path, base_model: str, scope: str, version: str, out_dir: Path) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Immutable adapter versions and the atomic switch of what is served.
 
-    registry/<scope>/<version>/   adapter files + lineage.json; written beside, renamed into place, read-only
+    registry/<scope>/<version>/   adapter files + lineage.json (+ exports/); written beside, renamed into
+                                  place, read-only
     registry/<scope>/history.jsonl   every promotion and rollback, appended
     served/<scope> -> ../registry/<scope>/<version>   a symlink replaced with rename(2), never edited
 
@@ -9,7 +10,9 @@ team's served/team:<name> otherwise (`adapter_for`); rolling a developer's adapt
 version removes the link, which is that fallback.
 
 A server reading served/<scope> sees the old adapter or the new one, never a mix: a version directory is
-complete before its name exists, and the symlink swap is a single rename.
+complete before its name exists, and the symlink swap is a single rename. A version's exports (vLLM folder,
+GGUF, Modelfile: pipelines/publish/publish.py) are written inside the hidden staging folder too, so a
+kill at any point leaves only a `.incoming-*` folder that no link points at (removed by a later register).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,31 +60,70 @@ def versions(state_dir: Path, scope: str) -> list[str]:
     return sorted((p.name for p in d.iterdir() if _VERSION.match(p.name)), key=lambda v: int(v[1:]))
 
 
-def register(state_dir: Path, scope: str, adapter_dir: Path, lineage: dict[str, Any]) -> str:
-    """Copy a finished adapter into the next version of `scope`; returns the version name."""
+# Writes a version's extra files into its staging folder, knowing the version name it will get; returns what
+# to record in lineage.json under "exports" (pipelines/publish/publish.py writes the exports this way).
+Prepare = Callable[[Path, str], dict[str, Any]]
+
+
+def register(state_dir: Path, scope: str, adapter_dir: Path, lineage: dict[str, Any],
+             prepare: Prepare | None = None) -> str:
+    """Copy a finished adapter into the next version of `scope`; returns the version name.
+
+    `prepare(staging_dir, version)` runs before the version's name exists; its result is recorded in
+    lineage.json as "exports". If another registration takes the number first, it runs again for the next."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise RegistryError(f"{adapter_dir} holds no adapter_config.json: the training run did not finish")
     scope_dir = state_dir / "registry" / check_scope(scope)
     scope_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_incoming(scope_dir)
     tmp = scope_dir / f".incoming-{os.getpid()}-{adapter_dir.parent.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(adapter_dir, tmp)
     existing = versions(state_dir, scope)
     n = int(existing[-1][1:]) + 1 if existing else 1
-    while True:
-        version = f"v{n:04d}"
-        (tmp / "lineage.json").write_text(json.dumps({**lineage, "scope": scope, "version": version,
-                                                      "registered_at": now().isoformat()}, indent=2) + "\n")
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, scope_dir / version)  # fails if another registration took this number
-            break
-        except OSError:
-            if not (scope_dir / version).exists():
-                raise
-            n += 1
+    try:
+        while True:
+            version = f"v{n:04d}"
+            extra = {"exports": prepare(tmp, version)} if prepare is not None else {}
+            (tmp / "lineage.json").write_text(json.dumps({**lineage, **extra, "scope": scope, "version": version,
+                                                          "registered_at": now().isoformat()}, indent=2) + "\n")
+            _fsync_tree(tmp)
+            try:
+                os.rename(tmp, scope_dir / version)  # fails if another registration took this number
+                break
+            except OSError:
+                if not (scope_dir / version).exists():
+                    raise
+                n += 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failure leaves nothing behind
     _make_read_only(scope_dir / version)
     return version
+
+
+def _remove_stale_incoming(scope_dir: Path) -> None:
+    """Staging folders of registrations whose process is gone (killed mid-copy or mid-export)."""
+    for tmp in scope_dir.glob(".incoming-*"):
+        pid = tmp.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _make_writable(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_writable(root: Path) -> None:
+    for p in [root, *root.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(0o755)
 
 
 def promote(state_dir: Path, scope: str, version: str, reason: str = "") -> Path:
@@ -124,8 +166,19 @@ def history(state_dir: Path, scope: str) -> list[dict[str, Any]]:
 
 def adapter_for(state_dir: Path, developer: str, team: str) -> Served | None:
     """What a developer's editor should use: their own adapter, else their team's, else None (the base)."""
-    current = served(state_dir)
-    return current.get(f"dev:{developer}") or current.get(f"team:{team}")
+    return served_scope(state_dir, f"dev:{developer}") or served_scope(state_dir, f"team:{team}")
+
+
+def served_scope(state_dir: Path, scope: str) -> Served | None:
+    """What one scope serves now (one link and its lineage read), or None (also for a name no scope can have)."""
+    if not _SCOPE.match(scope):
+        return None
+    link = state_dir / "served" / scope
+    try:
+        target = (link.parent / os.readlink(link)).resolve()
+    except OSError:  # no link (nothing served), or not a link
+        return None
+    return Served(scope=scope, version=target.name, path=target, lineage=read_json(target / "lineage.json") or {})
 
 
 def _promoted_over(state_dir: Path, scope: str, version: str) -> str | None:
@@ -204,6 +257,8 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with p.open("rb") as f:
                 os.fsync(f.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
     _fsync_dir(root)
 
 

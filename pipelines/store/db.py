@@ -83,6 +83,7 @@ class Applied:
     rejects: int
     edits: int = 0
     interactions: int = 0
+    requests: int = 0  # gateway_requests
 
 
 def quarantine_id(source: str, stream: str, offset: int, line_sha1: str) -> str:
@@ -214,7 +215,7 @@ class Store:
                     [source, cursor.stream, cursor.offset, cursor.head_sha1, cursor.head_len, cursor.sha, now()])
         return Applied(suggestions=n.get("suggestions", 0), commits=n.get("commits", 0),
                        rejects=n.get("quarantine", 0), edits=n.get("edit_outcomes", 0),
-                       interactions=n.get("interactions", 0))
+                       interactions=n.get("interactions", 0), requests=n.get("gateway_requests", 0))
 
     def _insert(self, table: Table, rows: list[Any]) -> int:
         batch = as_arrow(table, _unique(rows, table.key))  # noqa: F841 - read by DuckDB
@@ -509,7 +510,8 @@ class Store:
         with self.transaction():
             c = self.con
             for table, target in (("suggestions", "suggestions"), ("edit_outcomes", "edit_outcomes"),
-                                  ("interactions", "interactions"), ("tabby_completions", "tabby_completions")):
+                                  ("interactions", "interactions"), ("tabby_completions", "tabby_completions"),
+                                  ("gateway_requests", "gateway_requests")):
                 where, args = self._mine(table, developer, ids)
                 c.execute(f"DELETE FROM scrubs WHERE target = '{target}' AND key IN (SELECT id FROM {table} "
                           f"WHERE {where})", args)
@@ -673,6 +675,14 @@ class Store:
         row = self.con.execute(f"SELECT {self._RUN_COLUMNS} FROM runs WHERE run_id = ?", [run_id]).fetchone()
         return _run_dict(row) if row else None
 
+    def gateway_counts(self) -> dict[str, Any]:
+        """Requests the serving gateway answered, per adapter version that answered ("base" for none)."""
+        by_adapter = {r[0]: {"requests": r[1], "ok": r[2], "last_at": r[3].isoformat() if r[3] else None}
+                      for r in self.con.execute(
+            "SELECT coalesce(scope || '/' || version, 'base'), count(*), count(*) FILTER (WHERE status = 200), "
+            "max(received_at) FROM gateway_requests GROUP BY 1 ORDER BY 1").fetchall()}
+        return {"total": sum(v["requests"] for v in by_adapter.values()), "by_adapter": by_adapter}
+
     def fail_interrupted_runs(self) -> int:
         """Mark runs left 'running' by a process that died as failed (called at service start)."""
         with self.transaction():
@@ -706,6 +716,7 @@ _MINE: dict[str, tuple[str, tuple[str, ...]]] = {
     "commits": ("NOT opted_out AND (developer = ? OR lower(author_email) IN (SELECT unnest(?::VARCHAR[])))",
                 ("developer", "ids")),
     "identities": ("developer = ? OR lower(identity) IN (SELECT unnest(?::VARCHAR[]))", ("developer", "ids")),
+    "gateway_requests": ("developer = ?", ("developer",)),  # the completions the serving gateway gave them
 }
 
 

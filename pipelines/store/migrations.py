@@ -251,4 +251,28 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0020_run_attempts", """
         ALTER TABLE runs ADD COLUMN attempts INTEGER DEFAULT 1;
     """),
+    # Every completion request the serving gateway answered, collected from its request log
+    # (collectors/gateway_log.py): which version served whom and when, for acceptance per version. No code.
+    ("0030_gateway_requests", """
+        CREATE TABLE gateway_requests (
+            id VARCHAR PRIMARY KEY,           -- the completion id the gateway answered with
+            received_at TIMESTAMP NOT NULL,   -- UTC, milliseconds: when the request arrived
+            developer VARCHAR NOT NULL,       -- the caller's token's owner (canonical id)
+            team VARCHAR NOT NULL,
+            scope VARCHAR,                    -- what answered: team:NAME | dev:ID; NULL = the base model
+            version VARCHAR,                  -- vNNNN; NULL = the base model
+            served_name VARCHAR,              -- the version's never-reused name on the backend
+            model VARCHAR NOT NULL,           -- the name the editor asked for
+            backend VARCHAR NOT NULL,         -- builtin | vllm
+            stream BOOLEAN NOT NULL,
+            status INTEGER NOT NULL,          -- the HTTP status answered
+            latency_ms DOUBLE NOT NULL,
+            first_token_ms DOUBLE,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            finish_reason VARCHAR,            -- stop | length | cancelled | error
+            error VARCHAR,
+            ingested_at TIMESTAMP NOT NULL
+        );
+    """),
 ]

@@ -194,8 +194,30 @@ class SuggestionLinkRow:
     linked_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayRequestRow:
+    id: str  # the completion id the gateway answered with
+    received_at: datetime  # UTC, milliseconds
+    developer: str
+    team: str
+    scope: str | None  # None = the base model answered
+    version: str | None
+    served_name: str | None
+    model: str  # the name the editor asked for
+    backend: str  # builtin | vllm
+    stream: bool
+    status: Int32
+    latency_ms: float
+    first_token_ms: float | None
+    prompt_tokens: Int32
+    completion_tokens: Int32
+    finish_reason: str | None
+    error: str | None
+    ingested_at: datetime
+
+
 Row = (SuggestionRow | CommitRow | CommitFileRow | BlobRow | EditOutcomeRow | InteractionRow | TabbyCompletionRow
-       | TabbyActionRow | QuarantineRow | DropRow | ScrubRow | IdentityRow | SuggestionLinkRow)
+       | TabbyActionRow | QuarantineRow | DropRow | ScrubRow | IdentityRow | SuggestionLinkRow | GatewayRequestRow)
 
 
 @dataclass(frozen=True)
@@ -245,6 +267,7 @@ TABLES: dict[type, Table] = {t.row: t for t in (
     Table("suggestion_links", SuggestionLinkRow, ("suggestion_id",), "DO UPDATE SET " + ", ".join(
         f"{c} = excluded.{c}" for c in (f.name for f in dataclasses.fields(SuggestionLinkRow))
         if c != "suggestion_id")),
+    Table("gateway_requests", GatewayRequestRow, ("id",)),
 )}
 
 
