@@ -276,7 +276,8 @@ def _remote_cycle(client: ApiClient, team: str) -> dict[str, Any]:
             break
         time.sleep(2.0)
     summary = run["summary"]
-    outcome = {"succeeded": "promoted" if summary.get("version") else "kept"}.get(run["status"], run["status"])
+    succeeded = ("canary" if summary.get("canary") else "promoted") if summary.get("version") else "kept"
+    outcome = succeeded if run["status"] == "succeeded" else run["status"]
     return {"run_id": run_id, "scope": run["scope"], "outcome": outcome, "version": summary.get("version"),
             "error": run["error"] if run["status"] == "failed" else None, "summary": summary, "developers": []}
 
@@ -351,6 +352,23 @@ def _copy_export(export: Path, out: Path) -> Path:
     return out
 
 
+def online_table(online: dict[str, dict[str, Any]]) -> str:
+    """The field numbers per served version: what editors did with its suggestions, and what it cost."""
+    head = (f"{'online':13s}{'scope':28s}{'version':8s}{'shown':>8s}{'accepted':>10s}{'95% interval':>15s}"
+            f"{'kept':>7s}{'chars/dev-day':>14s}{'devs':>6s}{'train':>8s}{'p50/p95 ms':>14s}")
+    lines = [head]
+    for scope, versions in online.items():
+        for version, v in versions.items():
+            kept = f"{v['kept_rate']:.0%}" if v["kept_rate"] is not None else "-"
+            latency = f"{v['latency_p50_ms']:.0f}/{v['latency_p95_ms']:.0f}" if "latency_p50_ms" in v else "-"
+            train = format_seconds(v["train_seconds"]) if v.get("train_seconds") else "-"
+            interval = f"{v['acceptance_low']:.1%}-{v['acceptance_high']:.1%}"
+            lines.append(f"{'':13s}{scope[:27]:28s}{version:8s}{v['shown']:>8,}{v['acceptance']:>10.1%}"
+                         f"{interval:>15s}{kept:>7s}{v['accepted_chars_per_dev_day']:>14,.0f}{v['developers']:>6}"
+                         f"{train:>8s}{latency:>14s}")
+    return "\n".join(lines)
+
+
 def cmd_dataset_show(args: argparse.Namespace) -> int:
     folder = args.dir or _newest_dataset(_config(args).state_dir)
     manifest_path = folder / "manifest.json" if folder else None
@@ -386,6 +404,8 @@ def dataset_tables(m: dict[str, Any]) -> str:
         lines.append(f"\nKTO weights: desirable {kto['desirable_weight']}, undesirable {kto['undesirable_weight']}")
     if m.get("links"):
         lines.append("links: " + ", ".join(f"{k} {v:,}" for k, v in m["links"].items()))
+    if m.get("served_by"):
+        lines.append("served by: " + ", ".join(f"{k} {v:,}" for k, v in m["served_by"].items()))
     if m["dropped"]:
         reason_width = max(map(len, m["dropped"])) + 2
         lines += ["", "dropped".ljust(reason_width) + "rows".rjust(10)]
@@ -427,10 +447,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     for scope, s in report["served"].items():
         m = s.get("metrics") or {}
         extra = f", edit similarity {m['edit_similarity']:.3f}" if m.get("edit_similarity") is not None else ""
-        print(f"served       {scope} {s['version']}: held-out loss {s['heldout_loss']:.4f} "
-              f"(base {s['base_heldout_loss']:.4f}){extra} at {s['path']}{_exports_note(scope, s)}")
+        loss = (f"held-out loss {s['heldout_loss']:.4f} (base {s['base_heldout_loss']:.4f})"
+                if s["heldout_loss"] is not None and s["base_heldout_loss"] is not None else "no held-out scores")
+        print(f"served       {scope} {s['version']}: {loss}{extra} at {s['path']}{_exports_note(scope, s)}")
     if not report["served"]:
         print("served       nothing yet")
+    if report.get("online"):
+        print(online_table(report["online"]))
+    for scope, f in report.get("field", {}).items():
+        if f["canary"]:
+            c = f["canary"]
+            print(f"canary       {scope} {c['version']} to {c['share']:.0%} of the team since {c['started_at']} "
+                  f"(the rest: {c['previous']})")
+        if f["last"]:
+            last = f["last"]
+            print(f"field        {scope} {last['version']}: {last['outcome'].replace('_', ' ')} at {last['at']}: "
+                  f"{last['reason']}")
     for scope, r in report.get("retrain_required", {}).items():
         print(f"retrain      {scope} {r['version']}: {r['reason']}")
     if report.get("forgotten", {}).get("forgotten"):
@@ -617,7 +649,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import DEMO_TEAM, prepare_demo
+    from daemon.demo import DEMO_TEAM, prepare_demo, simulate_editors
 
     started = time.monotonic()
     state_dir = args.state_dir.resolve()
@@ -627,9 +659,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with local_store(cfg) as store:
         result = jobs.cycle(store, cfg, DEMO_TEAM)
         report = jobs.status(store, cfg)
-    editors = demo_editors(cfg, DEMO_TEAM) if result["outcome"] in ("promoted", "kept") else ""
+    editors = demo_editors(cfg, DEMO_TEAM) if result["outcome"] in ("promoted", "canary", "kept") else ""
+    if editors:  # then the editors' side: a simulated stretch of editing, collected and attributed
+        written = simulate_editors(cfg)
+        with local_store(cfg) as store:
+            jobs.collect(store, cfg)
+            online = jobs.status(store, cfg)["online"]
+        editors += (f"\nfield       {written} simulated editor events since the promotions (Continue's format, the "
+                    f"stable model name), collected and attributed to the versions that served them:\n"
+                    + online_table(online))
     print(demo_summary(result, report, time.monotonic() - started, config_path, editors))
-    return 0 if result["outcome"] in ("promoted", "kept") else 1
+    return 0 if result["outcome"] in ("promoted", "canary", "kept") else 1
 
 
 def demo_editors(cfg: Config, team: str) -> str:

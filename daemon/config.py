@@ -26,6 +26,7 @@ from pipelines.config import (
     DeveloperConfig,
     EvaluateConfig,
     GateConfig,
+    OnlineConfig,
     PublishConfig,
     ScheduleConfig,
     ServeConfig,
@@ -49,7 +50,7 @@ DEFAULT_CONFIG_PATHS = ("config.toml", "/etc/devtune/config.toml")
 SECTIONS: dict[str, type] = {
     "collect": CollectConfig, "continue_http": ContinueHttpConfig, "schedule": ScheduleConfig,
     "datasets": DatasetsConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "gate": GateConfig,
-    "api": ApiConfig, "publish": PublishConfig, "serve": ServeConfig,
+    "api": ApiConfig, "publish": PublishConfig, "serve": ServeConfig, "online": OnlineConfig,
 }
 ARRAYS: dict[str, type] = {"sources": SourceConfig, "developers": DeveloperConfig, "teams": TeamConfig}
 
@@ -298,6 +299,9 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("api", "port", 0, 65535), ("api", "lock_timeout_s", 0, None),
     ("continue_http", "max_body_bytes", 1024, None),
     ("publish", "export_timeout_s", 1, None),
+    ("online", "canary_share", 0, 1), ("online", "min_shown", 1, None), ("online", "min_linked", 1, None),
+    ("online", "acceptance_margin", 0, 1), ("online", "persistence_margin", 0, 1), ("online", "max_canary_h", 0, None),
+    ("online", "personal_lookback_h", 1, None),
     ("serve", "port", 0, 65535), ("serve", "max_batch_size", 1, 256), ("serve", "batch_window_ms", 0, 1000),
     ("serve", "max_loaded_adapters", 1, None), ("serve", "unload_grace_s", 0, None), ("serve", "cpu_threads", 0, 256),
     ("serve", "default_max_tokens", 1, None), ("serve", "max_tokens_limit", 1, None),

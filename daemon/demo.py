@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 import urllib.request
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from daemon.gateway import start_gateway
 from daemon.sample import DEVELOPERS, make_sample, module_header
 from pipelines.child import run_child, tail
 from pipelines.config import Config
+from pipelines.publish import registry
 from pipelines.serve.backend import Router
 from pipelines.train.tiny import generic_corpus
 
@@ -61,8 +65,16 @@ def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
         corpus = state_dir / "sample" / "generic-corpus.py.txt"
         corpus.write_text("\n\n".join(generic_corpus()), encoding="utf-8")
         log_path = state_dir / "tiny-model.log"
+        shown: list[str] = []
+
+        def progress() -> None:  # a line when the child wrote a new one (not the same line every 10 s)
+            line = tail(log_path, 1)
+            if line and line not in shown:
+                shown.append(line)
+                log.info("%s", line)
+
         run_child("pipelines.train.tiny", [str(model_dir), str(corpus), "--pretrain-steps", str(pretrain_steps)],
-                  log_path, timeout_s=1800, tick_s=10, on_tick=lambda: log.info("%s", tail(log_path, 1)))
+                  log_path, timeout_s=1800, tick_s=10, on_tick=progress)
     sources = [{"kind": "git", "path": str(sample.repo.relative_to(state_dir)), "name": "payments-repo"}]
     for email, folder in sorted(sample.continue_dirs.items()):
         sources.append({"kind": "continue", "path": str(folder.relative_to(state_dir)),
@@ -115,3 +127,47 @@ def demo_developers(cfg: Config, team: str) -> list[str]:
     own = [e for e in emails if router.adapter_of(f"dev:{e}") is not None]
     others = [e for e in emails if e not in own]
     return [own[0], others[0]] if own and others else [emails[0], OUTSIDER]
+
+
+def simulate_editors(cfg: Config, events_per_developer: int = 150, seed: int = 11) -> int:
+    """A simulated stretch of editing since the promotions, written as Continue writes it: each sample
+    developer's autocomplete log gets `events_per_developer` decided suggestions from the stable model name,
+    accepted at the rate their own logs show (about a third), so the next collect can attribute them to the
+    versions that served them and `status` shows the field table. Returns the events written."""
+    rng = random.Random(seed)
+    written = 0
+    stop = datetime.now(UTC).replace(tzinfo=None)
+    # Spread over the time since the last promotion: every event then falls where today's versions served.
+    promoted = [datetime.fromisoformat(e["at"]) for scope in ("team", "dev") for d in cfg.state_dir.glob(
+        f"registry/{scope}:*") for e in registry.history(cfg.state_dir, d.name)]
+    since = max(promoted, default=stop - timedelta(hours=1)) + timedelta(milliseconds=2)  # logged to the ms
+    stop = max(stop, since + timedelta(milliseconds=2 * events_per_developer))  # a promotion a moment ago
+    step = (stop - since) / (events_per_developer + 1)
+    for source in cfg.sources:
+        if source.kind != "continue" or not source.developer:
+            continue
+        log_path = source.path / "dev_data" / "0.2.0" / "autocomplete.jsonl"
+        logged = [e for e in map(_event, log_path.read_text().splitlines()) if e is not None]
+        rate = sum(bool(e.get("accepted")) for e in logged) / max(1, len(logged))
+        lines = []
+        for i in range(events_per_developer):
+            event = dict(rng.choice(logged))
+            when = since + step * (i + 1)
+            event.update(completionId=str(uuid.UUID(int=rng.getrandbits(128))), modelName=cfg.serve.model_name,
+                         modelProvider="openai", accepted=rng.random() < rate,
+                         timestamp=when.isoformat(timespec="milliseconds") + "Z")
+            lines.append(json.dumps(event))
+        with log_path.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+        written += len(lines)
+    return written
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """A logged event to vary, or None for the sample's deliberately malformed lines."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "completion" in event else None
+

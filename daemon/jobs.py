@@ -20,6 +20,7 @@ from pipelines.forget import finish_forgets, forget, forget_opted_out, plan_forg
 from pipelines.ingest.identity import Directory
 from pipelines.ingest.ingest import SourceReport, collect_source
 from pipelines.ingest.quarantine import inspect_quarantined, retry_quarantined
+from pipelines.online.review import online_report, review
 from pipelines.publish import registry
 from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
@@ -66,9 +67,13 @@ def collect(store: Store, cfg: Config, only: str | None = None, due_only: bool =
         report = outcome.value or SourceReport(source.name)
         reports.append({**report.as_dict(), "error": outcome.error})
     prune_inbox(store, cfg)
+    # What was just collected may decide a canary or a personal version (pipelines/online/review.py); a failure
+    # there is logged and leaves collecting alone.
+    decided = run_job("online-review", lambda: review(store, cfg))
     failed = [r for r in reports if r["error"]]
     return {"sources": reports, "failed": [r["source"] for r in failed],
-            "error": "; ".join(f"source {r['source']}: {r['error']}" for r in failed) or None}
+            "error": "; ".join(f"source {r['source']}: {r['error']}" for r in failed) or None,
+            "online": [d.as_dict() for d in decided.value or [] if d.action != "wait"]}
 
 
 def prune_inbox(store: Store, cfg: Config) -> list[str]:
@@ -208,8 +213,25 @@ def forget_developer(store: Store, cfg: Config, developer: str, dry_run: bool = 
 
 
 def status(store: Store, cfg: Config) -> dict[str, Any]:
-    return {**status_report(store, cfg.state_dir, cfg.team_names(), cfg.sources), "cycles_running": running_cycles(),
+    return {**status_report(store, cfg.state_dir, cfg.team_names(), cfg.sources), "online": online_report(store, cfg),
+            "field": field_decisions(cfg), "cycles_running": running_cycles(),
             "training_queue": training_queue(cfg.train.gpus_per_run).snapshot()}
+
+
+def field_decisions(cfg: Config) -> dict[str, Any]:
+    """Per scope: its running canary, and its last field decision (a canary's end or a personal version's
+    verdict, with numbers and reason), from the registry histories."""
+    out: dict[str, Any] = {}
+    root = cfg.state_dir / "registry"
+    for scope in sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        if not scope.startswith(("team:", "dev:")):
+            continue
+        running = registry.canary(cfg.state_dir, scope)
+        last = next((e for e in reversed(registry.history(cfg.state_dir, scope))
+                     if e.get("action") in ("canary_end", "field_verdict")), None)
+        if running or last:
+            out[scope] = {"canary": asdict(running) if running else None, "last": last}
+    return out
 
 
 # -- quarantine ----------------------------------------------------------------------------------------------

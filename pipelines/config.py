@@ -225,6 +225,24 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class OnlineConfig:
+    canary_share: float = key(0.5, "share of a team's developers served a newly promoted team version first (0 = "
+                              "serve it to everyone at once); developers with an adapter of their own keep theirs")
+    min_shown: int = key(2000, "suggestions each arm (canary and the rest; before and after, for a personal "
+                         "version) must show before the field verdict")
+    min_linked: int = key(200, "accepted suggestions with a decided link each arm needs before persistence counts")
+    acceptance_margin: float = key(0.03, "a version is worse when its acceptance is lower by more than this "
+                                   "(absolute, with 95% confidence); not worse when surely not")
+    persistence_margin: float = key(0.05, "the same for the share of accepted suggestions still in the next commits")
+    max_canary_h: float = key(72.0, "a canary still undecided after this is served to everyone (the held-out gate "
+                              "passed it, and the field showed no harm)")
+    judge_personal: bool = key(True, "roll back a personal version whose field numbers are worse than those of "
+                               "the version it replaced")
+    personal_lookback_h: float = key(168.0, "a personal version is compared with what the developer was served "
+                                     "in this many hours before it")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; `path` is the file it came from (relative paths resolve against it)."""
 
@@ -246,6 +264,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def team(self, name: str) -> TeamConfig:
         for t in self.teams:

@@ -58,7 +58,7 @@ class Collect(Protocol):
 class CycleResult:
     run_id: str
     scope: str
-    outcome: str  # "promoted" | "kept" (gate said no) | "skipped" (not enough or nothing new)
+    outcome: str  # "promoted" | "canary" (served to a share first) | "kept" (gate said no) | "skipped"
     version: str | None  # the version promoted, if any
     summary: dict[str, Any]
 
@@ -141,12 +141,19 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
         version, summary["exports"] = register_with_exports(
             cfg.state_dir, name, run_dir / "adapter", lineage, cfg.base_model, cfg.publish.export_timeout_s,
             run_dir / "export.log")
-        registry.promote(cfg.state_dir, name, version, reason="; ".join(decision.reasons))
+        if scope.kind == "team" and cfg.online.canary_share > 0 and registry.served_version(cfg.state_dir, name):
+            # Served first to a share of the team; the field decides the rest (pipelines/online/review.py).
+            registry.start_canary(cfg.state_dir, name, version, cfg.online.canary_share, "; ".join(decision.reasons))
+            summary["canary"] = {"version": version, "share": cfg.online.canary_share}
+        else:
+            registry.promote(cfg.state_dir, name, version, reason="; ".join(decision.reasons))
         summary["version"] = version
-    log.info("run %s %s: %s (%s)", run_id, name, f"promoted {version}" if version else "kept the champion",
+    outcome = "kept" if version is None else "canary" if "canary" in summary else "promoted"
+    log.info("run %s %s: %s (%s)", run_id, name, {"kept": "kept the champion", "promoted": f"promoted {version}",
+                                                  "canary": f"serves {version} to a canary share first"}[outcome],
              "; ".join(decision.reasons))
     store.update_run(run_id, status="succeeded", stage="done", summary=summary)
-    return CycleResult(run_id, name, "promoted" if version else "kept", version, summary)
+    return CycleResult(run_id, name, outcome, version, summary)
 
 
 def plan_start(cfg: Config, scope: Scope, team: str, marked: Collection[tuple[str, str]] = ()) -> Start:

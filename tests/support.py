@@ -146,7 +146,7 @@ def table_rows(db: Path, table: str) -> list[tuple[Any, ...]]:
     con = duckdb.connect(str(db), read_only=True)
     try:
         cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
-        clock = ("ingested_at", "quarantined_at", "updated_at", "ok_at", "failed_at")  # wall-clock columns
+        clock = ("ingested_at", "quarantined_at", "updated_at", "ok_at", "failed_at", "attributed_at")  # wall clocks
         order = ", ".join(f'"{c}"' for c in cols if c not in clock)
         return con.execute(f"SELECT {order} FROM {table} ORDER BY {order}").fetchall()
     finally:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon import auth
+from daemon import auth, jobs
 from daemon.config import load_config
-from daemon.demo import DEMO_TEAM, demo_developers, editor_path, prepare_demo
+from daemon.demo import DEMO_TEAM, demo_developers, editor_path, prepare_demo, simulate_editors
 from pipelines.publish import registry
+from pipelines.store.db import Store
 from runs import random_adapter
 from support import devtune_json, read_jsonl
 
@@ -47,3 +48,15 @@ def test_the_demo_shows_the_editor_path_through_the_gateway(tmp_path: Path) -> N
     logged = [line for p in (cfg.state_dir / "gateway").glob("requests-*.jsonl") for line in read_jsonl(p)]
     assert [(x["developer"], x["scope"]) for x in logged] == [("alice@example.com", "dev:alice@example.com"),
                                                                 ("bob@example.com", "team:payments")]
+    # Then the editors' side: simulated editing, as Continue logs it, attributed to what served each developer.
+    assert simulate_editors(cfg, events_per_developer=40) == 80
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    try:
+        assert jobs.collect(store, cfg)["error"] is None
+        online = jobs.status(store, cfg)["online"]
+    finally:
+        store.close()
+    assert online["dev:alice@example.com"]["v0001"]["shown"] == 40  # alice has her own
+    assert online["team:payments"]["v0001"]["shown"] == 40  # bob gets the team's
+    assert online["dev:alice@example.com"]["v0001"]["developers"] == 1
+

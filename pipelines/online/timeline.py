@@ -3,13 +3,12 @@
 Every promotion, rollback and canary start or end is appended to `registry/<scope>/history.jsonl` with the
 time it happened, so the history is a timeline: from each entry to the next, one version (or none) was
 served to everyone in the scope, and while a team canary ran, its version was served to the developers of
-its arm (`in_canary`). Attribution (attribution.py) joins the editor events against these intervals.
+its arm (`registry.in_canary`). Attribution (attribution.py) joins the editor events against these intervals.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,13 +34,6 @@ class CanaryWindow:
     share: float
     start: datetime
     end: datetime  # OPEN while it runs
-
-
-def in_canary(developer: str, version: str, share: float) -> bool:
-    """Whether a developer is in a canary's arm: a hash of both, so the arm is stable for one version and
-    differs from one version to the next (the same developers are not always the first to try)."""
-    digest = hashlib.sha256(f"{developer.lower()}\0{version}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
 def served_intervals(state_dir: Path) -> tuple[list[Interval], list[CanaryWindow]]:

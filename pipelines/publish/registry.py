@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.files import read_json
+from pipelines.files import read_json, write_json_atomic
 from pipelines.store.db import now
 
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -165,8 +166,88 @@ def history(state_dir: Path, scope: str) -> list[dict[str, Any]]:
 
 
 def adapter_for(state_dir: Path, developer: str, team: str) -> Served | None:
-    """What a developer's editor should use: their own adapter, else their team's, else None (the base)."""
-    return served_scope(state_dir, f"dev:{developer}") or served_scope(state_dir, f"team:{team}")
+    """What a developer's editor should use: their own adapter, else their team's (its canary when they are in
+    its arm), else None (the base)."""
+    return served_scope(state_dir, f"dev:{developer}") or served_for(state_dir, f"team:{team}", developer)
+
+
+def served_for(state_dir: Path, scope: str, developer: str) -> Served | None:
+    """The version of `scope` that `developer` gets now: the running canary's when they are in its arm."""
+    running = canary(state_dir, scope)
+    if running is not None and in_canary(developer, running.version, running.share):
+        target = state_dir / "registry" / scope / running.version
+        return Served(scope=scope, version=running.version, path=target,
+                      lineage=read_json(target / "lineage.json") or {})
+    return served_scope(state_dir, scope)
+
+
+# -- canary rollout: a new version is served to a share of a scope's developers first ---------------------------
+
+@dataclass(frozen=True)
+class Canary:
+    version: str  # served to the developers in its arm (`in_canary`)
+    previous: str | None  # served to everyone else
+    share: float
+    started_at: str
+
+
+def in_canary(developer: str, version: str, share: float) -> bool:
+    """Whether a developer is in a canary's arm: a hash of both, so the arm is stable while one version runs
+    and differs from one version to the next (not always the same developers try first)."""
+    digest = hashlib.sha256(f"{developer.lower()}\0{version}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def canary(state_dir: Path, scope: str) -> Canary | None:
+    """The scope's running canary, or None."""
+    data = read_json(state_dir / "registry" / scope / "canary.json") if _SCOPE.match(scope) else None
+    return Canary(**data) if isinstance(data, dict) else None
+
+
+def start_canary(state_dir: Path, scope: str, version: str, share: float, reason: str = "") -> None:
+    """Serve `version` to `share` of the scope's developers and keep what is served for the others, until
+    `end_canary` decides. A canary still running is ended first, rolled back: the newer version replaces it."""
+    if not (state_dir / "registry" / check_scope(scope) / version / "adapter_config.json").is_file():
+        raise RegistryError(f"{scope} has no version {version}")
+    with _scope_lock(state_dir, scope):
+        running = canary(state_dir, scope)
+        if running is not None:
+            _end(state_dir, scope, running, promote=False, reason=f"replaced by {version}", verdict=None)
+        started = Canary(version=version, previous=served_version(state_dir, scope), share=share,
+                         started_at=now().isoformat())
+        write_json_atomic(state_dir / "registry" / scope / "canary.json", asdict(started))
+        _record(state_dir, scope, {"action": "canary", "version": version, "previous": started.previous,
+                                   "share": share, "reason": reason})
+
+
+def end_canary(state_dir: Path, scope: str, promote: bool, reason: str,
+               verdict: dict[str, Any] | None = None) -> str | None:
+    """End the scope's canary: serve its version to everyone (`promote`) or to no one. Returns its version."""
+    with _scope_lock(state_dir, check_scope(scope)):
+        running = canary(state_dir, scope)
+        if running is None:
+            return None
+        _end(state_dir, scope, running, promote, reason, verdict)
+        return running.version
+
+
+def _end(state_dir: Path, scope: str, running: Canary, promote: bool, reason: str,
+         verdict: dict[str, Any] | None) -> None:
+    if promote:
+        previous = served_version(state_dir, scope)
+        _point(state_dir, scope, state_dir / "registry" / scope / running.version)
+        _record(state_dir, scope, {"action": "promote", "version": running.version, "previous": previous,
+                                   "reason": f"canary: {reason}"})
+    _record(state_dir, scope, {"action": "canary_end", "version": running.version,
+                               "outcome": "promoted" if promote else "rolled_back", "reason": reason,
+                               **({"verdict": verdict} if verdict else {})})
+    (state_dir / "registry" / scope / "canary.json").unlink()
+
+
+def record(state_dir: Path, scope: str, entry: dict[str, Any]) -> None:
+    """Append an entry (e.g. a field verdict) to a scope's history, under its lock."""
+    with _scope_lock(state_dir, check_scope(scope)):
+        _record(state_dir, scope, entry)
 
 
 def served_scope(state_dir: Path, scope: str) -> Served | None:

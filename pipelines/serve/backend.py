@@ -109,13 +109,14 @@ class Router:
         """Their own served version, else their team's, else None (the base model). A version trained on
         another base model than the one served is skipped, as the cycle skips it (pipelines/cycle.py)."""
         for scope in (f"dev:{developer}", f"team:{team}"):
-            adapter = self.adapter_of(scope)
+            adapter = self.adapter_of(scope, developer)
             if adapter is not None:
                 return adapter
         return None
 
-    def adapter_of(self, scope: str) -> Adapter | None:
-        served = registry.served_scope(self.state_dir, scope)
+    def adapter_of(self, scope: str, developer: str = "") -> Adapter | None:
+        """What `scope` serves `developer` now: its canary when they are in its arm, else its served version."""
+        served = registry.served_for(self.state_dir, scope, developer)
         if served is None:
             return None
         with self._lock:

@@ -605,6 +605,119 @@ class Store:
         return {(r[0], r[1]): r[2] for r in self.con.execute(
             "SELECT scope, version, reason FROM retrain_marks ORDER BY 1, 2").fetchall()}
 
+    # -- online (pipelines/online/) --------------------------------------------------------------------------
+
+    def online_state(self, key: str) -> str | None:
+        row = self.con.execute("SELECT value FROM online_state WHERE key = ?", [key]).fetchone()
+        return str(row[0]) if row else None
+
+    def set_online_state(self, key: str, value: str) -> None:
+        with self.transaction():
+            self.con.execute("INSERT OR REPLACE INTO online_state VALUES (?, ?)", [key, value])
+
+    def developers_of_teams(self, teams: list[str]) -> list[tuple[str, str]]:
+        """(developer, team) of everyone with suggestions in these teams."""
+        return [(r[0], r[1]) for r in self.con.execute(
+            "SELECT DISTINCT developer, team FROM suggestions WHERE team IN (SELECT unnest(?::VARCHAR[])) "
+            "ORDER BY 1, 2", [teams]).fetchall()]
+
+    def attribute_suggestions(self, intervals: pa.Table, arms: pa.Table, names: list[str], window_s: float,
+                              since: datetime | None) -> dict[str, int]:
+        """Attribute suggestions (all, or those not yet attributed and those shown after `since`) to the version
+        that served them: the gateway's log first, then the served timeline (`intervals`: scope, version,
+        start_at, end_at; `arms`: developer, scope, version, start_at, end_at of canary arms), for events
+        naming one of `names`; else unknown. Returns events per way they were attributed."""
+        c = self.cursor().con  # registered Arrow tables stay on this cursor
+        c.register("intervals", intervals.cast(pa.schema([("scope", pa.string()), ("version", pa.string()),
+                                                          ("start_at", pa.timestamp("us")),
+                                                          ("end_at", pa.timestamp("us"))])))
+        c.register("arms", arms)
+        with self._lock:
+            c.execute("BEGIN TRANSACTION")
+            try:
+                c.execute("""
+                    CREATE OR REPLACE TEMP TABLE todo AS
+                    SELECT s.id, s.developer, s.team, s.shown_at, s.model FROM suggestions s
+                    WHERE ?::TIMESTAMP IS NULL OR s.shown_at >= ?::TIMESTAMP
+                       OR s.id NOT IN (SELECT suggestion_id FROM suggestion_served)""", [since, since])
+                c.execute("""
+                    INSERT OR REPLACE INTO suggestion_served
+                    WITH gateway AS (
+                        SELECT t.id, coalesce(r.scope, 'base') AS scope, r.version
+                        FROM todo t ASOF JOIN (SELECT * FROM gateway_requests WHERE status = 200) r
+                          ON r.developer = t.developer AND r.received_at <= t.shown_at
+                        WHERE t.shown_at - r.received_at <= to_microseconds(CAST(? * 1e6 AS BIGINT))),
+                    timeline AS (
+                        SELECT t.id,
+                               CASE WHEN d.version IS NOT NULL THEN d.scope WHEN a.version IS NOT NULL THEN a.scope
+                                    WHEN m.version IS NOT NULL THEN m.scope ELSE 'base' END AS scope,
+                               coalesce(d.version, a.version, m.version) AS version
+                        FROM todo t
+                        LEFT JOIN intervals d ON d.scope = 'dev:' || t.developer AND d.version IS NOT NULL
+                             AND t.shown_at >= d.start_at AND t.shown_at < d.end_at
+                        LEFT JOIN arms a ON a.developer = t.developer AND a.scope = 'team:' || t.team
+                             AND t.shown_at >= a.start_at AND t.shown_at < a.end_at
+                        LEFT JOIN intervals m ON m.scope = 'team:' || t.team AND m.version IS NOT NULL
+                             AND t.shown_at >= m.start_at AND t.shown_at < m.end_at
+                        WHERE t.model IN (SELECT unnest(?::VARCHAR[])))
+                    SELECT t.id,
+                           CASE WHEN g.id IS NOT NULL THEN g.scope WHEN l.id IS NOT NULL THEN l.scope END,
+                           CASE WHEN g.id IS NOT NULL THEN g.version WHEN l.id IS NOT NULL THEN l.version END,
+                           CASE WHEN g.id IS NOT NULL THEN 'gateway' WHEN l.id IS NOT NULL THEN 'timeline'
+                                ELSE 'unknown' END,
+                           ?
+                    FROM todo t LEFT JOIN gateway g ON g.id = t.id LEFT JOIN timeline l ON l.id = t.id""",
+                          [window_s, names, now()])
+                by = dict(c.execute("SELECT v.served_by, count(*) FROM todo t JOIN suggestion_served v "
+                                    "ON v.suggestion_id = t.id GROUP BY 1 ORDER BY 1").fetchall())
+                c.execute("DROP TABLE todo")
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return {str(k): int(v) for k, v in by.items()}
+
+    def field_counts(self, since: datetime | None = None, until: datetime | None = None,
+                     developers: list[str] | None = None) -> list[dict[str, Any]]:
+        """Per (scope, version) that served suggestions (in a time window, of some developers): shown,
+        accepted, accepted characters, developer-days, developers, kept and decided links."""
+        rows = self.con.execute("""
+            SELECT v.scope, coalesce(v.version, '') AS version, count(*), count(*) FILTER (WHERE s.accepted),
+                   coalesce(sum(length(s.completion)) FILTER (WHERE s.accepted), 0),
+                   count(DISTINCT (s.developer, CAST(s.shown_at AS DATE))), count(DISTINCT s.developer),
+                   count(*) FILTER (WHERE s.accepted AND l.status = 'kept'),
+                   count(*) FILTER (WHERE s.accepted AND l.status IN ('kept', 'rewritten', 'deleted'))
+            FROM suggestions s JOIN suggestion_served v ON v.suggestion_id = s.id
+            LEFT JOIN suggestion_links l ON l.suggestion_id = s.id
+            WHERE v.served_by != 'unknown' AND (?::TIMESTAMP IS NULL OR s.shown_at >= ?::TIMESTAMP)
+              AND (?::TIMESTAMP IS NULL OR s.shown_at < ?::TIMESTAMP)
+              AND (?::VARCHAR[] IS NULL OR s.developer IN (SELECT unnest(?::VARCHAR[])))
+            GROUP BY 1, 2 ORDER BY 1, 2""", [since, since, until, until, developers, developers]).fetchall()
+        keys = ("scope", "version", "shown", "accepted", "accepted_chars", "dev_days", "developers", "kept", "linked")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def latency_by_version(self) -> dict[tuple[str, str], dict[str, float]]:
+        """The gateway's p50 and p95 latency (ms) and requests per (scope, version) it answered with."""
+        rows = self.con.execute(
+            "SELECT coalesce(scope, 'base'), coalesce(version, ''), count(*), quantile_cont(latency_ms, 0.5), "
+            "quantile_cont(latency_ms, 0.95) FROM gateway_requests WHERE status = 200 GROUP BY 1, 2").fetchall()
+        return {(r[0], r[1]): {"requests": int(r[2]), "latency_p50_ms": round(r[3], 1),
+                               "latency_p95_ms": round(r[4], 1)} for r in rows}
+
+    def served_for_scope(self, scope: Scope) -> dict[str, int]:
+        """A scope's suggestions by the version that served them ("team:x/v0003", "base", "unknown")."""
+        column = "s.team" if scope.kind == "team" else "s.developer"
+        return dict(self.con.execute(
+            "SELECT CASE WHEN v.served_by = 'unknown' OR v.scope IS NULL THEN 'unknown' WHEN v.version IS NULL "
+            "THEN v.scope ELSE v.scope || '/' || v.version END AS what, count(*) FROM suggestions s "
+            f"JOIN suggestion_served v ON v.suggestion_id = s.id WHERE {column} = ? GROUP BY 1 ORDER BY 1",
+            [scope.name]).fetchall())
+
+    def served_counts(self) -> dict[str, int]:
+        """Suggestions by how their serving version was found (gateway, timeline, unknown)."""
+        return dict(self.con.execute("SELECT served_by, count(*) FROM suggestion_served GROUP BY 1 ORDER BY 1")
+                    .fetchall())
+
     # -- runs ----------------------------------------------------------------------------------------------
 
     def start_run(self, run_id: str, scope: str) -> None:

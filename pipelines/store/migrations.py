@@ -275,4 +275,18 @@ MIGRATIONS: list[tuple[str, str]] = [
             ingested_at TIMESTAMP NOT NULL
         );
     """),
+    # Field measurement (pipelines/online/): the version that served each suggestion, and how that was decided.
+    ("0040_online", """
+        CREATE TABLE suggestion_served (
+            suggestion_id VARCHAR PRIMARY KEY,
+            scope VARCHAR,                    -- team:NAME | dev:ID | base; NULL when unknown
+            version VARCHAR,                  -- vNNNN; NULL for the base model or unknown
+            served_by VARCHAR NOT NULL,       -- gateway | timeline | unknown
+            attributed_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE online_state (           -- small facts the online passes keep between runs
+            key VARCHAR PRIMARY KEY,
+            value VARCHAR NOT NULL
+        );
+    """),
 ]
