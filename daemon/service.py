@@ -31,12 +31,12 @@ from daemon.config import HTTP_SOURCE, http_token_file, inbox_dir
 from daemon.notify import notify
 from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
-from pipelines import child
 from pipelines.config import Config
 from pipelines.ingest.scrub import scrub_event
 from pipelines.scope import Scope, ScopeError
 from pipelines.store.db import Store
 from pipelines.tokens import TokenizerError
+from pipelines.train import backends
 
 log = logging.getLogger("devtune.service")
 
@@ -49,6 +49,7 @@ def run_service(cfg: Config) -> int:
 
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store.open(cfg.state_dir / "store.duckdb", lock_timeout_s=cfg.api.lock_timeout_s)
+    left_running = [r["run_id"] for r in store.runs(limit=1000) if r["status"] == "running"]
     interrupted = store.fail_interrupted_runs()
     if interrupted:
         log.warning("marked %d run(s) left running by a previous process as failed", interrupted)
@@ -70,6 +71,7 @@ def run_service(cfg: Config) -> int:
                     *_routes(cfg, store, collect_now), inbound=_inbound(cfg, debouncer.trigger)).start()
     observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
     scheduler.start()
+    jobs.reattach(store, cfg, left_running)  # Ray jobs a killed service left running: watched again, not resubmitted
     write_service_file(cfg.state_dir, api.url)
     notify("READY=1")
     notify(f"STATUS=serving {api.url}; {len(cfg.sources)} sources, teams {', '.join(cfg.team_names())}")
@@ -87,10 +89,11 @@ def run_service(cfg: Config) -> int:
     if observer is not None:
         observer.stop()
     scheduler.shutdown(wait=False)
-    training_queue(cfg.train.gpus_per_run).close()  # runs still waiting for a GPU slot give up now
-    stopped = child.stop_all()
+    training_queue(cfg.train, cfg.ray).close()  # runs still waiting for a GPU slot give up now
+    stopped = backends.stop_all()
     if stopped:
-        log.info("stopped %d training/evaluation process(es); they resume from their checkpoints next cycle",
+        log.info("stopped %d training/evaluation process(es) or Ray job(s); they resume from their checkpoints "
+                 "next cycle",
                  stopped)
     api.stop()
     _wait_for_jobs(scheduler, timeout_s=60)
