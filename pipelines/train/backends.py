@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipelines import child
 from pipelines.config import RayConfig, TrainConfig
+from pipelines.train import ray_backend
 
 # stage -> (the child's module, the log file in the run directory)
 STAGES = {"train": ("pipelines.train", "train.log"), "evaluate": ("pipelines.evaluate", "eval.log")}
@@ -30,9 +31,7 @@ def run_stage(stage: str, run_dir: Path, train: TrainConfig, ray: RayConfig, tim
     cluster picks the GPUs). Raises ChildFailed, with the log's last lines, when the stage fails."""
     module, log_name = STAGES[stage]
     if train.backend == "ray":
-        from pipelines.train import ray_backend
-
-        return ray_backend.run_job(stage, run_dir, train, ray, timeout_s, on_tick)
+        return ray_backend.run_job(stage, module, run_dir, run_dir / log_name, train, ray, timeout_s, on_tick)
     env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
     processes = len(gpus) if stage == "train" and train.gpus_per_run > 1 else 1
     return child.run_child(module, [str(run_dir)], run_dir / log_name, timeout_s, on_tick=on_tick,
@@ -42,6 +41,4 @@ def run_stage(stage: str, run_dir: Path, train: TrainConfig, ray: RayConfig, tim
 def stop_all() -> int:
     """Stop every stage this process runs, local children and Ray jobs alike (service shutdown); returns how
     many there were. Stopped training resumes from its checkpoint at the scope's next cycle."""
-    from pipelines.train import ray_backend
-
     return child.stop_all() + ray_backend.stop_all()

@@ -46,7 +46,6 @@ from typing import Any
 from pipelines import child
 from pipelines.config import RayConfig, TrainConfig
 from pipelines.files import read_json, write_json_atomic
-from pipelines.train.backends import STAGES
 
 log = logging.getLogger("devtune.ray")
 
@@ -61,21 +60,20 @@ _cancelled: set[str] = set()  # run ids whose jobs were stopped by `cancel`
 _lock = threading.Lock()
 
 
-def run_job(stage: str, run_dir: Path, train: TrainConfig, ray: RayConfig, timeout_s: float,
-            on_tick: Callable[[], None] | None = None) -> float:
-    """Run (or re-attach to) the Ray job of `stage` for the run in `run_dir` until it ends; returns the job's
-    seconds. Raises ChildFailed with the log's last lines when it fails, is stopped or times out."""
-    module, log_name = STAGES[stage]
-    log_path = run_dir / log_name
+def run_job(stage: str, module: str, run_dir: Path, log_path: Path, train: TrainConfig, ray: RayConfig,
+            timeout_s: float, on_tick: Callable[[], None] | None = None) -> float:
+    """Run (or re-attach to) the Ray job of `stage` (`python -m <module> RUN_DIR`) for the run in `run_dir`
+    until it ends, its output appended to `log_path`; returns the job's seconds. Raises ChildFailed with the
+    log's last lines when it fails, is stopped or times out."""
     client = connect(ray.address)
     remote = job_dir(run_dir, ray)
     if remote != run_dir:
         stage_inputs(run_dir, remote)
-    sid = attach_or_submit(client, stage, run_dir, remote, train, ray)
+    sid = attach_or_submit(client, stage, module, run_dir, remote, train, ray)
     with _lock:
         _watching[sid] = (ray.address, run_dir.name)
     try:
-        info = watch(client, sid, stage, run_dir, remote, timeout_s, ray.poll_s, on_tick)
+        info = watch(client, sid, stage, module, run_dir, log_path, remote, timeout_s, ray.poll_s, on_tick)
     finally:
         with _lock:
             _watching.pop(sid, None)
@@ -135,9 +133,9 @@ def stage_inputs(run_dir: Path, remote: Path) -> None:
     os.replace(tmp, remote)
 
 
-def entrypoint(stage: str, remote: Path, train: TrainConfig, ray: RayConfig) -> tuple[list[str], float, float]:
-    """The job's command, and the CPUs and GPUs it reserves."""
-    module = STAGES[stage][0]
+def entrypoint(stage: str, module: str, remote: Path, train: TrainConfig, ray: RayConfig
+               ) -> tuple[list[str], float, float]:
+    """The job's command (`python -m <module> RUN_DIR`, or across nodes), and the CPUs and GPUs it reserves."""
     gpus = 0 if train.device == "cpu" else (train.gpus_per_run if stage == "train" else 1)
     if gpus > ray.gpus_per_node:
         # The driver only starts Ray Train's workers, each of which reserves its own GPU.
@@ -161,7 +159,7 @@ def submission_ids(run_id: str, stage: str) -> Callable[[str | None], str]:
     return following
 
 
-def attach_or_submit(client: Any, stage: str, run_dir: Path, remote: Path, train: TrainConfig,
+def attach_or_submit(client: Any, stage: str, module: str, run_dir: Path, remote: Path, train: TrainConfig,
                      ray: RayConfig) -> str:
     """The submission id of the stage's job: the recorded one if it is pending, running or succeeded (a
     restarted service re-attaches), else a newly submitted job."""
@@ -170,17 +168,17 @@ def attach_or_submit(client: Any, stage: str, run_dir: Path, remote: Path, train
     if previous is not None:
         info = job_info(client, previous)
         if info is None:  # recorded, then the service died before (or while) submitting it
-            return submit(client, previous, stage, run_dir, remote, train, ray, record)
+            return submit(client, previous, stage, module, run_dir, remote, train, ray, record)
         if str(info.status) in (*LIVE, "SUCCEEDED"):
             log.info("run %s %s: re-attached to Ray job %s (%s)", run_dir.name, stage, previous, info.status)
             return str(previous)
-    return submit(client, submission_ids(run_dir.name, stage)(previous), stage, run_dir, remote, train, ray,
-                  record)
+    return submit(client, submission_ids(run_dir.name, stage)(previous), stage, module, run_dir, remote, train,
+                  ray, record)
 
 
-def submit(client: Any, sid: str, stage: str, run_dir: Path, remote: Path, train: TrainConfig, ray: RayConfig,
-           record: dict[str, Any]) -> str:
-    command, cpus, gpus = entrypoint(stage, remote, train, ray)
+def submit(client: Any, sid: str, stage: str, module: str, run_dir: Path, remote: Path, train: TrainConfig,
+           ray: RayConfig, record: dict[str, Any]) -> str:
+    command, cpus, gpus = entrypoint(stage, module, remote, train, ray)
     runtime_env: dict[str, Any] = {"env_vars": {
         "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
         # Ray's default is 3 s between SIGTERM and SIGKILL: too short for a trainer to write its checkpoint.
@@ -199,11 +197,10 @@ def submit(client: Any, sid: str, stage: str, run_dir: Path, remote: Path, train
     return sid
 
 
-def watch(client: Any, sid: str, stage: str, run_dir: Path, remote: Path, timeout_s: float, poll_s: float,
-          on_tick: Callable[[], None] | None) -> Any:
-    """Follow the job until it ends, appending its new output to the stage's log and copying progress back;
+def watch(client: Any, sid: str, stage: str, module: str, run_dir: Path, log_path: Path, remote: Path,
+          timeout_s: float, poll_s: float, on_tick: Callable[[], None] | None) -> Any:
+    """Follow the job until it ends, appending its new output to `log_path` and copying progress back;
     stops it past `timeout_s` after its submission. Returns its final JobDetails."""
-    log_path = run_dir / STAGES[stage][1]
     last_tick = time.monotonic()
     while True:
         info = client.get_job_info(sid)
@@ -220,7 +217,7 @@ def watch(client: Any, sid: str, stage: str, run_dir: Path, remote: Path, timeou
         if time.time() - info.start_time / 1000 >= timeout_s:
             stop(client, sid)
             append_logs(client, sid, stage, run_dir, log_path)
-            raise child.ChildFailed(f"{STAGES[stage][0]} (Ray job {sid}) ran past its {timeout_s:.0f}s timeout and "
+            raise child.ChildFailed(f"{module} (Ray job {sid}) ran past its {timeout_s:.0f}s timeout and "
                                     f"was stopped; raise the timeout in the config or see {log_path}")
         time.sleep(poll_s)
 
