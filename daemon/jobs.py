@@ -26,7 +26,7 @@ from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
 from pipelines.store.db import Store, now
 from pipelines.tokens import load_base_tokenizer
-from pipelines.train import ray_backend
+from pipelines.train import backends, ray_backend
 from pipelines.train.rundir import new_run_id
 
 log = logging.getLogger("devtune.jobs")
@@ -107,7 +107,8 @@ def start_cycle(store: Store, cfg: Config, team: str, scope: str | None = None) 
         return None
     try:
         resumable = store.resumable_run(scope, cfg.train.resume_attempts)
-        if resumable and (cfg.state_dir / "runs" / resumable / "config.json").is_file():
+        resumable_dir = cfg.state_dir / "runs" / str(resumable)
+        if resumable and (resumable_dir / "config.json").is_file() and not backends.cancelled(resumable_dir):
             attempt = store.restart_run(resumable)
             log.info("run %s %s: picked up again (attempt %d)", resumable, scope, attempt)
             return resumable
@@ -156,7 +157,8 @@ def reattach(store: Store, cfg: Config, left_running: list[str]) -> list[str]:
     for run_id in left_running:
         run = store.run(run_id)
         run_dir = cfg.state_dir / "runs" / run_id
-        if run is None or run["stage"] not in ("train", "evaluate") or not (run_dir / "config.json").is_file():
+        if run is None or run["stage"] not in ("train", "evaluate") or not (run_dir / "config.json").is_file() \
+                or backends.cancelled(run_dir):
             continue
         sid = run_job(f"reattach run={run_id}", functools.partial(ray_backend.live_job, run_dir, cfg.ray.address)).value
         scope = Scope.parse(run["scope"])
@@ -245,6 +247,19 @@ def forget_developer(store: Store, cfg: Config, developer: str, dry_run: bool = 
     with forgetting:
         plan = plan_forget(store, cfg, developer) if dry_run else forget(store, cfg, developer)
     return {**plan.as_dict(), "done": not dry_run}
+
+
+def cancel(store: Store, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Stop a running run for good (`devtune cancel`): its training or evaluation, local or on Ray, is
+    stopped, it fails as cancelled and no later cycle resumes it."""
+    run = store.run(run_id)
+    if run is None:
+        return {"run_id": run_id, "cancelled": False, "error": f"no run {run_id}"}
+    if run["status"] != "running":
+        return {"run_id": run_id, "cancelled": False, "error": f"run {run_id} is {run['status']}, not running"}
+    stopped = backends.cancel(cfg.state_dir / "runs" / run_id)
+    log.info("run %s %s: cancelled by hand (%d process(es) or job(s) stopped)", run_id, run["scope"], stopped)
+    return {"run_id": run_id, "cancelled": True, "stopped": stopped, "error": None}
 
 
 def status(store: Store, cfg: Config) -> dict[str, Any]:

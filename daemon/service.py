@@ -154,6 +154,9 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
         found = store.cursor().run(run_id)
         return (HTTPStatus.OK, found) if found else (HTTPStatus.NOT_FOUND, {"error": f"no run {run_id}"})
 
+    def cancel(body: dict[str, Any]) -> tuple[int, Any]:
+        return HTTPStatus.OK, jobs.cancel(store.cursor(), cfg, str(body.get("run_id") or ""))
+
     def quarantine_list(body: dict[str, Any]) -> tuple[int, Any]:
         return HTTPStatus.OK, jobs.quarantine_list(store.cursor(), body.get("source"), int(body.get("limit", 50)))
 
@@ -174,7 +177,7 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
     routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle,
               ("POST", "/api/dataset"): dataset,
               ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry,
-              ("POST", "/api/forget"): forget}
+              ("POST", "/api/forget"): forget, ("POST", "/api/cancel"): cancel}
     return routes, {("GET", "/api/runs/"): run, ("GET", "/api/quarantine/"): quarantine_show}
 
 

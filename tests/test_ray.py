@@ -267,3 +267,28 @@ def _wait(check: Callable[[], Any], timeout: float) -> Any:
             return value
         time.sleep(0.5)
     raise AssertionError("condition not met in time")
+
+
+def test_a_cancelled_run_stops_its_ray_job_with_the_trainers_grace(tmp_path: Path, tiny_model: Path,
+                                                                   ray_head: str) -> None:
+    from pipelines.train.backends import cancel, run_stage
+
+    run_dir = _small_run(tmp_path / "20261201-020000-team-c-0001", tiny_model, max_steps=5000)
+    failed: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            run_stage("train", run_dir, train_config(backend="ray"), _ray(ray_head), 600)
+        except ChildFailed as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    _wait(lambda: (run_dir / "progress.json").is_file() or not thread.is_alive(), 120)
+    assert cancel(run_dir) == 1
+    thread.join(120)
+    assert len(failed) == 1 and "cancelled (devtune cancel)" in str(failed[0])
+    client = ray_job_submission.JobSubmissionClient(ray_head)
+    assert client.get_job_status(run_dir.name) == "STOPPED"
+    # Ray's SIGTERM reached the trainer, which had the time to stop at a step boundary with a checkpoint
+    assert "stopping after this step with a checkpoint" in (run_dir / "train.log").read_text()

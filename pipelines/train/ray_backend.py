@@ -56,7 +56,6 @@ RESULTS = {"train": ("adapter", "train.json", "progress.json"), "evaluate": ("ev
 LIVE = ("PENDING", "RUNNING")
 
 _watching: dict[str, tuple[str, str]] = {}  # submission id -> (address, run id): jobs this process waits on
-_cancelled: set[str] = set()  # run ids whose jobs were stopped by `cancel`
 _lock = threading.Lock()
 
 
@@ -82,9 +81,6 @@ def run_job(stage: str, module: str, run_dir: Path, log_path: Path, train: Train
         if remote != run_dir:
             fetch_results(stage, remote, run_dir)
         return ((info.end_time or 0) - (info.start_time or 0)) / 1000
-    if run_dir.name in _cancelled:
-        raise child.ChildFailed(f"{module} (Ray job {sid}) was cancelled; last lines of {log_path}:\n"
-                                + child.tail(log_path, 20))
     if status == "STOPPED":
         why = " (stopped: the next cycle resumes training from its last checkpoint)" if stage == "train" else ""
         raise child.ChildFailed(f"{module} (Ray job {sid}) was stopped{why}; last lines of {log_path}:\n"
@@ -289,8 +285,6 @@ def cancel(run_id: str) -> int:
     """Stop the jobs of `run_id` this process is watching (`devtune cancel`); returns how many."""
     with _lock:
         watched = {sid: address for sid, (address, run) in _watching.items() if run == run_id}
-        if watched:
-            _cancelled.add(run_id)
     for sid, address in watched.items():
         stop(connect(address), sid)
     return len(watched)
