@@ -196,8 +196,9 @@ class RayConfig:
     python: str = key("python", "the Python on the nodes that has devtune's dependencies (torch, transformers, peft)")
     ship_code: bool = key(True, "ship this service's pipelines/ package with each job (runtime_env py_modules), so "
                           "nodes run the same code as the service whatever devtune they have installed")
-    cpus_per_run: float = key(4.0, "CPU cores reserved for each job (entrypoint_num_cpus); GPUs come from [train] "
-                              "gpus_per_run (none with device = \"cpu\")")
+    cpus_per_run: float = key(4.0, "CPU cores reserved for each job (entrypoint_num_cpus; Ray also sets its "
+                              "OMP_NUM_THREADS to this); GPUs come from [train] gpus_per_run, none with device = "
+                              "\"cpu\"")
     gpus_per_node: int = key(8, "GPUs of one node: a run whose [train] gpus_per_run exceeds it spans nodes through "
                              "Ray Train's TorchTrainer")
     max_jobs: int = key(4, "runs on the cluster at once (about its GPUs / gpus_per_run); the others wait in "

@@ -7,15 +7,10 @@ run across "nodes" goes through Ray Train's TorchTrainer (two CPU workers on thi
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,68 +24,16 @@ from daemon.api import ApiClient
 from pipelines.child import ChildFailed
 from pipelines.config import RayConfig
 from runs import fim_rows, make_run, train_config
-from support import ROOT, write_config
+from support import ROOT, local_ray_head, write_config
 
 ray_job_submission = pytest.importorskip("ray.job_submission", reason="install the extra: pip install -e '.[ray]'")
 
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
-    """A Ray head on 127.0.0.1 with its own ports and temp dir; yields its Jobs API address.
-
-    `ray start --block` keeps the head's processes under one process group that the finalizer ends (never
-    `ray stop`, which would end every Ray on the machine). 4 logical CPUs on 2 cores: two 1-CPU training
-    jobs, or two TorchTrainer workers and their driver, fit at once."""
-    ports = _free_ports(9)
-    temp = tempfile.mkdtemp(prefix="dt-ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    env.pop("RAY_ADDRESS", None)
-    ray = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports[0]}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[1]}", f"--ray-client-server-port={ports[2]}",
-         f"--dashboard-agent-grpc-port={ports[3]}", f"--dashboard-agent-listen-port={ports[4]}",
-         f"--runtime-env-agent-port={ports[5]}", f"--metrics-export-port={ports[6]}",
-         f"--node-manager-port={ports[7]}", f"--object-manager-port={ports[8]}", "--num-cpus=4", "--num-gpus=0",
-         "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    address = f"http://127.0.0.1:{ports[1]}"
-    try:
-        _wait_for_jobs_api(address, proc)
+    """A Ray head on 127.0.0.1 for this file's tests (tests/support.py local_ray_head); yields its Jobs API."""
+    with local_ray_head(cpus=4) as address:
         yield address
-    finally:
-        # Every job has ended by now; the head's processes hold nothing worth a graceful stop (`ray start
-        # --block` took 30 s to answer SIGTERM), and its workers exit with their raylet.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _wait_for_jobs_api(address: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"ray start exited with {proc.returncode}:\n{out}")
-        with contextlib.suppress(Exception):
-            client = ray_job_submission.JobSubmissionClient(address)
-            client.list_jobs()
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"no Jobs API at {address} after {timeout}s")
 
 
 def _ray(address: str, **overrides: Any) -> RayConfig:

@@ -54,6 +54,7 @@ TICK_S = 30.0  # the cycle's progress line, as often as for a local child
 # What each stage leaves that the cycle reads, fetched back from a staged run directory when the job succeeds.
 RESULTS = {"train": ("adapter", "train.json", "progress.json"), "evaluate": ("eval.json",)}
 LIVE = ("PENDING", "RUNNING")
+UNREACHABLE_S = 120.0  # a job is given up on (not stopped) when the cluster stays silent this long
 
 _watching: dict[str, tuple[str, str]] = {}  # submission id -> (address, run id): jobs this process waits on
 _lock = threading.Lock()
@@ -197,10 +198,19 @@ def watch(client: Any, sid: str, stage: str, module: str, run_dir: Path, log_pat
           timeout_s: float, poll_s: float, on_tick: Callable[[], None] | None) -> Any:
     """Follow the job until it ends, appending its new output to `log_path` and copying progress back;
     stops it past `timeout_s` after its submission. Returns its final JobDetails."""
-    last_tick = time.monotonic()
+    last_tick = last_answer = time.monotonic()
     while True:
-        info = client.get_job_info(sid)
-        append_logs(client, sid, stage, run_dir, log_path)
+        try:
+            info = client.get_job_info(sid)
+            append_logs(client, sid, stage, run_dir, log_path)
+        except OSError as e:  # requests' ConnectionError and timeouts: a head restarting, a network blip
+            if time.monotonic() - last_answer > UNREACHABLE_S:
+                raise child.ChildFailed(f"{module} (Ray job {sid}): the cluster has not answered for "
+                                        f"{UNREACHABLE_S:.0f}s ({e}); the next cycle re-attaches to the job "
+                                        "if it is still there") from None
+            time.sleep(poll_s)
+            continue
+        last_answer = time.monotonic()
         if str(info.status) not in LIVE:
             return info
         if remote != run_dir and stage == "train":
@@ -210,7 +220,7 @@ def watch(client: Any, sid: str, stage: str, module: str, run_dir: Path, log_pat
         if on_tick is not None and time.monotonic() - last_tick >= TICK_S:
             on_tick()
             last_tick = time.monotonic()
-        if time.time() - info.start_time / 1000 >= timeout_s:
+        if info.start_time and time.time() - info.start_time / 1000 >= timeout_s:
             stop(client, sid)
             append_logs(client, sid, stage, run_dir, log_path)
             raise child.ChildFailed(f"{module} (Ray job {sid}) ran past its {timeout_s:.0f}s timeout and "
@@ -264,20 +274,26 @@ def job_info(client: Any, sid: str) -> Any:
         raise
 
 
-def stop(client: Any, sid: str, wait_s: float = child.STOP_GRACE_S + 30) -> None:
+def stop(client: Any, sid: str) -> None:
     """Stop the job (SIGTERM, then SIGKILL after the grace) and wait until Ray reports it ended."""
-    client.stop_job(sid)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and str(client.get_job_status(sid)) in LIVE:
-        time.sleep(0.5)
+    stop_jobs({sid: client})
+
+
+def stop_jobs(jobs: dict[str, Any]) -> None:
+    """Stop every job (submission id -> its client) at once, then wait for them all: their graces overlap."""
+    for sid, client in jobs.items():
+        client.stop_job(sid)
+    deadline = time.monotonic() + child.STOP_GRACE_S + 30
+    for sid, client in jobs.items():
+        while time.monotonic() < deadline and str(client.get_job_status(sid)) in LIVE:
+            time.sleep(0.5)
 
 
 def stop_all() -> int:
     """Stop every job this process is watching (service shutdown); returns how many."""
     with _lock:
         watched = dict(_watching)
-    for sid, (address, _) in watched.items():
-        stop(connect(address), sid)
+    stop_jobs({sid: connect(address) for sid, (address, _) in watched.items()})
     return len(watched)
 
 
@@ -285,8 +301,7 @@ def cancel(run_id: str) -> int:
     """Stop the jobs of `run_id` this process is watching (`devtune cancel`); returns how many."""
     with _lock:
         watched = {sid: address for sid, (address, run) in _watching.items() if run == run_id}
-    for sid, address in watched.items():
-        stop(connect(address), sid)
+    stop_jobs({sid: connect(address) for sid, address in watched.items()})
     return len(watched)
 
 
