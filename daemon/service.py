@@ -71,7 +71,10 @@ def run_service(cfg: Config) -> int:
                     *_routes(cfg, store, collect_now), inbound=_inbound(cfg, debouncer.trigger)).start()
     observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
     scheduler.start()
-    jobs.reattach(store, cfg, left_running)  # Ray jobs a killed service left running: watched again, not resubmitted
+    # Ray jobs a killed service left running are watched again, not resubmitted (asking the cluster may take
+    # a while: not before READY).
+    threading.Thread(target=jobs.reattach, args=(store.cursor(), cfg, left_running), name="reattach",
+                     daemon=True).start()
     write_service_file(cfg.state_dir, api.url)
     notify("READY=1")
     notify(f"STATUS=serving {api.url}; {len(cfg.sources)} sources, teams {', '.join(cfg.team_names())}")
@@ -93,8 +96,7 @@ def run_service(cfg: Config) -> int:
     stopped = backends.stop_all()
     if stopped:
         log.info("stopped %d training/evaluation process(es) or Ray job(s); they resume from their checkpoints "
-                 "next cycle",
-                 stopped)
+                 "next cycle", stopped)
     api.stop()
     _wait_for_jobs(scheduler, timeout_s=60)
     remove_service_file(cfg.state_dir)

@@ -9,10 +9,10 @@ starts from the team's current adapter and trains on that developer's rows only;
 the developer is served now (their own adapter, else the team's).
 
 The store is used only to collect and build the dataset and to record the run; training and evaluation
-read only the run directory, as child processes or Ray jobs (`[train] backend`, pipelines/train/backends.py),
-and they wait for a slot (`turn`). A run that was
-interrupted in training is resumed in its own run directory, from its checkpoint, by the next cycle of
-its scope (daemon.jobs.start_cycle hands the same run id back). The caller (daemon.runner) owns failure
+read only the run directory, as child processes or Ray jobs (`[train] backend`: pipelines/train/backends.py),
+and they wait for a slot (`turn`). A run that was interrupted in training is resumed in its own run
+directory, from its checkpoint, by the next cycle of its scope (daemon.jobs.start_cycle hands the same run
+id back). The caller (daemon.runner) owns failure
 handling: an exception here leaves the run marked failed with its error.
 """
 
