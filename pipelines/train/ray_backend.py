@@ -69,7 +69,7 @@ def run_job(stage: str, module: str, run_dir: Path, log_path: Path, train: Train
     remote = job_dir(run_dir, ray)
     if remote != run_dir:
         stage_inputs(run_dir, remote)
-    sid = attach_or_submit(client, stage, module, run_dir, remote, train, ray)
+    sid = attach_or_submit(client, stage, module, run_dir, log_path, remote, train, ray)
     with _lock:
         _watching[sid] = (ray.address, run_dir.name)
     try:
@@ -156,8 +156,8 @@ def submission_ids(run_id: str, stage: str) -> Callable[[str | None], str]:
     return following
 
 
-def attach_or_submit(client: Any, stage: str, module: str, run_dir: Path, remote: Path, train: TrainConfig,
-                     ray: RayConfig) -> str:
+def attach_or_submit(client: Any, stage: str, module: str, run_dir: Path, log_path: Path, remote: Path,
+                     train: TrainConfig, ray: RayConfig) -> str:
     """The submission id of the stage's job: the recorded one if it is pending, running or succeeded (a
     restarted service re-attaches), else a newly submitted job."""
     record = read_json(run_dir / RECORD) or {}
@@ -168,6 +168,7 @@ def attach_or_submit(client: Any, stage: str, module: str, run_dir: Path, remote
             return submit(client, previous, stage, module, run_dir, remote, train, ray, record)
         if str(info.status) in (*LIVE, "SUCCEEDED"):
             log.info("run %s %s: re-attached to Ray job %s (%s)", run_dir.name, stage, previous, info.status)
+            note(log_path, f"re-attached to Ray job {previous} ({info.status})")
             return str(previous)
     return submit(client, submission_ids(run_dir.name, stage)(previous), stage, module, run_dir, remote, train,
                   ray, record)
@@ -199,6 +200,7 @@ def watch(client: Any, sid: str, stage: str, module: str, run_dir: Path, log_pat
     """Follow the job until it ends, appending its new output to `log_path` and copying progress back;
     stops it past `timeout_s` after its submission. Returns its final JobDetails."""
     last_tick = last_answer = time.monotonic()
+    shown = ""
     while True:
         try:
             info = client.get_job_info(sid)
@@ -211,6 +213,9 @@ def watch(client: Any, sid: str, stage: str, module: str, run_dir: Path, log_pat
             time.sleep(poll_s)
             continue
         last_answer = time.monotonic()
+        if str(info.status) != shown:  # the job's status goes into the log too, between its own lines
+            shown = str(info.status)
+            note(log_path, f"Ray job {sid}: {shown}" + (f" ({info.message})" if info.message and shown in LIVE else ""))
         if str(info.status) not in LIVE:
             return info
         if remote != run_dir and stage == "train":
@@ -241,6 +246,12 @@ def append_logs(client: Any, sid: str, stage: str, run_dir: Path, log_path: Path
         f.write(text[done:])
     record[stage] = {**entry, "log_chars": len(text)}
     write_json_atomic(run_dir / RECORD, record)
+
+
+def note(log_path: Path, text: str) -> None:
+    """A line of devtune's own in a stage's log (a job's status, a re-attach)."""
+    with log_path.open("a", encoding="utf-8") as f:
+        f.write(f"devtune {time.strftime('%Y-%m-%d %H:%M:%S')}: {text}\n")
 
 
 def fetch_results(stage: str, remote: Path, run_dir: Path) -> None:
