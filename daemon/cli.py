@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rollback)
 
+    p = sub.add_parser("cancel", help="stop a running run for good: its training or evaluation (a local child "
+                       "or a Ray job) is stopped and no later cycle resumes it")
+    p.add_argument("run_id", help="a run id, as `devtune status` shows it")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("run", help="run the service: schedules, file watching, local API (systemd runs this)")
     p.set_defaults(func=cmd_run)
 
@@ -640,6 +646,22 @@ def cmd_rollback(args: argparse.Namespace) -> int:
           f"{result['scope']} now serves {result['version'] or 'nothing (its fallback)'} "
           f"(was {result['previous']})")
     return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    client = ApiClient.discover(cfg.state_dir)
+    if client is None:  # runs run inside the service (or inside a `devtune cycle`, which Ctrl-C stops)
+        print("devtune: no service is running, so no run is: nothing to cancel", file=sys.stderr)
+        return 1
+    result = client.call("POST", "/api/cancel", {"run_id": args.run_id})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif result["cancelled"]:
+        print(f"run {args.run_id} cancelled ({result['stopped']} process(es) or Ray job(s) stopped)")
+    else:
+        print(f"devtune: {result['error']}", file=sys.stderr)
+    return 0 if result["cancelled"] else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:

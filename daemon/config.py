@@ -28,6 +28,7 @@ from pipelines.config import (
     GateConfig,
     OnlineConfig,
     PublishConfig,
+    RayConfig,
     ScheduleConfig,
     ServeConfig,
     SourceConfig,
@@ -42,6 +43,7 @@ GATEWAY_KIND = "gateway"  # its collector (collectors/gateway_log.py)
 SERVE_BACKENDS = ("builtin", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
 PREFERENCE_STAGES = ("auto", "dpo", "kto", "none")
+TRAIN_BACKENDS = ("local", "ray")
 GATE_METRICS = ("edit_similarity", "exact_match", "heldout_loss", "preference_accuracy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG_PATHS = ("config.toml", "/etc/devtune/config.toml")
@@ -51,6 +53,7 @@ SECTIONS: dict[str, type] = {
     "collect": CollectConfig, "continue_http": ContinueHttpConfig, "schedule": ScheduleConfig,
     "datasets": DatasetsConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "gate": GateConfig,
     "api": ApiConfig, "publish": PublishConfig, "serve": ServeConfig, "online": OnlineConfig,
+    "ray": RayConfig,
 }
 ARRAYS: dict[str, type] = {"sources": SourceConfig, "developers": DeveloperConfig, "teams": TeamConfig}
 
@@ -297,6 +300,8 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("gate", "exact_match_tolerance", 0, 1), ("gate", "preference_accuracy_tolerance", 0, 1),
     ("gate", "generated_length_tolerance", 0, 10),
     ("api", "port", 0, 65535), ("api", "lock_timeout_s", 0, None),
+    ("ray", "cpus_per_run", 0, None), ("ray", "gpus_per_node", 1, 1024), ("ray", "max_jobs", 1, 10_000),
+    ("ray", "poll_s", 0.1, 600),
     ("continue_http", "max_body_bytes", 1024, None),
     ("publish", "export_timeout_s", 1, None),
     ("online", "canary_share", 0, 1), ("online", "min_shown", 1, None), ("online", "min_linked", 1, None),
@@ -326,6 +331,17 @@ def _check_ranges(cfg: Config) -> list[str]:
         errors.append(f"[train] device = {_show(cfg.train.device)}: use one of {', '.join(DEVICES)}")
     if cfg.train.preference not in PREFERENCE_STAGES:
         errors.append(f"[train] preference = {_show(cfg.train.preference)}: use one of {', '.join(PREFERENCE_STAGES)}")
+    if cfg.train.backend not in TRAIN_BACKENDS:
+        errors.append(f"[train] backend = {_show(cfg.train.backend)}: use one of {', '.join(TRAIN_BACKENDS)}")
+    if cfg.train.backend == "ray":
+        if not cfg.ray.address.startswith(("http://", "https://")):
+            errors.append(f"[ray] address = {_show(cfg.ray.address)}: give the head's Jobs API URL, e.g. "
+                          "\"http://ray-head:8265\" (the dashboard port; not the GCS port 6379 or ray://)")
+        if cfg.ray.shared_dir and not Path(cfg.ray.shared_dir).is_absolute():
+            errors.append(f"[ray] shared_dir = {_show(cfg.ray.shared_dir)}: use an absolute path, mounted at the "
+                          "same place on this host and every node, or leave it empty")
+        if not cfg.ray.python:
+            errors.append('[ray] python = "": name the nodes\' Python, e.g. "python" or "/opt/devtune/bin/python"')
     if cfg.gate.primary_metric not in GATE_METRICS:
         errors.append(f"[gate] primary_metric = {_show(cfg.gate.primary_metric)}: use one of {', '.join(GATE_METRICS)}")
     if cfg.train.qlora and cfg.train.device == "cpu":

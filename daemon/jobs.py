@@ -7,6 +7,7 @@ import logging
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
 from pipelines.store.db import Store, now
 from pipelines.tokens import load_base_tokenizer
+from pipelines.train import backends, ray_backend
 from pipelines.train.rundir import new_run_id
 
 log = logging.getLogger("devtune.jobs")
@@ -110,7 +112,8 @@ def start_cycle(store: Store, cfg: Config, team: str, scope: str | None = None) 
         return None
     try:
         resumable = store.resumable_run(scope, cfg.train.resume_attempts)
-        if resumable and (cfg.state_dir / "runs" / resumable / "config.json").is_file():
+        resumable_dir = cfg.state_dir / "runs" / str(resumable)
+        if resumable and (resumable_dir / "config.json").is_file() and not backends.cancelled(resumable_dir):
             attempt = store.restart_run(resumable)
             log.info("run %s %s: picked up again (attempt %d)", resumable, scope, attempt)
             return resumable
@@ -127,22 +130,61 @@ def finish_cycle(store: Store, cfg: Config, team: str, run_id: str) -> dict[str,
     result = _finish(store, cfg, Scope("team", team), team, run_id)
     result["developers"] = []
     if cfg.train.dev_adapters and result["outcome"] != "failed":
+        scopes = []
         for developer in store.team_developers(team):
             try:
-                scope = Scope.parse(f"dev:{developer}")
+                scopes.append(Scope.parse(f"dev:{developer}"))
             except ScopeError:
                 log.warning("developer id %r cannot name an adapter (letters, digits, @ . _ + - only): skipped",
                             developer)
-                continue
-            dev_run = start_cycle(store, cfg, team, str(scope))
-            if dev_run is None:
-                continue
-            result["developers"].append(_finish(store, cfg, scope, team, dev_run))
+
+        def developer_cycle(scope: Scope) -> dict[str, Any] | None:
+            mine = store.cursor()  # a DuckDB cursor per thread
+            dev_run = start_cycle(mine, cfg, team, str(scope))
+            return None if dev_run is None else _finish(mine, cfg, scope, team, dev_run)
+
+        # The developers' runs go at once, as many as the queue has slots (one per GPU slot here, [ray]
+        # max_jobs on a cluster): with one slot they run one after another, as before.
+        slots = len(training_queue(cfg.train, cfg.ray).slots)
+        with ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"dev-{team}") as pool:
+            result["developers"] = [r for r in pool.map(developer_cycle, scopes) if r is not None]
     return result
 
 
+def reattach(store: Store, cfg: Config, left_running: list[str]) -> list[str]:
+    """At service start with `[train] backend = "ray"`: resume now the runs a killed service left running
+    whose Ray job is still pending or running, or succeeded meanwhile. Each watches its recorded job again
+    (ray_backend.attach_or_submit) instead of submitting a second one, then evaluates, gates and promotes as
+    usual; a team's run goes on to its developers. Returns the run ids resumed."""
+    if cfg.train.backend != "ray":
+        return []
+    resumed = []
+    for run_id in left_running:
+        run = store.run(run_id)
+        run_dir = cfg.state_dir / "runs" / run_id
+        if run is None or run["stage"] not in ("train", "evaluate") or not (run_dir / "config.json").is_file() \
+                or backends.cancelled(run_dir):
+            continue
+        sid = run_job(f"reattach run={run_id}", functools.partial(ray_backend.live_job, run_dir, cfg.ray.address)).value
+        scope = Scope.parse(run["scope"])
+        team = scope.name if scope.kind == "team" else _team_of(store, cfg, scope.name)
+        if sid is None or team is None or not claim_cycle(str(scope)):
+            continue
+        store.restart_run(run_id)
+        log.info("run %s %s: its Ray job %s outlived the last service; watching it again", run_id, scope, sid)
+        work = (functools.partial(finish_cycle, store.cursor(), cfg, team, run_id) if scope.kind == "team"
+                else functools.partial(_finish, store.cursor(), cfg, scope, team, run_id))
+        threading.Thread(target=work, name=f"reattach-{run_id}", daemon=True).start()
+        resumed.append(run_id)
+    return resumed
+
+
+def _team_of(store: Store, cfg: Config, developer: str) -> str | None:
+    return next((t for t in cfg.team_names() if developer in store.team_developers(t)), None)
+
+
 def _finish(store: Store, cfg: Config, scope: Scope, team: str, run_id: str) -> dict[str, Any]:
-    queue = training_queue(cfg.train.gpus_per_run)
+    queue = training_queue(cfg.train, cfg.ray)
     try:
         outcome = run_job("cycle", lambda: run_cycle(store, cfg, scope, team, run_id, queue.turn,
                                                      lambda: collect(store, cfg)["sources"]), store, run_id)
@@ -212,10 +254,23 @@ def forget_developer(store: Store, cfg: Config, developer: str, dry_run: bool = 
     return {**plan.as_dict(), "done": not dry_run}
 
 
+def cancel(store: Store, cfg: Config, run_id: str) -> dict[str, Any]:
+    """Stop a running run for good (`devtune cancel`): its training or evaluation, local or on Ray, is
+    stopped, it fails as cancelled and no later cycle resumes it."""
+    run = store.run(run_id)
+    if run is None:
+        return {"run_id": run_id, "cancelled": False, "error": f"no run {run_id}"}
+    if run["status"] != "running":
+        return {"run_id": run_id, "cancelled": False, "error": f"run {run_id} is {run['status']}, not running"}
+    stopped = backends.cancel(cfg.state_dir / "runs" / run_id)
+    log.info("run %s %s: cancelled by hand (%d process(es) or job(s) stopped)", run_id, run["scope"], stopped)
+    return {"run_id": run_id, "cancelled": True, "stopped": stopped, "error": None}
+
+
 def status(store: Store, cfg: Config) -> dict[str, Any]:
     return {**status_report(store, cfg.state_dir, cfg.team_names(), cfg.sources), "online": online_report(store, cfg),
             "field": field_decisions(cfg), "cycles_running": running_cycles(),
-            "training_queue": training_queue(cfg.train.gpus_per_run).snapshot()}
+            "training_queue": training_queue(cfg.train, cfg.ray).snapshot()}
 
 
 def field_decisions(cfg: Config) -> dict[str, Any]:

@@ -5,7 +5,8 @@ failed in the store, and the exception stops here: the scheduler, the watcher an
 
 Cycles of different scopes run at the same time (collecting and building datasets are cheap), but their
 training and evaluation children wait in one first-come queue for a GPU slot: one run per GPU (or per
-`[train] gpus_per_run` GPUs), one at a time on a machine without GPUs. `devtune status` shows the queue.
+`[train] gpus_per_run` GPUs), one at a time on a machine without GPUs. With `[train] backend = "ray"` the
+slots are `[ray] max_jobs` jobs on the cluster, which places each one. `devtune status` shows the queue.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from pipelines.config import RayConfig, TrainConfig
 from pipelines.store.db import Store
 
 log = logging.getLogger("devtune.runner")
@@ -76,8 +78,9 @@ class QueueClosed(Exception):
 class TrainingQueue:
     """First come, first served GPU slots for training + evaluation children."""
 
-    def __init__(self, slots: list[tuple[str, ...]]):
-        self.slots = slots  # each a tuple of GPU ids for CUDA_VISIBLE_DEVICES; () = this machine's CPU
+    def __init__(self, slots: list[tuple[str, ...]], backend: str = "local"):
+        self.slots = slots  # each a tuple of GPU ids for CUDA_VISIBLE_DEVICES; () = this machine's CPU, or Ray's
+        self.backend = backend
         self._free = list(range(len(slots)))
         self._waiting: list[dict[str, Any]] = []
         self._running: list[dict[str, Any]] = []
@@ -87,7 +90,8 @@ class TrainingQueue:
     @contextlib.contextmanager
     def turn(self, run_id: str, scope: str) -> Iterator[tuple[str, ...]]:
         """Wait for a free slot (in arrival order), hold it for the block, yield its GPU ids."""
-        entry: dict[str, Any] = {"run_id": run_id, "scope": scope, "state": "waiting", "gpus": [], "since": _now()}
+        entry: dict[str, Any] = {"run_id": run_id, "scope": scope, "state": "waiting", "gpus": [], "since": _now(),
+                                 "backend": self.backend}
         with self._cond:
             self._waiting.append(entry)
             while not self._closed and not (self._free and self._waiting[0] is entry):
@@ -136,11 +140,13 @@ _queue: dict[str, TrainingQueue] = {}
 _queue_lock = threading.Lock()
 
 
-def training_queue(gpus_per_run: int) -> TrainingQueue:
-    """The process's one training queue (created on first use)."""
+def training_queue(train: TrainConfig, ray: RayConfig) -> TrainingQueue:
+    """The process's one training queue (created on first use): this machine's GPU slots, or `[ray] max_jobs`
+    slots on a cluster, which picks each job's GPUs itself."""
     with _queue_lock:
         if "q" not in _queue:
-            _queue["q"] = TrainingQueue(gpu_slots(gpus_per_run))
+            _queue["q"] = (TrainingQueue([()] * ray.max_jobs, "ray") if train.backend == "ray"
+                           else TrainingQueue(gpu_slots(train.gpus_per_run)))
         return _queue["q"]
 
 

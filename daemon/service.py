@@ -32,12 +32,12 @@ from daemon.gateway import start_gateway
 from daemon.notify import notify
 from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
-from pipelines import child
 from pipelines.config import Config
 from pipelines.ingest.scrub import scrub_event
 from pipelines.scope import Scope, ScopeError
 from pipelines.store.db import Store
 from pipelines.tokens import TokenizerError
+from pipelines.train import backends
 
 log = logging.getLogger("devtune.service")
 
@@ -50,6 +50,7 @@ def run_service(cfg: Config) -> int:
 
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store.open(cfg.state_dir / "store.duckdb", lock_timeout_s=cfg.api.lock_timeout_s)
+    left_running = [r["run_id"] for r in store.runs(limit=1000) if r["status"] == "running"]
     interrupted = store.fail_interrupted_runs()
     if interrupted:
         log.warning("marked %d run(s) left running by a previous process as failed", interrupted)
@@ -72,6 +73,10 @@ def run_service(cfg: Config) -> int:
     observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
     gateway = start_gateway(cfg) if cfg.serve.enabled and cfg.serve.in_service else None
     scheduler.start()
+    # Ray jobs a killed service left running are watched again, not resubmitted (asking the cluster may take
+    # a while: not before READY).
+    threading.Thread(target=jobs.reattach, args=(store.cursor(), cfg, left_running), name="reattach",
+                     daemon=True).start()
     write_service_file(cfg.state_dir, api.url)
     notify("READY=1")
     serving = f"; completions at {gateway.url}/v1" if gateway is not None else ""
@@ -92,11 +97,11 @@ def run_service(cfg: Config) -> int:
     scheduler.shutdown(wait=False)
     if gateway is not None:
         gateway.stop()  # its worker child goes with it
-    training_queue(cfg.train.gpus_per_run).close()  # runs still waiting for a GPU slot give up now
-    stopped = child.stop_all()
+    training_queue(cfg.train, cfg.ray).close()  # runs still waiting for a GPU slot give up now
+    stopped = backends.stop_all()
     if stopped:
-        log.info("stopped %d training/evaluation process(es); they resume from their checkpoints next cycle",
-                 stopped)
+        log.info("stopped %d training/evaluation process(es) or Ray job(s); they resume from their checkpoints "
+                 "next cycle", stopped)
     api.stop()
     _wait_for_jobs(scheduler, timeout_s=60)
     remove_service_file(cfg.state_dir)
@@ -156,6 +161,9 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
         found = store.cursor().run(run_id)
         return (HTTPStatus.OK, found) if found else (HTTPStatus.NOT_FOUND, {"error": f"no run {run_id}"})
 
+    def cancel(body: dict[str, Any]) -> tuple[int, Any]:
+        return HTTPStatus.OK, jobs.cancel(store.cursor(), cfg, str(body.get("run_id") or ""))
+
     def quarantine_list(body: dict[str, Any]) -> tuple[int, Any]:
         return HTTPStatus.OK, jobs.quarantine_list(store.cursor(), body.get("source"), int(body.get("limit", 50)))
 
@@ -176,7 +184,7 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
     routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle,
               ("POST", "/api/dataset"): dataset,
               ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry,
-              ("POST", "/api/forget"): forget}
+              ("POST", "/api/forget"): forget, ("POST", "/api/cancel"): cancel}
     return routes, {("GET", "/api/runs/"): run, ("GET", "/api/quarantine/"): quarantine_show}
 
 

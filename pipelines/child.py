@@ -128,6 +128,15 @@ def stop_all() -> int:
     return len(procs)
 
 
+def stop_matching(arg: str) -> int:
+    """Stop the running children whose command line has `arg` (a run directory: `devtune cancel`)."""
+    with _running_lock:
+        procs = [p for p in _running if isinstance(p.args, list) and arg in p.args]
+    for proc in procs:
+        stop(proc)
+    return len(procs)
+
+
 def tail(path: Path, lines: int) -> str:
     try:
         with path.open("rb") as f:

@@ -150,12 +150,15 @@ class TrainConfig:
     qlora: bool = key(False, "CUDA only: load the base model in 4-bit NF4 (needs bitsandbytes) to fit larger models")
     gradient_checkpointing: bool = key(False, "CUDA only: recompute activations in backward (less memory, ~30% "
                                        "slower); never used on CPU")
-    gpus_per_run: int = key(1, "GPUs one training run uses; more than 1 runs it under `accelerate launch`")
+    gpus_per_run: int = key(1, "GPUs one training run uses; more than 1 runs it under `accelerate launch` (on Ray: "
+                            "across nodes when it exceeds [ray] gpus_per_node)")
     checkpoint_every_steps: int = key(50, "save a resumable checkpoint this often (a kill loses at most this many)")
     resume_attempts: int = key(3, "later cycles resume an interrupted run from its checkpoint this many times")
     train_timeout_s: float = key(4 * 3600.0, "a training run still going after this is stopped and failed")
     logging_steps: int = key(10, "write progress every this many optimizer steps")
     seed: int = key(0, "seed for LoRA init, data order and replay sampling")
+    backend: str = key("local", "where training and evaluation run: \"local\" (child processes on this machine's GPU "
+                       "slots) or \"ray\" (a Ray job per run on the cluster at [ray] address)")
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,27 @@ class GateConfig:
     preference_accuracy_tolerance: float = key(0.02, "guardrail: replay preference accuracy may drop at most this")
     generated_length_tolerance: float = key(0.2, "guardrail: generated/reference length ratio may fall at most "
                                             "this below the champion's (capped at 1)")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where `[train] backend = "ray"` sends each run's training and evaluation (one Ray job each)."""
+
+    address: str = key("http://127.0.0.1:8265", "the cluster's Jobs API: the head's dashboard URL, http://HEAD:8265")
+    shared_dir: str = key("", "a folder this host and every node mount at the same path (NFS): runs are staged in "
+                          "<shared_dir>/runs/<run_id> and their adapter copied back; empty = the runs under "
+                          "state_dir themselves (a head on this host, or state_dir mounted alike on every node)")
+    python: str = key("python", "the Python on the nodes that has devtune's dependencies (torch, transformers, peft)")
+    ship_code: bool = key(True, "ship this service's pipelines/ package with each job (runtime_env py_modules), so "
+                          "nodes run the same code as the service whatever devtune they have installed")
+    cpus_per_run: float = key(4.0, "CPU cores reserved for each job (entrypoint_num_cpus; Ray also sets its "
+                              "OMP_NUM_THREADS to this); GPUs come from [train] gpus_per_run, none with device = "
+                              "\"cpu\"")
+    gpus_per_node: int = key(8, "GPUs of one node: a run whose [train] gpus_per_run exceeds it spans nodes through "
+                             "Ray Train's TorchTrainer")
+    max_jobs: int = key(4, "runs on the cluster at once (about its GPUs / gpus_per_run); the others wait in "
+                        "devtune's queue, since Ray fails a job left pending past its start timeout (15 min)")
+    poll_s: float = key(2.0, "read each job's status, log and progress this often")
 
 
 @dataclass(frozen=True)
@@ -261,6 +285,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -9,9 +9,10 @@ starts from the team's current adapter and trains on that developer's rows only;
 the developer is served now (their own adapter, else the team's).
 
 The store is used only to collect and build the dataset and to record the run; training and evaluation
-are child processes that read the run directory, and they wait for a GPU slot (`turn`). A run that was
-interrupted in training is resumed in its own run directory, from its checkpoint, by the next cycle of
-its scope (daemon.jobs.start_cycle hands the same run id back). The caller (daemon.runner) owns failure
+read only the run directory, as child processes or Ray jobs (`[train] backend`: pipelines/train/backends.py),
+and they wait for a slot (`turn`). A run that was interrupted in training is resumed in its own run
+directory, from its checkpoint, by the next cycle of its scope (daemon.jobs.start_cycle hands the same run
+id back). The caller (daemon.runner) owns failure
 handling: an exception here leaves the run marked failed with its error.
 """
 
@@ -24,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipelines.child import run_child
 from pipelines.config import Config
 from pipelines.datasets.build import build_datasets
 from pipelines.evaluate.gate import EvalReport, gate
@@ -35,6 +35,7 @@ from pipelines.publish.publish import register_with_exports
 from pipelines.scope import Scope
 from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer
+from pipelines.train.backends import run_stage
 from pipelines.train.replay import latest_ts, new_rows
 from pipelines.train.rundir import RunConfig, read_rows
 
@@ -114,15 +115,13 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
         summary["resumed"] = (store.run(run_id) or {}).get("attempts", 2)
 
     store.update_run(run_id, stage="queued", summary=summary)
-    with turn(run_id, name) as gpus:
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
-        processes = len(gpus) if cfg.train.gpus_per_run > 1 else 1
+    with turn(run_id, name) as gpus:  # a local GPU slot, or (backend "ray") one of [ray] max_jobs
         store.update_run(run_id, stage="train", summary=summary)
-        run_child("pipelines.train", [str(run_dir)], run_dir / "train.log", cfg.train.train_timeout_s,
-                  on_tick=lambda: log_progress(run_id, run_dir), processes=processes, env=env)
+        run_stage("train", run_dir, cfg.train, cfg.ray, cfg.train.train_timeout_s, gpus,
+                  on_tick=lambda: log_progress(run_id, run_dir))
         summary["train"] = read_json(run_dir / "train.json")
         store.update_run(run_id, stage="evaluate", summary=summary)
-        run_child("pipelines.evaluate", [str(run_dir)], run_dir / "eval.log", cfg.evaluate.eval_timeout_s, env=env)
+        run_stage("evaluate", run_dir, cfg.train, cfg.ray, cfg.evaluate.eval_timeout_s, gpus)
     report = EvalReport.load(run_dir / "eval.json")
     decision = gate(report, cfg.gate)
     summary["eval"], summary["gate"] = report.as_dict(), decision.as_dict()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -311,3 +318,54 @@ def tabby_action(kind: str, cid: str, ts_ms: int, user: str | None = "tabby-u1",
 def day_ms(day: str, seconds: float = 0) -> int:
     """Epoch ms of `seconds` after UTC midnight of `day` ("2026-10-01")."""
     return int((datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp() + seconds) * 1000)
+
+
+@contextlib.contextmanager
+def local_ray_head(cpus: int) -> Iterator[str]:
+    """A Ray head on 127.0.0.1 with its own free ports and temp dir; yields its Jobs API address.
+
+    `ray start --block` keeps the head's processes in one process group, which is ended at the exit (never
+    `ray stop`: it ends every Ray on the machine, other users' too). Logical `cpus` may exceed the cores: a
+    job reserves them, it does not pin them. The object store is kept at 100 MB: nothing here uses it."""
+    from ray.job_submission import JobSubmissionClient
+
+    socks = [socket.socket() for _ in range(9)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    temp = tempfile.mkdtemp(prefix="dt-ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports[0]}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[1]}", f"--ray-client-server-port={ports[2]}",
+         f"--dashboard-agent-grpc-port={ports[3]}", f"--dashboard-agent-listen-port={ports[4]}",
+         f"--runtime-env-agent-port={ports[5]}", f"--metrics-export-port={ports[6]}",
+         f"--node-manager-port={ports[7]}", f"--object-manager-port={ports[8]}", f"--num-cpus={cpus}",
+         "--num-gpus=0", "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    address = f"http://127.0.0.1:{ports[1]}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read() if proc.stdout else ""
+                raise AssertionError(f"ray start exited with {proc.returncode}:\n{out}")
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except (ConnectionError, RuntimeError, OSError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no Jobs API at {address} after 120 s") from None
+                time.sleep(0.5)
+        yield address
+    finally:
+        # Every job has ended by now; the head holds nothing worth a graceful stop (`ray start --block` took
+        # 30 s to answer SIGTERM), and its workers exit with their raylet.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)

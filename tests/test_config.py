@@ -123,3 +123,21 @@ def test_identity_and_http_destination_keys_are_checked(tmp_path: Path) -> None:
     cfg = parse_config({"continue_http": {"enabled": True}, "developers": [{"id": "a@x"}]}, tmp_path / "c.toml")
     assert [(s.kind, s.name) for s in cfg.sources] == [("continue_http", "continue-http")]
     assert Directory.from_config(cfg).canonical == {"a@x": "a@x"}  # collecting maps [[developers]] identities
+
+
+def test_the_training_backend_and_ray_keys_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"train": {"backend": "slurm"}}, tmp_path / "c.toml")
+    assert info.value.errors == ['[train] backend = "slurm": use one of local, ray']
+    with pytest.raises(ConfigError) as info:
+        parse_config({"train": {"backend": "ray"}, "ray": {"address": "ray://head:10001", "shared_dir": "nfs/runs",
+                                                           "max_jobs": 0, "cpus_per_run": -1}}, tmp_path / "c.toml")
+    errors = "\n".join(info.value.errors)
+    assert '[ray] address = "ray://head:10001": give the head\'s Jobs API URL' in errors
+    assert '[ray] shared_dir = "nfs/runs": use an absolute path' in errors
+    assert "[ray] max_jobs = 0: must be between 1 and 10000" in errors and "[ray] cpus_per_run = -1.0" in errors
+    cfg = parse_config({"train": {"backend": "ray"}, "ray": {"address": "http://head:8265", "shared_dir": "/mnt/dt"}},
+                       tmp_path / "c.toml")
+    assert cfg.ray.shared_dir == "/mnt/dt" and cfg.ray.max_jobs == 4
+    # The ray section is checked only when it is used: a local service never looks at it.
+    assert parse_config({"ray": {"address": "ray://x"}}, tmp_path / "c.toml").train.backend == "local"
