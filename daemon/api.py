@@ -64,14 +64,39 @@ class Inbound:
     handle: Callable[[str, Mapping[str, str], bytes], tuple[int, Any]]  # (caller, lower-cased headers, body)
 
 
+@dataclass(frozen=True)
+class WebRequest:
+    """A request for a page outside /api/ (the dashboard, /metrics): the handler does its own access check."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]  # lower-cased names
+    body: bytes
+    client: str
+
+
+@dataclass(frozen=True)
+class WebResponse:
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+WEB_MAX_BODY_BYTES = 4096  # the login form is the only body a page takes
+
+
 class ApiServer:
     """A threaded HTTP server dispatching (method, path) to plain functions that return (status, body)."""
 
     def __init__(self, host: str, port: int, token: str, routes: dict[tuple[str, str], Route],
                  prefix_routes: dict[tuple[str, str], Callable[[str], tuple[int, Any]]],
-                 inbound: dict[str, Inbound] | None = None):
+                 inbound: dict[str, Inbound] | None = None,
+                 web: Callable[[WebRequest], WebResponse | None] | None = None):
         self.token = token
         self.inbound = inbound or {}
+        self.web = web
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -108,6 +133,8 @@ class ApiServer:
             return _reply(req, HTTPStatus.OK, {"ok": True})
         if path in self.inbound:
             return _handle_inbound(req, method, self.inbound[path])
+        if self.web is not None and not path.startswith("/api/"):
+            return _handle_web(req, method, path, self.web)
         if not _bearer_ok(req, self.token):
             return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token (see api.token "
                                                                   "in the state directory)"})
@@ -128,6 +155,33 @@ class ApiServer:
                 rest = path[len(prefix):]
                 return _answer(req, method, path, functools.partial(handler, rest))
         return _reply(req, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {path}"})
+
+
+def _handle_web(req: BaseHTTPRequestHandler, method: str, path: str,
+                web: Callable[[WebRequest], WebResponse | None]) -> None:
+    length_header = req.headers.get("Content-Length") or "0"
+    length = int(length_header) if length_header.isdigit() else -1
+    if length < 0 or length > WEB_MAX_BODY_BYTES:
+        req.close_connection = True
+        return _reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {WEB_MAX_BODY_BYTES} bytes"})
+    request = WebRequest(method, path, req.path.partition("?")[2], {k.lower(): v for k, v in req.headers.items()},
+                         req.rfile.read(length) if length else b"", req.client_address[0])
+    try:
+        response = web(request)
+    except Exception as e:
+        log.exception("%s %s failed", method, path)
+        return _reply(req, HTTPStatus.INTERNAL_SERVER_ERROR,
+                      {"error": f"{type(e).__name__}: {e} (the service log has the traceback)"})
+    if response is None:
+        return _reply(req, HTTPStatus.NOT_FOUND, {"error": f"no page {method} {path}"})
+    req.send_response(response.status)
+    req.send_header("Content-Type", response.content_type)
+    req.send_header("Content-Length", str(len(response.body)))
+    for name, value in response.headers:
+        req.send_header(name, value)
+    req.end_headers()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        req.wfile.write(response.body)
 
 
 def _answer(req: BaseHTTPRequestHandler, method: str, path: str, call: Callable[[], tuple[int, Any]]) -> None:

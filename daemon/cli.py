@@ -291,6 +291,8 @@ def _remote_cycle(client: ApiClient, team: str) -> dict[str, Any]:
 def describe_cycle(r: dict[str, Any]) -> str:
     """One line per run: the team's, then each developer's."""
     lines = [_describe_run(r)] + [_describe_run(d) for d in r.get("developers", [])]
+    if waiting := r.get("developers_waiting"):
+        lines.append(f"{waiting['count']} developer adapter(s) wait: {waiting['why']}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from daemon.config import HTTP_SOURCE, inbox_dir
 from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, training_queue
 from pipelines.config import Config
-from pipelines.cycle import run_cycle
+from pipelines.cycle import plan_start, run_cycle
 from pipelines.datasets.build import build_datasets
 from pipelines.forget import finish_forgets, forget, forget_opted_out, plan_forget, undo_forget
 from pipelines.ingest.identity import Directory
@@ -25,6 +25,7 @@ from pipelines.online.review import online_report, review
 from pipelines.publish import registry
 from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
+from pipelines.store import series
 from pipelines.store.db import Store, now
 from pipelines.tokens import load_base_tokenizer
 from pipelines.train import backends, ray_backend
@@ -125,18 +126,45 @@ def start_cycle(store: Store, cfg: Config, team: str, scope: str | None = None) 
     return run_id
 
 
+def due_retrains(store: Store, cfg: Config) -> list[tuple[str, int]]:
+    """Teams to retrain now on new data ([schedule] retrain_after_accepted), with their new accepted
+    suggestions: at least that many ingested since the team's last run started, and that run at least
+    min_retrain_interval_h ago. The cron stays; this only brings a busy team's cycle forward."""
+    wanted = cfg.schedule.retrain_after_accepted
+    if wanted <= 0:
+        return []
+    due = []
+    for team in cfg.team_names():
+        last = series.last_run_started(store, f"team:{team}")
+        if last is not None and (now() - last).total_seconds() < cfg.schedule.min_retrain_interval_h * 3600:
+            continue
+        new = series.accepted_since(store, team, last)
+        if new >= wanted:
+            due.append((team, new))
+    return due
+
+
 def finish_cycle(store: Store, cfg: Config, team: str, run_id: str) -> dict[str, Any]:
     """Run a started team cycle to its end, then a cycle for each of the team's developers."""
     result = _finish(store, cfg, Scope("team", team), team, run_id)
     result["developers"] = []
     if cfg.train.dev_adapters and result["outcome"] != "failed":
-        scopes = []
+        scopes, unnamed = [], []
         for developer in store.team_developers(team):
             try:
                 scopes.append(Scope.parse(f"dev:{developer}"))
             except ScopeError:
-                log.warning("developer id %r cannot name an adapter (letters, digits, @ . _ + - only): skipped",
-                            developer)
+                unnamed.append(developer)
+        if unnamed:
+            log.warning("team:%s: %d developer id(s) cannot name an adapter (letters, digits, @ . _ + - only), "
+                        "skipped: %s", team, len(unnamed), ", ".join(map(repr, unnamed[:5])))
+        # Whether a developer may start depends on the team's adapter only (it is where theirs starts from):
+        # when it cannot, one line for all of them and no run each (a real history has dozens of authors).
+        why = plan_start(cfg, scopes[0], team, store.retrain_marks()).why if scopes else ""
+        if why:
+            log.info("team:%s: %d developer adapter(s) wait: %s", team, len(scopes), why)
+            result["developers_waiting"] = {"count": len(scopes), "why": why}
+            scopes = []
 
         def developer_cycle(scope: Scope) -> dict[str, Any] | None:
             mine = store.cursor()  # a DuckDB cursor per thread

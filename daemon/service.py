@@ -32,6 +32,7 @@ from daemon.gateway import start_gateway
 from daemon.notify import notify
 from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
+from daemon.web.dashboard import build_dashboard
 from pipelines.config import Config
 from pipelines.ingest.scrub import scrub_event
 from pipelines.scope import Scope, ScopeError
@@ -56,10 +57,21 @@ def run_service(cfg: Config) -> int:
         log.warning("marked %d run(s) left running by a previous process as failed", interrupted)
 
     def collect_now(only: str | None = None) -> dict[str, Any]:
-        return jobs.collect(store.cursor(), cfg, only)
+        result = jobs.collect(store.cursor(), cfg, only)
+        retrain_on_new_data()
+        return result
 
     def collect_due() -> dict[str, Any]:  # the timer: failed sources wait out their back-off
-        return jobs.collect(store.cursor(), cfg, due_only=True)
+        result = jobs.collect(store.cursor(), cfg, due_only=True)
+        retrain_on_new_data()
+        return result
+
+    def retrain_on_new_data() -> None:
+        """[schedule] retrain_after_accepted: a team with enough new accepted suggestions retrains now."""
+        for team, new in jobs.due_retrains(store.cursor(), cfg):
+            log.info("team=%s: %d accepted suggestions since its last run (retrain_after_accepted = %d): "
+                     "starting its cycle now", team, new, cfg.schedule.retrain_after_accepted)
+            threading.Thread(target=cycle_now, args=[team], name=f"cycle-{team}", daemon=True).start()
 
     def cycle_now(team: str) -> None:
         result = jobs.cycle(store.cursor(), cfg, team)
@@ -68,8 +80,10 @@ def run_service(cfg: Config) -> int:
 
     scheduler = _scheduler(cfg, collect_due, cycle_now)
     debouncer = Debouncer(cfg.collect.debounce_s, collect_now)
-    api = ApiServer(cfg.api.host, cfg.api.port, ensure_token(cfg.state_dir / "api.token"),
-                    *_routes(cfg, store, collect_now), inbound=_inbound(cfg, debouncer.trigger)).start()
+    token = ensure_token(cfg.state_dir / "api.token")
+    api = ApiServer(cfg.api.host, cfg.api.port, token, *_routes(cfg, store, collect_now),
+                    inbound=_inbound(cfg, debouncer.trigger),
+                    web=build_dashboard(store, cfg, token) if cfg.api.dashboard else None).start()
     observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
     gateway = start_gateway(cfg) if cfg.serve.enabled and cfg.serve.in_service else None
     scheduler.start()
@@ -81,6 +95,9 @@ def run_service(cfg: Config) -> int:
     notify("READY=1")
     serving = f"; completions at {gateway.url}/v1" if gateway is not None else ""
     notify(f"STATUS=serving {api.url}{serving}; {len(cfg.sources)} sources, teams {', '.join(cfg.team_names())}")
+    if cfg.api.dashboard:
+        log.info("dashboard at %s/dashboard (log in with the token in %s), Prometheus metrics at %s/metrics",
+                 api.url, cfg.state_dir / "api.token", api.url)
     log.info("devtune service ready: api=%s state_dir=%s sources=%d teams=%s", api.url, cfg.state_dir,
              len(cfg.sources), ",".join(cfg.team_names()))
 

@@ -91,6 +91,10 @@ class ContinueHttpConfig:
 class ScheduleConfig:
     cycle_cron: str = key("0 2 * * *", "default nightly cycle time per team (crontab: min hour dom mon dow)")
     timezone: str = key("", "IANA zone for the crons, e.g. \"Europe/Berlin\"; empty = the server's zone")
+    retrain_after_accepted: int = key(0, "also start a team's cycle once it has this many accepted suggestions "
+                                      "ingested since its last run (checked after each collect); 0 = the cron only")
+    min_retrain_interval_h: float = key(6.0, "a retrain on new data waits at least this long after the team's last "
+                                        "run started")
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,8 @@ class ApiConfig:
     host: str = key("127.0.0.1", "the service's local API listens here (keep it on loopback)")
     port: int = key(8765, "TCP port of the local API; 0 = pick a free one")
     lock_timeout_s: float = key(30.0, "CLI commands wait this long for a store another process holds")
+    dashboard: bool = key(True, "serve the read-only dashboard (/dashboard) and Prometheus /metrics on this port, "
+                          "behind the API token (a login page sets a session cookie)")
 
 
 @dataclass(frozen=True)

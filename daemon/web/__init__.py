@@ -1,0 +1,1 @@
+"""The team lead's view: the dashboard's pages and plots, and Prometheus /metrics."""
