@@ -131,6 +131,17 @@ def test_service_lifecycle(service: Service, tmp_path: Path) -> None:
     assert info_401.value.code == 401
     with urllib.request.urlopen(info["url"] + "/healthz", timeout=5) as resp:
         assert json.loads(resp.read()) == {"ok": True}
+    # The dashboard and /metrics share the port and the token (tests/test_dashboard.py has the rest).
+    token = (service.state_dir / "api.token").read_text().strip()
+    scrape = urllib.request.Request(info["url"] + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(scrape, timeout=30) as resp:
+        text = resp.read().decode()
+    assert 'devtune_events_ingested_total{kind="suggestion",source="alice"} 4.0' in text
+    with pytest.raises(urllib.error.HTTPError) as metrics_401:
+        urllib.request.urlopen(info["url"] + "/metrics", timeout=5)
+    assert metrics_401.value.code == 401
+    with urllib.request.urlopen(info["url"] + "/dashboard", timeout=5) as resp:  # sent on to the login page
+        assert resp.url.startswith(info["url"] + "/login") and "api.token" in resp.read().decode()
 
     service.proc.send_signal(signal.SIGTERM)
     service.wait_for("STOPPING=1")
