@@ -8,6 +8,7 @@ run across "nodes" goes through Ray Train's TorchTrainer (two CPU workers on thi
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def test_the_service_killed_mid_run_reattaches_to_its_ray_job_and_promotes_once(
     assert [v.name for v in versions if v.is_dir()] == [run["summary"]["version"]]  # promoted once
     log = (run_dir / "train.log").read_text()
     assert log.count("Running entrypoint for job") == 1 and "trained 120 steps" in log
-    assert f"re-attached to Ray job {run_id} (RUNNING)" in log and f"Ray job {run_id}: SUCCEEDED" in log
+    # Still running when the new service asked, or finished while it was starting (seen at a load of 10).
+    assert re.search(rf"re-attached to Ray job {run_id} \((RUNNING|SUCCEEDED)\)", log), log[-2000:]
+    assert f"Ray job {run_id}: SUCCEEDED" in log
 
 
 def _start_service(config: Path) -> subprocess.Popen[str]:

@@ -60,8 +60,8 @@ def events_per_day(store: Store, by: str, first_day: date) -> list[DayCount]:
     "developer")."""
     assert by in ("source", "developer"), by
     rows = store.con.execute(
-        f"SELECT CAST(event_at AS DATE), {by}, count(*) FROM ({_EVENTS}) WHERE event_at >= ? GROUP BY 1, 2 ORDER BY 1, 2",
-        [first_day]).fetchall()
+        f"SELECT CAST(event_at AS DATE), {by}, count(*) FROM ({_EVENTS}) WHERE event_at >= ? "
+        "GROUP BY 1, 2 ORDER BY 1, 2", [first_day]).fetchall()
     return [DayCount(r[0], r[1], int(r[2])) for r in rows]
 
 
