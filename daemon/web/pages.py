@@ -36,7 +36,7 @@ main{padding:16px 20px;max-width:1400px}h1{font-size:20px;margin:4px 0 12px}h2{f
 .tile{background:#fff;border:1px solid #ddd;padding:8px 14px;min-width:110px}
 .tile b{display:block;font-size:20px}.grid{display:flex;flex-wrap:wrap;gap:14px}
 figure.chart{background:#fff;border:1px solid #ddd;margin:0;padding:6px}figcaption{font-weight:600;margin:2px 4px}
-.nodata{color:#888;width:660px;margin:40px 8px}
+.nodata{color:#888;width:640px;margin:40px 8px}
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 td.n{text-align:right}.bad{color:#b00020}.good{color:#006b3c}.muted{color:#777}
 form.login{background:#fff;border:1px solid #ddd;padding:20px;width:380px;margin:60px auto}

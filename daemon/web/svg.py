@@ -15,8 +15,8 @@ from typing import TypeVar
 
 # Eight colours that stay apart for the common kinds of colour blindness (Okabe and Ito, 2008).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
-WIDTH, HEIGHT = 660, 220
-LEFT, RIGHT, TOP, BOTTOM = 56, 170, 14, 34  # margins: y labels left, the legend right, x labels below
+WIDTH, HEIGHT = 640, 220
+LEFT, RIGHT, TOP, BOTTOM = 56, 165, 14, 34  # margins: y labels left, the legend right, x labels below
 
 Point = tuple[float, float]
 T = TypeVar("T")
