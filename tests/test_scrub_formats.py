@@ -81,13 +81,16 @@ def test_placeholders_and_public_values_are_kept(text: str) -> None:
     assert find_secrets(text) == [], find_secrets(text)
 
 
-def test_jwts_signed_or_not_and_only_real_ones() -> None:
+def test_jwts_signed_or_not_decoded_or_not() -> None:
     header, payload = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJzdWIiOiJhZG1pbiIsImlhdCI6MTUxNjIzOTAyMn0"
     for token in (f"{header}.{payload}.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV", f"{header}.{payload}.",
                   f"{header}.{payload}"):
         assert kinds(f"Authorization = {token!r}") == ["jwt"], token
-    broken = header[:-2] + "J." + payload  # a header that does not decode to JSON
-    assert "jwt" not in kinds(broken)
+    # a header that lost a character (it no longer decodes) still carries a signed payload
+    broken = header[:-2] + "J." + payload + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV"
+    assert kinds(broken) == ["jwt"]
+    # eyJ and two segments that are not a JSON header and payload: no JWT
+    assert "jwt" not in kinds("eyJhbasd9fGq2Lp7.bm90X3ZhbGlkX2pzb25fYXRfYWxs")
 
 
 @pytest.mark.parametrize(("text", "secret"), [
@@ -148,3 +151,70 @@ def test_file_scrubber_agrees_on_the_new_forms() -> None:
     for version in (text, text.replace("\ndata:", "\n\ndata:"), text.replace("<password>\n", "<password>\n\n")):
         assert scrubber.scrub(version) == scrub(version)
     assert "s3cr3t-Passw0rd" not in scrub(text) and "0tZn+7QQ" not in scrub(text) and "Qm9vZ1e" not in scrub(text)
+
+
+# -- formats added from the rule sets' examples (issue 11, second round) -----------------------------------------
+
+FB_SECRET = "Qm9vZ1e-9vLk2Tn4XwPa7Rb3Kc8Td"  # 29 characters: a Facebook app secret or client token's length
+
+
+@pytest.mark.parametrize(("kind", "text", "secret"), [
+    ("facebook_token", f"facebook 8273645519283746|{FB_SECRET}", f"8273645519283746|{FB_SECRET}"),
+    ("facebook_token", f'{{"access_token":"827364551928374|{FB_SECRET}"}}', f"827364551928374|{FB_SECRET}"),
+    ("facebook_token", f"https://graph.facebook.com/me?access_token=8273645519283746%7C{FB_SECRET}", FB_SECRET),
+    ("sonar_token", f"sonar.login={HEX32}0a1b2c3d", f"{HEX32}0a1b2c3d"),
+    ("sonar_token", f"sonar.login', '{HEX32}0a1b2c3d'", f"{HEX32}0a1b2c3d"),
+    ("codeclimate_token", f"  CC_TEST_REPORTER_ID: {HEX64}", HEX64),
+    ("jenkins_password", "Please use the following password to proceed to installation:\n\n"
+                         f"{HEX32}\n\nThis may also be found at: /var/jenkins_home/secrets/initialAdminPassword",
+     HEX32),
+    ("adafruit_key", '#define IO_KEY "aio_' + R32[:28] + '"', "aio_" + R32[:28]),
+    ("jina_key", "jina_" + R32 + R32[:28], "jina_" + R32 + R32[:28]),
+    ("truenas_key", f'{{"msg": "method", "params": ["3-{R32}{R32}"]}}', f"3-{R32}{R32}"),
+    ("secret_assignment", "2. Ensure the password for user 'postgres' is 'Tr0ub4dor' or change .env", "Tr0ub4dor"),
+    ("secret_assignment", 'The default password is "kQ2m-Zx9p".', "kQ2m-Zx9p"),
+])
+def test_a_new_format_is_scrubbed(kind: str, text: str, secret: str) -> None:
+    out = scrub(text)
+    assert secret not in out and f"<SECRET:{kind}>" in out, (text, find_secrets(text))
+
+
+@pytest.mark.parametrize("text", [
+    f"facebook 82736455192837|{FB_SECRET}",  # a 14-digit id
+    f"facebook 8273645519283746|{FB_SECRET[:26]}",  # 26 after the bar
+    "flags = 1234567890123456 | MASK_ALL",  # a bitwise or
+    "the sonar login token: https://docs.sonarqube.org/latest/user-guide/user-token/",
+    f"CC_TEST_REPORTER_ID: {HEX64[:63]}",
+    "aio_" + R32[:27],
+    "The password is '$DB_PASSWORD'",  # a reference, not a value
+    "the password for user 'postgres' is 'password'",  # a stand-in
+    "The password is hashed with bcrypt.",
+])
+def test_a_near_miss_of_a_new_format_is_kept(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+def test_a_long_marker_after_a_dot_is_still_a_token() -> None:
+    """`secrets.pypi-AgE...`: a dot before `pypi-AgE` does not make the token part of a dotted name, as it does
+    for short markers (`video_box.ico-7a38...png` is a file name, not an Infracost token)."""
+    token = "pypi-AgEIcHlwaS5vcmc" + "CJDk4ZjFkNjE0LWE3ZGItNDFkNS1iYzI5LTM2NmQ" + "x7Lp2Qm9"
+    assert kinds(f"password: ${{{{ secrets.{token} }}}}") == ["pypi_token"]
+
+
+@pytest.mark.parametrize("text", [
+    'ageToken = "AGE-SECRET-KEY-1' + "Q" * 58 + '"',  # filler in an age key's shape
+    'LOB_API_KEY = "test_pub_' + HEX32[:31] + '"',  # Lob's publishable keys are public by design
+    '<add key="ClearTextPassword" value="33f!!lloppa" />',  # the NuGet docs' sample
+    ',apiKey:"6fe4476ee5a1832882e326b506d14126",',  # the Algolia search key yarn ships
+    '<input type="hidden" name="authenticity_token" value="7SWa-Fo1_hsC6oovfBsJFLGPUl2EhkSWPbJhWANwgaJ" />',
+    'pub const SN_id_Gost28147_89_None_KeyMeshing = "id-Gost28147-89-None-KeyMeshing"',  # words joined: a name
+])
+def test_placeholders_published_and_public_values_are_kept(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+def test_a_random_literal_is_still_scrubbed_where_its_name_is_no_secret() -> None:
+    """The checks above leave random values alone only for what their names or shapes say."""
+    value = "7SWa-Fo1_hsC6oovfBsJFLGPUl2EhkSWPbJhWANwgaJ"
+    assert kinds(f'<input type="hidden" name="widget_state" value="{value}" />') == ["high_entropy"]
+    assert kinds(f'OID_NAME = "id-{value}"') == ["high_entropy"]
