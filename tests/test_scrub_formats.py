@@ -218,3 +218,24 @@ def test_a_random_literal_is_still_scrubbed_where_its_name_is_no_secret() -> Non
     value = "7SWa-Fo1_hsC6oovfBsJFLGPUl2EhkSWPbJhWANwgaJ"
     assert kinds(f'<input type="hidden" name="widget_state" value="{value}" />') == ["high_entropy"]
     assert kinds(f'OID_NAME = "id-{value}"') == ["high_entropy"]
+
+
+def test_text_beyond_ascii_gives_the_same_spans() -> None:
+    """ASCII text is searched as bytes (a byte's offset is its character's); other text as characters."""
+    line = f'token = "{R32}"  # ghp_{R32}Ab3d\n'
+    for before in ("", "café, naïve: ", "İ\n", "日本語のコメント\n"):
+        out = scrub(before + line)
+        assert out.startswith(before) and R32 not in out and out.count("<SECRET:") == 2, out
+
+
+def test_a_literal_split_by_the_cursor_is_still_found() -> None:
+    """The windows around the cursor are scanned for literals only where a run of token characters long enough
+    for one crosses the seam; a literal cut anywhere is found, a short word cut is left alone."""
+    from pipelines.ingest.scrub import cursor_spans, scrub_fields
+
+    for cut in range(1, len(R32)):
+        prefix, completion, suffix = f'state = "{R32[:cut]}', f'{R32[cut:]}"\n', "print(state)\n"
+        at_prefix, at_completion, at_suffix = cursor_spans(prefix, [completion], suffix)
+        out = scrub_fields([prefix, completion, suffix], None, [at_prefix, at_completion, at_suffix])
+        assert R32 not in "".join(t or "" for t in out), cut
+    assert cursor_spans("result = comp", ["ute_total(items)\n"], "") == [[], [], []]
