@@ -10,10 +10,13 @@ and against the scrubber before this branch, measured in the same run.
 Reports, for the scrubber here and the baseline (`pipelines/scrub.py` at REF, default the commit this branch
 started from, `git merge-base HEAD main`):
 - recall on the positives and the false-positive rate on the negatives, per rule family and per source, and
-  overall (how the examples are read and labeled: bench/secret_sources.py). A positive counts as found when
-  every character of its secret lies in a scrubbed span (half a key replaced is a leak); where the source
-  does not say which part is the secret, any span in the text counts. A negative counts as a false positive
-  when anything in it is scrubbed;
+  overall, twice: under the labeling policy (stand-ins are no secrets, JWT-shaped tokens are, for every source
+  alike) and under the sources' own labels (with the corrections secret_sources.py lists), then overall as
+  each rule's test labels its examples; and what the policy changed, per reason and source, with how many of
+  those examples each scrubber flags (how the examples are read and labeled: bench/secret_sources.py). A
+  positive counts as found when every character of its secret lies in a scrubbed span (half a key replaced
+  is a leak); where the source does not say which part is the secret, any span in the text counts. A negative
+  counts as a false positive when anything in it is scrubbed;
 - false positives per 10k lines of ordinary code (the standard library's and installed packages' Python, as
   bench/scrub_fp.py reads them: every hit there is a false positive);
 - speed: MB/s of `find_secrets` on that code, and events/s of the suggestion path of ingest

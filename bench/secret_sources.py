@@ -30,13 +30,24 @@ secret", since the scrubber is judged as one whole rule set:
   "i4azeplb1a2j8cxa"` is a negative of gitleaks' settlemint rule, and its generic-api-key rule flags it).
   gitleaks' rules run here with their entropy thresholds, keywords and allowlists (paths aside), Nosey
   Parker's patterns as they are; detect-secrets runs itself (`scan_file` on the line alone as a `.txt` file,
-  every plugin with its default filters) when it is installed (the `bench` extra); rules whose regex Python
-  cannot read are left out;
+  every plugin with its default filters) when it is installed (the `bench` extra), on the negatives of its
+  parametrized tests and of its keyword tables alike (a table's file type decides there, `password = VALUE`
+  is a secret in a `.conf` file and not in a `.cpp` one, and the scrubber sees no file names); rules whose
+  regex Python cannot read are left out. The flagging rule's kind carries over: a negative that only an
+  identifier rule finds (Nosey Parker's np.s3.1 flags np.s3.2's bucket URLs) is an identifier;
 - the same text labeled both ways (detect-secrets' keyword plugin flags `password = VALUE` in a `.conf` file
   and not in a `.cpp` file; the scrubber sees no file names) counts once, as a positive;
 - the positives of rules for identifiers rather than credentials (Nosey Parker's rules in its "identifier"
   category and not its "secret" one: S3 bucket names, ARNs, OAuth client ids; gitleaks' `*-client-id` and
   `*-access-id` rules) are kept apart as `identifier` examples: reported, not counted in recall.
+
+Those are the sources' labels. Where the sources contradict each other on the same kind of value, one labeling
+policy decides, applied to every example of every source whichever label its source gave it (`apply_policy`;
+bench/secret_recall.py reports both labelings, and what the policy changed): a stand-in is not a secret (filler,
+an alphabet run, a word that says so, a value that names what it stands for, a reference, a key public by
+design: `stand_in` lists them), and a JWT-shaped token is one, whether or not its parts decode. The policy
+judges the credential an example holds: the part its source names (of a rule that captures a user, a password
+and a host, the password), else what the rule that relabeled it, or detect-secrets, reports.
 """
 
 from __future__ import annotations

@@ -1152,7 +1152,8 @@ class FileScrubber:
     - an assignment to a strong name (`password`, `api_key`) whose value is on a later line
       (`password =\n\n"..."`, through the `\s*` around its operator): a piece whose last non-blank line holds
       one of their words or only an operator, or that is blank, is joined to the next piece before it is
-      scrubbed (a weak name's value, `sl_key = ...`, must be on its line);
+      scrubbed (a weak name's value, `sl_key = ...`, must be on its line); so is Jenkins' setup log, whose
+      password follows a blank line after "...following password to proceed to installation:";
     - what spans lines without a blank one: an XML element (`<password>\n  value\n</password>`), a PuTTY key,
       a Kubernetes Secret's `kind:` and `data:` (not read across a blank line), a .netrc `login` before its
       `password`.
