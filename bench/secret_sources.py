@@ -736,6 +736,7 @@ def dedupe(examples: list[Example]) -> tuple[list[Example], int]:
 # a stand-in (below) is not a secret, and a JWT-shaped token is one, whether or not its parts decode (a copy
 # that lost a character still carries a signed payload).
 _FILLER_RUN = re.compile(r"[xX*#•]{5}")  # the characters people type to hide a value or mark one to fill in
+_RUN = re.compile(r"(.)\1{4,}")  # five or more of one character
 _SEQUENCE = re.compile("|".join(alphabet[i:i + 7] for alphabet in (string.ascii_lowercase, string.ascii_uppercase)
                                 for i in range(20)))
 _SAYS_SO = re.compile("|".join(f"{w}|{w.upper()}|{w.capitalize()}" for w in (
@@ -752,8 +753,9 @@ _NAMED_VALUE = re.compile(r"[\w.\-]+:[ \t]+(?:[|>][-+]?\s+)?(.+)", re.S)
 def stand_in(value: str) -> str:
     """Why `value` stands in for a credential rather than being one, or "" when it may be one:
     - filler: one character makes half or more of its letters and digits (`AKCxxxxxxxxxx`, `aaaa...end`,
-      `xoxa-2-511111111-31111111111-...`), or it holds five x, X, *, # or • in a row (`xoxb-0000000000-...-xxxx`,
-      `######`); a random token holds neither (five x in a row: odds under 1e-6 in 32 base62 characters);
+      `xoxa-2-511111111-31111111111-...`), or runs of five or more of one character do (`aaaa...sssss...ddddd`),
+      or it holds five x, X, *, # or • in a row (`xoxb-0000000000-...-xxxx`, `######`); a random token holds
+      none of these (five x in a row: odds under 1e-6 in 32 base62 characters);
     - seven letters in alphabet order, in one case (`ABCDEFGHIJKL`, `klmnopqrstuvwx`);
     - a word that says so, in one case (example, sample, dummy, fake, placeholder, changeme, redacted, your,
       insert: `EXAMPLEKEY`, `FakeValues99`, `insert_key_here`), or an ellipsis (a value shown cut short);
@@ -776,6 +778,8 @@ def stand_in(value: str) -> str:
         return "a reference"
     alnum = [c for c in v if c.isalnum()]
     if len(alnum) >= 6 and max(map(alnum.count, set(alnum))) * 2 >= len(alnum):
+        return "filler"
+    if sum(len(m.group()) for m in _RUN.finditer(v)) * 2 >= len(v) >= 8:
         return "filler"
     if _FILLER_RUN.search(v):
         return "filler"
