@@ -95,7 +95,7 @@ def policy_positive(e: Example) -> bool:
 
 
 # Comments in a negatives list that say the line is a secret the rule misses.
-_MISSED = re.compile(r"false negative|fixme|should (?:be )?(?:detect|match|flag|catch)|would be nice to detect",
+_MISSED = re.compile(r"false negative|fixme|should (?:be )?(?:detect|match|flag|catch)|would be nice (?:to detect|if)",
                      re.I)
 
 
@@ -541,7 +541,8 @@ def noseyparker(root: Path) -> list[Example]:
                               if rid != rule["id"] and r is not None and r.search(text)), None)
                 if text in missed:
                     examples.append(Example("noseyparker", rule["id"], text, True, (),
-                                            "Nosey Parker comment: FIXME, the pattern should detect it"))
+                                            "Nosey Parker comment: FIXME, the pattern should detect it",
+                                            value=text))  # no part is named: the policy judges the whole text
                 elif other is not None:
                     # the flagging rule's kind decides: a negative that an identifier rule finds is an identifier
                     found = secret_in(text, other[1], None, every=True)
@@ -560,26 +561,50 @@ def _np_identifier(rule: dict[str, Any]) -> bool:
 
 
 def _commented_negatives(raw: str) -> set[str]:
-    """Negative examples listed under a comment that says the rule should find them."""
+    """Negative examples listed under a comment that says the rule should find them: the item after the comment,
+    or every item of the list when the comment stands above `negative_examples:` (`# FIXME: extend this rule so
+    these examples get matched`); an item may span lines (`- |`)."""
+    import textwrap
+
     import yaml
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    def block(start: int, list_key: bool) -> list[str]:
+        """The lines of the item (or the keyed list) at `start`: it, then blank lines and deeper-indented ones
+        (a list's further items at the key's own indent too)."""
+        out = [lines[start]]
+        for follow in lines[start + 1:]:
+            if follow.strip() and indent(follow) <= indent(lines[start]) and not (
+                    list_key and indent(follow) == indent(lines[start]) and follow.lstrip().startswith("- ")):
+                break
+            out.append(follow)
+        return out
 
     out: set[str] = set()
     lines = raw.splitlines()
     for n, line in enumerate(lines):
-        if line.lstrip().startswith("#") and _MISSED.search(line):
-            for follow in lines[n + 1:]:
-                stripped = follow.lstrip()
-                if not stripped.startswith("- "):
-                    if stripped.startswith("#"):
-                        continue
-                    break
-                try:
-                    value = yaml.safe_load(stripped[2:])
-                except yaml.YAMLError:
-                    break
-                if isinstance(value, str):
-                    out.add(value)
-                break
+        if not (line.lstrip().startswith("#") and _MISSED.search(line)):
+            continue
+        k = n + 1
+        while k < len(lines) and lines[k].lstrip().startswith("#"):
+            k += 1
+        if k == len(lines):
+            continue
+        stripped = lines[k].strip()
+        if stripped == "negative_examples:":
+            items = block(k, True)
+        elif stripped.startswith("- "):
+            items = block(k, False)
+        else:
+            continue
+        try:
+            loaded = yaml.safe_load(textwrap.dedent("\n".join(items) + "\n"))
+        except yaml.YAMLError:
+            continue
+        values = loaded.get("negative_examples") if isinstance(loaded, dict) else loaded
+        out.update(v for v in values or [] if isinstance(v, str))
     return out
 
 
