@@ -242,8 +242,9 @@ RULES: tuple[Rule, ...] = (
     # A session id: the org id, "!" and the session's secret.
     _rule("salesforce_token", r"\b00D[a-zA-Z0-9]{12}![a-zA-Z0-9._]{80,}", "00D"),
     # AI and other APIs
-    _rule("openai_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}T3BlbkFJ[A-Za-z0-9_\-]{20,}"
-                        r"|\bsk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{40,}", "sk-"),
+    # Every kind holds "T3BlbkFJ" ("OpenAI" in base64) between its halves (gitleaks openai-api-key, detect-secrets
+    # openai): `sk-proj-` and 48 characters without it is detect-secrets' own near-miss negative.
+    _rule("openai_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}T3BlbkFJ[A-Za-z0-9_\-]{20,}", "sk-"),
     _rule("anthropic_key", r"\bsk-ant-[a-z]{3,6}\d\d-[A-Za-z0-9_\-]{40,}", "sk-ant-"),
     _rule("huggingface_token", r"\b(?:hf_|api_org_)[A-Za-z]{34}" + _END, "hf_", "api_org_"),
     _rule("perplexity_key", r"\bpplx-[a-zA-Z0-9]{48}" + _END, "pplx-"),
@@ -575,6 +576,23 @@ def _credential_like(value: str) -> bool:
     return (has_digit and any(c.isalpha() for c in value)) or _reads_random(value) or (has_digit and len(value) >= 16)
 
 
+# Token shapes of vendors whose exact format a rule above knows: a value given to a name that names the vendor,
+# in the vendor's shape, that the format rejects is a near-miss of it (issue 11: near-misses are no secrets), not a
+# password: a bot id of 4 or 17 digits, words glued to the 35 characters after ":A", an XML type
+# (`clm20002:AgencyIdentificationCodeContentType`): gitleaks' telegram-bot-api-token negatives. Only a shape
+# that no password is written in: a value of another shape given to the same name is still judged as any other.
+_VENDOR_SHAPES = {"telegram": (re.compile(r"[A-Za-z]{0,4}[0-9]+:A[A-Za-z0-9_\-]*"), "telegram_token")}
+
+
+def _vendor_near_miss(name: str, value: str) -> bool:
+    """Whether `value`, given to `name`, has the shape of the token of a vendor the name names and is not one."""
+    words = {w.lower() for w in _NAME_WORD.findall(name)}
+    for vendor, (shape, kind) in _VENDOR_SHAPES.items():
+        if vendor in words and shape.fullmatch(value):
+            return not any(r.kind == kind and r.pattern.fullmatch(value) for r in RULES)
+    return False
+
+
 def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: int, ini: bool = False,
                     compared: bool = False) -> bool:
     """Whether `value`, given to the secret-sounding `name`, is a credential worth scrubbing.
@@ -588,6 +606,8 @@ def assigned_secret(name: str, value: str, quoted: bool, data: bool, strength: i
         return False
     if value == name or value.lower().lstrip("$@") == name.lower():
         return False  # `auth=auth,`: a keyword argument passed on
+    if _vendor_near_miss(name, value):
+        return False
     if _GLUE.search(value) or _BRACKETED.match(value) or _PATH.match(value):
         return False  # `" + x + "`, `<your key>`, `/en/enterprise/auth`: the space between literals, a slot, a path
     low = value.lower()
