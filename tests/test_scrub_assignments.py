@@ -133,6 +133,10 @@ KEY40 = "6d2FabeB6ADd229Bc199FabA28fD3efb57dF0bD3"
     ('conn.Open("Provider=SQLOLEDB.1;User ID=app; " & "Password =opensesame;Initial Catalog=Sales;")',
      "opensesame"),  # a connection string's field, spaces around "="
     ("ibm-cloud-pwd = shorter-version", "shorter-version"),  # no language names a variable with dashes
+    # a JavaScript snippet inside a string: its quotes escaped twice
+    (f"'\\\\n    clientSecret: \\\\'{KEY40}\\\\','+", KEY40),
+    # another shape given to a Telegram name is judged as any value is
+    (f'telegram_api_token = "{KEY40}"', KEY40),
 ])
 def test_a_vendor_name_or_a_data_form_marks_the_value(text: str, secret: str) -> None:
     assert secret not in scrub(text), find_secrets(text)

@@ -60,6 +60,10 @@ def test_a_format_is_scrubbed_whole(kind: str, secret: str) -> None:
     "glpat-" + "Xk9m2Qp7Lz4Rt8Vn1Bc6" + "Q",  # 21 after the prefix: not the 20-character form
     "AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWYabcd123",  # too long for a Google API key
     "twilio AC" + HEX32 + "f",  # 33 hex digits
+    "sk-proj-" + "Xi8tdMjHV6pmbBbwilTeT4BlbkFJ3UDnpdEwNNm6wVBpYM0o",  # no T3BlbkFJ between its halves
+    # a bot token's shape given to a Telegram name, and not a bot token: a 4-digit id, a word glued on
+    'telegram_api_token = "3139:A06o8ewxaam17mgfizyz-9l8ip63gcvaulf"',
+    'TELEGRAM_API_TOKEN = "30866154:Ahello0u5mi6rirvb7f-wirvs0ncsq91mfubhynp"',
 ])
 def test_a_near_miss_of_a_format_is_not_that_format(text: str) -> None:
     assert scrub(text) == text

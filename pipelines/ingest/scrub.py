@@ -489,8 +489,9 @@ _ASSIGN = re.compile(r"""
 # A quoted value, perhaps in a call (`password = decrypt("...")`), an Objective-C or Python string prefix, or
 # JSON-encoded text (tool arguments), where its quotes arrive as \". Any character but the quote and a line
 # break: a password can hold spaces, `$`, braces and brackets.
-_QUOTED = re.compile(r"""(?:[A-Za-z_][\w.]*\(\s*|\(\s*)?(?P<prefix>@|[rbufRBUF]{1,2}(?=["'`]))?\\?"""
-                     r"""(?:"(?P<d>[^"\n]*?)\\?"|'(?P<s>[^'\n]*?)\\?'|`(?P<b>[^`\n]*)`)""")
+# A quote may be escaped once or twice: JSON's \", and a JavaScript snippet written inside another string (\\').
+_QUOTED = re.compile(r"""(?:[A-Za-z_][\w.]*\(\s*|\(\s*)?(?P<prefix>@|[rbufRBUF]{1,2}(?=["'`]))?\\{0,2}"""
+                     r"""(?:"(?P<d>[^"\n]*?)\\{0,2}"|'(?P<s>[^'\n]*?)\\{0,2}'|`(?P<b>[^`\n]*)`)""")
 # An unquoted value: to the end of the word (a trailing comma or semicolon is punctuation, not the value); in
 # YAML (`name: value` starting a line), to the end of the line or a comment.
 _BARE = re.compile(r"[^\s\"'`\\;<]+")
