@@ -64,6 +64,8 @@ def test_a_format_is_scrubbed_whole(kind: str, secret: str) -> None:
     # a bot token's shape given to a Telegram name, and not a bot token: a 4-digit id, a word glued on
     'telegram_api_token = "3139:A06o8ewxaam17mgfizyz-9l8ip63gcvaulf"',
     'TELEGRAM_API_TOKEN = "30866154:Ahello0u5mi6rirvb7f-wirvs0ncsq91mfubhynp"',
+    'nonMatchingToken := "sm_pat_sbbwz0ltgw"',  # a vendor's prefix, too short for its tokens (23)
+    'GITHUB_TOKEN = "ghp_Xk9m2Qp7"',
 ])
 def test_a_near_miss_of_a_format_is_not_that_format(text: str) -> None:
     assert scrub(text) == text

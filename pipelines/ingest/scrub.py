@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
+from re import _parser  # type: ignore[attr-defined]  # a pattern's shortest match (getwidth)
 from typing import Any
 from urllib.parse import unquote
 
@@ -585,8 +586,25 @@ def _credential_like(value: str) -> bool:
 _VENDOR_SHAPES = {"telegram": (re.compile(r"[A-Za-z]{0,4}[0-9]+:A[A-Za-z0-9_\-]*"), "telegram_token")}
 
 
+# A vendor's prefix (`ghp_`, `sm_pat_`, `glpat-`, `xoxb-`) and the fewest characters its format's tokens have: a
+# value that starts with the prefix and is shorter is a token cut short or a stand-in (`nonMatchingToken :=
+# "sm_pat_sbbwz0ltgw"`, 17 of 23), never that vendor's token, whatever name it is given. Only too short: a longer
+# value may be a kind of token the format does not know yet, and stays the name's to judge. Prefixes that are
+# words (`access-`, `key-`, `live_`) begin passwords too, and are left out.
+_WORD_PREFIXES = frozenset({"access-", "key-", "live_", "API-", "v1.0-", "PuTTY-User-Key-File-"})
+_SHORTEST_TOKEN = {
+    m: min(_parser.parse(r.pattern.pattern).getwidth()[0] for r in RULES
+           if m in r.markers and r.anchored and not r.lower and not r.back and not r.check)
+    for m in sorted({m for r in RULES if r.anchored and not r.lower and not r.back and not r.check
+                     for m in r.markers if len(m) >= 4 and m[-1] in "_-" and m not in _WORD_PREFIXES})}
+_PREFIXES = tuple(_SHORTEST_TOKEN)
+
+
 def _vendor_near_miss(name: str, value: str) -> bool:
-    """Whether `value`, given to `name`, has the shape of the token of a vendor the name names and is not one."""
+    """Whether `value`, given to `name`, has the shape of the token of a vendor the name names and is not one,
+    or starts with a vendor's prefix and is too short for its tokens."""
+    if value.startswith(_PREFIXES) and any(value.startswith(m) and len(value) < n for m, n in _SHORTEST_TOKEN.items()):
+        return True
     words = {w.lower() for w in _NAME_WORD.findall(name)}
     for vendor, (shape, kind) in _VENDOR_SHAPES.items():
         if vendor in words and shape.fullmatch(value):
