@@ -138,6 +138,7 @@ KEY40 = "6d2FabeB6ADd229Bc199FabA28fD3efb57dF0bD3"
     # another shape given to a Telegram name is judged as any value is
     (f'telegram_api_token = "{KEY40}"', KEY40),
     ('twitchToken = "zcvk56kf7t37v0pvri73e8q0ax7wt4"', "zcvk56kf7t37v0pvri73e8q0ax7wt4"),  # an API token
+    ('password = "CorrectHorseBatteryStaple9"', "CorrectHorseBatteryStaple9"),  # a passphrase, glued
     (f'GITHUB_TOKEN = "ghp_{KEY40}"', KEY40),  # longer than the format knows: a kind it may not know yet
 ])
 def test_a_vendor_name_or_a_data_form_marks_the_value(text: str, secret: str) -> None:

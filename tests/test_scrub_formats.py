@@ -66,6 +66,7 @@ def test_a_format_is_scrubbed_whole(kind: str, secret: str) -> None:
     'TELEGRAM_API_TOKEN = "30866154:Ahello0u5mi6rirvb7f-wirvs0ncsq91mfubhynp"',
     'nonMatchingToken := "sm_pat_sbbwz0ltgw"',  # a vendor's prefix, too short for its tokens (23)
     'GITHUB_TOKEN = "ghp_Xk9m2Qp7"',
+    'token: "clm20002:AgencyIdentificationCodeContentType"',  # words glued: a type's name
 ])
 def test_a_near_miss_of_a_format_is_not_that_format(text: str) -> None:
     assert scrub(text) == text
