@@ -580,9 +580,9 @@ def _credential_like(value: str) -> bool:
 
 # Token shapes of vendors whose exact format a rule above knows: a value given to a name that names the vendor,
 # in the vendor's shape, that the format rejects is a near-miss of it (issue 11: near-misses are no secrets), not a
-# password: a bot id of 4 or 17 digits, words glued to the 35 characters after ":A", an XML type
-# (`clm20002:AgencyIdentificationCodeContentType`): gitleaks' telegram-bot-api-token negatives. Only a shape
-# that no password is written in: a value of another shape given to the same name is still judged as any other.
+# password: a bot id of 4 or 17 digits, words glued to the 35 characters after ":A" (gitleaks'
+# telegram-bot-api-token negatives). Only a shape that no password is written in: a value of another shape given to
+# the same name is still judged as any other.
 _VENDOR_SHAPES = {"telegram": (re.compile(r"[A-Za-z]{0,4}[0-9]+:A[A-Za-z0-9_\-]*"), "telegram_token")}
 
 
