@@ -24,8 +24,9 @@ copied into this repository:
 Labels are the scanner's, corrected where a rule's test says "not this rule's format" rather than "not a
 secret", since the scrubber is judged as one whole rule set:
 - a negative whose comment in the source says the rule misses it (gitleaks: "false negative", detect-secrets
-  and Nosey Parker: "FIXME", "should"/"would be nice to detect") is a positive: the scanner's authors say it
-  is a secret their pattern does not reach;
+  and Nosey Parker: "FIXME", "should"/"would be nice to detect"/"would be nice if") is a positive: the
+  scanner's authors say it is a secret their pattern does not reach (a Nosey Parker comment above
+  `negative_examples:` speaks for the whole list: "FIXME: extend this rule so these examples get matched");
 - a negative of one rule that another rule of the same scanner flags is a positive (`nonMatchingToken :=
   "i4azeplb1a2j8cxa"` is a negative of gitleaks' settlemint rule, and its generic-api-key rule flags it).
   gitleaks' rules run here with their entropy thresholds, keywords and allowlists (paths aside), Nosey
