@@ -24,36 +24,50 @@ copied into this repository:
 Labels are the scanner's, corrected where a rule's test says "not this rule's format" rather than "not a
 secret", since the scrubber is judged as one whole rule set:
 - a negative whose comment in the source says the rule misses it (gitleaks: "false negative", detect-secrets
-  and Nosey Parker: "FIXME", "should"/"would be nice to detect") is a positive: the scanner's authors say it
-  is a secret their pattern does not reach;
+  and Nosey Parker: "FIXME", "should"/"would be nice to detect"/"would be nice if") is a positive: the
+  scanner's authors say it is a secret their pattern does not reach (a Nosey Parker comment above
+  `negative_examples:` speaks for the whole list: "FIXME: extend this rule so these examples get matched");
 - a negative of one rule that another rule of the same scanner flags is a positive (`nonMatchingToken :=
   "i4azeplb1a2j8cxa"` is a negative of gitleaks' settlemint rule, and its generic-api-key rule flags it).
   gitleaks' rules run here with their entropy thresholds, keywords and allowlists (paths aside), Nosey
   Parker's patterns as they are; detect-secrets runs itself (`scan_file` on the line alone as a `.txt` file,
-  every plugin with its default filters) when it is installed (the `bench` extra); rules whose regex Python
-  cannot read are left out;
+  every plugin with its default filters) when it is installed (the `bench` extra), on the negatives of its
+  parametrized tests and of its keyword tables alike (a table's file type decides there, `password = VALUE`
+  is a secret in a `.conf` file and not in a `.cpp` one, and the scrubber sees no file names); rules whose
+  regex Python cannot read are left out. The flagging rule's kind carries over: a negative that only an
+  identifier rule finds (Nosey Parker's np.s3.1 flags np.s3.2's bucket URLs) is an identifier;
 - the same text labeled both ways (detect-secrets' keyword plugin flags `password = VALUE` in a `.conf` file
   and not in a `.cpp` file; the scrubber sees no file names) counts once, as a positive;
 - the positives of rules for identifiers rather than credentials (Nosey Parker's rules in its "identifier"
   category and not its "secret" one: S3 bucket names, ARNs, OAuth client ids; gitleaks' `*-client-id` and
   `*-access-id` rules) are kept apart as `identifier` examples: reported, not counted in recall.
+
+Those are the sources' labels. Where the sources contradict each other on the same kind of value, one labeling
+policy decides, applied to every example of every source whichever label its source gave it (`apply_policy`;
+bench/secret_recall.py reports both labelings, and what the policy changed): a stand-in is not a secret (filler,
+an alphabet run, a word that says so, a value that names what it stands for, a reference, a key public by
+design: `stand_in` lists them), and a JWT-shaped token is one, whether or not its parts decode. The policy
+judges the credential an example holds: the part its source names (of a rule that captures a user, a password
+and a host, the password), else what the rule that relabeled it, or detect-secrets, reports.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import math
 import random
 import re
 import sre_constants
 import sre_parse
+import string
 import tempfile
 import tomllib
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +85,18 @@ class Example:
     secrets: tuple[str, ...] = ()
     note: str = ""  # why the label differs from the source's, when it does
     identifier: bool = False  # a positive of a rule for identifiers (not counted in recall)
+    value: str = ""  # the credential the labeling policy judges (see `apply_policy`)
+    stand_in: str = ""  # why the labeling policy says this is no secret ("" when it is one)
+    policy_note: str = ""  # why the labeling policy says a negative is a secret
+
+
+def policy_positive(e: Example) -> bool:
+    """The label under the labeling policy (see `apply_policy`)."""
+    return (e.positive or bool(e.policy_note)) and not e.stand_in
 
 
 # Comments in a negatives list that say the line is a secret the rule misses.
-_MISSED = re.compile(r"false negative|fixme|should (?:be )?(?:detect|match|flag|catch)|would be nice to detect",
+_MISSED = re.compile(r"false negative|fixme|should (?:be )?(?:detect|match|flag|catch)|would be nice (?:to detect|if)",
                      re.I)
 
 
@@ -390,6 +412,9 @@ def secret_in(text: str, regex: re.Pattern[str] | None, group: int | None, every
     return (m.group(0),)
 
 
+_GITLEAKS_IDENTIFIER = re.compile(r"-(?:client|access)-id$")
+
+
 def gitleaks(root: Path) -> tuple[list[Example], int]:
     """The examples of every gitleaks rule, and how many tps/fps statements could not be evaluated."""
     rules_dir = root / "cmd/generate/config/rules"
@@ -414,20 +439,24 @@ def gitleaks(root: Path) -> tuple[list[Example], int]:
             skipped += interp.skipped
             spec = compiled.get(rid, {})
             regex = python_regex(spec.get("regex", "")) if spec.get("regex") else None
-            identifier = re.search(r"-(?:client|access)-id$", rid) is not None
+            identifier = _GITLEAKS_IDENTIFIER.search(rid) is not None
             for label, items in (("tps", found.get("tps", [])), ("fps", found.get("fps", []))):
                 for item in items:
                     positive = label == "tps"
-                    note = ""
+                    note = value = ""
+                    flagged_by_identifier = False
                     if not positive and _MISSED.search(item.comment):
                         positive, note = True, f"gitleaks comment: {item.comment.strip()[:60]}"
                     elif not positive and (other := full_set.flags(item.text, rid)):
-                        positive, note = True, f"gitleaks rule {other} flags it"
+                        positive, note = True, f"gitleaks rule {other[0]} flags it"
+                        value = other[1]
+                        flagged_by_identifier = _GITLEAKS_IDENTIFIER.search(other[0]) is not None
                     secrets = (item.secret,) if item.secret else ()
                     if positive and not secrets:
                         secrets = secret_in(item.text, regex, spec.get("secretGroup"))
                     examples.append(Example("gitleaks", rid, item.text, positive, secrets, note,
-                                            identifier and positive))
+                                            positive and (identifier if not note else flagged_by_identifier),
+                                            value=value))
     return examples, skipped
 
 
@@ -464,8 +493,9 @@ class _GitleaksRules:
             return False
         return all(checks) if condition == "AND" else any(checks)
 
-    def flags(self, text: str, own: str) -> str | None:
-        """The id of a rule other than `own` that reports a finding in `text`, or None."""
+    def flags(self, text: str, own: str) -> tuple[str, str] | None:
+        """The id of a rule other than `own` that reports a finding in `text`, and the secret it reports, or
+        None."""
         lower = text.lower()
         for spec, regex, allows in self.rules:
             if spec["id"] == own or (spec.get("keywords") and not any(k in lower for k in spec["keywords"])):
@@ -478,7 +508,7 @@ class _GitleaksRules:
                 line = text[text.rfind("\n", 0, m.start()) + 1:(text.find("\n", m.end()) + 1 or len(text) + 1) - 1]
                 if any(self._allows(a, secret, m.group(0), line) for a in [*allows, self.common]):
                     continue
-                return str(spec["id"])
+                return str(spec["id"]), secret
         return None
 
 
@@ -496,52 +526,86 @@ def noseyparker(root: Path) -> list[Example]:
     rules_dir = root / "crates/noseyparker/data/default/builtin/rules"
     files = [(path.read_text(), yaml.safe_load(path.read_text()).get("rules") or [])
              for path in sorted(rules_dir.glob("*.yml"))]
-    patterns = [(rule["id"], python_regex(rule["pattern"])) for _, rules in files for rule in rules]
+    patterns = [(rule["id"], python_regex(rule["pattern"]), _np_identifier(rule))
+                for _, rules in files for rule in rules]
     examples: list[Example] = []
     for raw, rules in files:
         missed = _commented_negatives(raw)
         for rule in rules:
             regex = python_regex(rule["pattern"])
-            categories = rule.get("categories") or []
-            identifier = "identifier" in categories and "secret" not in categories
+            identifier = _np_identifier(rule)
             for text in rule.get("examples") or []:
                 examples.append(Example("noseyparker", rule["id"], text, True, secret_in(text, regex, None, every=True),
                                         identifier=identifier))
             for text in rule.get("negative_examples") or []:
-                other = next((rid for rid, r in patterns if rid != rule["id"] and r is not None and r.search(text)),
-                             None)
+                other = next(((rid, r, ident) for rid, r, ident in patterns
+                              if rid != rule["id"] and r is not None and r.search(text)), None)
                 if text in missed:
                     examples.append(Example("noseyparker", rule["id"], text, True, (),
-                                            "Nosey Parker comment: FIXME, the pattern should detect it"))
+                                            "Nosey Parker comment: FIXME, the pattern should detect it",
+                                            value=text))  # no part is named: the policy judges the whole text
                 elif other is not None:
+                    # the flagging rule's kind decides: a negative that an identifier rule finds is an identifier
+                    found = secret_in(text, other[1], None, every=True)
                     examples.append(Example("noseyparker", rule["id"], text, True, (),
-                                            f"Nosey Parker rule {other} flags it"))
+                                            f"Nosey Parker rule {other[0]} flags it", other[2],
+                                            value=_credential_part(text, found)))
                 else:
                     examples.append(Example("noseyparker", rule["id"], text, False))
     return examples
 
 
+def _np_identifier(rule: dict[str, Any]) -> bool:
+    """Whether a Nosey Parker rule finds identifiers (its "identifier" category, not its "secret" one)."""
+    categories = rule.get("categories") or []
+    return "identifier" in categories and "secret" not in categories
+
+
 def _commented_negatives(raw: str) -> set[str]:
-    """Negative examples listed under a comment that says the rule should find them."""
+    """Negative examples listed under a comment that says the rule should find them: the item after the comment,
+    or every item of the list when the comment stands above `negative_examples:` (`# FIXME: extend this rule so
+    these examples get matched`); an item may span lines (`- |`)."""
+    import textwrap
+
     import yaml
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    def block(start: int, list_key: bool) -> list[str]:
+        """The lines of the item (or the keyed list) at `start`: it, then blank lines and deeper-indented ones
+        (a list's further items at the key's own indent too)."""
+        out = [lines[start]]
+        for follow in lines[start + 1:]:
+            if follow.strip() and indent(follow) <= indent(lines[start]) and not (
+                    list_key and indent(follow) == indent(lines[start]) and follow.lstrip().startswith("- ")):
+                break
+            out.append(follow)
+        return out
 
     out: set[str] = set()
     lines = raw.splitlines()
     for n, line in enumerate(lines):
-        if line.lstrip().startswith("#") and _MISSED.search(line):
-            for follow in lines[n + 1:]:
-                stripped = follow.lstrip()
-                if not stripped.startswith("- "):
-                    if stripped.startswith("#"):
-                        continue
-                    break
-                try:
-                    value = yaml.safe_load(stripped[2:])
-                except yaml.YAMLError:
-                    break
-                if isinstance(value, str):
-                    out.add(value)
-                break
+        if not (line.lstrip().startswith("#") and _MISSED.search(line)):
+            continue
+        k = n + 1
+        while k < len(lines) and lines[k].lstrip().startswith("#"):
+            k += 1
+        if k == len(lines):
+            continue
+        stripped = lines[k].strip()
+        if stripped == "negative_examples:":
+            items = block(k, True)
+        elif stripped.startswith("- "):
+            items = block(k, False)
+        else:
+            continue
+        try:
+            loaded = yaml.safe_load(textwrap.dedent("\n".join(items) + "\n"))
+        except yaml.YAMLError:
+            continue
+        values = loaded.get("negative_examples") if isinstance(loaded, dict) else loaded
+        out.update(v for v in values or [] if isinstance(v, str))
     return out
 
 
@@ -608,6 +672,11 @@ def detect_secrets(root: Path) -> list[Example]:
                 for case in value:
                     if isinstance(case, list) and len(case) == 2 and isinstance(case[0], str):
                         line, expected = case
+                        if expected is None and (other := _detect_secrets_flags(line)):
+                            # a table's file type decides (quotes required in C, Python); the scrubber sees none
+                            examples.append(Example("detect-secrets", rule, line, True, (),
+                                                    f"detect-secrets plugin {other[0]} flags it", value=other[1]))
+                            continue
                         examples.append(Example("detect-secrets", rule, line, expected is not None,
                                                 (expected,) if expected else ()))
         for node in ast.walk(tree):
@@ -627,21 +696,24 @@ def detect_secrets(root: Path) -> list[Example]:
                     continue
                 if not isinstance(payload, str) or not isinstance(flag, bool):
                     continue
-                note = ""
+                note = value = ""
                 if not flag:
                     before = "\n".join(source_lines[max(0, element.lineno - 3):element.lineno])
                     if _MISSED.search(before):
                         flag, note = True, "detect-secrets comment: should be detected"
                     elif other := _detect_secrets_flags(payload):
-                        flag, note = True, f"detect-secrets plugin {other} flags it"
-                examples.append(Example("detect-secrets", rule, payload, flag, (), note))
+                        flag, note, value = True, f"detect-secrets plugin {other[0]} flags it", other[1]
+                elif reported := _detect_secrets_flags(payload):
+                    value = reported[1]  # the test names no secret: what detect-secrets reports
+                examples.append(Example("detect-secrets", rule, payload, flag, (), note, value=value))
     return examples
 
 
-def _detect_secrets_flags(line: str) -> str | None:
-    """The type of the first secret detect-secrets reports in `line` as a file of its own, with every plugin and
-    its default filters, or None (also when detect-secrets is not installed). (`scan_line`, its one-string
-    mode, turns the entropy limits off and reports "foo".)"""
+@functools.cache
+def _detect_secrets_flags(line: str) -> tuple[str, str] | None:
+    """The type and value of the first secret detect-secrets reports in `line` as a file of its own, with every
+    plugin and its default filters, or None (also when detect-secrets is not installed). (`scan_line`, its
+    one-string mode, turns the entropy limits off and reports "foo".)"""
     try:
         from detect_secrets import SecretsCollection
         from detect_secrets.settings import default_settings
@@ -653,7 +725,7 @@ def _detect_secrets_flags(line: str) -> str | None:
         collection = SecretsCollection()
         collection.scan_file(str(path))
         for _, secret in collection:
-            return str(secret.type)
+            return str(secret.type), str(secret.secret_value or "")
     return None
 
 
@@ -670,3 +742,102 @@ def dedupe(examples: list[Example]) -> tuple[list[Example], int]:
             conflicts += 1
             by_text[key] = seen if seen.positive else e
     return list(by_text.values()), conflicts
+
+
+# ---------------------------------------------------------------- the labeling policy, for every source alike
+
+# The sources contradict each other on the same kinds of value:
+# - stand-ins: detect-secrets' tests list `AKCxxxxxxxxxx`, `SKxxxx...` and `AKIAZZZZZZZZZZZZZZZZ` as secrets, Nosey
+#   Parker's `postgresql://user:secret@localhost` and `00QCjAl4MlV-WPXM-ABCDEFGHIJKL-0HmjFx-vbGua`, gitleaks'
+#   `sk-ant-api03-abc123xyz-...-klmnopqrstuvwx-...`; gitleaks' tests list `ghp_xxxx...`-like values and
+#   `GR134894112312312312312312312` as negatives, and its global allowlist drops values of one repeated letter and
+#   references (`$VAR`, `${VAR}`, `%VAR%`, `{{ x }}`), as detect-secrets' filters drop `{x}`, `<x>`, `${x}`,
+#   alphabet sequences and values holding "fake";
+# - keys public by design: gitleaks' rules call Flutterwave's `FLWPUBK_TEST-...` and Lob's `test_pub_...` secrets,
+#   Nosey Parker's Mapbox `pk.eyJ...`, while the issue's lines and gitleaks' generic rule's tests
+#   (`public_key = "..."`, `publicToken = "..."`) call public keys none;
+# - JWT-shaped tokens whose parts do not decode: secrets in gitleaks' and Nosey Parker's tests (`eyJhbGciOieeei...`,
+#   a header with a character changed), negatives in detect-secrets' (`eyJhbasdGciOiJIU...`, a header cut short).
+# One policy decides them, applied to every example of every source, whichever label the source gave it:
+# a stand-in (below) is not a secret, and a JWT-shaped token is one, whether or not its parts decode (a copy
+# that lost a character still carries a signed payload).
+_FILLER_RUN = re.compile(r"[xX*#•]{5}")  # the characters people type to hide a value or mark one to fill in
+_RUN = re.compile(r"(.)\1{4,}")  # five or more of one character
+_SEQUENCE = re.compile("|".join(alphabet[i:i + 7] for alphabet in (string.ascii_lowercase, string.ascii_uppercase)
+                                for i in range(20)))
+_SAYS_SO = re.compile("|".join(f"{w}|{w.upper()}|{w.capitalize()}" for w in (
+    "example", "sample", "dummy", "fake", "placeholder", "changeme", "change_me", "redacted", "your", "insert")))
+_NAMES_ITSELF = re.compile(r"passw(?:or)?d|secret|token", re.I)
+_STAND_IN_WORDS = frozenset({"test", "foo", "bar", "baz", "qux", "foobar", "changeme"})
+_REFERENCE = re.compile(r"\$[A-Za-z_]\w*|\$\{.*\}|\$\(.*\)|%[A-Za-z_][\w.]*%|#\{.*\}|\{\{.*\}\}|<[^<>]+>"
+                        r"|\{[A-Za-z_][\w.]*\}|@[A-Za-z_]\w*@")  # the whole value
+_PUBLISHABLE = ("pk_live_", "pk_test_", "FLWPUBK", "pk.eyJ", "live_pub_", "test_pub_")
+_JWT_SHAPE = re.compile(r"\bey[A-Za-z0-9_-]{12,}\.ey[A-Za-z0-9_-]{12,}")  # gitleaks' and Nosey Parker's shape
+_NAMED_VALUE = re.compile(r"[\w.\-]+:[ \t]+(?:[|>][-+]?\s+)?(.+)", re.S)
+
+
+def stand_in(value: str) -> str:
+    """Why `value` stands in for a credential rather than being one, or "" when it may be one:
+    - filler: one character makes half or more of its letters and digits (`AKCxxxxxxxxxx`, `aaaa...end`,
+      `xoxa-2-511111111-31111111111-...`), or runs of five or more of one character do (`aaaa...sssss...ddddd`),
+      or it holds five x, X, *, # or • in a row (`xoxb-0000000000-...-xxxx`, `######`); a random token holds
+      none of these (five x in a row: odds under 1e-6 in 32 base62 characters);
+    - seven letters in alphabet order, in one case (`ABCDEFGHIJKL`, `klmnopqrstuvwx`);
+    - a word that says so, in one case (example, sample, dummy, fake, placeholder, changeme, redacted, your,
+      insert: `EXAMPLEKEY`, `FakeValues99`, `insert_key_here`), or an ellipsis (a value shown cut short);
+    - it names what it stands for and holds no digit (`myPassword`, `SOME_PASSWORD`, `smtp_password`,
+      `TestSourcePassword`, `secret`), or it is test, foo, bar, baz, qux, foobar or changeme;
+    - a reference, not a value (`$Password`, `${{ secrets.x }}`, `%nothing%`, `#{datastore['X']}`, `<password>`);
+    - a key public by design (Stripe `pk_live_`/`pk_test_`, Flutterwave `FLWPUBK`, Mapbox `pk.`, Lob `*_pub_`).
+    Digit runs, alphabets in mixed case and repeated groups are left as values: real ids hold digit runs, and
+    this project's privacy tests plant such fakes as secrets (`123456789:AA...`, `xoxb-1234567890-...-AbCdEfGh...`,
+    `ghp_` + `Zx9` * 12, `4f9a0c7e` * 8). A token
+    that starts like one format and is too long or too short for it is none of these: the policy says nothing
+    about it, and it keeps its source's label."""
+    named = _NAMED_VALUE.fullmatch(value.strip())
+    v = (named.group(1) if named else value).strip("\"'`\\ \t\r\n:=,;")
+    if not v:
+        return ""
+    if v.startswith(_PUBLISHABLE):
+        return "public by design"
+    if _REFERENCE.fullmatch(v):
+        return "a reference"
+    alnum = [c for c in v if c.isalnum()]
+    if len(alnum) >= 6 and max(map(alnum.count, set(alnum))) * 2 >= len(alnum):
+        return "filler"
+    if sum(len(m.group()) for m in _RUN.finditer(v)) * 2 >= len(v) >= 8:
+        return "filler"
+    if _FILLER_RUN.search(v):
+        return "filler"
+    if _SEQUENCE.search(v):
+        return "a sequence"
+    if _SAYS_SO.search(v) or "..." in v or "…" in v:
+        return "says so"
+    if v.lower() in _STAND_IN_WORDS or (_NAMES_ITSELF.search(v) and not any(c.isdigit() for c in v)):
+        return "names itself"
+    return ""
+
+
+def _credential_part(text: str, secrets: tuple[str, ...]) -> str:
+    """The part of a match that is the credential: of a rule that captures several (a user and a password,
+    then a host; a client id and its secret), the last one that is not a URL's host (after "@")."""
+    for secret in reversed(secrets):
+        at = text.find(secret)
+        if at <= 0 or text[at - 1] != "@":
+            return secret
+    return secrets[-1] if secrets else ""
+
+
+def apply_policy(examples: list[Example]) -> list[Example]:
+    """Each example with the labeling policy's verdict: `stand_in` says why it is no secret, `policy_note` why a
+    negative is one (see `policy_positive`). The policy judges the credential: the part the source names (of
+    several, `_credential_part`), else what the rule that relabeled it or detect-secrets reports."""
+    out = []
+    for e in examples:
+        value = _credential_part(e.text, e.secrets) if e.secrets else e.value
+        policy_note = ""
+        if not e.positive and (m := _JWT_SHAPE.search(e.text)) is not None:
+            value = value or m.group()
+            policy_note = "policy: a JWT-shaped token, decoded or not"
+        out.append(replace(e, value=value, stand_in=stand_in(value) if value else "", policy_note=policy_note))
+    return out

@@ -53,7 +53,7 @@ SECRETS = {
     "square_token": "sq0atp-" + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Y",
     "paypal_braintree_token": "access_token$production$" + "x9k2m7q4p1z8r5t3$" + "4f9a0c7e" * 4,
     "shopify_token": "shpat_" + "4f9a0c7e" * 4,
-    "openai_key": "sk-proj-" + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Yh3Gs5Fw0Ej2Kq7Wm2Kx9Lp4R",
+    "openai_key": "sk-proj-" + "Hk9Xm2Qp7Lz4Rt8Vn1Bc" + "T3BlbkFJ" + "6Yh3Gs5Fw0Ej2Kq7Wm2Kx9Lp4R",
     "anthropic_key": "sk-ant-api03-" + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Yh3Gs5Fw0Ej2Kq7Wm2Kx9Lp4Rz8Tn1Vb6",
     "twilio_key": "SK" + "4f9a0c7e" * 4,
     "sendgrid_key": "SG." + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Y" + "." + "Hk9Xm2Qp7Lz4Rt8Vn1Bc6Yh3Gs5Fw0Ej2Kq7Wm2Kx9L",

@@ -58,7 +58,7 @@ def test_an_assignment_form_is_scrubbed(text: str) -> None:
     (f"apikey = {BRACES}", BRACES),  # unquoted, to the end of the word
     ("db_password: three plain words", "three plain words"),  # YAML: to the end of the line
     ('SECRET_KEY = "django-insecure-_du9e^cmago!%(^+=gr@cu@v9-v7ulhbk2s3!w&39w4"', "django-insecure-_du9e"),
-    ('password = "rootpasswd"', "rootpasswd"),  # holds the name's word, but is not a name
+    ('password = "r00tpasswd"', "r00tpasswd"),  # holds the name's word and a digit: a value, not a name
 ])
 def test_a_value_is_not_thrown_away_for_its_characters(text: str, secret: str) -> None:
     assert secret not in scrub(text), find_secrets(text)
@@ -117,3 +117,60 @@ def test_a_flag_split_by_the_cursor_is_scrubbed() -> None:
     at_prefix, at_completion, at_suffix = cursor_spans(prefix, [completion], suffix)
     out = scrub_fields([prefix, completion, suffix], None, [at_prefix, at_completion, at_suffix])
     assert V not in "".join(t or "" for t in out)
+
+
+# -- names and forms added from the rule sets' examples (issue 11, second round) ---------------------------------
+
+KEY40 = "6d2FabeB6ADd229Bc199FabA28fD3efb57dF0bD3"
+
+
+@pytest.mark.parametrize(("text", "secret"), [
+    (f"sourcegraph: {KEY40}", KEY40),  # a vendor's name as the key
+    ('postmark: "f59dffd2-83ea-47c7-ba8f-95e053a6d0ae",', "f59dffd2-83ea-47c7-ba8f-95e053a6d0ae"),
+    (f'{{"facebook": "{KEY40[:32]}"}}', KEY40[:32]),
+    (f'jfrog.set("artifactory", "{KEY40.lower()}{KEY40[:24].lower()}")', KEY40.lower()),
+    (f"buildConfigField 'String', 'API_KEY', '\"{KEY40[:32]}\"'", KEY40[:32]),  # Gradle writes Java source
+    ('conn.Open("Provider=SQLOLEDB.1;User ID=app; " & "Password =opensesame;Initial Catalog=Sales;")',
+     "opensesame"),  # a connection string's field, spaces around "="
+    ("ibm-cloud-pwd = shorter-version", "shorter-version"),  # no language names a variable with dashes
+    # a JavaScript snippet inside a string: its quotes escaped twice
+    (f"'\\\\n    clientSecret: \\\\'{KEY40}\\\\','+", KEY40),
+    # another shape given to a Telegram name is judged as any value is
+    (f'telegram_api_token = "{KEY40}"', KEY40),
+    ('twitchToken = "zcvk56kf7t37v0pvri73e8q0ax7wt4"', "zcvk56kf7t37v0pvri73e8q0ax7wt4"),  # an API token
+    ('password = "CorrectHorseBatteryStaple9"', "CorrectHorseBatteryStaple9"),  # a passphrase, glued
+    (f'GITHUB_TOKEN = "ghp_{KEY40}"', KEY40),  # longer than the format knows: a kind it may not know yet
+])
+def test_a_vendor_name_or_a_data_form_marks_the_value(text: str, secret: str) -> None:
+    assert secret not in scrub(text), find_secrets(text)
+
+
+@pytest.mark.parametrize("text", [
+    "github: https://github.com/org/repo",  # a vendor's name with a URL
+    "docker: 20.10.7-ce-beta1",  # a version
+    "sentry = sentry_sdk.init(dsn)",
+    "twitter: h4ck3rn3ws",  # a handle: shorter than any vendor's key
+    "password = shorter_version",  # a Python variable
+    "for (i = 0; password = next; i++) {",  # a loop, not a connection string
+])
+def test_vendor_names_and_data_forms_leave_code_alone(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+@pytest.mark.parametrize("text", [
+    'password = "rootpasswd"',  # no digit, and it names what it stands for
+    'password = "thisismypassword"',
+    "Server=db;User Id=app;Password=myPassword;",
+    'new DirectoryEntry("LDAP://10.10.10.1", "domain\\\\user", "secret")',
+    "REACT_APP_MAILER_PASSWORD=smtp_password # Enter your SMTP email password",
+])
+def test_a_stand_in_that_names_a_credential_is_kept(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+@pytest.mark.parametrize(("name", "strength"), [
+    ("sourcegraph", 1), ("POSTMARK", 1), ("my_facebook", 1),
+    ("facebook_app_id", 0), ("sentry_dsn", 0), ("compat", 0),
+])
+def test_vendor_names_are_weak_names(name: str, strength: int) -> None:
+    assert name_strength(name) == strength

@@ -60,6 +60,13 @@ def test_a_format_is_scrubbed_whole(kind: str, secret: str) -> None:
     "glpat-" + "Xk9m2Qp7Lz4Rt8Vn1Bc6" + "Q",  # 21 after the prefix: not the 20-character form
     "AIza" + "SyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWYabcd123",  # too long for a Google API key
     "twilio AC" + HEX32 + "f",  # 33 hex digits
+    "sk-proj-" + "Xi8tdMjHV6pmbBbwilTeT4BlbkFJ3UDnpdEwNNm6wVBpYM0o",  # no T3BlbkFJ between its halves
+    # a bot token's shape given to a Telegram name, and not a bot token: a 4-digit id, a word glued on
+    'telegram_api_token = "3139:A06o8ewxaam17mgfizyz-9l8ip63gcvaulf"',
+    'TELEGRAM_API_TOKEN = "30866154:Ahello0u5mi6rirvb7f-wirvs0ncsq91mfubhynp"',
+    'nonMatchingToken := "sm_pat_sbbwz0ltgw"',  # a vendor's prefix, too short for its tokens (23)
+    'GITHUB_TOKEN = "ghp_Xk9m2Qp7"',
+    'token: "clm20002:AgencyIdentificationCodeContentType"',  # words glued: a type's name
 ])
 def test_a_near_miss_of_a_format_is_not_that_format(text: str) -> None:
     assert scrub(text) == text
@@ -81,13 +88,16 @@ def test_placeholders_and_public_values_are_kept(text: str) -> None:
     assert find_secrets(text) == [], find_secrets(text)
 
 
-def test_jwts_signed_or_not_and_only_real_ones() -> None:
+def test_jwts_signed_or_not_decoded_or_not() -> None:
     header, payload = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJzdWIiOiJhZG1pbiIsImlhdCI6MTUxNjIzOTAyMn0"
     for token in (f"{header}.{payload}.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV", f"{header}.{payload}.",
                   f"{header}.{payload}"):
         assert kinds(f"Authorization = {token!r}") == ["jwt"], token
-    broken = header[:-2] + "J." + payload  # a header that does not decode to JSON
-    assert "jwt" not in kinds(broken)
+    # a header that lost a character (it no longer decodes) still carries a signed payload
+    broken = header[:-2] + "J." + payload + ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV"
+    assert kinds(broken) == ["jwt"]
+    # eyJ and two segments that are not a JSON header and payload: no JWT
+    assert "jwt" not in kinds("eyJhbasd9fGq2Lp7.bm90X3ZhbGlkX2pzb25fYXRfYWxs")
 
 
 @pytest.mark.parametrize(("text", "secret"), [
@@ -148,3 +158,100 @@ def test_file_scrubber_agrees_on_the_new_forms() -> None:
     for version in (text, text.replace("\ndata:", "\n\ndata:"), text.replace("<password>\n", "<password>\n\n")):
         assert scrubber.scrub(version) == scrub(version)
     assert "s3cr3t-Passw0rd" not in scrub(text) and "0tZn+7QQ" not in scrub(text) and "Qm9vZ1e" not in scrub(text)
+
+
+# -- formats added from the rule sets' examples (issue 11, second round) -----------------------------------------
+
+FB_SECRET = "Qm9vZ1e-9vLk2Tn4XwPa7Rb3Kc8Td"  # 29 characters: a Facebook app secret or client token's length
+
+
+@pytest.mark.parametrize(("kind", "text", "secret"), [
+    ("facebook_token", f"facebook 8273645519283746|{FB_SECRET}", f"8273645519283746|{FB_SECRET}"),
+    ("facebook_token", f'{{"access_token":"827364551928374|{FB_SECRET}"}}', f"827364551928374|{FB_SECRET}"),
+    ("facebook_token", f"https://graph.facebook.com/me?access_token=8273645519283746%7C{FB_SECRET}", FB_SECRET),
+    ("sonar_token", f"sonar.login={HEX32}0a1b2c3d", f"{HEX32}0a1b2c3d"),
+    ("sonar_token", f"sonar.login', '{HEX32}0a1b2c3d'", f"{HEX32}0a1b2c3d"),
+    ("codeclimate_token", f"  CC_TEST_REPORTER_ID: {HEX64}", HEX64),
+    ("jenkins_password", "Please use the following password to proceed to installation:\n\n"
+                         f"{HEX32}\n\nThis may also be found at: /var/jenkins_home/secrets/initialAdminPassword",
+     HEX32),
+    ("adafruit_key", '#define IO_KEY "aio_' + R32[:28] + '"', "aio_" + R32[:28]),
+    ("jina_key", "jina_" + R32 + R32[:28], "jina_" + R32 + R32[:28]),
+    ("truenas_key", f'{{"msg": "method", "params": ["3-{R32}{R32}"]}}', f"3-{R32}{R32}"),
+    ("secret_assignment", "2. Ensure the password for user 'postgres' is 'Tr0ub4dor' or change .env", "Tr0ub4dor"),
+    ("secret_assignment", 'The default password is "kQ2m-Zx9p".', "kQ2m-Zx9p"),
+])
+def test_a_new_format_is_scrubbed(kind: str, text: str, secret: str) -> None:
+    out = scrub(text)
+    assert secret not in out and f"<SECRET:{kind}>" in out, (text, find_secrets(text))
+
+
+@pytest.mark.parametrize("text", [
+    f"facebook 82736455192837|{FB_SECRET}",  # a 14-digit id
+    f"facebook 8273645519283746|{FB_SECRET[:26]}",  # 26 after the bar
+    "flags = 1234567890123456 | MASK_ALL",  # a bitwise or
+    "the sonar login token: https://docs.sonarqube.org/latest/user-guide/user-token/",
+    f"CC_TEST_REPORTER_ID: {HEX64[:63]}",
+    "aio_" + R32[:27],
+    "The password is '$DB_PASSWORD'",  # a reference, not a value
+    "the password for user 'postgres' is 'password'",  # a stand-in
+    "The password is hashed with bcrypt.",
+])
+def test_a_near_miss_of_a_new_format_is_kept(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+def test_a_long_marker_after_a_dot_is_still_a_token() -> None:
+    """`secrets.pypi-AgE...`: a dot before `pypi-AgE` does not make the token part of a dotted name, as it does
+    for short markers (`video_box.ico-7a38...png` is a file name, not an Infracost token)."""
+    token = "pypi-AgEIcHlwaS5vcmc" + "CJDk4ZjFkNjE0LWE3ZGItNDFkNS1iYzI5LTM2NmQ" + "x7Lp2Qm9"
+    assert kinds(f"password: ${{{{ secrets.{token} }}}}") == ["pypi_token"]
+
+
+@pytest.mark.parametrize("text", [
+    'ageToken = "AGE-SECRET-KEY-1' + "Q" * 58 + '"',  # filler in an age key's shape
+    'LOB_API_KEY = "test_pub_' + HEX32[:31] + '"',  # Lob's publishable keys are public by design
+    '<add key="ClearTextPassword" value="33f!!lloppa" />',  # the NuGet docs' sample
+    ',apiKey:"6fe4476ee5a1832882e326b506d14126",',  # the Algolia search key yarn ships
+    '<input type="hidden" name="authenticity_token" value="7SWa-Fo1_hsC6oovfBsJFLGPUl2EhkSWPbJhWANwgaJ" />',
+    'pub const SN_id_Gost28147_89_None_KeyMeshing = "id-Gost28147-89-None-KeyMeshing"',  # words joined: a name
+])
+def test_placeholders_published_and_public_values_are_kept(text: str) -> None:
+    assert find_secrets(text) == [], find_secrets(text)
+
+
+def test_a_random_literal_is_still_scrubbed_where_its_name_is_no_secret() -> None:
+    """The checks above leave random values alone only for what their names or shapes say."""
+    value = "7SWa-Fo1_hsC6oovfBsJFLGPUl2EhkSWPbJhWANwgaJ"
+    assert kinds(f'<input type="hidden" name="widget_state" value="{value}" />') == ["high_entropy"]
+    assert kinds(f'OID_NAME = "id-{value}"') == ["high_entropy"]
+
+
+def test_text_beyond_ascii_gives_the_same_spans() -> None:
+    """ASCII text is searched as bytes (a byte's offset is its character's); other text as characters."""
+    line = f'token = "{R32}"  # ghp_{R32}Ab3d\n'
+    for before in ("", "café, naïve: ", "İ\n", "日本語のコメント\n"):
+        out = scrub(before + line)
+        assert out.startswith(before) and R32 not in out and out.count("<SECRET:") == 2, out
+
+
+def test_a_literal_split_by_the_cursor_is_still_found() -> None:
+    """The windows around the cursor are scanned for literals only where a run of token characters long enough
+    for one crosses the seam; a literal cut anywhere is found, a short word cut is left alone."""
+    from pipelines.ingest.scrub import cursor_spans, scrub_fields
+
+    for cut in range(1, len(R32)):
+        prefix, completion, suffix = f'state = "{R32[:cut]}', f'{R32[cut:]}"\n', "print(state)\n"
+        at_prefix, at_completion, at_suffix = cursor_spans(prefix, [completion], suffix)
+        out = scrub_fields([prefix, completion, suffix], None, [at_prefix, at_completion, at_suffix])
+        assert R32 not in "".join(t or "" for t in out), cut
+    assert cursor_spans("result = comp", ["ute_total(items)\n"], "") == [[], [], []]
+
+
+def test_file_scrubber_joins_the_jenkins_setup_log() -> None:
+    """Jenkins prints its first admin's password after a blank line: a file cut at blank lines still finds it."""
+    log = ("*" * 61 + "\n\nJenkins initial setup is required. An admin user has been created and a password "
+           "generated.\nPlease use the following password to proceed to installation:\n\n" + HEX32 + "\n\n"
+           "This may also be found at: /var/jenkins_home/secrets/initialAdminPassword\n")
+    scrubber = FileScrubber()
+    assert scrubber.scrub(log) == scrub(log) and HEX32 not in scrub(log)
