@@ -416,13 +416,18 @@ class Store:
 
     def suggestions_to_link(self) -> Iterator[ToLink]:
         """Accepted suggestions whose link may still change: never linked, linked before their window closed,
-        or left unknown and followed by newly stored commits of their developer."""
+        or left unknown and since joined by a stored commit of their developer inside their window.
+
+        Only a commit inside the window can change a verdict (link_groups reads no other), so an unknown is not
+        relinked for a commit outside it: relinking every unknown of a developer with any new commit made the
+        nightly link pass grow with the history (bench/nightly_growth.py; see bench/README.md)."""
         cur = self.con.execute(
             "SELECT s.id, s.developer, s.shown_at, s.repo, s.filepath FROM suggestions s "
             "LEFT JOIN suggestion_links l ON l.suggestion_id = s.id "
             "WHERE s.accepted AND s.prefix IS NOT NULL AND s.completion IS NOT NULL AND (l.suggestion_id IS NULL "
             "OR l.linked_at < l.window_closes_at OR (l.status = 'unknown' AND EXISTS (SELECT 1 FROM commits c "
-            "WHERE c.developer = s.developer AND c.ingested_at > l.linked_at))) ORDER BY s.id")
+            "WHERE c.developer = s.developer AND c.ingested_at > l.linked_at AND c.committed_at > s.shown_at "
+            "AND c.committed_at <= l.window_closes_at))) ORDER BY s.id")
         yield from _records(cur, ToLink)
 
     def link_groups(self, mapped: pa.Table, window_h: float
