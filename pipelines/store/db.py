@@ -455,6 +455,26 @@ class Store:
             "WHERE NOT c.opted_out ORDER BY w.repo, w.path, c.developer, c.committed_at, c.sha", [window_h])
         return _records(suggestions, LinkCandidate), _records(versions, FileVersion)
 
+    def token_counts(self, tokenizer: str) -> dict[bytes, int]:
+        """Token counts stored by earlier dataset builds for `tokenizer` (a fingerprint), by text hash."""
+        rows = self.con.execute("SELECT text_hash, tokens FROM token_counts WHERE tokenizer = ?",
+                                [tokenizer]).fetchall()
+        return dict(rows)
+
+    def save_token_counts(self, tokenizer: str, counts: dict[bytes, int]) -> None:
+        """Add counts a build made (their hashes were not stored yet for `tokenizer`)."""
+        if not counts:
+            return
+        new = pa.table({"text_hash": pa.array(list(counts), pa.binary()),
+                        "tokens": pa.array(list(counts.values()), pa.int32())})
+        c = self.con.cursor()  # registered Arrow tables stay on this cursor; one statement, so one transaction
+        c.register("new_counts", new)
+        with self._lock:
+            c.execute("INSERT INTO token_counts SELECT ?, n.text_hash, n.tokens FROM new_counts n "
+                      "WHERE n.text_hash NOT IN (SELECT text_hash FROM token_counts WHERE tokenizer = ?)",
+                      [tokenizer, tokenizer])
+        c.close()
+
     def save_links(self, rows: list[SuggestionLinkRow]) -> None:
         """Insert or replace links (a relink replaces the earlier decision)."""
         if not rows:
@@ -543,6 +563,8 @@ class Store:
             where, args = _quarantine_of(sources, ids)
             c.execute(f"DELETE FROM quarantine WHERE {where}", args)
             c.execute("DELETE FROM runs WHERE scope = ?", [f"dev:{developer}"])
+            # A cache of hashes of row texts; dropped whole so none of a forgotten developer's rows is left in it.
+            c.execute("DELETE FROM token_counts")
             for table, column, _ in self._naming(ids):
                 c.execute(f"UPDATE {table} SET {column} = regexp_replace({column}, ?, '<forgotten>', 'g') "
                           f"WHERE regexp_matches({column}, ?)", [_any_of(ids)] * 2)

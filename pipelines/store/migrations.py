@@ -248,6 +248,16 @@ MIGRATIONS: list[tuple[str, str]] = [
     # A run interrupted in training (kill -9, service stop, timeout) is resumed by a later cycle from its
     # checkpoint, in the same run directory; `attempts` counts how often it was started, so a run that
     # fails the same way every time is given up after [train] resume_attempts.
+    # Token counts of dataset rows (pipelines/datasets/quality.py, TokenCounts): a build tokenizes only the rows
+    # no earlier build of the same tokenizer counted, so a night's build does not re-tokenize the whole history
+    # (27 of 30 s of a 10k-suggestion build went to tokenizing; bench/nightly_growth.py). Hashes, never texts.
+    ("0011_token_counts", """
+        CREATE TABLE token_counts (
+            tokenizer VARCHAR NOT NULL,       -- BaseTokenizer.fingerprint(): the tokenizer's serialised form, hashed
+            text_hash BLOB NOT NULL,          -- blake2b-128 of the rendered row text
+            tokens INTEGER NOT NULL
+        );
+    """),
     ("0020_run_attempts", """
         ALTER TABLE runs ADD COLUMN attempts INTEGER DEFAULT 1;
     """),
