@@ -131,15 +131,16 @@ def function_source(rng: random.Random) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_repo(path: Path, n_commits: int, rng: random.Random) -> list[dict[str, Any]]:
-    """A git repository made with one `git fast-import`; returns each commit's author, time and changes."""
+def write_repo(path: Path, n_commits: int, rng: random.Random, step: timedelta | None = None) -> list[dict[str, Any]]:
+    """A git repository made with one `git fast-import`, commits `step` apart (default: spread over a year);
+    returns each commit's author, time and changes."""
     modules = [f"{rng.choice(('core', 'api', 'jobs', 'billing', 'ledger'))}/{noun}_{i}.py"
                for i, noun in enumerate(rng.choice(NOUNS) for _ in range(300))]
     files: dict[str, list[str]] = {}
     developers = [f"dev{i:02d}@example.com" for i in range(20)]
     subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
     subprocess.run(["git", "-C", str(path), "remote", "add", "origin", "git@github.com:acme/payments.git"], check=True)
-    step = timedelta(days=365) / n_commits
+    step = step or timedelta(days=365) / n_commits
     out: list[dict[str, Any]] = []
     proc = subprocess.Popen(["git", "-C", str(path), "fast-import", "--quiet"], stdin=subprocess.PIPE)
     assert proc.stdin is not None

@@ -8,6 +8,7 @@ exactly as `from_pretrained` would; a local directory is read in place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,11 @@ class BaseTokenizer:
         `encode_batch_fast` skips the offsets (15% faster: 5.5 vs 4.8 MB/s of code on 2 cores); like
         `encode_batch` it spreads the texts over every core unless TOKENIZERS_PARALLELISM=false."""
         return [len(e.ids) for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def fingerprint(self) -> str:
+        """A hash of the tokenizer's whole serialised form: counts made with it stay valid while this is equal
+        (a local base_model directory can be retrained under the same name)."""
+        return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:32]
 
 
 def load_base_tokenizer(base_model: str) -> BaseTokenizer:

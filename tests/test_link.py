@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import git
 import pytest
 
 from daemon import jobs
@@ -27,6 +28,7 @@ from support import (
     T0,
     CommitSpec,
     autocomplete_event,
+    commit,
     continue_log,
     day_ms,
     days,
@@ -161,6 +163,28 @@ def test_linking_is_incremental(linked: Any) -> None:
     store, _, _ = linked
     # Every window has closed (T0 is weeks ago) and nothing new was stored: nothing to relink.
     assert link_suggestions(store, DatasetsConfig()).linked == 0
+    store.close()
+
+
+def test_an_unknown_is_relinked_only_for_a_new_commit_inside_its_window(linked: Any) -> None:
+    store, links, tmp_path = linked
+    cfg = load_config(tmp_path / "site" / "config.toml")
+    repo = git.Repo(tmp_path / "repo")
+    # A commit of alice's days after every suggestion's 72 h window closed cannot change a verdict: relinking
+    # each of her unknowns for it made the nightly link pass grow with the history.
+    commit(repo, CommitSpec({"ledger/later.py": "x = 1\n"}, author=ALICE, when=T0 + days(9)))
+    assert jobs.collect(store, cfg)["error"] is None
+    assert link_suggestions(store, DatasetsConfig()).linked == 0
+    # One stored late but dated inside the windows (a branch merged later): alice's three unknowns are relinked,
+    # and the one whose text it holds is now kept.
+    commit(repo, CommitSpec({"ledger/late.py": "def late():\n    return 'late'\n\n\nLATE = late()\n"}, author=ALICE,
+                            when=T0 + hours(5)))
+    assert jobs.collect(store, cfg)["error"] is None
+    report = link_suggestions(store, DatasetsConfig())
+    assert report.linked == 3
+    status = store.con.execute("SELECT status FROM suggestion_links WHERE suggestion_id = ?",
+                               [links["late"]["suggestion_id"]]).fetchone()
+    assert status == ("kept",)
     store.close()
 
 

@@ -43,6 +43,7 @@ from pipelines.datasets.link import link_suggestions
 from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix, outcomes, sides
 from pipelines.datasets.paths import PathIndex
 from pipelines.datasets.quality import (
+    TokenCounts,
     calibrate,
     drop_exact_duplicates,
     exact_key,
@@ -158,13 +159,15 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     clock.lap("near_dup")
 
     counted: Counter[str] = Counter()
+    fingerprint = tokenizer.fingerprint()
+    counts = TokenCounts(tokenizer, store.token_counts(fingerprint))
     ratio = None if cfg.exact_token_counts else calibrate(
         [_fim_text(e, fim_tokens.psm(e.prefix, e.suffix), fim_tokens.eos) for e in _spread(fim_train + fim_held)]
-        + [kto_text(k, fim_tokens) for k in _spread(kto_train)], tokenizer)
+        + [kto_text(k, fim_tokens) for k in _spread(kto_train)], counts)
 
     def fit(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Callable[[T], str],
             shrink: Callable[[T], T | None], cap: int) -> list[T]:
-        return fit_tokens(rows, parts, render, shrink, tokenizer, cap, ratio, dropped, counted)
+        return fit_tokens(rows, parts, render, shrink, counts, cap, ratio, dropped, counted)
 
     cap = cfg.max_row_tokens
     sentinels = fim_tokens.psm("", "") + fim_tokens.eos  # the same characters in either layout
@@ -185,6 +188,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
                     lambda k: kto_text(k, fim_tokens), _shrink, cap)
     chat_train = fit(chat_train, lambda c: (c.user, "\n", c.assistant), lambda c: c.user + "\n" + c.assistant,
                      _no_shrink, cap - CHAT_TEMPLATE_TOKENS)
+    store.save_token_counts(fingerprint, counts.new)
     clock.lap("tokens")
 
     desirable = sum(k.desirable for k in kto_train)
@@ -234,6 +238,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
         "spm": fim_tokens.spm_supported, "max_row_tokens": cfg.max_row_tokens, "created_at": now().isoformat(),
         "heldout_cutoff": cutoff.isoformat() if cutoff else None, "accept_rate": round(accept_rate, 4),
         "suggestions": shown, "link_pass": link.as_dict(), "token_counts": dict(counted),
+        "token_count_cache": {"known": counts.hits, "tokenized": len(counts.new)},
         "served_by": store.served_for_scope(scope),
         "kto": {**report.kto, "desirable": desirable, "undesirable": len(kto_train) - desirable},
     }

@@ -37,7 +37,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -300,8 +300,43 @@ def _similar(sig: np.ndarray, middle: np.ndarray, rows: np.ndarray, other: np.nd
 
 # -- token caps ----------------------------------------------------------------------------------------------
 
+class Counts(Protocol):
+    """Token counts of texts: a BaseTokenizer, or TokenCounts in front of one."""
+
+    def count(self, texts: list[str]) -> list[int]: ...
+
+
+class TokenCounts:
+    """Token counts remembered by text hash across builds (Store.token_counts), in front of a tokenizer.
+
+    Every night's build fits the whole history's rows into max_row_tokens again; tokenizing them again made the
+    build's cost grow with the history (27 of 30 s of a 10k-suggestion build with the demo's tiny tokenizer,
+    bench/nightly_growth.py). A text counted by an earlier build of the same tokenizer (same fingerprint) is not
+    tokenized again; the counts are the tokenizer's own, so the rows are the same."""
+
+    def __init__(self, tokenizer: BaseTokenizer, known: dict[bytes, int]) -> None:
+        self.tokenizer = tokenizer
+        self.known = known
+        self.new: dict[bytes, int] = {}  # counted by this build: what to store
+        self.hits = 0
+
+    def count(self, texts: list[str]) -> list[int]:
+        keys = [text_hash(t) for t in texts]
+        out = [self.known.get(k, -1) for k in keys]
+        missing = [i for i, n in enumerate(out) if n < 0]
+        self.hits += len(texts) - len(missing)
+        if missing:
+            for i, n in zip(missing, self.tokenizer.count([texts[i] for i in missing]), strict=True):
+                out[i] = self.known[keys[i]] = self.new[keys[i]] = n
+        return out
+
+
+def text_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def fit_tokens(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Callable[[T], str],
-               shrink: Callable[[T], T | None], tokenizer: BaseTokenizer, max_tokens: int, ratio: float | None,
+               shrink: Callable[[T], T | None], tokenizer: Counts, max_tokens: int, ratio: float | None,
                dropped: Counter[str], counted: Counter[str]) -> list[T]:
     """Fit rows into `max_tokens` by cutting their context (`shrink` keeps 3/4 of it, None when there is
     nothing left to cut); drop a row only when it cannot fit. `parts` gives the strings a row's text is made
@@ -335,7 +370,7 @@ def fit_tokens(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Cal
     return [r for r in out if r is not None]
 
 
-def calibrate(sample: list[str], tokenizer: BaseTokenizer) -> float | None:
+def calibrate(sample: list[str], tokenizer: Counts) -> float | None:
     """The highest tokens-per-byte ratio in a sample of rows, plus a margin: the bound `fit_tokens` trusts
     instead of tokenizing (None: too small a sample to trust, so every long row is tokenized)."""
     sample = [t for t in sample if len(t) >= 64]
@@ -347,7 +382,7 @@ def calibrate(sample: list[str], tokenizer: BaseTokenizer) -> float | None:
 
 
 def _upper_bounds(rows: list[Any], parts: Callable[[Any], tuple[str, ...]], render: Callable[[Any], str],
-                  tokenizer: BaseTokenizer, ratio: float | None, max_tokens: int, counted: Counter[str],
+                  tokenizer: Counts, ratio: float | None, max_tokens: int, counted: Counter[str],
                   first_round: bool) -> list[int]:
     """Per row, its token count or an upper bound of it that is enough to compare with `max_tokens`."""
     out = [0] * len(rows)

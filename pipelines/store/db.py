@@ -416,13 +416,18 @@ class Store:
 
     def suggestions_to_link(self) -> Iterator[ToLink]:
         """Accepted suggestions whose link may still change: never linked, linked before their window closed,
-        or left unknown and followed by newly stored commits of their developer."""
+        or left unknown and since joined by a stored commit of their developer inside their window.
+
+        Only a commit inside the window can change a verdict (link_groups reads no other), so an unknown is not
+        relinked for a commit outside it: relinking every unknown of a developer with any new commit made the
+        nightly link pass grow with the history (bench/nightly_growth.py; see bench/README.md)."""
         cur = self.con.execute(
             "SELECT s.id, s.developer, s.shown_at, s.repo, s.filepath FROM suggestions s "
             "LEFT JOIN suggestion_links l ON l.suggestion_id = s.id "
             "WHERE s.accepted AND s.prefix IS NOT NULL AND s.completion IS NOT NULL AND (l.suggestion_id IS NULL "
             "OR l.linked_at < l.window_closes_at OR (l.status = 'unknown' AND EXISTS (SELECT 1 FROM commits c "
-            "WHERE c.developer = s.developer AND c.ingested_at > l.linked_at))) ORDER BY s.id")
+            "WHERE c.developer = s.developer AND c.ingested_at > l.linked_at AND c.committed_at > s.shown_at "
+            "AND c.committed_at <= l.window_closes_at))) ORDER BY s.id")
         yield from _records(cur, ToLink)
 
     def link_groups(self, mapped: pa.Table, window_h: float
@@ -449,6 +454,26 @@ class Store:
             "JOIN commit_files f ON f.sha = c.sha AND f.path = w.path LEFT JOIN blobs b ON b.blob = f.blob "
             "WHERE NOT c.opted_out ORDER BY w.repo, w.path, c.developer, c.committed_at, c.sha", [window_h])
         return _records(suggestions, LinkCandidate), _records(versions, FileVersion)
+
+    def token_counts(self, tokenizer: str) -> dict[bytes, int]:
+        """Token counts stored by earlier dataset builds for `tokenizer` (a fingerprint), by text hash."""
+        rows = self.con.execute("SELECT text_hash, tokens FROM token_counts WHERE tokenizer = ?",
+                                [tokenizer]).fetchall()
+        return dict(rows)
+
+    def save_token_counts(self, tokenizer: str, counts: dict[bytes, int]) -> None:
+        """Add counts a build made (their hashes were not stored yet for `tokenizer`)."""
+        if not counts:
+            return
+        new = pa.table({"text_hash": pa.array(list(counts), pa.binary()),
+                        "tokens": pa.array(list(counts.values()), pa.int32())})
+        c = self.con.cursor()  # registered Arrow tables stay on this cursor; one statement, so one transaction
+        c.register("new_counts", new)
+        with self._lock:
+            c.execute("INSERT INTO token_counts SELECT ?, n.text_hash, n.tokens FROM new_counts n "
+                      "WHERE n.text_hash NOT IN (SELECT text_hash FROM token_counts WHERE tokenizer = ?)",
+                      [tokenizer, tokenizer])
+        c.close()
 
     def save_links(self, rows: list[SuggestionLinkRow]) -> None:
         """Insert or replace links (a relink replaces the earlier decision)."""
@@ -538,6 +563,8 @@ class Store:
             where, args = _quarantine_of(sources, ids)
             c.execute(f"DELETE FROM quarantine WHERE {where}", args)
             c.execute("DELETE FROM runs WHERE scope = ?", [f"dev:{developer}"])
+            # A cache of hashes of row texts; dropped whole so none of a forgotten developer's rows is left in it.
+            c.execute("DELETE FROM token_counts")
             for table, column, _ in self._naming(ids):
                 c.execute(f"UPDATE {table} SET {column} = regexp_replace({column}, ?, '<forgotten>', 'g') "
                           f"WHERE regexp_matches({column}, ?)", [_any_of(ids)] * 2)

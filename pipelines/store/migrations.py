@@ -289,4 +289,14 @@ MIGRATIONS: list[tuple[str, str]] = [
             value VARCHAR NOT NULL
         );
     """),
+    # Token counts of dataset rows (pipelines/datasets/quality.py, TokenCounts): a build tokenizes only the rows
+    # no earlier build of the same tokenizer counted, so a night's build does not re-tokenize the whole history
+    # (27 of 30 s of a 10k-suggestion build went to tokenizing; bench/nightly_growth.py). Hashes, never texts.
+    ("0050_token_counts", """
+        CREATE TABLE token_counts (
+            tokenizer VARCHAR NOT NULL,       -- BaseTokenizer.fingerprint(): the tokenizer's serialised form, hashed
+            text_hash BLOB NOT NULL,          -- blake2b-128 of the rendered row text
+            tokens INTEGER NOT NULL
+        );
+    """),
 ]
