@@ -124,25 +124,49 @@ def interleave(script: Path, paths: list[str], reps: int, args: list[str],
             result = json.loads(out.stdout.strip().splitlines()[-1])
             results[path].append(result)
             shown = {k: v for k, v in result.items()
-                     if k in ("tokens_per_s", "pairs_per_s", "rows_per_s", "real_share", "loss", "peak_rss_mb")}
+                     if k in ("tokens_per_s", "tokens_per_cpu_s", "pairs_per_s", "pairs_per_cpu_s", "rows_per_s",
+                               "rows_per_cpu_s", "real_share", "loss", "peak_rss_mb")}
             print(f"  rep {rep + 1}/{reps} {path:>10}: " + ", ".join(
                 f"{k} {v:.4f}" if k in ("loss", "real_share") else f"{k} {v:,.1f}" for k, v in shown.items()),
                 f"({time.monotonic() - started:.0f}s, load {os.getloadavg()[0]:.1f})", flush=True)
     return results
 
 
+class Clock:
+    """Wall and CPU seconds spent inside `with clock:` (CPU: every thread of this process). On shared cores
+    the CPU seconds of a one-thread worker measure its work; the wall seconds also count the time other
+    processes had the core."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> Clock:
+        self._started = (time.monotonic(), time.process_time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.monotonic() - self._started[0]
+        self.cpu += time.process_time() - self._started[1]
+
+    def rates(self, count: float, unit: str) -> dict[str, float]:
+        return {"seconds": self.wall, "cpu_seconds": self.cpu, f"{unit}_per_s": count / self.wall,
+                f"{unit}_per_cpu_s": count / self.cpu}
+
+
 def ratios(results: dict[str, list[dict[str, Any]]], key: str, baseline: str, candidate: str) -> list[float]:
     return [c[key] / b[key] for b, c in zip(results[baseline], results[candidate], strict=True)]
 
 
-def summary(results: dict[str, list[dict[str, Any]]], key: str, baseline: str, candidate: str) -> str:
-    r = ratios(results, key, baseline, candidate)
+def summary(results: dict[str, list[dict[str, Any]]], unit: str, baseline: str, candidate: str) -> str:
+    """Medians per side and the median per-repetition ratio, per wall second and per CPU second."""
     lines = []
-    for path, rs in results.items():
-        values = [x[key] for x in rs]
-        rss = max(x["peak_rss_mb"] for x in rs)
-        lines.append(f"{path:>10}: {key} median {statistics.median(values):,.1f} "
-                     f"(min {min(values):,.1f}, max {max(values):,.1f}); peak RSS {rss:,.0f} MB")
-    lines.append(f"{candidate} / {baseline}: median ratio {statistics.median(r):.2f}x "
-                 f"(per repetition: {', '.join(f'{x:.2f}' for x in r)})")
+    for key in (f"{unit}_per_s", f"{unit}_per_cpu_s"):
+        r = ratios(results, key, baseline, candidate)
+        for path, rs in results.items():
+            values = [x[key] for x in rs]
+            rss = max(x["peak_rss_mb"] for x in rs)
+            lines.append(f"{path:>10}: {key} median {statistics.median(values):,.1f} "
+                         f"(min {min(values):,.1f}, max {max(values):,.1f}); peak RSS {rss:,.0f} MB")
+        lines.append(f"{candidate} / {baseline}: {key} median ratio {statistics.median(r):.2f}x "
+                     f"(per repetition: {', '.join(f'{x:.2f}' for x in r)})")
     return "\n".join(lines)

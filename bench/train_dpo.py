@@ -26,11 +26,10 @@ import logging
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from common import bench_model, bench_rows, interleave, peak_rss_mb, summary
+from common import Clock, bench_model, bench_rows, interleave, peak_rss_mb, summary
 from train_sft import StepLosses, threads
 
 BATCH, MAX_TOKENS, LR, BETA = 8, 512, 5e-5, 0.1
@@ -80,25 +79,22 @@ def trl_trainer(data: list[dict[str, str]], sampling: str = "group_by_length", w
 def run_trl(data: list[dict[str, str]]) -> dict[str, Any]:
     from trl import DPOTrainer
 
-    spent = {"reference": 0.0}
+    reference = Clock()
     precompute = DPOTrainer._precompute_ref_logps
 
     def timed(self: Any, *args: Any, **kwargs: Any) -> Any:  # bench-only: TRL precomputes inside __init__
-        started = time.monotonic()
-        try:
+        with reference:
             return precompute(self, *args, **kwargs)
-        finally:
-            spent["reference"] += time.monotonic() - started
 
     DPOTrainer._precompute_ref_logps = timed  # type: ignore[method-assign]
     trainer = trl_trainer(data)
-    started = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - started + spent["reference"]
+    with Clock() as clock:
+        trainer.train()
+    clock.wall, clock.cpu = clock.wall + reference.wall, clock.cpu + reference.cpu
     pairs_done = trainer.state.global_step * BATCH
     loss = next(h["train_loss"] for h in trainer.state.log_history if "train_loss" in h)
-    return {"pairs": pairs_done, "seconds": seconds, "reference_s": spent["reference"],
-            "pairs_per_s": pairs_done / seconds, "loss": loss, "peak_rss_mb": peak_rss_mb(), "threads": threads()}
+    return {"pairs": pairs_done, "reference_s": reference.wall,
+            **clock.rates(pairs_done, "pairs"), "loss": loss, "peak_rss_mb": peak_rss_mb(), "threads": threads()}
 
 
 def devtune_setup(warmup: float = 0.0, logging_steps: int = 1000) -> dict[str, Any]:
@@ -128,13 +124,12 @@ def run_devtune(data: list[dict[str, str]]) -> dict[str, Any]:
     from pipelines.train.train import dpo_stage
 
     s = devtune_setup()
-    started = time.monotonic()  # includes computing the reference log-likelihoods
-    result = dpo_stage(data, s["tokenizer"], MAX_TOKENS, s["cfg"], s["model"], s["lm"], s["pad_id"], s["settings"],
-                       s["rt"])
-    seconds = time.monotonic() - started
+    with Clock() as clock:  # includes computing the reference log-likelihoods
+        result = dpo_stage(data, s["tokenizer"], MAX_TOKENS, s["cfg"], s["model"], s["lm"], s["pad_id"],
+                           s["settings"], s["rt"])
     trained = result.steps * BATCH
-    return {"pairs": trained, "seconds": seconds, "pairs_per_s": trained / seconds, "loss": result.loss,
-            "peak_rss_mb": peak_rss_mb(), "threads": threads()}
+    return {"pairs": trained, **clock.rates(trained, "pairs"), "loss": result.loss, "peak_rss_mb": peak_rss_mb(),
+            "threads": threads()}
 
 
 def check(data: list[dict[str, str]]) -> int:
@@ -200,7 +195,7 @@ def main() -> int:
           f"data={args.data}, {args.reps} interleaved repetitions, threads={args.threads or 'default'}", flush=True)
     results = interleave(Path(__file__), ["trl", "devtune"], args.reps,
                          ["--pairs", str(args.pairs), "--data", args.data], threads=args.threads)
-    print(summary(results, "pairs_per_s", "trl", "devtune"))
+    print(summary(results, "pairs", "trl", "devtune"))
     losses = {p: sum(r["loss"] for r in rs) / len(rs) for p, rs in results.items()}
     print("mean training loss over the steps: " + ", ".join(f"{p} {v:.4f}" for p, v in losses.items()))
     return 0

@@ -29,11 +29,10 @@ import logging
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from common import WORK, bench_model, bench_rows, interleave, peak_rss_mb, summary
+from common import WORK, Clock, bench_model, bench_rows, interleave, peak_rss_mb, summary
 from train_sft import StepLosses, threads
 
 BATCH, MAX_TOKENS, LR, BETA = 8, 512, 5e-5, 0.1
@@ -84,24 +83,21 @@ def trl_trainer(rows: list[dict[str, Any]], order: list[int] | None = None, logg
 def run_trl(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from trl import KTOTrainer
 
-    spent = {"reference": 0.0}
+    reference = Clock()
     precompute = KTOTrainer._precompute_ref_logps
 
     def timed(self: Any, *args: Any, **kwargs: Any) -> Any:  # bench-only: TRL precomputes inside __init__
-        started = time.monotonic()
-        try:
+        with reference:
             return precompute(self, *args, **kwargs)
-        finally:
-            spent["reference"] += time.monotonic() - started
 
     KTOTrainer._precompute_ref_logps = timed  # type: ignore[method-assign]
     trainer = trl_trainer(rows)
-    started = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - started + spent["reference"]
+    with Clock() as clock:
+        trainer.train()
+    clock.wall, clock.cpu = clock.wall + reference.wall, clock.cpu + reference.cpu
     done = trainer.state.global_step * BATCH
     loss = next(h["train_loss"] for h in trainer.state.log_history if "train_loss" in h)
-    return {"rows": done, "seconds": seconds, "reference_s": spent["reference"], "rows_per_s": done / seconds,
+    return {"rows": done, "reference_s": reference.wall, **clock.rates(done, "rows"),
             "loss": loss, "peak_rss_mb": peak_rss_mb(), "threads": threads()}
 
 
@@ -132,12 +128,11 @@ def run_devtune(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from pipelines.train.train import kto_stage
 
     s = devtune_setup()
-    started = time.monotonic()  # includes computing the reference log-likelihoods
-    result = kto_stage(rows, class_weights(), s["tokenizer"], MAX_TOKENS, s["cfg"], s["model"], s["lm"], s["pad_id"],
-                       s["settings"], s["rt"])
-    seconds = time.monotonic() - started
+    with Clock() as clock:  # includes computing the reference log-likelihoods
+        result = kto_stage(rows, class_weights(), s["tokenizer"], MAX_TOKENS, s["cfg"], s["model"], s["lm"],
+                           s["pad_id"], s["settings"], s["rt"])
     done = result.steps * BATCH
-    return {"rows": done, "seconds": seconds, "rows_per_s": done / seconds, "loss": result.loss,
+    return {"rows": done, **clock.rates(done, "rows"), "loss": result.loss,
             "peak_rss_mb": peak_rss_mb(), "threads": threads()}
 
 
@@ -205,7 +200,7 @@ def main() -> int:
           f"repetitions, threads={args.threads or 'default'}", flush=True)
     results = interleave(Path(__file__), ["trl", "devtune"], args.reps,
                          ["--rows", str(args.rows), "--data", args.data], threads=args.threads)
-    print(summary(results, "rows_per_s", "trl", "devtune"))
+    print(summary(results, "rows", "trl", "devtune"))
     losses = {p: sum(r["loss"] for r in rs) / len(rs) for p, rs in results.items()}
     print("mean training loss over the steps: " + ", ".join(f"{p} {v:.4f}" for p, v in losses.items()))
     return 0

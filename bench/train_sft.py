@@ -23,11 +23,10 @@ import logging
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from common import bench_model, bench_rows, interleave, peak_rss_mb, summary
+from common import Clock, bench_model, bench_rows, interleave, peak_rss_mb, summary
 
 BATCH, MAX_TOKENS, LR = 8, 512, 2e-4
 
@@ -71,12 +70,11 @@ def run_trl(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
         return batch
 
     trainer.data_collator = counting
-    started = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - started
+    with Clock() as clock:
+        trainer.train()
     tokens = int(trainer._total_train_tokens)
     loss = next(h["train_loss"] for h in trainer.state.log_history if "train_loss" in h)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    return {"tokens": tokens, **clock.rates(tokens, "tokens"),
             "real_share": tokens / padded["tokens"], "loss": loss, "peak_rss_mb": peak_rss_mb(), "threads": threads()}
 
 
@@ -110,14 +108,13 @@ def run_devtune(rows: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     from pipelines.train.train import sft_stage
 
     s = devtune_setup(rows, steps)
-    started = time.monotonic()
-    result = sft_stage(s["examples"], s["cfg"], s["model"], s["lm"], s["pad_id"], s["settings"], s["rt"])
-    seconds = time.monotonic() - started
+    with Clock() as clock:
+        result = sft_stage(s["examples"], s["cfg"], s["model"], s["lm"], s["pad_id"], s["settings"], s["rt"])
     lengths = [len(e.ids) for e in s["examples"]]
     padded = sum(len(part) * max(lengths[i] for i in part)
                  for step in plan_steps(lengths, BATCH, steps, s["cfg"].seed)
                  for part in micro_batches(step, lengths, BATCH))
-    return {"tokens": result.tokens, "seconds": seconds, "tokens_per_s": result.tokens / seconds,
+    return {"tokens": result.tokens, **clock.rates(result.tokens, "tokens"),
             "real_share": result.tokens / padded, "loss": result.loss, "first_loss": result.first_loss,
             "peak_rss_mb": peak_rss_mb(), "threads": threads()}
 
@@ -203,7 +200,7 @@ def main() -> int:
           f"({len(rows)} rows), {args.reps} interleaved repetitions, threads={args.threads or 'default'}", flush=True)
     results = interleave(Path(__file__), ["trl", "devtune"], args.reps,
                          ["--steps", str(args.steps), "--data", args.data], threads=args.threads)
-    print(summary(results, "tokens_per_s", "trl", "devtune"))
+    print(summary(results, "tokens", "trl", "devtune"))
     shares = {p: sum(r["real_share"] for r in rs) / len(rs) for p, rs in results.items()}
     print("real (non-padding) share of computed tokens: " + ", ".join(f"{p} {s:.0%}" for p, s in shares.items()))
     losses = {p: sum(r["loss"] for r in rs) / len(rs) for p, rs in results.items()}
