@@ -127,7 +127,8 @@ def interleave(script: Path, paths: list[str], reps: int, args: list[str],
                      if k in ("tokens_per_s", "tokens_per_cpu_s", "pairs_per_s", "pairs_per_cpu_s", "rows_per_s",
                                "rows_per_cpu_s", "real_share", "loss", "peak_rss_mb")}
             print(f"  rep {rep + 1}/{reps} {path:>10}: " + ", ".join(
-                f"{k} {v:.4f}" if k in ("loss", "real_share") else f"{k} {v:,.1f}" for k, v in shown.items()),
+                f"{k} {v:.4f}" if k in ("loss", "real_share") else f"{k} {v:,.{1 if v >= 100 else 2}f}"
+                for k, v in shown.items()),
                 f"({time.monotonic() - started:.0f}s, load {os.getloadavg()[0]:.1f})", flush=True)
     return results
 
@@ -165,8 +166,9 @@ def summary(results: dict[str, list[dict[str, Any]]], unit: str, baseline: str, 
         for path, rs in results.items():
             values = [x[key] for x in rs]
             rss = max(x["peak_rss_mb"] for x in rs)
-            lines.append(f"{path:>10}: {key} median {statistics.median(values):,.1f} "
-                         f"(min {min(values):,.1f}, max {max(values):,.1f}); peak RSS {rss:,.0f} MB")
+            digits = 1 if min(values) >= 100 else 2
+            lines.append(f"{path:>10}: {key} median {statistics.median(values):,.{digits}f} "
+                         f"(min {min(values):,.{digits}f}, max {max(values):,.{digits}f}); peak RSS {rss:,.0f} MB")
         lines.append(f"{candidate} / {baseline}: {key} median ratio {statistics.median(r):.2f}x "
                      f"(per repetition: {', '.join(f'{x:.2f}' for x in r)})")
     return "\n".join(lines)
