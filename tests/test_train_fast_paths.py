@@ -1,5 +1,5 @@
 """The faster training paths compute what the plain ones do: blocked causal attention, the last MLP only where
-read, shared prompts, the KL estimate from the training forward, CPU dropout."""
+read, shared prompts, the KL estimate from the training forward, CPU dropout, the CPU LoRA layer's one GEMM."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import get_peft_model
 from transformers import AutoTokenizer
 
 from pipelines.train import attention
 from pipelines.train.batching import Shared, collate, collate_shared, encode
-from pipelines.train.dropout import LaneDropout
+from pipelines.train.dropout import LaneDropout, use_lane_dropout
 from pipelines.train.fit import Settings, adapter_state
+from pipelines.train.lora_linear import CpuLoraLinear
 from pipelines.train.losses import LM, sequence_logps, shared_logps
-from pipelines.train.train import attach_adapter, dpo_stage, kto_stage, load_base_model, runtime
+from pipelines.train.train import attach_adapter, dpo_stage, kto_stage, load_base_model, lora_config, runtime
 from runs import END, kto_rows, pair_rows, train_config
 
 CPU = torch.device("cpu")
@@ -175,3 +177,31 @@ def test_the_last_mlp_runs_only_where_a_loss_reads_and_changes_nothing_there(tin
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not lm.last_mlp._forward_hooks and not lm.last_mlp._forward_pre_hooks  # removed after the forward
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_cpu_lora_layer_computes_what_peft_s_does(tiny_model: Path, dropout: float) -> None:
+    # The same adapter weights and the same dropout draws (LaneDropout's, from the same seed), through peft's
+    # lora.Linear and through CpuLoraLinear: equal outputs and gradients, and the saved config is peft's own.
+    cfg = train_config(lora_dropout=dropout)
+    rt = runtime(cfg)
+    ours, _, tokenizer = adapter(tiny_model, lora_dropout=dropout)
+    torch.manual_seed(0)
+    theirs = get_peft_model(load_base_model(str(tiny_model), cfg, rt), lora_config(cfg))
+    use_lane_dropout(theirs)
+    theirs.load_state_dict(ours.state_dict())
+    layers = [m for m in ours.modules() if hasattr(m, "lora_A")]
+    assert layers and all(type(m) is CpuLoraLinear for m in layers)
+    assert all(type(m) is not CpuLoraLinear for m in theirs.modules())
+    assert "_custom_modules" not in ours.peft_config["default"].to_dict()
+    _, chosen, rejected = units_and_sequences(tokenizer, 6)
+    batch = collate(chosen + rejected, tokenizer.pad_token_id, CPU)
+    results = []
+    for model in (ours, theirs):
+        model.train()
+        torch.manual_seed(1)
+        logps = sequence_logps(LM.of(model, None), batch)
+        logps.sum().backward()
+        results.append([logps.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float rounding: one sum order

@@ -30,10 +30,19 @@ class LaneDropout(torch.nn.Dropout):
             return x
         if threshold >= LANE:
             return x * 0.0
+        return x * (self.keep(x) * self.scale).to(x.dtype)
+
+    @property
+    def scale(self) -> float:
+        """What a kept element is multiplied by: 1 / (1 - p), p as rounded."""
+        return LANE / (LANE - round(self.p * LANE))
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """The boolean mask `forward` applies to x (the same draws): True where an element is kept.
+        For 0 < p < 1 only."""
         n = x.numel()
         lanes = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)
-        keep = lanes[:n].view(x.shape).bitwise_and_(LANE - 1) >= threshold
-        return x * (keep * (LANE / (LANE - threshold))).to(x.dtype)
+        return lanes[:n].view(x.shape).bitwise_and_(LANE - 1) >= round(self.p * LANE)
 
 
 def use_lane_dropout(model: Any) -> int:

@@ -50,6 +50,7 @@ from pipelines.train.fit import (
     install_stop_handlers,
     load_adapter_state,
 )
+from pipelines.train.lora_linear import CpuLoraLinear
 from pipelines.train.losses import LM, dpo_loss, kto_loss, sft_loss, shared_logps
 from pipelines.train.oom import OutOfMemory, free_memory, is_out_of_memory
 from pipelines.train.replay import latest_ts, select_rows
@@ -132,12 +133,17 @@ def load_base_model(base_model: str, cfg: TrainConfig, rt: Runtime) -> Any:
 
 def attach_adapter(model: Any, cfg: TrainConfig, init_adapter: str | None) -> tuple[Any, str | None, str]:
     """A LoRA from [train], with `init_adapter`'s weights when it has the same shape; on CPU its dropouts draw
-    their masks four at a time (pipelines/train/dropout.py).
+    their masks four at a time (pipelines/train/dropout.py) and each layer's LoRA sum is one GEMM
+    (pipelines/train/lora_linear.py).
 
     Returns (peft model, the adapter it started from or None, a note for the log and train.json).
     """
-    peft_model = get_peft_model(model, lora_config(cfg))
-    if next(model.parameters()).device.type == "cpu":
+    config = lora_config(cfg)
+    cpu = next(model.parameters()).device.type == "cpu"
+    if cpu:
+        config._register_custom_module({torch.nn.Linear: CpuLoraLinear})  # not saved in adapter_config.json
+    peft_model = get_peft_model(model, config)
+    if cpu:
         use_lane_dropout(peft_model)
     if not init_adapter:
         return peft_model, None, "fresh adapter"
