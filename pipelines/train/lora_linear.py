@@ -7,8 +7,9 @@ they decorate (width 256: the seven LoRA layers of a block put 2,240 input and 2
 through them per token). Here the same sum is one `addmm`: the base output is its input, B's product is
 added with `alpha = scaling / (1 - p)`, and the dropout is the bare boolean mask (LaneDropout's own draws,
 pipelines/train/dropout.py), its 1 / (1 - p) moved into alpha because B(A(x * m * s)) = s * B(A(x * m)). The
-mask is saved for backward as bytes instead of floats. On the bench's SFT step that took aten::mul and
-aten::add from 22% to ... of the time (bench/README.md, "Training").
+mask is saved for backward as bytes instead of floats. On the bench model (8 rows x 427 tokens, one thread, CPU
+seconds, 5 alternating runs) three forward+backward passes took 2.34 s instead of 2.54 (-8%), with gradients
+equal within 1.2e-6 relative (bench/README.md, "Training").
 
 It is peft's own `lora.Linear` (registered through LoraConfig's custom-module mapping, the documented way to
 give peft another layer class): weights, state dict, merging and saving are peft's, and any case this
