@@ -36,12 +36,30 @@ BATCH, MAX_TOKENS, LR, BETA = 8, 512, 5e-5, 0.1
 
 
 def pairs(data: str, n: int) -> list[dict[str, str]]:
-    rows = bench_rows(data)[:n]
+    """The first `n` pairs whose prompt fits whole with both completions in MAX_TOKENS. A pair over it is
+    truncated differently by the two sides (TRL keeps the prompt and cuts the sequence's end, devtune cuts the
+    prompt's start, as FIM evaluation does), so it would not be the same training; 1 of the first 64 `spread`
+    pairs is."""
+    from transformers import AutoTokenizer
+
+    from pipelines.train.batching import encode
+
+    rows = bench_rows(data)
     rng = random.Random(0)
-    others = [r["completion"] for r in rows]
+    others = [r["completion"] for r in rows[:n]]
     rng.shuffle(others)
-    return [{"prompt": r["prompt"], "chosen": r["completion"],
-             "rejected": o if o != r["completion"] else others[0]} for r, o in zip(rows, others, strict=True)]
+    tokenizer = AutoTokenizer.from_pretrained(bench_model())
+    out: list[dict[str, str]] = []
+    for k, r in enumerate(rows):
+        other = others[k % len(others)]
+        pair = {"prompt": r["prompt"], "chosen": r["completion"],
+                "rejected": other if other != r["completion"] else others[(k + 1) % len(others)]}
+        whole = encode(tokenizer, [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]], 10**9)
+        if all(e is not None and len(e.ids) <= MAX_TOKENS for e in whole):
+            out.append(pair)
+        if len(out) == n:
+            break
+    return out
 
 
 def lora() -> Any:
