@@ -37,16 +37,16 @@ def bench_model() -> Path:
     return out
 
 
-def bench_rows(data: str) -> list[dict[str, Any]]:
-    """FIM rows (prompt, completion) of at most 512 tokens from the sample repository and Continue logs,
-    built by the real dataset builder.
+def bench_rows(data: str, name: str = "sft") -> list[dict[str, Any]]:
+    """Rows of `name`.jsonl (sft: prompt/completion FIM rows; kto: the same with a label) of at most 512
+    tokens from the sample repository and Continue logs, built by the real dataset builder.
 
     data = "built": the rows as the builder writes them (most prompts reach the 512-token cap).
     data = "spread": the same rows with the prefix cut at a uniformly random point, as a cursor anywhere
       in a file gives; padding to the longest row of a random batch then wastes ~40% of a batch, as in
       the measurement in DESIGN.md (58% real tokens).
     """
-    path = WORK / "data" / "sft.jsonl"
+    path = WORK / "data" / f"{name}.jsonl"
     if not path.is_file():
         _build_rows(path.parent)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -94,7 +94,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def interleave(script: Path, paths: list[str], reps: int, args: list[str]) -> dict[str, list[dict[str, Any]]]:
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of every worker: the same intra-op thread count for baseline and candidate.
+
+    0 keeps torch's default (one thread per core). On these shared cores a second OpenMP thread is a
+    gamble: an op waits at each barrier for a thread the scheduler may have parked, and with a load of 4-5
+    from other benchmarks devtune's SFT ran at 330-480 tokens/s with 2 threads against 2,250-2,400 with
+    one (tests/conftest.py saw the same on evaluation). One thread per process measures the work each side
+    does, not the scheduler's luck.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def interleave(script: Path, paths: list[str], reps: int, args: list[str],
+               threads: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Run `script --worker PATH ARGS` for each path, `reps` times, alternating the order each repetition."""
     results: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
     for rep in range(reps):
@@ -102,30 +118,57 @@ def interleave(script: Path, paths: list[str], reps: int, args: list[str]) -> di
         for path in order:
             started = time.monotonic()
             out = subprocess.run([sys.executable, str(script), "--worker", path, *args], capture_output=True,
-                                 text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                 text=True, cwd=ROOT, env=worker_env(threads))
             if out.returncode != 0:
                 raise SystemExit(f"{path} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
             results[path].append(result)
+            shown = {k: v for k, v in result.items()
+                     if k in ("tokens_per_s", "tokens_per_cpu_s", "pairs_per_s", "pairs_per_cpu_s", "rows_per_s",
+                               "rows_per_cpu_s", "real_share", "loss", "peak_rss_mb")}
             print(f"  rep {rep + 1}/{reps} {path:>10}: " + ", ".join(
-                f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
-                if k in ("tokens_per_s", "pairs_per_s", "rows_per_s", "real_share", "peak_rss_mb")),
-                f"({time.monotonic() - started:.0f}s)", flush=True)
+                f"{k} {v:.4f}" if k in ("loss", "real_share") else f"{k} {v:,.{1 if v >= 100 else 2}f}"
+                for k, v in shown.items()),
+                f"({time.monotonic() - started:.0f}s, load {os.getloadavg()[0]:.1f})", flush=True)
     return results
+
+
+class Clock:
+    """Wall and CPU seconds spent inside `with clock:` (CPU: every thread of this process). On shared cores
+    the CPU seconds of a one-thread worker measure its work; the wall seconds also count the time other
+    processes had the core."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> Clock:
+        self._started = (time.monotonic(), time.process_time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.monotonic() - self._started[0]
+        self.cpu += time.process_time() - self._started[1]
+
+    def rates(self, count: float, unit: str) -> dict[str, float]:
+        return {"seconds": self.wall, "cpu_seconds": self.cpu, f"{unit}_per_s": count / self.wall,
+                f"{unit}_per_cpu_s": count / self.cpu}
 
 
 def ratios(results: dict[str, list[dict[str, Any]]], key: str, baseline: str, candidate: str) -> list[float]:
     return [c[key] / b[key] for b, c in zip(results[baseline], results[candidate], strict=True)]
 
 
-def summary(results: dict[str, list[dict[str, Any]]], key: str, baseline: str, candidate: str) -> str:
-    r = ratios(results, key, baseline, candidate)
+def summary(results: dict[str, list[dict[str, Any]]], unit: str, baseline: str, candidate: str) -> str:
+    """Medians per side and the median per-repetition ratio, per wall second and per CPU second."""
     lines = []
-    for path, rs in results.items():
-        values = [x[key] for x in rs]
-        rss = max(x["peak_rss_mb"] for x in rs)
-        lines.append(f"{path:>10}: {key} median {statistics.median(values):,.1f} "
-                     f"(min {min(values):,.1f}, max {max(values):,.1f}); peak RSS {rss:,.0f} MB")
-    lines.append(f"{candidate} / {baseline}: median ratio {statistics.median(r):.2f}x "
-                 f"(per repetition: {', '.join(f'{x:.2f}' for x in r)})")
+    for key in (f"{unit}_per_s", f"{unit}_per_cpu_s"):
+        r = ratios(results, key, baseline, candidate)
+        for path, rs in results.items():
+            values = [x[key] for x in rs]
+            rss = max(x["peak_rss_mb"] for x in rs)
+            digits = 1 if min(values) >= 100 else 2
+            lines.append(f"{path:>10}: {key} median {statistics.median(values):,.{digits}f} "
+                         f"(min {min(values):,.{digits}f}, max {max(values):,.{digits}f}); peak RSS {rss:,.0f} MB")
+        lines.append(f"{candidate} / {baseline}: {key} median ratio {statistics.median(r):.2f}x "
+                     f"(per repetition: {', '.join(f'{x:.2f}' for x in r)})")
     return "\n".join(lines)

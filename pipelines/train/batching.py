@@ -44,6 +44,33 @@ class Batch:
     tokens: int  # real (non-padding) tokens in the batch
 
 
+@dataclass(frozen=True)
+class Shared:
+    """One prompt and the completions scored after it (DPO: chosen and rejected; KTO: the row's own completion
+    and another row's, for the KL estimate). With `share`, `collate_shared` lays them out as one row in which
+    each completion sees the prompt and its own tokens but not the other completions, so the prompt goes
+    through the model once instead of once per completion."""
+
+    prompt: list[int]
+    completions: tuple[list[int], ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt) + sum(len(c) for c in self.completions)
+
+
+@dataclass(frozen=True)
+class SharedBatch:
+    input_ids: torch.Tensor  # [rows, width], right-padded
+    position_ids: torch.Tensor | None  # [rows, width]: every completion continues the prompt's positions
+    mask: torch.Tensor | None  # [rows, 1, width, width] bool, True where a query may attend to a key
+    at: torch.Tensor  # [targets]: flat index (row * width + position) of the hidden state predicting each target
+    targets: torch.Tensor  # [targets]: the token predicted there
+    slot: torch.Tensor  # [targets]: the completion it belongs to, unit * k + completion index
+    slots: int  # units * k
+    tokens: int  # real (non-padding) tokens put through the model
+
+
 def encode(tokenizer: Any, prompts: list[str], completions: list[str], max_tokens: int,
            add_special_tokens: bool = True) -> list[Encoded | None]:
     """Tokenize prompt and completion separately, as evaluation does; None for a row whose completion alone
@@ -115,3 +142,52 @@ def collate(seqs: Sequence[Encoded], pad_id: int, device: torch.device) -> Batch
         targets[row, s.n_prompt - 1: len(s.ids) - 1] = ids[s.n_prompt:]
     return Batch(input_ids=input_ids.to(device, non_blocking=True), targets=targets.to(device, non_blocking=True),
                  tokens=sum(len(s.ids) for s in seqs))
+
+
+def collate_shared(units: Sequence[Shared], pad_id: int, device: torch.device, share: bool) -> SharedBatch:
+    """Units of k completions each as one batch: with `share`, one row per unit (the completions one after
+    another behind the prompt, each one's positions continuing the prompt's, a mask keeping it to the prompt and
+    to itself); without, one ordinary right-padded row per completion (no mask, positions 0..n-1), for attention
+    implementations that take no mask (FlashAttention)."""
+    k = len(units[0].completions)
+    assert all(len(u.completions) == k for u in units), "every unit holds the same number of completions"
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # ids, positions, segments (0: prompt, c + 1: completion c)
+    at: list[tuple[int, int]] = []
+    targets: list[int] = []
+    slot: list[int] = []
+    for u, unit in enumerate(units):
+        p = len(unit.prompt)
+        for c, completion in enumerate(unit.completions):
+            if c == 0 or not share:
+                rows.append((list(unit.prompt), list(range(p)), [0] * p))
+            r = len(rows) - 1
+            ids, positions, segments = rows[r]
+            start = len(ids)
+            ids += completion
+            positions += range(p, p + len(completion))
+            segments += [c + 1] * len(completion)
+            # Its first token is predicted at the prompt's last position, token j at its own token j - 1.
+            at += [(r, p - 1)] + [(r, h) for h in range(start, start + len(completion) - 1)]
+            targets += completion
+            slot += [u * k + c] * len(completion)
+    width = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for r, (ids, _, _) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    position_ids = mask = None
+    if share:
+        position_ids = torch.arange(width).repeat(len(rows), 1)
+        # Pads are a segment of their own (-1) that sees the prompt and earlier pads, so no query row is empty:
+        # an all-masked row gives NaN, and NaN times a zero attention weight is still NaN.
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
+        for r, (ids, positions, segs) in enumerate(rows):
+            position_ids[r, : len(ids)] = torch.tensor(positions, dtype=torch.long)
+            segments[r, : len(ids)] = torch.tensor(segs, dtype=torch.long)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = (causal & ((segments[:, :, None] == segments[:, None, :]) | (segments == 0)[:, None, :]))[:, None]
+        position_ids, mask = position_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    return SharedBatch(input_ids=input_ids.to(device, non_blocking=True), position_ids=position_ids, mask=mask,
+                       at=torch.tensor([r * width + h for r, h in at], dtype=torch.long).to(device),
+                       targets=torch.tensor(targets, dtype=torch.long).to(device),
+                       slot=torch.tensor(slot, dtype=torch.long).to(device), slots=len(units) * k,
+                       tokens=sum(len(ids) for ids, _, _ in rows))

@@ -36,7 +36,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipelines.config import TrainConfig
 from pipelines.files import read_json, write_json_atomic
 from pipelines.progress import format_seconds
-from pipelines.train.batching import Encoded, collate, encode, plan_steps, steps_for
+from pipelines.train import attention
+from pipelines.train.batching import Encoded, Shared, collate, collate_shared, encode, plan_steps, steps_for
+from pipelines.train.dropout import use_lane_dropout
 from pipelines.train.fit import (
     Micro,
     Runtime,
@@ -48,7 +50,8 @@ from pipelines.train.fit import (
     install_stop_handlers,
     load_adapter_state,
 )
-from pipelines.train.losses import LM, dpo_loss, kto_loss, sequence_logps, sft_loss
+from pipelines.train.lora_linear import CpuLoraLinear
+from pipelines.train.losses import LM, dpo_loss, kto_loss, sft_loss, shared_logps
 from pipelines.train.oom import OutOfMemory, free_memory, is_out_of_memory
 from pipelines.train.replay import latest_ts, select_rows
 from pipelines.train.rundir import RunConfig, read_rows
@@ -95,7 +98,8 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
 
 
 def load_base_model(base_model: str, cfg: TrainConfig, rt: Runtime) -> Any:
-    """The frozen base: fp32 on CPU; bf16 on CUDA; 4-bit NF4 with `qlora` (CUDA and bitsandbytes only)."""
+    """The frozen base: fp32 on CPU, its attention in causal query blocks (pipelines/train/attention.py); bf16
+    on CUDA; 4-bit NF4 with `qlora` (CUDA and bitsandbytes only)."""
     cuda = rt.device.type == "cuda"
     if cfg.qlora:
         if not cuda:
@@ -114,6 +118,8 @@ def load_base_model(base_model: str, cfg: TrainConfig, rt: Runtime) -> Any:
         # CPU stays fp32: this CPU runs bf16 matmul at ~1 GFLOP/s against ~180 in fp32 (DESIGN.md).
         dtype = torch.bfloat16 if rt.bf16 else torch.float32
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(rt.device)
+        if not cuda and model.config._attn_implementation == "sdpa":
+            model.set_attn_implementation(attention.NAME)  # causal attention in query blocks
         if cfg.gradient_checkpointing and cuda:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -126,11 +132,19 @@ def load_base_model(base_model: str, cfg: TrainConfig, rt: Runtime) -> Any:
 
 
 def attach_adapter(model: Any, cfg: TrainConfig, init_adapter: str | None) -> tuple[Any, str | None, str]:
-    """A LoRA from [train], with `init_adapter`'s weights when it has the same shape.
+    """A LoRA from [train], with `init_adapter`'s weights when it has the same shape; on CPU its dropouts draw
+    their masks four at a time (pipelines/train/dropout.py) and each layer's LoRA sum is one GEMM
+    (pipelines/train/lora_linear.py).
 
     Returns (peft model, the adapter it started from or None, a note for the log and train.json).
     """
-    peft_model = get_peft_model(model, lora_config(cfg))
+    config = lora_config(cfg)
+    cpu = next(model.parameters()).device.type == "cpu"
+    if cpu:
+        config._register_custom_module({torch.nn.Linear: CpuLoraLinear})  # not saved in adapter_config.json
+    peft_model = get_peft_model(model, config)
+    if cpu:
+        use_lane_dropout(peft_model)
     if not init_adapter:
         return peft_model, None, "fresh adapter"
     weights = Path(init_adapter) / "adapter_model.safetensors"
@@ -236,19 +250,22 @@ def sft_stage(examples: list[Encoded], cfg: TrainConfig, model: Any, lm: LM, pad
 
 
 @torch.no_grad()
-def no_grad_logps(model: Any, lm: LM, seqs: list[Encoded], batch_size: int, pad_id: int, rt: Runtime) -> torch.Tensor:
-    """Completion log-likelihood of each sequence with the adapter as it is now (dropout off), halving the
-    batch on out-of-memory. Each process scores its share; the sum over processes fills every slot."""
+def no_grad_logps(model: Any, lm: LM, units: list[Shared], batch_size: int, pad_id: int, rt: Runtime) -> torch.Tensor:
+    """Log-likelihood of every completion of every unit with the adapter as it is now (dropout off), halving
+    the batch on out-of-memory; completion-major: [completion 0 of every unit, then completion 1, ...]. Each
+    process scores its share of the units; the sum over processes fills every slot."""
     was_training = model.training
     model.eval()
-    out = torch.zeros(len(seqs), dtype=torch.float32, device=rt.device)
-    order = sorted(range(rt.rank, len(seqs), rt.world), key=lambda i: -len(seqs[i].ids))
+    k = len(units[0].completions) if units else 1
+    out = torch.zeros(len(units), k, dtype=torch.float32, device=rt.device)
+    order = sorted(range(rt.rank, len(units), rt.world), key=lambda i: -units[i].n_tokens)
     start = 0
     while start < len(order):
         part = order[start:start + batch_size]
         try:
             with rt.autocast():
-                out[part] = sequence_logps(lm, collate([seqs[i] for i in part], pad_id, rt.device)).float()
+                batch = collate_shared([units[i] for i in part], pad_id, rt.device, lm.shares_prompts)
+                out[part] = shared_logps(lm, batch).view(len(part), k).float()
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_out_of_memory(e) or batch_size == 1:
                 raise
@@ -257,7 +274,7 @@ def no_grad_logps(model: Any, lm: LM, seqs: list[Encoded], batch_size: int, pad_
             continue
         start += len(part)
     model.train(was_training)
-    return rt.all_reduce(out)
+    return rt.all_reduce(out.T.reshape(-1))
 
 
 def reference_logps(path: Path, compute: Any, rt: Runtime) -> torch.Tensor:
@@ -274,19 +291,32 @@ def reference_logps(path: Path, compute: Any, rt: Runtime) -> torch.Tensor:
     return ref
 
 
+def shared_prompt(prompt_ids: list[int], completions: list[list[int]], max_tokens: int) -> Shared:
+    """The prompt cut at its start until the longest completion fits in `max_tokens` with it, so that every
+    completion is scored after the same prompt."""
+    cut = max(0, len(prompt_ids) + max(len(c) for c in completions) - max_tokens)
+    return Shared(prompt=prompt_ids[cut:], completions=tuple(completions))
+
+
 def dpo_stage(rows: list[dict[str, Any]], tokenizer: Any, max_tokens: int, cfg: TrainConfig, model: Any, lm: LM,
               pad_id: int, settings: Settings, rt: Runtime) -> StageResult:
     """DPO with the adapter as SFT left it as the reference: its log-likelihoods are computed once, up front,
-    instead of a second forward pass (adapter disabled) in every step as TRL does with a PEFT model."""
+    instead of a second forward pass (adapter disabled) in every step as TRL does with a PEFT model. Chosen
+    and rejected share one row behind their prompt (batching.Shared): FIM prompts are ~90% of a pair's tokens,
+    so a pair costs about half of two separate sequences."""
     prompts = [r["prompt"] for r in rows]
     chosen = encode(tokenizer, prompts, [r["chosen"] for r in rows], max_tokens)
     rejected = encode(tokenizer, prompts, [r["rejected"] for r in rows], max_tokens)
-    pairs = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c is not None and r is not None]
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    n = len(pairs)
+    # encode cut each prompt to fit its own completion; the longer cut fits both.
+    units = [shared_prompt(c.ids[: c.n_prompt] if c.n_prompt < r.n_prompt else r.ids[: r.n_prompt],
+                           [c.ids[c.n_prompt:], r.ids[r.n_prompt:]], max_tokens)
+             for c, r in zip(chosen, rejected, strict=True) if c is not None and r is not None]
+    n = len(units)
     ref = reference_logps(settings.run_dir / "checkpoints" / "dpo" / "reference_logps.pt",
-                          lambda: no_grad_logps(model, lm, seqs, 2 * cfg.batch_size, pad_id, rt), rt)
-    lengths = [len(c.ids) + len(r.ids) for c, r in pairs]
+                          lambda: no_grad_logps(model, lm, units, 2 * cfg.batch_size, pad_id, rt), rt)
+    # Steps are planned on the tokens of two separate sequences, as before prompts were shared: the same
+    # batches, so the same training as then (bench/README.md, "Training").
+    lengths = [2 * len(u.prompt) + len(u.completions[0]) + len(u.completions[1]) for u in units]
     per_step = cfg.batch_size * cfg.grad_accum_steps * rt.world
     n_steps = steps_for(n, per_step, cfg.preference_epochs, cfg.preference_max_steps)
     stage = Stage(name="dpo", steps=plan_steps(lengths, per_step, n_steps, cfg.seed), lengths=lengths,
@@ -295,12 +325,13 @@ def dpo_stage(rows: list[dict[str, Any]], tokenizer: Any, max_tokens: int, cfg: 
                   metric="reward_accuracy", dropout=False)
 
     def loss(idx: list[int], pairs_in_step: float) -> Micro:
-        batch = collate([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], pad_id, rt.device)
-        logps = sequence_logps(lm, batch)
+        batch = collate_shared([units[i] for i in idx], pad_id, rt.device, lm.shares_prompts)
+        logps = shared_logps(lm, batch).view(len(idx), 2)
         at = torch.tensor(idx, device=rt.device)
-        chosen_tokens = torch.tensor([pairs[i][0].n_target for i in idx], device=rt.device, dtype=logps.dtype)
-        per_pair, right = dpo_loss(logps[: len(idx)], logps[len(idx):], ref[at], ref[at + n], cfg.beta,
-                                   chosen_tokens, cfg.preference_sft_weight)
+        chosen_tokens = torch.tensor([len(units[i].completions[0]) for i in idx], device=rt.device,
+                                     dtype=logps.dtype)
+        per_pair, right = dpo_loss(logps[:, 0], logps[:, 1], ref[at], ref[at + n], cfg.beta, chosen_tokens,
+                                   cfg.preference_sft_weight)
         return Micro(loss=per_pair.sum() / pairs_in_step, tokens=batch.tokens, metric_sum=float(right.sum()))
 
     return fit(stage, model, loss, lambda idx: float(len(idx)), settings, rt)
@@ -309,15 +340,21 @@ def dpo_stage(rows: list[dict[str, Any]], tokenizer: Any, max_tokens: int, cfg: 
 def kto_stage(rows: list[dict[str, Any]], weights: dict[str, float], tokenizer: Any, max_tokens: int,
               cfg: TrainConfig, model: Any, lm: LM, pad_id: int, settings: Settings, rt: Runtime) -> StageResult:
     """KTO on unpaired rows, the reference again the adapter as the stage starts (computed once). The KL
-    reference point pairs each prompt with another row's completion, as TRL does, estimated per step."""
+    reference point pairs each prompt with another row's completion, as TRL does, estimated per step over
+    this process's rows of the step. That completion shares its row with the prompt's own (batching.Shared),
+    so the estimate comes out of the training forward pass itself instead of a second, no-grad pass over
+    whole sequences: the prompts are ~94% of a KTO row's tokens."""
     encoded = encode(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], max_tokens)
     kept = [(e, bool(r["label"])) for e, r in zip(encoded, rows, strict=True) if e is not None]
     n = len(kept)
     shift = random.Random(cfg.seed).randrange(1, n) if n > 1 else 0
-    mismatched = [_splice(kept[i][0], kept[(i + shift) % n][0], max_tokens) for i in range(n)]
-    seqs = [e for e, _ in kept] + mismatched
+    own = [e.ids[e.n_prompt:] for e, _ in kept]
+    # The mismatched completion sees the whole prompt its row is trained on, even where the two together are
+    # longer than max_tokens (by at most one completion).
+    units = [Shared(prompt=e.ids[: e.n_prompt], completions=(own[i], own[(i + shift) % n]))
+             for i, (e, _) in enumerate(kept)]
     ref = reference_logps(settings.run_dir / "checkpoints" / "kto" / "reference_logps.pt",
-                          lambda: no_grad_logps(model, lm, seqs, 2 * cfg.batch_size, pad_id, rt), rt)
+                          lambda: no_grad_logps(model, lm, units, 2 * cfg.batch_size, pad_id, rt), rt)
     desirable = torch.tensor([label for _, label in kept], device=rt.device)
     lengths = [len(e.ids) for e, _ in kept]
     per_step = cfg.batch_size * cfg.grad_accum_steps * rt.world
@@ -325,22 +362,32 @@ def kto_stage(rows: list[dict[str, Any]], weights: dict[str, float], tokenizer: 
     stage = Stage(name="kto", steps=plan_steps(lengths, per_step, n_steps, cfg.seed), lengths=lengths,
                   learning_rate=cfg.preference_learning_rate, warmup_ratio=cfg.warmup_ratio,
                   weight_decay=cfg.weight_decay, micro_batch=cfg.batch_size, unit="rows", dropout=False)
-    kl = {"value": torch.zeros((), device=rt.device)}
+    step: dict[str, Any] = {"rows": [], "kl": None}
 
     def begin_step(idx: list[int]) -> None:
-        # This process's rows only: a collective here could strand the others if this one ran out of memory.
-        if not idx:
-            return
-        policy = no_grad_logps(model, lm, [mismatched[i] for i in idx], cfg.batch_size, pad_id, replace_world(rt))
-        at = torch.tensor(idx, device=rt.device)
-        kl["value"] = (policy - ref[at + n]).mean().clamp(min=0)
+        step["rows"], step["kl"] = idx, None
+
+    def kl_before_backward() -> torch.Tensor:
+        # The step is split into micro-batches (grad_accum_steps, or an out-of-memory backoff): the estimate
+        # must cover all of this process's rows before the first backward, so it takes a no-grad pass of its
+        # own. This process's rows only: a collective here could strand the others if this one ran out of memory.
+        mine = step["rows"]
+        mismatched = [Shared(prompt=units[i].prompt, completions=units[i].completions[1:]) for i in mine]
+        policy = no_grad_logps(model, lm, mismatched, cfg.batch_size, pad_id, replace_world(rt))
+        return (policy - ref[torch.tensor(mine, device=rt.device) + n]).mean().clamp(min=0)
 
     def loss(idx: list[int], rows_in_step: float) -> Micro:
-        batch = collate([kept[i][0] for i in idx], pad_id, rt.device)
         at = torch.tensor(idx, device=rt.device)
-        logps = sequence_logps(lm, batch)
-        tokens = torch.tensor([kept[i][0].n_target for i in idx], device=rt.device, dtype=logps.dtype)
-        per_row = kto_loss(logps, ref[at], desirable[at], kl["value"], cfg.beta, weights["desirable_weight"],
+        whole = len(idx) == len(step["rows"])
+        if not whole and step["kl"] is None:
+            step["kl"] = kl_before_backward()
+        part = [units[i] if whole else Shared(units[i].prompt, units[i].completions[:1]) for i in idx]
+        batch = collate_shared(part, pad_id, rt.device, lm.shares_prompts)
+        logps = shared_logps(lm, batch).view(len(idx), len(part[0].completions))
+        if whole:  # the same estimate as a separate pass: dropout is off in preference stages
+            step["kl"] = (logps[:, 1].detach() - ref[at + n]).mean().clamp(min=0)
+        tokens = torch.tensor([len(own[i]) for i in idx], device=rt.device, dtype=logps.dtype)
+        per_row = kto_loss(logps[:, 0], ref[at], desirable[at], step["kl"], cfg.beta, weights["desirable_weight"],
                            weights["undesirable_weight"], tokens, cfg.preference_sft_weight)
         return Micro(loss=per_row.sum() / rows_in_step, tokens=batch.tokens)
 
@@ -350,13 +397,6 @@ def kto_stage(rows: list[dict[str, Any]], weights: dict[str, float], tokenizer: 
 def replace_world(rt: Runtime) -> Runtime:
     """The same device as a single process: for work that must not wait on the other processes."""
     return Runtime(device=rt.device, rank=0, world=1, bf16=rt.bf16)
-
-
-def _splice(prompt_of: Encoded, completion_of: Encoded, max_tokens: int) -> Encoded:
-    prompt, completion = prompt_of.ids[: prompt_of.n_prompt], completion_of.ids[completion_of.n_prompt:]
-    if len(prompt) + len(completion) > max_tokens:
-        prompt = prompt[len(prompt) + len(completion) - max_tokens:]
-    return Encoded(ids=prompt + completion, n_prompt=len(prompt))
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
