@@ -29,11 +29,13 @@ MODEL_SHAPE = {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 704,
 
 def bench_model() -> Path:
     """The benchmark base model, built once (random weights: throughput does not depend on them)."""
-    from pipelines.train.tiny import TinyShape, build_tiny, generic_corpus
+    from pipelines.pretrain.scratch import ModelShape, build_model, build_tokenizer, stdlib_texts
 
     out = WORK / "model-5m"
     if not (out / "model.safetensors").is_file():
-        build_tiny(out, generic_corpus(limit_bytes=600_000), TinyShape(**MODEL_SHAPE))
+        shape = ModelShape(**MODEL_SHAPE)
+        build_tokenizer(stdlib_texts(600_000), shape.vocab_size, out)
+        build_model(out, shape).save_pretrained(out)
     return out
 
 

@@ -43,22 +43,22 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/runs.py: the FIM rows and run d
 def build_base(out: Path, arch: str) -> Path:
     """The tests' tiny model (tests/conftest.py tiny_model), built once; with arch "qwen2" the same shape
     as a Qwen2 (q/k/v biases, no q/k permutation in llama.cpp), the family of Qwen2.5-Coder."""
-    from pipelines.sample import generic_corpus
-    from pipelines.train.tiny import TinyShape, build_model, build_tokenizer, pretrain
+    from pipelines.pretrain.samples import FimShape
+    from pipelines.pretrain.scratch import ModelShape, ScratchPlan, pretrain, stdlib_texts
 
     if not (out / "model.safetensors").is_file():
-        shape = TinyShape(vocab_size=512, hidden_size=64, intermediate_size=160)
-        texts = generic_corpus(limit_bytes=400_000)
-        build_tokenizer(texts, shape.vocab_size, out)
-        build_model(out, shape)
-        if arch == "qwen2":
+        shape = ModelShape(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+        plan = ScratchPlan(family="qwen2.5-coder", shape=shape, tokens=160 * 8 * 128, seq_len=128,
+                           learning_rate=6e-3, fim=FimShape(0.0, 0.0, 6, 30, 0.3))
+        pretrain(out, stdlib_texts(400_000), plan)
+        if arch == "qwen2":  # same shape, random weights: the conversion, not the model, is under test
             build_qwen2(out, shape)
-        pretrain(out, texts, 160, seq_len=128, learning_rate=6e-3)
     return out
 
 
 def build_qwen2(out: Path, shape: Any) -> None:
-    """Replace the Llama pipelines.train.tiny saved in `out` by a Qwen2 of the same shape."""
+    """Replace the Llama pipelines.pretrain.scratch saved in `out` by a Qwen2 of the same shape."""
     import torch
     from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -206,13 +206,13 @@ def prompts(base: Path, n: int) -> list[list[int]]:
     windows of generic code, 20-60 tokens each."""
     from transformers import AutoTokenizer
 
-    from pipelines.sample import generic_corpus
+    from pipelines.pretrain.scratch import stdlib_texts
     from runs import fim_rows
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     rows = fim_rows(n - n // 3, seed=7, start_day=25)
     texts = [r["prompt"] + r["completion"] for r in rows]
-    code = "\n".join(generic_corpus(limit_bytes=40_000))
+    code = "\n".join(stdlib_texts(40_000))
     texts += [code[i * 997: i * 997 + 200] for i in range(n // 3)]
     return [tokenizer(t)["input_ids"][:60] for t in texts]
 

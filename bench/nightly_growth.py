@@ -17,7 +17,7 @@ commits, ingested through Store.apply_batch); then link, datasets, train (warm s
 share), evaluate, gate, publish. Wall and CPU seconds (the process and its children: training and evaluation
 run as child processes) per stage and in all.
 
-The model is the tiny Llama the demo uses (pipelines/train/tiny.py, random weights: speed does not depend on
+The model is shaped like the demo's tiny Llama (pipelines/pretrain/scratch.py, random weights: speed does not depend on
 them); [train] is the shipped default (1 epoch over the selected rows, warm start, replay 25%) but for the
 preference stage (off, see OVERRIDES), [evaluate]
 scores the demo's 200 held-out rows. Goal (issue 17): the night at 100k stored suggestions costs <= 1.2x the
@@ -104,11 +104,13 @@ def main() -> int:
 
 
 def tiny_model(root: Path) -> Path:
-    from pipelines.train.tiny import build_tiny, generic_corpus
+    from pipelines.pretrain.scratch import build_model, build_tokenizer, shape_for, stdlib_texts
 
     out = root / "tiny-model"
     if not (out / "model.safetensors").is_file():
-        build_tiny(out, generic_corpus(limit_bytes=600_000))
+        shape = shape_for(600_000, vocab_size=1024)  # the demo's budget and vocabulary
+        build_tokenizer(stdlib_texts(600_000), shape.vocab_size, out)
+        build_model(out, shape).save_pretrained(out)
     return out
 
 

@@ -40,13 +40,15 @@ from support import local_ray_head  # noqa: E402
 
 def tiny_model(out: Path) -> Path:
     """The tests' tiny model (tests/conftest.py), pretrained briefly so evaluation has something to score."""
-    from pipelines.train.tiny import TinyShape, build_model, build_tokenizer, generic_corpus, pretrain
+    from pipelines.pretrain.samples import FimShape
+    from pipelines.pretrain.scratch import ModelShape, ScratchPlan, pretrain, stdlib_texts
 
-    shape = TinyShape(vocab_size=512, hidden_size=64, intermediate_size=160)
-    texts = generic_corpus(limit_bytes=400_000)
-    build_tokenizer(texts, shape.vocab_size, out)
-    build_model(out, shape)
-    pretrain(out, texts, 60, seq_len=128, learning_rate=6e-3)
+    shape = ModelShape(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    plan = ScratchPlan(family="qwen2.5-coder", shape=shape, tokens=60 * 8 * 128, seq_len=128, batch_size=8,
+                       learning_rate=6e-3, fim=FimShape(fim_rate=0.0, spm_rate=0.0, max_middle_lines=6,
+                                                        max_block_lines=30, block_fraction=0.3))
+    pretrain(out, stdlib_texts(400_000), plan, checkpoint_every=10**9, logging_steps=20)
     return out
 
 

@@ -24,6 +24,7 @@ from daemon import auth, jobs
 from daemon.api import ApiClient, ApiError
 from daemon.config import ConfigError, find_config, load_config, render_config
 from daemon.logs import setup_logging
+from pipelines.child import ChildFailed
 from pipelines.config import Config
 from pipelines.datasets.build import FILES
 from pipelines.ingest.identity import Directory
@@ -73,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--team", help="only this team (default: every team)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cycle)
+
+    p = sub.add_parser("pretrain", help="continued pretraining on each team's code, gated on held-out loss "
+                       "([pretrain]); or --from-scratch CORPUS: a new base model trained on a folder of code")
+    p.add_argument("--team", help="only this team (default: every team)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--from-scratch", type=Path, metavar="CORPUS", help="a folder of code: build a tokenizer and a "
+                   "Llama-shaped model trained on it into --out (the same command again resumes)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="--from-scratch: the model folder (base_model can name it)")
+    for flag, what in SCRATCH_OPTIONS.items():
+        p.add_argument(flag, help=f"--from-scratch: {what}", action="append" if flag in ("--include", "--exclude")
+                       else "store")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("dataset", help="build a scope's datasets into a folder, or show one as a table")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -269,8 +282,8 @@ def cmd_cycle(args: argparse.Namespace) -> int:
     return 1 if any(r["outcome"] in ("failed", "busy") for r in results) else 0
 
 
-def _remote_cycle(client: ApiClient, team: str) -> dict[str, Any]:
-    started = client.call("POST", "/api/cycle", {"team": team})
+def _remote_cycle(client: ApiClient, team: str, path: str = "/api/cycle") -> dict[str, Any]:
+    started = client.call("POST", path, {"team": team})
     run_id, stage = started["run_id"], ""
     log.info("run=%s started by the service", run_id)
     while True:
@@ -316,6 +329,61 @@ def _scores(ev: dict[str, Any]) -> str:
         if all(ev[n].get(key) is not None for n in names):
             parts.append(f"{label} " + ", ".join(f"{n} {ev[n][key]:.4f}" for n in names))
     return "; ".join(parts)
+
+
+SCRATCH_OPTIONS = {
+    "--params": "parameter budget, e.g. 5M (or --flops)", "--flops": "compute budget, 6 x parameters x tokens",
+    "--tokens": "training tokens (default 20 per parameter)", "--family": "FIM tokens of qwen2.5-coder (default), "
+    "starcoder, codellama or deepseek-coder", "--seq-len": "tokens per sequence (512)",
+    "--include": "glob of files to read (repeatable)", "--exclude": "glob of files to skip (repeatable)",
+    "--max-corpus-bytes": "read at most this much of the folder",
+}
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    if args.from_scratch is not None:
+        if args.out is None:
+            print("devtune: --from-scratch needs --out DIR, the folder the model is written to", file=sys.stderr)
+            return 2
+        options = []
+        for flag in SCRATCH_OPTIONS:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            for v in value if isinstance(value, list) else [value] if value is not None else []:
+                options += [flag, v]
+        if not {"--params", "--flops"} & set(options):
+            options += ["--params", "5M"]
+        from pipelines.pretrain.run import run_scratch
+
+        try:
+            metrics = run_scratch(args.out.resolve(), args.from_scratch.resolve(), options)
+        except ChildFailed as e:
+            print(f"devtune: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(metrics, indent=2) if args.json else
+              f"{args.out}: {metrics['parameters']:,} parameters trained on {metrics['tokens']:,} tokens, loss "
+              f"{metrics['first_loss']:.3f} -> {metrics['loss']:.3f} in {format_seconds(metrics['seconds'])}; set "
+              f"base_model = \"{args.out.resolve()}\" to use it")
+        return 0
+    cfg = _config(args)
+    teams = [args.team] if args.team else cfg.team_names()
+    unknown = next((why for t in teams if (why := cfg.unknown_team(t))), None)
+    if unknown:
+        print(f"devtune: {unknown}", file=sys.stderr)
+        return 2
+    client = ApiClient.discover(cfg.state_dir)
+    results = []
+    for team in teams:
+        if client is not None:
+            results.append(_remote_cycle(client, team, "/api/pretrain"))
+        else:
+            with local_store(cfg) as store:
+                results.append(jobs.pretrain(store, cfg, team))
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        for r in results:
+            print(_describe_run(r))
+    return 1 if any(r["outcome"] in ("failed", "busy") for r in results) else 0
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> int:

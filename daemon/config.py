@@ -27,6 +27,7 @@ from pipelines.config import (
     EvaluateConfig,
     GateConfig,
     OnlineConfig,
+    PretrainConfig,
     PublishConfig,
     RayConfig,
     ScheduleConfig,
@@ -44,6 +45,7 @@ SERVE_BACKENDS = ("builtin", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
 PREFERENCE_STAGES = ("auto", "dpo", "kto", "none")
 TRAIN_BACKENDS = ("local", "ray")
+PRETRAIN_OUTPUTS = ("adapter", "base")
 GATE_METRICS = ("edit_similarity", "exact_match", "heldout_loss", "preference_accuracy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_CONFIG_PATHS = ("config.toml", "/etc/devtune/config.toml")
@@ -51,8 +53,8 @@ DEFAULT_CONFIG_PATHS = ("config.toml", "/etc/devtune/config.toml")
 
 SECTIONS: dict[str, type] = {
     "collect": CollectConfig, "continue_http": ContinueHttpConfig, "schedule": ScheduleConfig,
-    "datasets": DatasetsConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "gate": GateConfig,
-    "api": ApiConfig, "publish": PublishConfig, "serve": ServeConfig, "online": OnlineConfig,
+    "datasets": DatasetsConfig, "train": TrainConfig, "pretrain": PretrainConfig, "evaluate": EvaluateConfig,
+    "gate": GateConfig, "api": ApiConfig, "publish": PublishConfig, "serve": ServeConfig, "online": OnlineConfig,
     "ray": RayConfig,
 }
 ARRAYS: dict[str, type] = {"sources": SourceConfig, "developers": DeveloperConfig, "teams": TeamConfig}
@@ -247,6 +249,8 @@ def _check(cfg: Config) -> list[str]:
         if t.cycle_cron:
             errors.extend(f"{where}{e}" for e in _check_cron("cycle_cron", t.cycle_cron))
     errors.extend(f"[schedule] {e}" for e in _check_cron("cycle_cron", cfg.schedule.cycle_cron))
+    if cfg.pretrain.cron:
+        errors.extend(f"[pretrain] {e}" for e in _check_cron("cron", cfg.pretrain.cron))
     if cfg.schedule.timezone:
         try:
             import zoneinfo
@@ -293,6 +297,11 @@ _RANGES: list[tuple[str, str, float | None, float | None]] = [
     ("train", "preference_sft_weight", 0, 100),
     ("train", "gpus_per_run", 1, 64), ("train", "checkpoint_every_steps", 1, None),
     ("train", "resume_attempts", 0, None),
+    ("pretrain", "max_tokens", 1, None), ("pretrain", "max_epochs", 0.01, None), ("pretrain", "seq_tokens", 16, None),
+    ("pretrain", "batch_size", 1, None), ("pretrain", "grad_accum_steps", 1, None),
+    ("pretrain", "learning_rate", 1e-8, 1.0), ("pretrain", "warmup_ratio", 0, 0.5), ("pretrain", "fim_rate", 0, 1),
+    ("pretrain", "min_corpus_chars", 0, None), ("pretrain", "min_improvement_rel", 0, 1),
+    ("pretrain", "checkpoint_every_steps", 1, None), ("pretrain", "timeout_s", 1, None),
     ("evaluate", "batch_size", 1, None), ("evaluate", "max_rows", 1, None), ("evaluate", "generate_rows", 0, None),
     ("evaluate", "generate_batch_size", 1, None), ("evaluate", "max_new_tokens", 1, 4096),
     ("evaluate", "eval_timeout_s", 1, None), ("gate", "min_improvement", -1, 1),
@@ -330,6 +339,8 @@ def _check_ranges(cfg: Config) -> list[str]:
                       "lower it or raise max_line_bytes")
     if cfg.train.device not in DEVICES:
         errors.append(f"[train] device = {_show(cfg.train.device)}: use one of {', '.join(DEVICES)}")
+    if cfg.pretrain.output not in PRETRAIN_OUTPUTS:
+        errors.append(f"[pretrain] output = {_show(cfg.pretrain.output)}: use one of {', '.join(PRETRAIN_OUTPUTS)}")
     if cfg.train.preference not in PREFERENCE_STAGES:
         errors.append(f"[train] preference = {_show(cfg.train.preference)}: use one of {', '.join(PREFERENCE_STAGES)}")
     if cfg.train.backend not in TRAIN_BACKENDS:

@@ -24,9 +24,9 @@ from daemon.gateway import start_gateway
 from daemon.sample import DEVELOPERS, make_sample, module_header
 from pipelines.child import run_child, tail
 from pipelines.config import Config
+from pipelines.pretrain.scratch import STDLIB_EXCLUDE, STDLIB_INCLUDE, stdlib_folder
 from pipelines.publish import registry
 from pipelines.serve.backend import Router
-from pipelines.train.tiny import generic_corpus
 
 log = logging.getLogger("devtune.demo")
 
@@ -50,20 +50,21 @@ DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
 # start of a guard clause's body (the house style: raise LedgerError naming the noun and the account).
 EDITOR_PREFIX = (module_header("deposit") + "\n\ndef refund_deposit(account: Account, amount: Decimal) -> Receipt:\n"
                  '    """Refund a deposit on `account`."""\n    if amount <= Decimal("0"):\n')
-PRETRAIN_STEPS = 300
+# The base model: `devtune pretrain --from-scratch` on Python's standard library with a small budget.
+BASE_PARAMS = "600k"
+PRETRAIN_TOKENS = 800_000
+BASE_OPTIONS = ["--params", BASE_PARAMS, "--seq-len", "256", "--learning-rate", "3e-3", "--max-corpus-bytes", "2M",
+                *(a for g in STDLIB_INCLUDE for a in ("--include", g)),
+                *(a for g in STDLIB_EXCLUDE for a in ("--exclude", g))]
 
 
-def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
+def prepare_demo(state_dir: Path, pretrain_tokens: int = PRETRAIN_TOKENS) -> Path:
     """Sample data, tiny model and config under `state_dir` (reused when present); returns the config path."""
     state_dir.mkdir(parents=True, exist_ok=True)
     sample = make_sample(state_dir / "sample")
     (state_dir / "gateway").mkdir(exist_ok=True)  # the request log's folder: collected from the first collect on
     model_dir = state_dir / "tiny-model"
     if not (model_dir / "model.safetensors").is_file():
-        log.info("building the tiny base model: a BPE tokenizer and a %d-step pretraining on Python's "
-                 "standard library (about 30 s on 2 cores; log in %s)", pretrain_steps, state_dir / "tiny-model.log")
-        corpus = state_dir / "sample" / "generic-corpus.py.txt"
-        corpus.write_text("\n\n".join(generic_corpus()), encoding="utf-8")
         log_path = state_dir / "tiny-model.log"
         shown: list[str] = []
 
@@ -73,7 +74,11 @@ def prepare_demo(state_dir: Path, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
                 shown.append(line)
                 log.info("%s", line)
 
-        run_child("pipelines.train.tiny", [str(model_dir), str(corpus), "--pretrain-steps", str(pretrain_steps)],
+        log.info("building the tiny base model from scratch: a BPE tokenizer with Qwen2.5-Coder's FIM tokens and a "
+                 "%s-parameter model trained on %s tokens of Python's standard library (log in %s)", BASE_PARAMS,
+                 f"{pretrain_tokens:,}", log_path)
+        run_child("pipelines.pretrain.scratch", [str(model_dir), str(stdlib_folder()), "--tokens",
+                                                 str(pretrain_tokens), *BASE_OPTIONS],
                   log_path, timeout_s=1800, tick_s=10, on_tick=progress)
     sources = [{"kind": "git", "path": str(sample.repo.relative_to(state_dir)), "name": "payments-repo"}]
     for email, folder in sorted(sample.continue_dirs.items()):

@@ -22,6 +22,7 @@ from pipelines.ingest.identity import Directory
 from pipelines.ingest.ingest import SourceReport, collect_source
 from pipelines.ingest.quarantine import inspect_quarantined, retry_quarantined
 from pipelines.online.review import online_report, review
+from pipelines.pretrain.run import pretrain_scope, run_pretrain
 from pipelines.publish import registry
 from pipelines.scope import Scope, ScopeError
 from pipelines.status import status as status_report
@@ -230,6 +231,35 @@ def cycle(store: Store, cfg: Config, team: str) -> dict[str, Any]:
         return {"run_id": None, "scope": f"team:{team}", "outcome": "busy", "version": None,
                 "error": f"a cycle for team:{team} is already running", "summary": {}, "developers": []}
     return finish_cycle(store, cfg, team, run_id)
+
+
+def start_pretrain(store: Store, cfg: Config, team: str) -> str | None:
+    """Record a continued-pretraining run for `team` (resuming an interrupted one, as cycles do); None when one
+    is running."""
+    return start_cycle(store, cfg, team, pretrain_scope(cfg, team))
+
+
+def finish_pretrain(store: Store, cfg: Config, team: str, run_id: str) -> dict[str, Any]:
+    scope = pretrain_scope(cfg, team)
+    queue = training_queue(cfg.train, cfg.ray)
+    try:
+        outcome = run_job("pretrain", lambda: run_pretrain(store, cfg, team, run_id, queue.turn), store, run_id)
+    finally:
+        release_cycle(scope)
+    result = outcome.value
+    return {"run_id": run_id, "scope": scope, "outcome": result.outcome if result else "failed",
+            "version": result.version if result else None, "error": outcome.error,
+            "summary": result.summary if result else {}}
+
+
+def pretrain(store: Store, cfg: Config, team: str) -> dict[str, Any]:
+    """`devtune pretrain`: one gated continued pretraining of `team`'s code."""
+    run_id = start_pretrain(store, cfg, team)
+    if run_id is None:
+        scope = pretrain_scope(cfg, team)
+        return {"run_id": None, "scope": scope, "outcome": "busy", "version": None,
+                "error": f"a run for {scope} is already running", "summary": {}}
+    return finish_pretrain(store, cfg, team, run_id)
 
 
 def build_dataset(store: Store, cfg: Config, scope: Scope, out: Path) -> dict[str, Any]:

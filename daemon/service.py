@@ -38,6 +38,7 @@ from daemon.watch import Debouncer, start_watching
 from daemon.web.dashboard import build_dashboard
 from pipelines.config import Config
 from pipelines.ingest.scrub import scrub_event
+from pipelines.pretrain.run import pretrain_scope
 from pipelines.scope import Scope, ScopeError
 from pipelines.store.db import Store
 from pipelines.tokens import TokenizerError
@@ -89,7 +90,13 @@ def run_service(cfg: Config) -> int:
             log.warning("cycle team=%s run=%s: %s", team, result["run_id"], result["error"])
         give_back_memory()
 
-    scheduler = _scheduler(cfg, collect_due, cycle_now)
+    def pretrain_now(team: str) -> None:
+        result = jobs.pretrain(store.cursor(), cfg, team)
+        if result["error"]:
+            log.warning("pretrain team=%s run=%s: %s", team, result["run_id"], result["error"])
+        give_back_memory()
+
+    scheduler = _scheduler(cfg, collect_due, cycle_now, pretrain_now)
     debouncer = Debouncer(cfg.collect.debounce_s, collect_now)
     token = ensure_token(cfg.state_dir / "api.token")
     api = ApiServer(cfg.api.host, cfg.api.port, token, *_routes(cfg, store, collect_now),
@@ -145,7 +152,7 @@ def give_back_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _scheduler(cfg: Config, collect_now: Any, cycle_now: Any) -> BackgroundScheduler:
+def _scheduler(cfg: Config, collect_now: Any, cycle_now: Any, pretrain_now: Any = None) -> BackgroundScheduler:
     tz = cfg.schedule.timezone or None
     scheduler = BackgroundScheduler(
         timezone=tz,
@@ -158,6 +165,9 @@ def _scheduler(cfg: Config, collect_now: Any, cycle_now: Any) -> BackgroundSched
         cron = next((t.cycle_cron for t in cfg.teams if t.name == team and t.cycle_cron), cfg.schedule.cycle_cron)
         scheduler.add_job(cycle_now, CronTrigger.from_crontab(cron, timezone=tz), args=[team], id=f"cycle:{team}")
         log.info("team=%s cycle cron=%r", team, cron)
+        if cfg.pretrain.cron and pretrain_now is not None:
+            scheduler.add_job(pretrain_now, CronTrigger.from_crontab(cfg.pretrain.cron, timezone=tz), args=[team],
+                              id=f"pretrain:{team}")
     return scheduler
 
 
@@ -179,6 +189,18 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
         threading.Thread(target=jobs.finish_cycle, args=(cursor, cfg, team, run_id), name=f"cycle-{team}",
                          daemon=True).start()
         return HTTPStatus.ACCEPTED, {"run_id": run_id, "scope": f"team:{team}"}
+
+    def pretrain(body: dict[str, Any]) -> tuple[int, Any]:
+        team = body.get("team") or cfg.default_team
+        if unknown := cfg.unknown_team(team):
+            return HTTPStatus.NOT_FOUND, {"error": unknown}
+        cursor = store.cursor()
+        run_id = jobs.start_pretrain(cursor, cfg, team)
+        if run_id is None:
+            return HTTPStatus.CONFLICT, {"error": f"continued pretraining of team {team} is already running"}
+        threading.Thread(target=jobs.finish_pretrain, args=(cursor, cfg, team, run_id), name=f"cycle-pretrain-{team}",
+                         daemon=True).start()
+        return HTTPStatus.ACCEPTED, {"run_id": run_id, "scope": pretrain_scope(cfg, team)}
 
     def dataset(body: dict[str, Any]) -> tuple[int, Any]:
         try:
@@ -217,6 +239,7 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
                                                     undo=bool(body.get("undo")))
 
     routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle,
+              ("POST", "/api/pretrain"): pretrain,
               ("POST", "/api/dataset"): dataset,
               ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry,
               ("POST", "/api/forget"): forget, ("POST", "/api/cancel"): cancel}

@@ -166,6 +166,32 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Continued pretraining (`devtune pretrain`): causal-LM training on the team's repositories as of the
+    held-out cutoff, gated on held-out loss against the base model (pipelines/pretrain/)."""
+
+    output: str = key("adapter", "\"adapter\": the team's adapter starts from it (served on the stock base, as "
+                      "before); \"base\": merged into a new base, base:<team>/vNNNN, that the team's server serves")
+    max_tokens: int = key(20_000_000, "token budget of one run (the corpus is repeated up to max_epochs to fill it)")
+    max_epochs: float = key(4.0, "most passes over the team's code in one run, whatever the budget")
+    seq_tokens: int = key(1024, "tokens per training sequence: files are cut at line starts into chunks this long")
+    batch_size: int = key(8, "sequences per device per micro-step (halved automatically on out-of-memory)")
+    grad_accum_steps: int = key(1, "micro-steps per optimizer step")
+    learning_rate: float = key(4e-4, "peak AdamW learning rate (warmup, then cosine decay); the LoRA is [train]'s")
+    warmup_ratio: float = key(0.03, "share of the steps spent warming the learning rate up")
+    fim_rate: float = key(0.5, "share of chunks laid out as FIM examples in the base's own FIM tokens; the rest "
+                          "is plain text")
+    min_corpus_chars: int = key(50_000, "a team with less code than this (after filters) is not pretrained")
+    min_improvement_rel: float = key(0.01, "held-out loss must fall at least this share below the base's, or the "
+                                     "run is not used")
+    checkpoint_every_steps: int = key(200, "save a resumable checkpoint this often")
+    timeout_s: float = key(24 * 3600.0, "a pretraining run still going after this is stopped (it resumes next time)")
+    cron: str = key("", "when the service runs each team's continued pretraining (crontab), e.g. \"0 3 * * 6\" "
+                    "for Saturdays at 03:00; empty = only when `devtune pretrain` is run")
+    seed: int = key(0, "seed for the LoRA init, chunk order and FIM draws")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = key(8, "held-out rows per forward pass when scoring loss")
     max_rows: int = key(1000, "held-out rows scored per model (the most recent first)")
@@ -289,6 +315,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     ray: RayConfig = field(default_factory=RayConfig)

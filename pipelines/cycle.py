@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from pipelines.config import Config
 from pipelines.datasets.build import build_datasets
 from pipelines.evaluate.gate import EvalReport, gate
 from pipelines.files import read_json
+from pipelines.pretrain.serving import descends_from, pretrained_adapter, team_base
 from pipelines.progress import format_seconds
 from pipelines.publish import registry
 from pipelines.publish.publish import register_with_exports
@@ -78,6 +79,8 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
               collect: Collect) -> CycleResult:
     """Run one full cycle for `scope` (team:<team>, or dev:<id> of `team`) as run `run_id` (recorded)."""
     name = str(scope)
+    marked = store.retrain_marks().keys()
+    cfg = replace(cfg, base_model=team_base(cfg, team, marked))  # the team's own, when continued pretraining made one
     run_dir = cfg.state_dir / "runs" / run_id
     resuming = (run_dir / "config.json").is_file()
     summary: dict[str, Any] = {**((store.run(run_id) or {}).get("summary") or {}), "run_dir": str(run_dir)}
@@ -85,7 +88,7 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
     if not resuming:
         if scope.kind == "team":
             summary["collect"] = collect()
-        start = plan_start(cfg, scope, team, store.retrain_marks().keys())
+        start = plan_start(cfg, scope, team, marked)
         if start.why:
             return skip(store, run_id, name, summary, "plan", start.why)
         tokenizer = load_base_tokenizer(cfg.base_model)
@@ -166,8 +169,13 @@ def plan_start(cfg: Config, scope: Scope, team: str, marked: Collection[tuple[st
         if scope.kind == "dev":
             return Start(None, None, None, f"team:{team} serves {team_adapter.version}, trained on rows of a "
                                            "forgotten developer: a developer's adapter waits for its retrain")
-        return Start(None, None, None, "")
+        return Start(None, pretrained_adapter(cfg, team, marked), None, "")
     if scope.kind == "team":
+        cpt = pretrained_adapter(cfg, team, marked)
+        if cpt is not None and (team_adapter is None or not cfg.train.warm_start
+                                or not descends_from(cfg.state_dir, team_adapter, cpt)):
+            # Continued pretraining is the team adapter's first stage: SFT continues on it, on every row.
+            return Start(team_adapter, cpt, None, "")
         if not cfg.train.warm_start or team_adapter is None:
             return Start(team_adapter, None, None, "")
         return Start(team_adapter, team_adapter, _data_until(team_adapter), "")

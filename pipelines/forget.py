@@ -228,8 +228,11 @@ def _drop_tokens(state_dir: Path, named: Any) -> None:
 
 def _retrain_marks(state_dir: Path, teams: list[str], who: str) -> list[tuple[str, str]]:
     """Every version of the teams' adapters (each warm-started from the one before, so all may carry their
-    rows), and every other developer's version that started from one of those (theirs are removed)."""
-    marks = [(f"team:{t}", v) for t in teams for v in registry.versions(state_dir, f"team:{t}")]
+    rows) and continued pretraining, and every other developer's version that started from one of those
+    (theirs are removed)."""
+    # cpt:/base:<team> (continued pretraining) read every file of the team's repositories, theirs included.
+    marks = [(f"{kind}:{t}", v) for t in teams for kind in ("team", "cpt", "base")
+             for v in registry.versions(state_dir, f"{kind}:{t}")]
     tainted = set(marks)
     for scope_dir in sorted((state_dir / "registry").glob("dev:*")) if (state_dir / "registry").is_dir() else []:
         if scope_dir.name == f"dev:{who}":

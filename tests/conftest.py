@@ -25,14 +25,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     to 0.5. 160 steps of 8 x 128 tokens at lr 6e-3 (~10-30 s on 2 cores, 1.3x the old token count) give a
     base on which the same LoRA reaches ~1.0 in 60 steps, as it would on a real base model.
     """
-    from pipelines.train.tiny import TinyShape, build_model, build_tokenizer, generic_corpus, pretrain
+    from pipelines.pretrain.samples import FimShape
+    from pipelines.pretrain.scratch import ModelShape, ScratchPlan, pretrain, stdlib_texts
 
     out = tmp_path_factory.mktemp("tiny-model")
-    shape = TinyShape(vocab_size=512, hidden_size=64, intermediate_size=160)
-    texts = generic_corpus(limit_bytes=400_000)
-    build_tokenizer(texts, shape.vocab_size, out)
-    build_model(out, shape)
-    pretrain(out, texts, 160, seq_len=128, learning_rate=6e-3)
+    shape = ModelShape(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    # No FIM samples: the tests' rows teach their own FIM rules, and the gate tests expect a base that knows none.
+    plan = ScratchPlan(family="qwen2.5-coder", shape=shape, tokens=160 * 8 * 128, seq_len=128, batch_size=8,
+                       learning_rate=6e-3, fim=FimShape(fim_rate=0.0, spm_rate=0.0, max_middle_lines=6,
+                                                        max_block_lines=30, block_fraction=0.3))
+    pretrain(out, stdlib_texts(400_000), plan, checkpoint_every=10**9, logging_steps=40)
     return out
 
 

@@ -15,7 +15,7 @@ from support import devtune_json, read_jsonl
 
 
 def test_demo_builds_sample_data_a_tiny_model_and_a_config_the_cli_uses(tmp_path: Path) -> None:
-    config = prepare_demo(tmp_path / "state", pretrain_steps=5)
+    config = prepare_demo(tmp_path / "state", pretrain_tokens=10_000)
     cfg = load_config(config)
     assert cfg.state_dir == tmp_path / "state"
     assert Path(cfg.base_model, "model.safetensors").is_file()
@@ -28,11 +28,11 @@ def test_demo_builds_sample_data_a_tiny_model_and_a_config_the_cli_uses(tmp_path
     assert status["suggestions"]["total"] + status["quarantined"]["total"] == meta["events"]
     assert status["quarantined"]["total"] == meta["malformed_lines"] == 2
     # a second prepare reuses everything and rewrites the same config
-    assert prepare_demo(tmp_path / "state", pretrain_steps=5).read_text() == config.read_text()
+    assert prepare_demo(tmp_path / "state", pretrain_tokens=10_000).read_text() == config.read_text()
 
 
 def test_the_demo_shows_the_editor_path_through_the_gateway(tmp_path: Path) -> None:
-    cfg = load_config(prepare_demo(tmp_path / "state", pretrain_steps=5))
+    cfg = load_config(prepare_demo(tmp_path / "state", pretrain_tokens=10_000))
     assert demo_developers(cfg, DEMO_TEAM) == ["alice@example.com", "dana@example.com"]  # nothing promoted yet
     for scope, seed in (("team:payments", 1), ("dev:alice@example.com", 2)):
         adapter = random_adapter(Path(cfg.base_model), tmp_path / f"adapter{seed}", seed)
@@ -59,4 +59,3 @@ def test_the_demo_shows_the_editor_path_through_the_gateway(tmp_path: Path) -> N
     assert online["dev:alice@example.com"]["v0001"]["shown"] == 40  # alice has her own
     assert online["team:payments"]["v0001"]["shown"] == 40  # bob gets the team's
     assert online["dev:alice@example.com"]["v0001"]["developers"] == 1
-

@@ -189,11 +189,12 @@ def test_an_adapter_no_server_can_take_is_refused_with_every_reason(tiny_model: 
 
 
 def test_an_adapter_for_another_base_is_refused(version: Path, tmp_path: Path) -> None:
-    from pipelines.train.tiny import TinyShape, build_model, build_tokenizer
+    from pipelines.pretrain.scratch import ModelShape, build_model, build_tokenizer
 
     other = tmp_path / "other-base"
     build_tokenizer(["def f(x):\n    return x\n"] * 50, 300, other)
-    build_model(other, TinyShape(vocab_size=300, hidden_size=32, intermediate_size=64))
+    build_model(other, ModelShape(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
     with pytest.raises(ExportError, match="another base model"):
         export_version(version, str(other), "team:payments", "v0003", tmp_path / "exports")
 

@@ -7,7 +7,9 @@
 
 Scopes are team:<name> and dev:<id>. A developer's editor uses served/dev:<id> when it exists and their
 team's served/team:<name> otherwise (`adapter_for`); rolling a developer's adapter back past its first
-version removes the link, which is that fallback.
+version removes the link, which is that fallback. Continued pretraining (pipelines/pretrain/) registers
+cpt:<team> (the adapter a team's adapter starts from) or base:<team> (a whole model directory, its merged base,
+with the adapter it was merged from in adapter/); neither is what an editor is pointed at.
 
 A server reading served/<scope> sees the old adapter or the new one, never a mix: a version directory is
 complete before its name exists, and the symlink swap is a single rename. A version's exports (vLLM folder,
@@ -33,7 +35,7 @@ from pipelines.files import read_json, write_json_atomic
 from pipelines.store.db import now
 
 _VERSION = re.compile(r"^v(\d{4,})$")
-_SCOPE = re.compile(r"^(team|dev):[A-Za-z0-9@._+-]+$")
+_SCOPE = re.compile(r"^(team|dev|cpt|base):[A-Za-z0-9@._+-]+$")
 
 
 class RegistryError(Exception):
@@ -50,7 +52,8 @@ class Served:
 
 def check_scope(scope: str) -> str:
     if not _SCOPE.match(scope):
-        raise RegistryError(f"scope {scope!r} is not team:NAME or dev:ID (letters, digits, @ . _ + -)")
+        raise RegistryError(f"scope {scope!r} is not team:NAME, dev:ID, cpt:TEAM or base:TEAM (letters, digits, "
+                            "@ . _ + -)")
     return scope
 
 
@@ -72,8 +75,9 @@ def register(state_dir: Path, scope: str, adapter_dir: Path, lineage: dict[str, 
 
     `prepare(staging_dir, version)` runs before the version's name exists; its result is recorded in
     lineage.json as "exports". If another registration takes the number first, it runs again for the next."""
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise RegistryError(f"{adapter_dir} holds no adapter_config.json: the training run did not finish")
+    if not _complete(adapter_dir):
+        raise RegistryError(f"{adapter_dir} holds no adapter_config.json (or config.json, for a base model): the "
+                            "training run did not finish")
     scope_dir = state_dir / "registry" / check_scope(scope)
     scope_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_incoming(scope_dir)
@@ -130,7 +134,7 @@ def _make_writable(root: Path) -> None:
 def promote(state_dir: Path, scope: str, version: str, reason: str = "") -> Path:
     """Point served/<scope> at `version` atomically; returns the served path."""
     target = state_dir / "registry" / check_scope(scope) / version
-    if not (target / "adapter_config.json").is_file():
+    if not _complete(target):
         raise RegistryError(f"{scope} has no version {version}: known versions are "
                             f"{', '.join(versions(state_dir, scope)) or 'none'}")
     with _scope_lock(state_dir, scope):
@@ -301,6 +305,11 @@ def _scope_lock(state_dir: Path, scope: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _complete(folder: Path) -> bool:
+    """An adapter, or (base:<team>) a model directory."""
+    return (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
 
 
 def served_version(state_dir: Path, scope: str) -> str | None:

@@ -36,6 +36,7 @@ from pipelines.store.records import (
     FileVersion,
     LinkCandidate,
     LinkedSuggestion,
+    RepoFile,
     ToLink,
 )
 from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, as_arrow, text_columns
@@ -402,6 +403,24 @@ class Store:
             f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 "
             "ORDER BY c.committed_at, c.sha, f.path", [scope.name])
         yield from _records(cur, CommittedFile)
+
+    def team_repos(self, team: str) -> list[str]:
+        """Repositories the team's commits were made in."""
+        return [r for (r,) in self.con.execute("SELECT DISTINCT repo FROM commits WHERE team = ? ORDER BY 1",
+                                               [team]).fetchall()]
+
+    def repo_files_at(self, repos: list[str], before: datetime) -> Iterator[RepoFile]:
+        """Each file of `repos` as the last stored commit before `before` left it, by repository and path; files
+        deleted by then, or whose last version was not stored (too large, excluded), are left out."""
+        cur = self.con.execute(
+            "SELECT repo, path, committed_at, content FROM ("
+            " SELECT c.repo, f.path, c.committed_at, f.status, b.content, row_number() OVER ("
+            "  PARTITION BY c.repo, f.path ORDER BY c.committed_at DESC, c.sha DESC) AS latest"
+            " FROM commits c JOIN commit_files f ON f.sha = c.sha LEFT JOIN blobs b ON b.blob = f.blob"
+            " WHERE c.repo IN (SELECT unnest(?)) AND c.committed_at < ? AND NOT c.opted_out)"
+            " WHERE latest = 1 AND status <> 'D' AND content IS NOT NULL ORDER BY repo, path",
+            [repos, before])
+        yield from _records(cur, RepoFile)
 
     # -- linking -------------------------------------------------------------------------------------------
 

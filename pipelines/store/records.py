@@ -60,6 +60,16 @@ class CommittedFile:
 
 
 @dataclass(frozen=True, slots=True)
+class RepoFile:
+    """A repository's file as the last commit before some time left it (`Store.repo_files_at`)."""
+
+    repo: str
+    path: str
+    committed_at: datetime
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
 class ToLink:
     """An accepted suggestion whose link may still change (`Store.suggestions_to_link`)."""
 
