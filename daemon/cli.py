@@ -260,6 +260,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
+    return _team_runs(args, "/api/cycle", jobs.cycle, describe_cycle)
+
+
+def _team_runs(args: argparse.Namespace, path: str, local: Callable[[Store, Config, str], dict[str, Any]],
+               describe: Callable[[dict[str, Any]], str]) -> int:
+    """`devtune cycle` and `devtune pretrain`: one run per team (or --team), through the service when it runs
+    (POST `path`, then its progress), else in this process on the store; exit 1 when any failed or was busy."""
     cfg = _config(args)
     teams = [args.team] if args.team else cfg.team_names()
     unknown = next((why for t in teams if (why := cfg.unknown_team(t))), None)
@@ -270,19 +277,19 @@ def cmd_cycle(args: argparse.Namespace) -> int:
     results = []
     for team in teams:
         if client is not None:
-            results.append(_remote_cycle(client, team))
+            results.append(_remote_run(client, team, path))
         else:
             with local_store(cfg) as store:
-                results.append(jobs.cycle(store, cfg, team))
+                results.append(local(store, cfg, team))
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
         for r in results:
-            print(describe_cycle(r))
+            print(describe(r))
     return 1 if any(r["outcome"] in ("failed", "busy") for r in results) else 0
 
 
-def _remote_cycle(client: ApiClient, team: str, path: str = "/api/cycle") -> dict[str, Any]:
+def _remote_run(client: ApiClient, team: str, path: str) -> dict[str, Any]:
     started = client.call("POST", path, {"team": team})
     run_id, stage = started["run_id"], ""
     log.info("run=%s started by the service", run_id)
@@ -364,26 +371,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
               f"{metrics['first_loss']:.3f} -> {metrics['loss']:.3f} in {format_seconds(metrics['seconds'])}; set "
               f"base_model = \"{args.out.resolve()}\" to use it")
         return 0
-    cfg = _config(args)
-    teams = [args.team] if args.team else cfg.team_names()
-    unknown = next((why for t in teams if (why := cfg.unknown_team(t))), None)
-    if unknown:
-        print(f"devtune: {unknown}", file=sys.stderr)
-        return 2
-    client = ApiClient.discover(cfg.state_dir)
-    results = []
-    for team in teams:
-        if client is not None:
-            results.append(_remote_cycle(client, team, "/api/pretrain"))
-        else:
-            with local_store(cfg) as store:
-                results.append(jobs.pretrain(store, cfg, team))
-    if args.json:
-        print(json.dumps(results, indent=2, default=str))
-    else:
-        for r in results:
-            print(_describe_run(r))
-    return 1 if any(r["outcome"] in ("failed", "busy") for r in results) else 0
+    return _team_runs(args, "/api/pretrain", jobs.pretrain, _describe_run)
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> int:

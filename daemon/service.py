@@ -178,29 +178,31 @@ def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any]
     def collect(body: dict[str, Any]) -> tuple[int, Any]:
         return HTTPStatus.OK, collect_now(body.get("source"))
 
-    def cycle(body: dict[str, Any]) -> tuple[int, Any]:
+    def team_run(body: dict[str, Any], kind: str) -> tuple[int, Any]:
+        """POST /api/cycle and /api/pretrain: the team's run is started in a thread and its id answered at once;
+        409 while that team's run of the same kind is still going."""
         team = body.get("team") or cfg.default_team
         if unknown := cfg.unknown_team(team):
             return HTTPStatus.NOT_FOUND, {"error": unknown}
+        start, finish, scope, busy = {
+            "cycle": (jobs.start_cycle, jobs.finish_cycle, f"team:{team}",
+                      f"a cycle for team:{team} is already running"),
+            "pretrain": (jobs.start_pretrain, jobs.finish_pretrain, pretrain_scope(cfg, team),
+                         f"continued pretraining of team {team} is already running"),
+        }[kind]
         cursor = store.cursor()
-        run_id = jobs.start_cycle(cursor, cfg, team)
+        run_id = start(cursor, cfg, team)
         if run_id is None:
-            return HTTPStatus.CONFLICT, {"error": f"a cycle for team:{team} is already running"}
-        threading.Thread(target=jobs.finish_cycle, args=(cursor, cfg, team, run_id), name=f"cycle-{team}",
-                         daemon=True).start()
-        return HTTPStatus.ACCEPTED, {"run_id": run_id, "scope": f"team:{team}"}
+            return HTTPStatus.CONFLICT, {"error": busy}
+        name = f"cycle-{team}" if kind == "cycle" else f"cycle-{kind}-{team}"  # "cycle-*": the stop waits for it
+        threading.Thread(target=finish, args=(cursor, cfg, team, run_id), name=name, daemon=True).start()
+        return HTTPStatus.ACCEPTED, {"run_id": run_id, "scope": scope}
+
+    def cycle(body: dict[str, Any]) -> tuple[int, Any]:
+        return team_run(body, "cycle")
 
     def pretrain(body: dict[str, Any]) -> tuple[int, Any]:
-        team = body.get("team") or cfg.default_team
-        if unknown := cfg.unknown_team(team):
-            return HTTPStatus.NOT_FOUND, {"error": unknown}
-        cursor = store.cursor()
-        run_id = jobs.start_pretrain(cursor, cfg, team)
-        if run_id is None:
-            return HTTPStatus.CONFLICT, {"error": f"continued pretraining of team {team} is already running"}
-        threading.Thread(target=jobs.finish_pretrain, args=(cursor, cfg, team, run_id), name=f"cycle-pretrain-{team}",
-                         daemon=True).start()
-        return HTTPStatus.ACCEPTED, {"run_id": run_id, "scope": pretrain_scope(cfg, team)}
+        return team_run(body, "pretrain")
 
     def dataset(body: dict[str, Any]) -> tuple[int, Any]:
         try:

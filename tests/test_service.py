@@ -66,7 +66,8 @@ def service(tmp_path: Path) -> Iterator[Service]:
         {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": "alice@example.com"},
         {"kind": "tabby", "path": str(tmp_path / "tabby"), "name": "tabby"},
         {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}],
-        overrides={"collect": {"interval_s": 3600.0, "debounce_s": 0.3},
+        # a base model that is not there: nothing is downloaded, whatever the machine's network or cache
+        overrides={"": {"base_model": str(tmp_path / "no-model")}, "collect": {"interval_s": 3600.0, "debounce_s": 0.3},
                    "schedule": {"cycle_cron": "0 3 1 1 *"}, "continue_http": {"enabled": True}})
     # AF_UNIX paths are limited to 108 bytes: keep the socket out of pytest's long tmp paths.
     sock_dir = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
@@ -175,3 +176,20 @@ def test_an_event_posted_by_continue_survives_a_kill_right_after_the_answer(serv
     finally:
         store.close()
     assert "posted-then-killed" in ids
+
+
+def test_cycle_and_pretrain_asked_of_the_running_service(service: Service) -> None:
+    # `devtune cycle` and `devtune pretrain` find the running service and ask it (POST /api/cycle, /api/pretrain):
+    # the run happens in the service, and the CLI follows it to its end and reports its outcome.
+    service.wait_for("READY=1")
+    for command, scope in (("cycle", "team:default"), ("pretrain", "cpt:default")):
+        result = run_devtune("--config", str(service.config), command, "--json")
+        runs = json.loads(result.stdout)
+        assert len(runs) == 1 and runs[0]["scope"] == scope, result.stdout + result.stderr
+        assert runs[0]["run_id"] in {r["run_id"] for r in service.status()["runs"]}  # the service's own record
+        assert f"run={runs[0]['run_id']} started by the service" in result.stderr
+        # The fixture's base_model is missing: the run fails in the service, and the CLI says why and exits 1.
+        assert runs[0]["outcome"] == "failed" and result.returncode == 1
+        assert "cannot load the tokenizer of base_model" in runs[0]["error"] and "no-model" in runs[0]["error"]
+    unknown = run_devtune("--config", str(service.config), "pretrain", "--team", "nosuch")
+    assert unknown.returncode == 2 and "nosuch" in unknown.stderr

@@ -23,7 +23,6 @@ import logging
 import math
 import random
 import resource
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,17 +37,14 @@ from pipelines.pretrain.samples import FimShape, chunk_lines, sample_text
 from pipelines.progress import format_seconds
 from pipelines.tokens import load_base_tokenizer
 from pipelines.train.batching import Encoded, collate
-from pipelines.train.fit import Micro, Settings, Stage, Stopped, fit, install_stop_handlers
+from pipelines.train.fit import Micro, Settings, Stage, fit
 from pipelines.train.losses import LM, sft_loss
-from pipelines.train.oom import OutOfMemory
 from pipelines.train.rundir import RunConfig, read_rows
 from pipelines.train.train import (
     CUDA_HEAD_CHUNK_TOKENS,
-    EXIT_OUT_OF_MEMORY,
-    EXIT_STOPPED,
     attach_adapter,
     load_base_model,
-    quiet_libraries,
+    run_child,
     runtime,
     save_adapter,
 )
@@ -169,24 +165,9 @@ def train_cpt(run_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m pipelines.pretrain RUN_DIR", file=sys.stderr)
-        return 2
-    quiet_libraries()
-    install_stop_handlers()
-    try:
-        metrics = train_cpt(Path(args[0]))
-    except Stopped as e:
-        log.warning("%s", e)
-        return EXIT_STOPPED
-    except OutOfMemory as e:
-        log.error("%s", e)
-        return EXIT_OUT_OF_MEMORY
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    log.info("pretrained %d steps in %s: loss %.4f -> %.4f, %s tokens/s on %s", metrics["steps"],
-             format_seconds(metrics["seconds"]), metrics["first_loss"], metrics["train_loss"],
-             f"{metrics['tokens_per_s']:,.0f}", metrics["device"])
-    return 0
+    status, metrics = run_child(argv, "pipelines.pretrain", train_cpt)
+    if metrics is not None:
+        log.info("pretrained %d steps in %s: loss %.4f -> %.4f, %s tokens/s on %s", metrics["steps"],
+                 format_seconds(metrics["seconds"]), metrics["first_loss"], metrics["train_loss"],
+                 f"{metrics['tokens_per_s']:,.0f}", metrics["device"])
+    return status

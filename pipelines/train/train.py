@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -484,30 +485,38 @@ EXIT_STOPPED = 75
 EXIT_OUT_OF_MEMORY = 3
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_child(argv: list[str] | None, module: str,
+              work: Callable[[Path], dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
+    """A training child's entry point (`python -m pipelines.train RUN_DIR`, and pipelines.pretrain's): the exit
+    status the cycle tells apart, and the metrics to report where this is the main process (None elsewhere:
+    under a launcher only rank 0 reports)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m pipelines.train RUN_DIR", file=sys.stderr)
-        return 2
+        print(f"usage: python -m {module} RUN_DIR", file=sys.stderr)
+        return 2, None
     quiet_libraries()
     install_stop_handlers()
     try:
-        metrics = train_adapter(Path(args[0]))
+        metrics = work(Path(args[0]))
     except Stopped as e:
         log.warning("%s", e)
-        return EXIT_STOPPED
+        return EXIT_STOPPED, None
     except OutOfMemory as e:
         log.error("%s", e)
-        return EXIT_OUT_OF_MEMORY
+        return EXIT_OUT_OF_MEMORY, None
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    log.info("trained %d steps in %s: loss %.4f, %s tokens/s on %s", metrics["steps"],
-             format_seconds(metrics["seconds"]), metrics["train_loss"], f"{metrics['tokens_per_s']:,.0f}",
-             metrics["device"])
-    return 0
+    return 0, metrics if int(os.environ.get("RANK", "0")) == 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    status, metrics = run_child(argv, "pipelines.train", train_adapter)
+    if metrics is not None:
+        log.info("trained %d steps in %s: loss %.4f, %s tokens/s on %s", metrics["steps"],
+                 format_seconds(metrics["seconds"]), metrics["train_loss"], f"{metrics['tokens_per_s']:,.0f}",
+                 metrics["device"])
+    return status
 
 
 if __name__ == "__main__":
