@@ -206,15 +206,40 @@ def local_store(cfg: Config) -> Iterator[Store]:
         store.close()
 
 
+@contextlib.contextmanager
+def service_or_store(cfg: Config) -> Iterator[ApiClient | Store]:
+    """The running service's API client (it holds the store: DuckDB allows one writer process), else the store
+    opened here. A service that is starting holds the store a few seconds before it writes service.json (more
+    under load: a restarted service took over 2 s in CI), so while the store is busy the service is looked
+    for again, up to [api] lock_timeout_s."""
+    deadline = time.monotonic() + cfg.api.lock_timeout_s
+    while True:
+        client = ApiClient.discover(cfg.state_dir)
+        if client is not None:
+            yield client
+            return
+        try:
+            store = Store.open(cfg.state_dir / "store.duckdb",
+                               lock_timeout_s=min(1.0, max(0.0, deadline - time.monotonic())))
+        except StoreBusy:
+            if time.monotonic() >= deadline:
+                raise
+            continue
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+
+
 def ask(cfg: Config, method: str, path: str, body: dict[str, Any] | None,
         local: Callable[[Store], Any]) -> tuple[Any, bool]:
-    """The running service's answer to `method path` (it holds the store: DuckDB allows one writer process),
-    or, when no service runs, `local` done here on the store. The flag says which."""
-    client = ApiClient.discover(cfg.state_dir)
-    if client is not None:
-        return client.call(method, path, body), True
-    with local_store(cfg) as store:
-        return local(store), False
+    """The running service's answer to `method path`, or, when no service runs, `local` done here on the
+    store. The flag says which."""
+    with service_or_store(cfg) as target:
+        if isinstance(target, ApiClient):
+            return target.call(method, path, body), True
+        return local(target), False
 
 
 # -- commands ------------------------------------------------------------------------------------------------
@@ -273,14 +298,11 @@ def _team_runs(args: argparse.Namespace, path: str, local: Callable[[Store, Conf
     if unknown:
         print(f"devtune: {unknown}", file=sys.stderr)
         return 2
-    client = ApiClient.discover(cfg.state_dir)
     results = []
     for team in teams:
-        if client is not None:
-            results.append(_remote_run(client, team, path))
-        else:
-            with local_store(cfg) as store:
-                results.append(local(store, cfg, team))
+        with service_or_store(cfg) as target:
+            results.append(_remote_run(target, team, path) if isinstance(target, ApiClient)
+                           else local(target, cfg, team))
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:

@@ -175,6 +175,8 @@ def test_the_service_killed_mid_run_reattaches_to_its_ray_job_and_promotes_once(
 
     service = _start_service(setup.config)
     try:
+        # The killed service's service.json names a dead process: commands use the store until the new one is up.
+        _wait(lambda: ApiClient.discover(setup.state_dir), 60)
         run = _wait(lambda: (r := _devtune(setup.config, "status", "--json")["runs"][0])["status"] == "succeeded"
                     and r, 400)
         assert run["run_id"] == run_id and run["summary"]["version"] and run["attempts"] == 2

@@ -193,3 +193,29 @@ def test_cycle_and_pretrain_asked_of_the_running_service(service: Service) -> No
         assert "cannot load the tokenizer of base_model" in runs[0]["error"] and "no-model" in runs[0]["error"]
     unknown = run_devtune("--config", str(service.config), "pretrain", "--team", "nosuch")
     assert unknown.returncode == 2 and "nosuch" in unknown.stderr
+
+
+def test_a_command_run_while_the_service_starts_waits_for_its_api(service: Service) -> None:
+    # A starting service holds the store some seconds before it writes service.json (a restarted service took
+    # over 2 s under load). A command run in that window waits on the busy store while looking for the service
+    # again, and asks the service once it is there, instead of failing when the store's lock wait runs out.
+    service.wait_for("READY=1")
+    info = service.state_dir / "service.json"
+    hidden = info.with_name("service.json.hidden")
+    config = service.config.with_name("config-wait.toml")
+    config.write_text(service.config.read_text().replace("lock_timeout_s = 2.0", "lock_timeout_s = 30.0"))
+    info.rename(hidden)
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config), "status", "--json"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4.0)
+        assert proc.poll() is None, proc.communicate()  # the store is busy and no service is known: waiting
+        hidden.rename(info)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - started < 20  # answered by the service, not after the 30 s lock wait ran out
+    assert json.loads(out)["suggestions"]["total"] >= 3

@@ -496,13 +496,14 @@ def run_child(argv: list[str] | None, module: str,
         return 2, None
     quiet_libraries()
     install_stop_handlers()
+    child_log = logging.getLogger(f"devtune.{module.rsplit('.', 1)[-1]}")  # devtune.train, devtune.pretrain
     try:
         metrics = work(Path(args[0]))
     except Stopped as e:
-        log.warning("%s", e)
+        child_log.warning("%s", e)
         return EXIT_STOPPED, None
     except OutOfMemory as e:
-        log.error("%s", e)
+        child_log.error("%s", e)
         return EXIT_OUT_OF_MEMORY, None
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
