@@ -37,8 +37,8 @@ from pipelines.scope import Scope
 from pipelines.store.db import Store
 from pipelines.tokens import load_base_tokenizer
 from pipelines.train.backends import run_stage
-from pipelines.train.replay import latest_ts, new_rows
-from pipelines.train.rundir import RunConfig, read_rows
+from pipelines.train.replay import newer
+from pipelines.train.rundir import RunConfig
 
 log = logging.getLogger("devtune.cycle")
 
@@ -96,14 +96,13 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
         summary["dataset"] = dataset.as_dict()
         if dataset.skipped:
             return skip(store, run_id, name, summary, "dataset", dataset.skipped)
-        data = [read_rows(run_dir / "data" / f) for f in ("sft.jsonl", "chat.jsonl", "dpo.jsonl", "kto.jsonl")]
-        fresh = sum(new_rows(r, start.data_until) for r in data)
+        fresh = newer(dataset.train_ts, start.data_until)
         if scope.kind == "team" and start.init is not None and not fresh:
             return skip(store, run_id, name, summary, "dataset",
                         f"no rows newer than {start.init.version}'s (up to {start.data_until}): nothing new to "
                         "learn; [train] warm_start = false retrains anyway")
         if scope.kind == "dev":
-            why = unchanged_developer(store, name, start, latest_ts(*data))
+            why = unchanged_developer(store, name, start, max(dataset.train_ts, default=None))
             if why:
                 return skip(store, run_id, name, summary, "dataset", why)
         summary["start"] = {"champion": _describe(start.champion), "init": _describe(start.init),

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,9 +95,13 @@ class DatasetReport:
     kto: dict[str, float]  # desirable_weight, undesirable_weight (TRL KTOConfig)
     links: dict[str, int]  # the scope's accepted suggestions by link status
     seconds: dict[str, float]  # stage -> seconds
+    # The `ts` of every training row written (sft, dpo, kto, chat), for the cycle's count of rows newer than
+    # the served adapter's: reading the files back for it took 0.84 s at 100k stored suggestions
+    # (bench/nightly_growth.py). Not part of as_dict (the run summary, the manifest).
+    train_ts: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "train_ts"}
 
 
 def build_datasets(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer,
@@ -217,8 +221,9 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     files: dict[str, dict[str, int]] = {}
+    train_ts: list[str] = []
     for name in FILES:
-        files[name] = write_jsonl(out_dir / name, rows[name], digest)
+        files[name] = write_jsonl(out_dir / name, rows[name], digest, None if name == "heldout.jsonl" else train_ts)
     clock.lap("write")
 
     held_counts = Counter(e.signal for e in fim_held)
@@ -231,7 +236,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
         dropped={k: n for k, n in sorted(dropped.items()) if n}, sha256=digest.hexdigest(), skipped=skipped,
         files=files,
         kto={"desirable_weight": weights[0], "undesirable_weight": weights[1]}, links=dict(sorted(links.items())),
-        seconds=seconds,
+        seconds=seconds, train_ts=tuple(train_ts),
     )
     manifest = {
         **report.as_dict(), "base_model": tokenizer.name, "fim_family": fim_tokens.family,
@@ -249,9 +254,10 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     return report
 
 
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], digest: Any) -> dict[str, int]:
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], digest: Any,
+                stamps: list[str] | None = None) -> dict[str, int]:
     """Write rows one per line, streaming (a million rows of 2 KB would otherwise sit in memory twice), adding
-    the bytes to `digest`; returns the rows written per signal.
+    the bytes to `digest` and each row's `ts` to `stamps`; returns the rows written per signal.
 
     Lines are orjson's compact JSON (UTF-8, keys in the order built): `json.dumps` took 16 of the 31 s this
     stage took for 2.5 GB. Hashing and writing a batch (both release the GIL) run in a second thread while
@@ -269,6 +275,8 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], digest: Any) -> dict
         batch: list[bytes] = []
         for r in rows:
             counts[r["signal"]] += 1
+            if stamps is not None:
+                stamps.append(r["ts"])
             batch.append(orjson.dumps(r))
             if len(batch) >= 1000:
                 batch.append(b"")  # the last line's end

@@ -11,6 +11,7 @@ No torch here: the cycle (inside the service) uses `new_rows` to skip a run with
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,14 @@ class Selection:
 
 def new_rows(rows: list[dict[str, Any]], data_until: str | None) -> int:
     """Rows with `ts` after `data_until` (ISO-8601 strings compare in time order); all rows when it is None."""
+    return newer([str(r["ts"]) for r in rows], data_until)
+
+
+def newer(stamps: Sequence[str], data_until: str | None) -> int:
+    """How many of the `ts` values `stamps` are after `data_until`; all of them when it is None."""
     if data_until is None:
-        return len(rows)
-    return sum(1 for r in rows if str(r["ts"]) > data_until)
+        return len(stamps)
+    return sum(1 for t in stamps if t > data_until)
 
 
 def select_rows(rows: list[dict[str, Any]], data_until: str | None, replay_share: float, seed: int) -> Selection:
