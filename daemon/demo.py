@@ -80,10 +80,7 @@ def prepare_demo(state_dir: Path, pretrain_tokens: int = PRETRAIN_TOKENS) -> Pat
         run_child("pipelines.pretrain.scratch", [str(model_dir), str(stdlib_folder()), "--tokens",
                                                  str(pretrain_tokens), *BASE_OPTIONS],
                   log_path, timeout_s=1800, tick_s=10, on_tick=progress)
-    sources = [{"kind": "git", "path": str(sample.repo.relative_to(state_dir)), "name": "payments-repo"}]
-    for email, folder in sorted(sample.continue_dirs.items()):
-        sources.append({"kind": "continue", "path": str(folder.relative_to(state_dir)),
-                        "name": f"continue-{email.split('@')[0]}", "developer": email})
+    sources = sample.sources("payments-repo", relative_to=state_dir)
     teams = [{"name": DEMO_TEAM, "members": [email for _, email in DEVELOPERS], "repos": ["acme/payments"]}]
     overrides = {"": {"state_dir": ".", "base_model": str(model_dir.resolve())}, **DEMO_OVERRIDES}
     config = state_dir / "config.toml"

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import git
 
@@ -77,6 +78,16 @@ class SampleData:
     commits: int
     events: int
     malformed_lines: int
+
+    def sources(self, repo_name: str = "repo", relative_to: Path | None = None) -> list[dict[str, Any]]:
+        """The [[sources]] that collect this sample: its git repository, then each developer's Continue folder
+        (paths relative to `relative_to` when given, as the demo's config, which sits in the state folder)."""
+        def path(p: Path) -> str:
+            return str(p.relative_to(relative_to) if relative_to is not None else p)
+
+        return [{"kind": "git", "path": path(self.repo), "name": repo_name}] + [
+            {"kind": "continue", "path": path(folder), "name": f"continue-{email.split('@')[0]}", "developer": email}
+            for email, folder in sorted(self.continue_dirs.items())]
 
 
 def function_source(rng: random.Random, verb: str, noun: str) -> str:

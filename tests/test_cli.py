@@ -19,9 +19,7 @@ from support import Setup, autocomplete_event, continue_log, days, devtune_json,
 def site(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Setup:
     tmp = tmp_path_factory.mktemp("site")
     sample = make_sample(tmp / "sample", n_commits=30, n_events=160)
-    sources: list[dict[str, Any]] = [{"kind": "git", "path": str(sample.repo), "name": "repo"}]
-    sources += [{"kind": "continue", "path": str(folder), "name": f"continue-{email.split('@')[0]}",
-                 "developer": email} for email, folder in sorted(sample.continue_dirs.items())]
+    sources = sample.sources()
     # A fourth developer with three accepted suggestions: too little for a personal adapter, ever.
     continue_log(tmp / "dana", [autocomplete_event(timestamp=(utc_now() - days(2 + i)).isoformat() + "Z",
                                                    prefix=f"def fee_{i}(amount):\n", completion="    return 1\n")

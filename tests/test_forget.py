@@ -13,7 +13,6 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import pytest
@@ -61,9 +60,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tupl
         completionId=f"marker-{i}", accepted=True, timestamp=(now - days(1 + i / 10)).isoformat() + "Z",
         prefix=f"# {MARKER}\ndef fee_{i}(amount):\n", completion=f"    return amount  # {MARKER}\n")
         for i in range(5)], append=True)
-    sources: list[dict[str, Any]] = [{"kind": "git", "path": str(sample.repo), "name": "repo"}]
-    sources += [{"kind": "continue", "path": str(folder), "name": f"continue-{email.split('@')[0]}",
-                 "developer": email} for email, folder in sorted(sample.continue_dirs.items())]
+    sources = sample.sources()
     setup = write_config(tmp / "site", sources, teams=[{"name": "payments", "members": [e for _, e in DEVELOPERS]}],
                          overrides={
         "": {"base_model": str(tiny_model)},

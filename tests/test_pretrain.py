@@ -139,9 +139,7 @@ def test_from_scratch_is_stopped_then_resumed_and_ends_where_an_uninterrupted_ru
 def cpt_site(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Setup:
     tmp = tmp_path_factory.mktemp("cpt")
     sample = make_sample(tmp / "sample", n_commits=30, n_events=160)
-    sources: list[dict[str, Any]] = [{"kind": "git", "path": str(sample.repo), "name": "repo"}]
-    sources += [{"kind": "continue", "path": str(folder), "name": f"continue-{email.split('@')[0]}",
-                 "developer": email} for email, folder in sorted(sample.continue_dirs.items())]
+    sources = sample.sources()
     return write_config(tmp, sources, teams=[{"name": "payments", "members": [e for _, e in DEVELOPERS]}], overrides={
         "": {"base_model": str(tiny_model)},
         "datasets": {"max_row_tokens": 384, "max_prefix_chars": 800, "max_suffix_chars": 200,
