@@ -1,15 +1,18 @@
 """`devtune run` at rest: resident memory and CPU while every collector watches and nothing happens.
 
-    python bench/idle_service.py --seconds 60
+    python bench/idle_service.py --seconds 60 --worker-idle 20
 
 Starts the real service on a config with a Continue folder (1,000 events), a Tabby root, a git repository
 (the demo's sample) and the HTTP destination enabled; waits for READY and the first collect; then reads
-/proc/<pid> (RSS; utime + stime, children included) over the idle window.
+/proc (RSS of the service and of its children; CPU: utime + stime, children included) twice: over a window
+right after the collect, while the store worker is up, and over a window at rest, once the worker has been
+idle for [api] worker_idle_s (--worker-idle; 300 s by default in a real config) and stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -45,9 +48,46 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field}")
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def tree_rss_mb(pid: int) -> float:
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        with contextlib.suppress(OSError, RuntimeError):
+            total += rss_mb(p)
+    return total
+
+
+def window(pid: int, seconds: float, label: str) -> None:
+    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    peak = tree_rss_mb(pid)
+    while time.monotonic() - t0 < seconds:
+        time.sleep(1)
+        peak = max(peak, tree_rss_mb(pid))
+    cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    kids = children(pid)
+    print(f"{label} over {t1 - t0:.0f}s: RSS {tree_rss_mb(pid):.0f} MB with {len(kids)} child process(es) "
+          f"(peak {peak:.0f} MB); the service itself {rss_mb(pid):.0f} MB (anonymous {rss_mb(pid, 'RssAnon'):.0f}, "
+          f"shared library pages {rss_mb(pid, 'RssFile'):.0f}), {threads} threads; "
+          f"CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core ({cpu1 - cpu0:.2f} CPU-s)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--worker-idle", type=float, default=20.0, help="[api] worker_idle_s for this run")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/devtune-bench-idle"))
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -58,7 +98,8 @@ def main() -> None:
     sources += [{"kind": "continue", "path": str(p), "name": f"continue-{e}", "developer": e}
                 for e, p in sample.continue_dirs.items()]
     config = args.workdir / "config.toml"
-    config.write_text(render_config({"": {"state_dir": "state"}, "api": {"port": 0},
+    config.write_text(render_config({"": {"state_dir": "state"},
+                                     "api": {"port": 0, "worker_idle_s": args.worker_idle},
                                      "continue_http": {"enabled": True}}, sources=sources))
     sock_dir = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
     sock_path = os.path.join(sock_dir, "notify")
@@ -80,17 +121,11 @@ def main() -> None:
                     break
             time.sleep(0.5)
         time.sleep(5)  # let the debounced collects the first one caused settle
-        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
-        peak = rss_mb(proc.pid)
-        while time.monotonic() - t0 < args.seconds:
+        window(proc.pid, min(args.seconds, args.worker_idle * 0.75), "store worker up")
+        deadline = time.monotonic() + args.worker_idle + 60
+        while children(proc.pid) and time.monotonic() < deadline:
             time.sleep(1)
-            peak = max(peak, rss_mb(proc.pid))
-        cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
-        threads = len(os.listdir(f"/proc/{proc.pid}/task"))
-        print(f"idle service over {t1 - t0:.0f}s: RSS {rss_mb(proc.pid):.0f} MB (peak {peak:.0f} MB), "
-              f"CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core ({cpu1 - cpu0:.2f} CPU-s), {threads} threads; "
-              f"of the RSS, anonymous {rss_mb(proc.pid, 'RssAnon'):.0f} MB, "
-              f"shared library pages {rss_mb(proc.pid, 'RssFile'):.0f} MB")
+        window(proc.pid, args.seconds, "at rest")
     finally:
         proc.terminate()
         proc.wait(timeout=60)

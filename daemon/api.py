@@ -93,10 +93,11 @@ class ApiServer:
     def __init__(self, host: str, port: int, token: str, routes: dict[tuple[str, str], Route],
                  prefix_routes: dict[tuple[str, str], Callable[[str], tuple[int, Any]]],
                  inbound: dict[str, Inbound] | None = None,
-                 web: Callable[[WebRequest], WebResponse | None] | None = None):
+                 web: Callable[[WebRequest], WebResponse | None] | None = None,
+                 forward: Callable[[BaseHTTPRequestHandler, str], None] | None = None):
         self.token = token
         self.inbound = inbound or {}
-        self.web = web
+        self.web, self.forward = web, forward
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -130,23 +131,25 @@ class ApiServer:
     def _handle(self, req: BaseHTTPRequestHandler, method: str) -> None:
         path = req.path.split("?", 1)[0]
         if path == "/healthz":
-            return _reply(req, HTTPStatus.OK, {"ok": True})
+            return reply(req, HTTPStatus.OK, {"ok": True})
         if path in self.inbound:
             return _handle_inbound(req, method, self.inbound[path])
+        if self.forward is not None:  # the service's store worker answers the rest (daemon/front.py)
+            return self.forward(req, method)
         if self.web is not None and not path.startswith("/api/"):
             return _handle_web(req, method, path, self.web)
         if not _bearer_ok(req, self.token):
-            return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token (see api.token "
+            return reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token (see api.token "
                                                                   "in the state directory)"})
         length = int(req.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
-            return _reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {MAX_BODY_BYTES} bytes"})
+            return reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {MAX_BODY_BYTES} bytes"})
         body: dict[str, Any] = {}
         if length:
             try:
                 body = json.loads(req.rfile.read(length))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                return _reply(req, HTTPStatus.BAD_REQUEST, {"error": "body is not JSON"})
+                return reply(req, HTTPStatus.BAD_REQUEST, {"error": "body is not JSON"})
         route = self.routes.get((method, path))
         if route is not None:
             return _answer(req, method, path, lambda: route(body))
@@ -154,7 +157,7 @@ class ApiServer:
             if m == method and path.startswith(prefix):
                 rest = path[len(prefix):]
                 return _answer(req, method, path, functools.partial(handler, rest))
-        return _reply(req, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {path}"})
+        return reply(req, HTTPStatus.NOT_FOUND, {"error": f"no route {method} {path}"})
 
 
 def _handle_web(req: BaseHTTPRequestHandler, method: str, path: str,
@@ -163,17 +166,21 @@ def _handle_web(req: BaseHTTPRequestHandler, method: str, path: str,
     length = int(length_header) if length_header.isdigit() else -1
     if length < 0 or length > WEB_MAX_BODY_BYTES:
         req.close_connection = True
-        return _reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {WEB_MAX_BODY_BYTES} bytes"})
-    request = WebRequest(method, path, req.path.partition("?")[2], {k.lower(): v for k, v in req.headers.items()},
-                         req.rfile.read(length) if length else b"", req.client_address[0])
+        return reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {WEB_MAX_BODY_BYTES} bytes"})
+    headers = {k.lower(): v for k, v in req.headers.items()}
+    # Behind the service's front (daemon/front.py) every peer is 127.0.0.1: the front names the real one. The
+    # address is only logged (a login, a wrong token); access rests on the token alone.
+    client = headers.get("x-forwarded-for", "") or req.client_address[0]
+    request = WebRequest(method, path, req.path.partition("?")[2], headers,
+                         req.rfile.read(length) if length else b"", client)
     try:
         response = web(request)
     except Exception as e:
         log.exception("%s %s failed", method, path)
-        return _reply(req, HTTPStatus.INTERNAL_SERVER_ERROR,
+        return reply(req, HTTPStatus.INTERNAL_SERVER_ERROR,
                       {"error": f"{type(e).__name__}: {e} (the service log has the traceback)"})
     if response is None:
-        return _reply(req, HTTPStatus.NOT_FOUND, {"error": f"no page {method} {path}"})
+        return reply(req, HTTPStatus.NOT_FOUND, {"error": f"no page {method} {path}"})
     req.send_response(response.status)
     req.send_header("Content-Type", response.content_type)
     req.send_header("Content-Length", str(len(response.body)))
@@ -190,9 +197,9 @@ def _answer(req: BaseHTTPRequestHandler, method: str, path: str, call: Callable[
         status, payload = call()
     except Exception as e:
         log.exception("%s %s failed", method, path)
-        return _reply(req, HTTPStatus.INTERNAL_SERVER_ERROR,
+        return reply(req, HTTPStatus.INTERNAL_SERVER_ERROR,
                       {"error": f"{type(e).__name__}: {e} (the service log has the traceback)"})
-    return _reply(req, status, payload)
+    return reply(req, status, payload)
 
 
 def _bearer_ok(req: BaseHTTPRequestHandler, token: str) -> bool:
@@ -207,26 +214,26 @@ def bearer(authorization: str) -> str:
 
 def _handle_inbound(req: BaseHTTPRequestHandler, method: str, route: Inbound) -> None:
     if method != "POST":
-        return _reply(req, HTTPStatus.METHOD_NOT_ALLOWED, {"error": "POST events here"})
+        return reply(req, HTTPStatus.METHOD_NOT_ALLOWED, {"error": "POST events here"})
     length_header = req.headers.get("Content-Length")
     length = int(length_header) if length_header is not None and length_header.isdigit() else -1
     caller = route.caller(bearer(req.headers.get("Authorization", "")))
     if caller is None:
         _discard(req, length)  # never parsed, never kept
-        return _reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing, wrong or revoked bearer token: set the data "
+        return reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing, wrong or revoked bearer token: set the data "
                                                               "destination's apiKey to your own token (devtune "
                                                               "token issue YOUR_ID on the server)"})
     if length < 0:
         req.close_connection = True
-        return _reply(req, HTTPStatus.LENGTH_REQUIRED, {"error": "send a Content-Length"})
+        return reply(req, HTTPStatus.LENGTH_REQUIRED, {"error": "send a Content-Length"})
     if length > route.max_body_bytes:
         _discard(req, length)
-        return _reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        return reply(req, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                       {"error": f"body of {length} bytes is over the {route.max_body_bytes}-byte limit "
                                 "([continue_http] max_body_bytes)"})
     headers = {k.lower(): v for k, v in req.headers.items()}
     status, payload = route.handle(caller, headers, req.rfile.read(length))
-    return _reply(req, status, payload)
+    return reply(req, status, payload)
 
 
 DISCARD_MAX_BYTES = 16 << 20
@@ -245,7 +252,7 @@ def _discard(req: BaseHTTPRequestHandler, length: int) -> None:
         length -= len(chunk)
 
 
-def _reply(req: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
+def reply(req: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
     data = json.dumps(payload, default=str).encode()
     req.send_response(status)
     req.send_header("Content-Type", "application/json")

@@ -17,22 +17,24 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from collectors import COLLECTORS
-from daemon import auth, jobs
+from daemon import auth
 from daemon.api import ApiClient, ApiError
 from daemon.config import ConfigError, find_config, load_config, render_config
 from daemon.logs import setup_logging
 from pipelines.child import ChildFailed
 from pipelines.config import Config
-from pipelines.datasets.build import FILES
 from pipelines.ingest.identity import Directory
 from pipelines.progress import format_seconds
 from pipelines.publish.registry import RegistryError
 from pipelines.scope import Scope, ScopeError
-from pipelines.store.db import Store, StoreBusy
+from pipelines.store import StoreBusy
 from pipelines.tokens import TokenizerError
+
+if TYPE_CHECKING:  # imported where used: `devtune run` (the service) must not load DuckDB (daemon/front.py)
+    from pipelines.store.db import Store
 
 log = logging.getLogger("devtune")
 
@@ -199,6 +201,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 @contextlib.contextmanager
 def local_store(cfg: Config) -> Iterator[Store]:
+    from pipelines.store.db import Store
+
     store = Store.open(cfg.state_dir / "store.duckdb", lock_timeout_s=cfg.api.lock_timeout_s)
     try:
         yield store
@@ -212,6 +216,8 @@ def service_or_store(cfg: Config) -> Iterator[ApiClient | Store]:
     opened here. A service that is starting holds the store a few seconds before it writes service.json (more
     under load: a restarted service took over 2 s in CI), so while the store is busy the service is looked
     for again, up to [api] lock_timeout_s."""
+    from pipelines.store.db import Store
+
     deadline = time.monotonic() + cfg.api.lock_timeout_s
     while True:
         client = ApiClient.discover(cfg.state_dir)
@@ -266,6 +272,8 @@ def local_sources() -> list[dict[str, str]]:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    from daemon import jobs  # here, not at the top: `devtune run` stays free of DuckDB
+
     cfg = _config(args)
     result, _ = ask(cfg, "POST", "/api/collect", {}, lambda store: jobs.collect(store, cfg))
     if args.json:
@@ -285,6 +293,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_cycle(args: argparse.Namespace) -> int:
+    from daemon import jobs
+
     return _team_runs(args, "/api/cycle", jobs.cycle, describe_cycle)
 
 
@@ -370,6 +380,8 @@ SCRATCH_OPTIONS = {
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from daemon import jobs
+
     if args.from_scratch is not None:
         if args.out is None:
             print("devtune: --from-scratch needs --out DIR, the folder the model is written to", file=sys.stderr)
@@ -397,6 +409,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset_build(args: argparse.Namespace) -> int:
+    from daemon import jobs
+
     cfg = _config(args)
     try:
         scope = Scope.parse(args.scope)
@@ -424,6 +438,8 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 
 
 def _copy_export(export: Path, out: Path) -> Path:
+    from pipelines.datasets.build import FILES
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name in FILES:
@@ -500,6 +516,8 @@ def dataset_tables(m: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from daemon import jobs
+
     cfg = _config(args)
     report, remote = ask(cfg, "GET", "/api/status", None, lambda store: jobs.status(store, cfg))
     if args.json:
@@ -581,6 +599,8 @@ def _exports_note(scope: str, served: dict[str, Any]) -> str:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
+    from daemon import jobs
+
     cfg = _config(args)
     if args.action == "list":
         rows, _ = ask(cfg, "POST", "/api/quarantine/list", {"source": args.source, "limit": args.limit},
@@ -624,6 +644,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    from daemon import jobs
+
     cfg = _config(args)
 
     def call(**body: Any) -> tuple[dict[str, Any], bool]:
@@ -712,6 +734,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from daemon import jobs
+
     cfg = _config(args)
     result = jobs.promote(cfg.state_dir, args.scope, args.version)
     print(json.dumps(result, indent=2) if args.json else
@@ -720,6 +744,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from daemon import jobs
+
     cfg = _config(args)
     result = jobs.rollback(cfg.state_dir, args.scope)
     print(json.dumps(result, indent=2) if args.json else
@@ -747,10 +773,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.service import run_service
 
-    return run_service(_config(args))
+    return run_service(_config(args), find_config(args.config), args.log_level)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon import jobs
     from daemon.demo import DEMO_TEAM, prepare_demo, simulate_editors
 
     started = time.monotonic()

@@ -1,15 +1,15 @@
 """`devtune run`: the long-running service. It decides when things happen, never how.
 
-It keeps the store open for its lifetime (DuckDB allows one writer process), schedules a collect every
-`[collect] interval_s` and each team's nightly cycle, collects soon after watched files change, serves the
-local API, and tells systemd when it is ready and when it stops. SIGTERM stops it cleanly: new work stops,
-running training children are stopped (they resume from their checkpoint next time), the store is closed.
+It schedules a collect every `[collect] interval_s` and each team's nightly cycle, collects soon after
+watched files change, takes Continue's events into the inbox, serves the local API (and the gateway when
+[serve] in_service), and tells systemd when it is ready and when it stops. What needs the store is done by
+its store worker (daemon/worker.py), a child it starts when needed and stops when idle (daemon/front.py):
+the service at rest holds no DuckDB. SIGTERM stops it cleanly: new work stops, the worker stops its
+training children (they resume from their checkpoint next time) and closes the store.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hmac
 import logging
 import os
@@ -20,95 +20,85 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from collectors import COLLECTORS
+from collectors.base import Watch
 from collectors.continue_http import append_to_inbox, check_body, wanted
-from daemon import jobs
 from daemon.api import ApiServer, Inbound, ensure_token, remove_service_file, write_service_file
 from daemon.auth import TokenBook
 from daemon.config import HTTP_SOURCE, http_token_file, inbox_dir
-from daemon.gateway import start_gateway
+from daemon.front import StoreWorker, WorkerError
 from daemon.notify import notify
-from daemon.runner import training_queue
 from daemon.watch import Debouncer, start_watching
-from daemon.web.dashboard import build_dashboard
-from pipelines.config import Config
+from pipelines.config import Config, SourceConfig
 from pipelines.ingest.scrub import scrub_event
-from pipelines.pretrain.run import pretrain_scope
-from pipelines.scope import Scope, ScopeError
-from pipelines.store.db import Store
-from pipelines.tokens import TokenizerError
-from pipelines.train import backends
 
 log = logging.getLogger("devtune.service")
 
+# A timed collect is skipped while no source's files changed since the last one and none failed; at least
+# this often it runs anyway (a change a file's size and mtime do not show, a source that is not a folder).
+FORCED_COLLECT_S = 3600.0
 
-def run_service(cfg: Config) -> int:
+
+def run_service(cfg: Config, config_path: Path, log_level: str | None = None) -> int:
     """Run until SIGTERM or SIGINT; returns the process exit status."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    # pyarrow's default pool (mimalloc) keeps what the batches of a collect used: 18 MB of the idle service's
-    # RSS after 1,000 events (bench/idle_service.py). The system allocator gives it back, and ingest is no
-    # slower with it (bench/ingest_continue.py, 10k events, three alternating pairs: 1,354-1,412 events/s
-    # against 1,244-1,308).
-    pa.set_memory_pool(pa.system_memory_pool())
-    store = Store.open(cfg.state_dir / "store.duckdb", lock_timeout_s=cfg.api.lock_timeout_s)
-    left_running = [r["run_id"] for r in store.runs(limit=1000) if r["status"] == "running"]
-    interrupted = store.fail_interrupted_runs()
-    if interrupted:
-        log.warning("marked %d run(s) left running by a previous process as failed", interrupted)
-
-    def collect_now(only: str | None = None) -> dict[str, Any]:
-        result = jobs.collect(store.cursor(), cfg, only)
-        retrain_on_new_data()
-        give_back_memory()
-        return result
-
-    def collect_due() -> dict[str, Any]:  # the timer: failed sources wait out their back-off
-        result = jobs.collect(store.cursor(), cfg, due_only=True)
-        retrain_on_new_data()
-        give_back_memory()
-        return result
-
-    def retrain_on_new_data() -> None:
-        """[schedule] retrain_after_accepted: a team with enough new accepted suggestions retrains now."""
-        for team, new in jobs.due_retrains(store.cursor(), cfg):
-            log.info("team=%s: %d accepted suggestions since its last run (retrain_after_accepted = %d): "
-                     "starting its cycle now", team, new, cfg.schedule.retrain_after_accepted)
-            threading.Thread(target=cycle_now, args=[team], name=f"cycle-{team}", daemon=True).start()
-
-    def cycle_now(team: str) -> None:
-        result = jobs.cycle(store.cursor(), cfg, team)
-        if result["error"]:
-            log.warning("cycle team=%s run=%s: %s", team, result["run_id"], result["error"])
-        give_back_memory()
-
-    def pretrain_now(team: str) -> None:
-        result = jobs.pretrain(store.cursor(), cfg, team)
-        if result["error"]:
-            log.warning("pretrain team=%s run=%s: %s", team, result["run_id"], result["error"])
-        give_back_memory()
-
-    scheduler = _scheduler(cfg, collect_due, cycle_now, pretrain_now)
-    debouncer = Debouncer(cfg.collect.debounce_s, collect_now)
     token = ensure_token(cfg.state_dir / "api.token")
-    api = ApiServer(cfg.api.host, cfg.api.port, token, *_routes(cfg, store, collect_now),
-                    inbound=_inbound(cfg, debouncer.trigger),
-                    web=build_dashboard(store, cfg, token) if cfg.api.dashboard else None).start()
+    worker = StoreWorker(config_path, cfg.state_dir, token, cfg.api.worker_idle_s, log_level)
+    try:
+        # Before READY: the store is ours (or the start fails here, saying why), runs a killed service left
+        # running are marked, and its Ray jobs re-attached.
+        worker.ensure()
+    except WorkerError as e:
+        log.error("%s", e)
+        return 1
+    timer = TimedCollect(cfg)
+
+    def collect_now(only: str | None = None) -> None:
+        try:
+            worker.call("POST", "/api/collect", {"source": only})
+        except WorkerError as e:
+            log.error("collect source=%s: %s", only, e)
+
+    def collect_due() -> None:
+        if timer.skip():
+            return
+        try:
+            timer.done(worker.call("POST", "/api/collect", {"due_only": True}))
+        except WorkerError as e:
+            log.error("timed collect: %s", e)
+
+    def team_run(kind: str) -> Callable[[str], None]:
+        def start(team: str) -> None:  # the worker runs it in a thread of its own and answers at once
+            try:
+                started = worker.call("POST", f"/api/{kind}", {"team": team})
+                log.info("team=%s: %s run=%s started", team, kind, started["run_id"])
+            except WorkerError as e:
+                log.warning("team=%s: no %s started: %s", team, kind, e)
+        return start
+
+    scheduler = _scheduler(cfg, collect_due, team_run("cycle"), team_run("pretrain"))
+    debouncer = Debouncer(cfg.collect.debounce_s, collect_now)
+    api = ApiServer(cfg.api.host, cfg.api.port, token, {}, {}, inbound=_inbound(cfg, debouncer.trigger),
+                    forward=worker.forward).start()
     observer = start_watching(cfg.sources, debouncer) if cfg.collect.watch else None
-    gateway = start_gateway(cfg) if cfg.serve.enabled and cfg.serve.in_service else None
+    gateway = None
+    if cfg.serve.enabled and cfg.serve.in_service:
+        # Imported only here: its tokenizer library is ~10 MB of a service that serves no completions.
+        from daemon.gateway import start_gateway
+
+        gateway = start_gateway(cfg)
     scheduler.start()
-    # Ray jobs a killed service left running are watched again, not resubmitted (asking the cluster may take
-    # a while: not before READY).
-    threading.Thread(target=jobs.reattach, args=(store.cursor(), cfg, left_running), name="reattach",
-                     daemon=True).start()
+    worker.watch_idle(stop)
     write_service_file(cfg.state_dir, api.url)
     notify("READY=1")
     serving = f"; completions at {gateway.url}/v1" if gateway is not None else ""
@@ -132,24 +122,58 @@ def run_service(cfg: Config) -> int:
     scheduler.shutdown(wait=False)
     if gateway is not None:
         gateway.stop()  # its worker child goes with it
-    training_queue(cfg.train, cfg.ray).close()  # runs still waiting for a GPU slot give up now
-    stopped = backends.stop_all()
-    if stopped:
-        log.info("stopped %d training/evaluation process(es) or Ray job(s); they resume from their checkpoints "
-                 "next cycle", stopped)
     api.stop()
-    _wait_for_jobs(scheduler, timeout_s=60)
+    worker.stop()
     remove_service_file(cfg.state_dir)
-    store.close()
     log.info("stopped")
     return 0
 
 
-def give_back_memory() -> None:
-    """Hand the heap a job freed back to the system: glibc keeps freed memory in its arenas, and the service
-    then sits idle for hours at its busiest size (after a collect of 1,000 events, ~5-10 MB)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+class TimedCollect:
+    """Whether the timer's collect has anything to do: the size and mtime of every file a source's collector
+    watches (its log folder, a repository's refs; the whole folder for a source with nothing to watch), as
+    they were before the last timed collect. Starting the store worker to find nothing new would cost ~1 CPU-s
+    and ~130 MB every interval_s."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._seen: dict[str, Any] | None = None
+        self._pending: dict[str, Any] = {}
+        self._last = 0.0
+
+    def skip(self) -> bool:
+        self._pending = {s.name: _fingerprint(s) for s in self.cfg.sources}
+        if (self._seen is None or self._pending != self._seen or None in self._pending.values()
+                or time.monotonic() - self._last > FORCED_COLLECT_S):
+            return False
+        log.debug("timed collect skipped: no source changed since the last one")
+        return True
+
+    def done(self, result: dict[str, Any]) -> None:
+        # A failed source (or one waiting out its back-off) is tried again by the next timed collect.
+        self._seen = None if result.get("failed") or any(r.get("skipped") for r in result["sources"]) \
+            else self._pending
+        self._last = time.monotonic()
+
+
+def _fingerprint(source: SourceConfig) -> tuple[tuple[str, int, int], ...] | None:
+    try:
+        watches = COLLECTORS[source.kind].watch_paths(source.path) or [Watch(source.path, False, ())]
+        files = []
+        for watch in watches:
+            if not watch.folder.is_dir():
+                files.append((str(watch.folder), -1, -1))
+                continue
+            for folder, _, names in os.walk(watch.folder) if watch.recursive else [(str(watch.folder), [], [
+                    e.name for e in os.scandir(watch.folder) if e.is_file()])]:
+                for name in names:
+                    if watch.suffixes and not name.endswith(watch.suffixes):
+                        continue
+                    st = os.stat(os.path.join(folder, name))
+                    files.append((os.path.join(folder, name), st.st_size, st.st_mtime_ns))
+        return tuple(sorted(files))
+    except Exception:  # noqa: BLE001 - a source its collector cannot look at: the collect will say why
+        return None
 
 
 def _scheduler(cfg: Config, collect_now: Any, cycle_now: Any, pretrain_now: Any = None) -> BackgroundScheduler:
@@ -169,83 +193,6 @@ def _scheduler(cfg: Config, collect_now: Any, cycle_now: Any, pretrain_now: Any 
             scheduler.add_job(pretrain_now, CronTrigger.from_crontab(cfg.pretrain.cron, timezone=tz), args=[team],
                               id=f"pretrain:{team}")
     return scheduler
-
-
-def _routes(cfg: Config, store: Store, collect_now: Any) -> tuple[dict[Any, Any], dict[Any, Any]]:
-    def status(_: dict[str, Any]) -> tuple[int, Any]:
-        return HTTPStatus.OK, jobs.status(store.cursor(), cfg)
-
-    def collect(body: dict[str, Any]) -> tuple[int, Any]:
-        return HTTPStatus.OK, collect_now(body.get("source"))
-
-    def team_run(body: dict[str, Any], kind: str) -> tuple[int, Any]:
-        """POST /api/cycle and /api/pretrain: the team's run is started in a thread and its id answered at once;
-        409 while that team's run of the same kind is still going."""
-        team = body.get("team") or cfg.default_team
-        if unknown := cfg.unknown_team(team):
-            return HTTPStatus.NOT_FOUND, {"error": unknown}
-        start, finish, scope, busy = {
-            "cycle": (jobs.start_cycle, jobs.finish_cycle, f"team:{team}",
-                      f"a cycle for team:{team} is already running"),
-            "pretrain": (jobs.start_pretrain, jobs.finish_pretrain, pretrain_scope(cfg, team),
-                         f"continued pretraining of team {team} is already running"),
-        }[kind]
-        cursor = store.cursor()
-        run_id = start(cursor, cfg, team)
-        if run_id is None:
-            return HTTPStatus.CONFLICT, {"error": busy}
-        name = f"cycle-{team}" if kind == "cycle" else f"cycle-{kind}-{team}"  # "cycle-*": the stop waits for it
-        threading.Thread(target=finish, args=(cursor, cfg, team, run_id), name=name, daemon=True).start()
-        return HTTPStatus.ACCEPTED, {"run_id": run_id, "scope": scope}
-
-    def cycle(body: dict[str, Any]) -> tuple[int, Any]:
-        return team_run(body, "cycle")
-
-    def pretrain(body: dict[str, Any]) -> tuple[int, Any]:
-        return team_run(body, "pretrain")
-
-    def dataset(body: dict[str, Any]) -> tuple[int, Any]:
-        try:
-            scope = Scope.parse(str(body.get("scope", "")))
-        except ScopeError as e:
-            return HTTPStatus.BAD_REQUEST, {"error": str(e)}
-        if scope.kind == "team" and (unknown := cfg.unknown_team(scope.name)):
-            return HTTPStatus.NOT_FOUND, {"error": unknown}
-        try:
-            return HTTPStatus.OK, jobs.export_dataset(store.cursor(), cfg, scope)
-        except TokenizerError as e:
-            return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(e)}
-
-    def run(run_id: str) -> tuple[int, Any]:
-        found = store.cursor().run(run_id)
-        return (HTTPStatus.OK, found) if found else (HTTPStatus.NOT_FOUND, {"error": f"no run {run_id}"})
-
-    def cancel(body: dict[str, Any]) -> tuple[int, Any]:
-        return HTTPStatus.OK, jobs.cancel(store.cursor(), cfg, str(body.get("run_id") or ""))
-
-    def quarantine_list(body: dict[str, Any]) -> tuple[int, Any]:
-        return HTTPStatus.OK, jobs.quarantine_list(store.cursor(), body.get("source"), int(body.get("limit", 50)))
-
-    def quarantine_show(qid: str) -> tuple[int, Any]:
-        found = jobs.quarantine_show(store.cursor(), cfg, qid)
-        return (HTTPStatus.OK, found) if found else (HTTPStatus.NOT_FOUND, {"error": f"no quarantined line {qid}"})
-
-    def quarantine_retry(body: dict[str, Any]) -> tuple[int, Any]:
-        return HTTPStatus.OK, jobs.quarantine_retry(store.cursor(), cfg, body.get("id"))
-
-    def forget(body: dict[str, Any]) -> tuple[int, Any]:
-        developer = str(body.get("developer") or "")
-        if not developer:
-            return HTTPStatus.BAD_REQUEST, {"error": "give the developer's id or an alias"}
-        return HTTPStatus.OK, jobs.forget_developer(store.cursor(), cfg, developer, dry_run=bool(body.get("dry_run")),
-                                                    undo=bool(body.get("undo")))
-
-    routes = {("GET", "/api/status"): status, ("POST", "/api/collect"): collect, ("POST", "/api/cycle"): cycle,
-              ("POST", "/api/pretrain"): pretrain,
-              ("POST", "/api/dataset"): dataset,
-              ("POST", "/api/quarantine/list"): quarantine_list, ("POST", "/api/quarantine/retry"): quarantine_retry,
-              ("POST", "/api/forget"): forget, ("POST", "/api/cancel"): cancel}
-    return routes, {("GET", "/api/runs/"): run, ("GET", "/api/quarantine/"): quarantine_show}
 
 
 def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbound]:
@@ -291,14 +238,3 @@ def _inbound(cfg: Config, collect_soon: Callable[[str], None]) -> dict[str, Inbo
         return HTTPStatus.OK, {"stored": True}
 
     return {"/continue/devdata": Inbound(caller, cfg.continue_http.max_body_bytes, devdata)}
-
-
-def _wait_for_jobs(scheduler: BackgroundScheduler, timeout_s: float) -> None:
-    """Give running jobs (now without their children) a bounded time to record how they ended."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        busy = [t for t in threading.enumerate() if t.name.startswith(("cycle-", "APScheduler", "ThreadPool"))]
-        if not any(t.is_alive() and not t.daemon for t in busy) and not jobs.running_cycles():
-            return
-        time.sleep(0.2)
-    log.warning("jobs still running after %.0fs; exiting anyway", timeout_s)

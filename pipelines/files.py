@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,3 +19,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def now() -> datetime:
+    """The store's clock: UTC without a zone (DuckDB TIMESTAMP). Here, not in the store, so that the registry
+    and the gateway can stamp their records without importing DuckDB (the service process never does)."""
+    return datetime.now(UTC).replace(tzinfo=None)

@@ -12,9 +12,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 class TokenizerError(Exception):
@@ -90,6 +91,8 @@ class BaseTokenizer:
 def load_base_tokenizer(base_model: str) -> BaseTokenizer:
     """Load the tokenizer of `base_model` (a local directory or a Hugging Face id) and find its FIM tokens."""
     files = _tokenizer_files(base_model)
+    from tokenizers import Tokenizer  # here: the service process imports this module but tokenizes nothing
+
     tokenizer = Tokenizer.from_file(str(files["tokenizer.json"]))
     config: dict[str, Any] = {}
     if "tokenizer_config.json" in files:

@@ -25,6 +25,17 @@ def test_service_and_cli_import_neither_torch_nor_transformers() -> None:
     assert "pipelines.train.ray_backend" in loaded
 
 
+def test_the_service_process_loads_no_store() -> None:
+    # `devtune run` is daemon.cli then daemon.service: what needs DuckDB, pyarrow or a tokenizer runs in the store
+    # worker (daemon/worker.py), which an idle service has stopped (bench/idle_service.py: 41 MB at rest).
+    loaded = modules_after("import daemon.cli, daemon.service")
+    heavy = {m for m in loaded if m.split(".")[0] in {"duckdb", "pyarrow", "tokenizers", "numpy", "prometheus_client"}}
+    assert heavy == set(), f"the service process imported {sorted(heavy)[:5]}"
+    assert {"daemon.front", "daemon.watch", "collectors.gitlog"} <= loaded  # what it does need is there
+    worker = modules_after("import daemon.worker")
+    assert {"duckdb", "pyarrow", "pipelines.store.db", "daemon.jobs"} <= worker
+
+
 def test_collectors_import_neither_pipelines_nor_daemon() -> None:
     loaded = modules_after("import collectors, collectors.base, collectors.continue_dev, collectors.gitlog, "
                            "collectors.jsonl")
@@ -72,7 +83,7 @@ def test_the_graph_is_read_from_the_code() -> None:
     graph = import_graph()
     assert "pipelines.datasets.outcomes" in graph["pipelines.datasets.sft"]
     assert "collectors" in graph["daemon.cli"]
-    assert "pipelines.train.backends" in graph["daemon.service"]  # `from pipelines.train import backends`
+    assert "pipelines.train.backends" in graph["daemon.worker"]  # `from pipelines.train import backends`
 
 
 def test_no_module_of_pipelines_or_collectors_imports_daemon() -> None:

@@ -25,6 +25,7 @@ from support import (
     T0,
     CommitSpec,
     autocomplete_event,
+    commit,
     continue_log,
     day_ms,
     devtune_json,
@@ -58,7 +59,9 @@ class Service:
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
+def service(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Service]:
+    """The real service on three sources; a test may add config overrides (indirect parametrization)."""
+    extra: dict[str, dict[str, Any]] = getattr(request, "param", {})
     continue_log(tmp_path / "alice", [autocomplete_event(completionId=f"start-{i}") for i in range(3)])
     make_repo(tmp_path / "repo", [CommitSpec({"a.py": "A = 1\n"}, when=T0)])
     (tmp_path / "tabby" / "events").mkdir(parents=True)
@@ -68,7 +71,8 @@ def service(tmp_path: Path) -> Iterator[Service]:
         {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}],
         # a base model that is not there: nothing is downloaded, whatever the machine's network or cache
         overrides={"": {"base_model": str(tmp_path / "no-model")}, "collect": {"interval_s": 3600.0, "debounce_s": 0.3},
-                   "schedule": {"cycle_cron": "0 3 1 1 *"}, "continue_http": {"enabled": True}})
+                   "schedule": {"cycle_cron": "0 3 1 1 *"}, "continue_http": {"enabled": True},
+                   **{k: v for k, v in extra.items() if k not in ("", "collect")}})
     # AF_UNIX paths are limited to 108 bytes: keep the socket out of pytest's long tmp paths.
     sock_dir = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
     sock_path = os.path.join(sock_dir, "notify")
@@ -164,8 +168,13 @@ def test_an_event_posted_by_continue_survives_a_kill_right_after_the_answer(serv
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status == 200
+    worker = worker_pids(service)
+    assert len(worker) == 1  # its store worker: started before READY, idle for worker_idle_s (300 s) first
     service.proc.kill()  # SIGKILL at once: no debounced collect can have run (debounce_s = 0.3)
     service.proc.wait()
+    # The worker goes with it (the kernel sends it SIGTERM): it must not keep the store from the next one.
+    wait_until(lambda: not Path(f"/proc/{worker[0]}").exists() or
+               Path(f"/proc/{worker[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", timeout=30)
     collect = run_devtune("--config", str(service.config), "collect", "--json")
     assert collect.returncode == 0, collect.stderr
     from pipelines.store.db import Store
@@ -219,3 +228,87 @@ def test_a_command_run_while_the_service_starts_waits_for_its_api(service: Servi
     assert proc.returncode == 0, err
     assert time.monotonic() - started < 20  # answered by the service, not after the 30 s lock wait ran out
     assert json.loads(out)["suggestions"]["total"] >= 3
+
+
+def worker_pids(service: Service) -> list[int]:
+    """The service's children: its store worker when it is up (the fixture starts no gateway)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError):
+            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) \
+                    == service.proc.pid:
+                found.append(int(entry))
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.parametrize("service", [{"api": {"worker_idle_s": 1.0}}], indirect=True)
+def test_the_store_worker_stops_when_idle_and_starts_when_needed(service: Service, tmp_path: Path) -> None:
+    service.wait_for("READY=1")
+    wait_until(lambda: service.status()["suggestions"]["total"] == 3)
+    # Idle for worker_idle_s: the worker is stopped, the store is closed, and the service holds no DuckDB.
+    wait_until(lambda: not worker_pids(service), timeout=30)
+    assert rss_mb(service.proc.pid) < 100  # ~41 MB (bench/idle_service.py); the worker alone is ~200 MB
+    maps = Path(f"/proc/{service.proc.pid}/maps").read_text()
+    assert "duckdb" not in maps and "libarrow" not in maps
+
+    # Prometheus while the worker is down: the kept scrape answers, and the worker stays down.
+    url = json.loads((service.state_dir / "service.json").read_text())["url"]
+    token = (service.state_dir / "api.token").read_text().strip()
+    scrape = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(scrape, timeout=30) as resp:
+        text = resp.read().decode()
+    assert 'devtune_events_ingested_total{kind="suggestion",source="alice"} 3.0' in text
+    lag = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+           if line.startswith('devtune_collect_lag_seconds{source="alice"}')]
+    assert len(lag) == 1 and lag[0] > 0
+    assert worker_pids(service) == []
+    with pytest.raises(urllib.error.HTTPError) as refused:  # no token, no metrics, kept or not
+        urllib.request.urlopen(url + "/metrics", timeout=30)
+    assert refused.value.code == 401
+
+    # A watched file changes: the collect it causes starts a worker again, and the CLI reads through it.
+    continue_log(tmp_path / "alice", [autocomplete_event(completionId="after-idle")], append=True)
+    wait_until(lambda: service.status()["suggestions"]["total"] == 4, timeout=60)
+    wait_until(lambda: not worker_pids(service), timeout=30)
+    assert service.status()["suggestions"]["total"] == 4  # a command alone starts one too
+
+
+def test_a_timed_collect_starts_no_worker_while_nothing_changed(tmp_path: Path) -> None:
+    from daemon.config import load_config
+    from daemon.service import TimedCollect
+
+    continue_log(tmp_path / "alice", [autocomplete_event(completionId="one")])
+    make_repo(tmp_path / "repo", [CommitSpec({"a.py": "A = 1\n"}, when=T0)])
+    (tmp_path / "tabby" / "events").mkdir(parents=True)
+    setup = write_config(tmp_path / "site", [
+        {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": "alice@example.com"},
+        {"kind": "tabby", "path": str(tmp_path / "tabby"), "name": "tabby"},
+        {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}])
+    timer = TimedCollect(load_config(setup.config))
+    ok = {"sources": [{"source": "alice"}], "failed": []}
+    assert not timer.skip()  # never collected
+    timer.done(ok)
+    assert timer.skip()
+    continue_log(tmp_path / "alice", [autocomplete_event(completionId="two")], append=True)
+    assert not timer.skip()
+    timer.done(ok)
+    assert timer.skip()
+    import git
+
+    commit(git.Repo(tmp_path / "repo"), CommitSpec({"b.py": "B = 2\n"}, when=T0))  # a new commit: a ref moves
+    assert not timer.skip()
+    timer.done(ok)
+    write_lines(tmp_path / "tabby" / "events" / "2026-10-01.json", [tabby_completion("c1", day_ms("2026-10-01", 1))])
+    assert not timer.skip()
+    # A source that failed, or waits out its back-off, is tried by the next timed collect, changed or not.
+    timer.done({"sources": [{"source": "repo"}], "failed": ["repo"]})
+    assert not timer.skip()
+    timer.done({"sources": [{"source": "repo", "skipped": "failed 1 time(s); next try in 300s"}], "failed": []})
+    assert not timer.skip()
+    timer.done(ok)
+    assert timer.skip()

@@ -31,8 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.files import read_json, write_json_atomic
-from pipelines.store.db import now
+from pipelines.files import now, read_json, write_json_atomic
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 _SCOPE = re.compile(r"^(team|dev|cpt|base):[A-Za-z0-9@._+-]+$")

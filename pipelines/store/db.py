@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +28,9 @@ import duckdb
 import pyarrow as pa
 
 from collectors.base import Cursor
+from pipelines.files import now
 from pipelines.scope import Scope
+from pipelines.store import StoreBusy
 from pipelines.store.migrations import MIGRATIONS
 from pipelines.store.records import (
     CommittedFile,
@@ -43,14 +45,6 @@ from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, as_arr
 
 R = TypeVar("R")
 log = logging.getLogger("devtune.store")
-
-
-class StoreBusy(Exception):
-    """Another process holds the store; the message says which and what to do."""
-
-
-def now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _unique(rows: list[Any], key: tuple[str, ...]) -> list[Any]:
