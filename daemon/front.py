@@ -203,7 +203,7 @@ class StoreWorker:
         path = req.path.split("?", 1)[0]
         if path == "/metrics" and method == "GET" and (kept := self._kept_metrics(req)) is not None:
             return _send(req, HTTPStatus.OK, [("Content-Type", kept[1])], kept[0])
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP | {"x-forwarded-for"}}
         headers["X-Forwarded-For"] = req.client_address[0]
         try:
             with self._using():

@@ -8,9 +8,11 @@ and stops it once it has been idle for [api] worker_idle_s (daemon/front.py): Du
 a resting service's memory (bench/idle_service.py: their libraries' pages alone are ~55 MB, the whole
 process ~175 MB), and nothing at rest needs them.
 
-It serves on 127.0.0.1 at a port of its own and writes its URL to the pipe the service gave it; SIGTERM (from
-the service, or from the kernel when the service dies) stops it as the service used to stop: running
-training children are stopped (they resume from their checkpoint next time) and the store is closed.
+It serves on 127.0.0.1 at a port of its own and writes its URL to the pipe the service gave it. SIGTERM from
+the service stops it as the service used to stop: running training children are stopped (they resume from
+their checkpoint next time) and the store is closed. When the service dies outright, the kernel kills the
+worker too (SIGKILL): what a killed service left behind is what it always left (Ray jobs to re-attach,
+runs to mark failed), and no orphan keeps the store locked.
 """
 
 from __future__ import annotations
@@ -111,12 +113,12 @@ def run_worker(cfg: Config, ready_fd: int, parent_pid: int) -> int:
 
 
 def _die_with(parent_pid: int) -> None:
-    """SIGTERM this process when the service dies, even by SIGKILL: an orphaned worker would keep the store
+    """SIGKILL this process when the service dies, however it dies: an orphaned worker would keep the store
     locked against the next service and every CLI command."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the service's stop is the only way
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the service died before the line above ran
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def give_back_memory() -> None:

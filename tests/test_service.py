@@ -172,7 +172,7 @@ def test_an_event_posted_by_continue_survives_a_kill_right_after_the_answer(serv
     assert len(worker) == 1  # its store worker: started before READY, idle for worker_idle_s (300 s) first
     service.proc.kill()  # SIGKILL at once: no debounced collect can have run (debounce_s = 0.3)
     service.proc.wait()
-    # The worker goes with it (the kernel sends it SIGTERM): it must not keep the store from the next one.
+    # The worker goes with it (the kernel kills it): it must not keep the store from the next one.
     wait_until(lambda: not Path(f"/proc/{worker[0]}").exists() or
                Path(f"/proc/{worker[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", timeout=30)
     collect = run_devtune("--config", str(service.config), "collect", "--json")

@@ -45,7 +45,7 @@ def test_lora_weights_changed_and_base_weights_did_not(strong_run: Path, tiny_mo
 def test_sft_then_dpo_on_one_adapter(strong_run: Path) -> None:
     metrics = json.loads((strong_run / "train.json").read_text())
     sft, dpo = metrics["stages"]
-    assert (sft["name"], dpo["name"]) == ("sft", "dpo") and metrics["steps"] == 60 + 12
+    assert (sft["name"], dpo["name"]) == ("sft", "dpo") and metrics["steps"] == 120 + 12
     assert sft["loss"] < sft["first_loss"] * 0.6  # the middles were learned
     assert dpo["metric"] is not None and 0.0 <= dpo["metric"] <= 1.0  # reward accuracy over the stage
     assert metrics["device"] == "cpu" and metrics["tokens"] > 0 and metrics["tokens_per_s"] > 0
