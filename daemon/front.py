@@ -3,8 +3,8 @@ it the requests the service does not answer itself, and stop it when it has been
 
 An idle service used to keep DuckDB and pyarrow resident for hours (bench/idle_service.py: 173 MB, of which
 ~55 MB were their libraries' pages and most of the rest their heaps); the service process alone is ~41 MB.
-Starting a worker costs ~1.5 s and ~1 CPU-s (Python, DuckDB, opening the store), paid by the first request
-after a quiet spell: `devtune status` then answers in ~2 s instead of ~0.3 s.
+Starting a worker costs 0.5-0.6 s (Python, DuckDB, opening the store), paid by the first request after a
+quiet spell: `devtune status` then answers in 1.2-1.4 s instead of 0.7-0.8 s (the demo's store).
 
 Idle means: no request in flight or answered for [api] worker_idle_s, and the worker reports no work of its
 own (a cycle, a pretraining run, a re-attached Ray job: GET /api/worker/busy). The decision and the stop

@@ -243,7 +243,7 @@ class ApiConfig:
     lock_timeout_s: float = key(30.0, "CLI commands wait this long for a store another process holds")
     worker_idle_s: float = key(300.0, "the service's store worker (DuckDB, the API's answers, collects, cycles) stops "
                                "after this long without a request or work of its own, and starts again when "
-                               "needed (~1.5 s): an idle service then holds ~41 MB instead of ~175")
+                               "needed (~0.6 s): an idle service then holds ~41 MB instead of ~175")
     dashboard: bool = key(True, "serve the read-only dashboard (/dashboard) and Prometheus /metrics on this port, "
                           "behind the API token (a login page sets a session cookie)")
 
