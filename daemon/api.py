@@ -138,7 +138,7 @@ class ApiServer:
             return self.forward(req, method)
         if self.web is not None and not path.startswith("/api/"):
             return _handle_web(req, method, path, self.web)
-        if not _bearer_ok(req, self.token):
+        if not bearer_ok(req, self.token):
             return reply(req, HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token (see api.token "
                                                                   "in the state directory)"})
         length = int(req.headers.get("Content-Length") or 0)
@@ -181,14 +181,7 @@ def _handle_web(req: BaseHTTPRequestHandler, method: str, path: str,
                       {"error": f"{type(e).__name__}: {e} (the service log has the traceback)"})
     if response is None:
         return reply(req, HTTPStatus.NOT_FOUND, {"error": f"no page {method} {path}"})
-    req.send_response(response.status)
-    req.send_header("Content-Type", response.content_type)
-    req.send_header("Content-Length", str(len(response.body)))
-    for name, value in response.headers:
-        req.send_header(name, value)
-    req.end_headers()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        req.wfile.write(response.body)
+    send(req, response.status, [("Content-Type", response.content_type), *response.headers], response.body)
 
 
 def _answer(req: BaseHTTPRequestHandler, method: str, path: str, call: Callable[[], tuple[int, Any]]) -> None:
@@ -202,7 +195,7 @@ def _answer(req: BaseHTTPRequestHandler, method: str, path: str, call: Callable[
     return reply(req, status, payload)
 
 
-def _bearer_ok(req: BaseHTTPRequestHandler, token: str) -> bool:
+def bearer_ok(req: BaseHTTPRequestHandler, token: str) -> bool:
     return hmac.compare_digest(req.headers.get("Authorization", "").encode(), f"Bearer {token}".encode())
 
 
@@ -253,13 +246,18 @@ def _discard(req: BaseHTTPRequestHandler, length: int) -> None:
 
 
 def reply(req: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
-    data = json.dumps(payload, default=str).encode()
+    send(req, status, [("Content-Type", "application/json")], json.dumps(payload, default=str).encode())
+
+
+def send(req: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+    """Answer with `body` and `headers` (Content-Length is added here); a client gone meanwhile is no error."""
     req.send_response(status)
-    req.send_header("Content-Type", "application/json")
-    req.send_header("Content-Length", str(len(data)))
+    for name, value in headers:
+        req.send_header(name, value)
+    req.send_header("Content-Length", str(len(body)))
     req.end_headers()
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        req.wfile.write(data)
+        req.wfile.write(body)
 
 
 # -- service discovery and client ----------------------------------------------------------------------------

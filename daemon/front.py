@@ -17,7 +17,6 @@ moved on by the time since, so a scraper does not keep the store open.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import http.client
 import json
 import logging
@@ -35,7 +34,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from daemon.api import MAX_BODY_BYTES, bearer, reply
+from daemon.api import MAX_BODY_BYTES, bearer_ok, reply, send
 
 log = logging.getLogger("devtune.front")
 
@@ -55,8 +54,8 @@ class WorkerError(Exception):
 class StoreWorker:
     """The one store worker of a running service: started on demand, stopped when idle."""
 
-    def __init__(self, config_path: Path, state_dir: Path, token: str, idle_s: float, log_level: str | None = None):
-        self.config_path, self.state_dir, self.token, self.idle_s = config_path.resolve(), state_dir, token, idle_s
+    def __init__(self, config_path: Path, token: str, idle_s: float, log_level: str | None = None):
+        self.config_path, self.token, self.idle_s = config_path.resolve(), token, idle_s
         self.log_level = log_level
         self._lock = threading.Lock()  # held while starting or stopping; a request takes it to find the worker
         self._proc: subprocess.Popen[bytes] | None = None
@@ -66,17 +65,12 @@ class StoreWorker:
         self._metrics: tuple[bytes, str, float] | None = None  # body, content type, when (wall clock)
         self._stopping = False
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-spawn")
-        self.starts = 0
 
     # -- lifetime ---------------------------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
 
     def ensure(self) -> None:
         """Start the worker unless it runs; WorkerError when it cannot start (the store held elsewhere, say)."""
@@ -103,8 +97,13 @@ class StoreWorker:
         started = time.monotonic()
         # The kernel's parent-death signal (daemon/worker.py) fires when the *thread* that forked the worker ends,
         # not the process: a request's thread ends with the request. One long-lived thread starts every worker.
-        proc = self._spawner.submit(subprocess.Popen, cmd, pass_fds=[write_fd], env=env).result()
-        os.close(write_fd)
+        try:
+            proc = self._spawner.submit(subprocess.Popen, cmd, pass_fds=[write_fd], env=env).result()
+        except OSError as e:
+            os.close(read_fd)
+            raise WorkerError(f"cannot start the store worker: {e}") from None
+        finally:
+            os.close(write_fd)
         try:
             url = _read_line(read_fd, proc, START_TIMEOUT_S)
         finally:
@@ -118,7 +117,6 @@ class StoreWorker:
         host, _, port = url.removeprefix("http://").rpartition(":")
         self._proc, self._host, self._port = proc, host, int(port)
         self._last_used = time.monotonic()
-        self.starts += 1
         log.info("store worker started: pid=%d in %.1fs", proc.pid, time.monotonic() - started)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -202,7 +200,7 @@ class StoreWorker:
         body = req.rfile.read(length) if length else None
         path = req.path.split("?", 1)[0]
         if path == "/metrics" and method == "GET" and (kept := self._kept_metrics(req)) is not None:
-            return _send(req, HTTPStatus.OK, [("Content-Type", kept[1])], kept[0])
+            return send(req, HTTPStatus.OK, [("Content-Type", kept[1])], kept[0])
         headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP | {"x-forwarded-for"}}
         headers["X-Forwarded-For"] = req.client_address[0]
         try:
@@ -215,7 +213,8 @@ class StoreWorker:
             return reply(req, HTTPStatus.BAD_GATEWAY, {"error": f"the store worker stopped while answering ({e}); "
                                                                 "the service log says why, and a new one starts "
                                                                 "with the next request"})
-        return _send(req, status, response_headers, data)
+        # The service's own Server and Date headers stand; the worker's would come twice.
+        return send(req, status, [(k, v) for k, v in response_headers if k.lower() not in ("server", "date")], data)
 
     @contextlib.contextmanager
     def _using(self) -> Any:
@@ -234,8 +233,7 @@ class StoreWorker:
         kept = self._metrics
         if self.running or kept is None:
             return None
-        token = bearer(req.headers.get("Authorization", ""))
-        if not token or not hmac.compare_digest(token.encode(), self.token.encode()):
+        if not bearer_ok(req, self.token):
             return None  # the worker's own check answers (401, or a browser's session cookie)
         body, ctype, at = kept
         waited = time.time() - at
@@ -264,17 +262,6 @@ class StoreWorker:
             return resp.status, kept, data
         finally:
             conn.close()
-
-
-def _send(req: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
-    req.send_response(status)
-    for name, value in headers:
-        if name.lower() not in ("server", "date"):
-            req.send_header(name, value)
-    req.send_header("Content-Length", str(len(data)))
-    req.end_headers()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        req.wfile.write(data)
 
 
 def _read_line(fd: int, proc: subprocess.Popen[bytes], timeout_s: float) -> str | None:

@@ -53,7 +53,7 @@ def run_service(cfg: Config, config_path: Path, log_level: str | None = None) ->
 
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     token = ensure_token(cfg.state_dir / "api.token")
-    worker = StoreWorker(config_path, cfg.state_dir, token, cfg.api.worker_idle_s, log_level)
+    worker = StoreWorker(config_path, token, cfg.api.worker_idle_s, log_level)
     try:
         # Before READY: the store is ours (or the start fails here, saying why), runs a killed service left
         # running are marked, and its Ray jobs re-attached.
