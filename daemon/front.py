@@ -180,10 +180,14 @@ class StoreWorker:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """An API call of the service's own (a timed collect, a cron cycle); starts the worker if needed."""
-        with self._using():
-            status, _, data = self._request(method, path, {"Authorization": f"Bearer {self.token}",
-                                                           "Content-Type": "application/json"},
-                                            json.dumps(body).encode() if body is not None else None)
+        try:
+            with self._using():
+                status, _, data = self._request(method, path, {"Authorization": f"Bearer {self.token}",
+                                                               "Content-Type": "application/json"},
+                                                json.dumps(body).encode() if body is not None else None)
+        except (OSError, http.client.HTTPException) as e:
+            raise WorkerError(f"{method} {path}: the store worker stopped while answering ({e}); the service log "
+                              "says why, and a new one starts with the next request") from None
         payload = json.loads(data) if data else None
         if status >= 400:
             error = payload.get("error") if isinstance(payload, dict) else data[:200].decode("utf-8", "replace")

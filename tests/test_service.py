@@ -312,3 +312,17 @@ def test_a_timed_collect_starts_no_worker_while_nothing_changed(tmp_path: Path) 
     assert not timer.skip()
     timer.done(ok)
     assert timer.skip()
+
+
+def test_a_store_worker_that_dies_is_replaced_by_the_next_request(service: Service) -> None:
+    service.wait_for("READY=1")
+    wait_until(lambda: service.status()["suggestions"]["total"] == 3)
+    [first] = worker_pids(service)
+    os.kill(first, signal.SIGKILL)  # out of memory, say: the store is left as a kill leaves it
+    assert service.status()["suggestions"]["total"] == 3  # a new worker answers; nothing was lost
+    [second] = worker_pids(service)
+    assert second != first and service.proc.poll() is None
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(timeout=60) == 0
+    out = service.proc.stdout.read() if service.proc.stdout else ""
+    assert f"store worker pid={first} exited with status -9; starting a new one" in out
