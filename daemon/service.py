@@ -164,16 +164,21 @@ def _fingerprint(source: SourceConfig) -> tuple[tuple[str, int, int], ...] | Non
             if not watch.folder.is_dir():
                 files.append((str(watch.folder), -1, -1))
                 continue
-            for folder, _, names in os.walk(watch.folder) if watch.recursive else [(str(watch.folder), [], [
-                    e.name for e in os.scandir(watch.folder) if e.is_file()])]:
-                for name in names:
-                    if watch.suffixes and not name.endswith(watch.suffixes):
-                        continue
-                    st = os.stat(os.path.join(folder, name))
-                    files.append((os.path.join(folder, name), st.st_size, st.st_mtime_ns))
+            for path in _watched_files(watch):
+                st = os.stat(path)
+                files.append((path, st.st_size, st.st_mtime_ns))
         return tuple(sorted(files))
     except Exception:  # noqa: BLE001 - a source its collector cannot look at: the collect will say why
         return None
+
+
+def _watched_files(watch: Watch) -> list[str]:
+    """The files under `watch.folder` (all the way down when recursive) whose names end in its suffixes."""
+    if watch.recursive:
+        found = [os.path.join(folder, name) for folder, _, names in os.walk(watch.folder) for name in names]
+    else:
+        found = [e.path for e in os.scandir(watch.folder) if e.is_file()]
+    return [f for f in found if not watch.suffixes or f.endswith(watch.suffixes)]
 
 
 def _scheduler(cfg: Config, collect_now: Any, cycle_now: Any, pretrain_now: Any = None) -> BackgroundScheduler:
