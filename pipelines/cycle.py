@@ -111,6 +111,8 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
                   train=cfg.train, evaluate=cfg.evaluate,
                   served_adapter=str(start.champion.path) if start.champion else None,
                   init_adapter=str(start.init.path) if start.init else None, data_until=start.data_until,
+                  # A Ray job may run where the state folder is not: it scores every row.
+                  scores_dir=str(cfg.state_dir / "scores") if cfg.train.backend == "local" else None,
                   ).write(run_dir)
     else:
         log.info("run %s %s: resuming from its checkpoint", run_id, name)

@@ -114,6 +114,7 @@ def traces(state: Path, token: str) -> list[str]:
 def test_forget_removes_everything_of_theirs_and_keeps_them_out(pristine: tuple[Setup, str], tmp_path: Path) -> None:
     config, state, token = copy_site(pristine, tmp_path / "site")
     assert traces(state, token), "the fixture must hold alice's data for this test to mean anything"
+    assert (state / "scores" / f"dev-{ALICE}").is_dir()  # her adapter's evaluation remembered its rows
 
     asked = run_devtune("--config", str(config), "forget", ALICE)  # not a terminal, no --yes: nothing changes
     assert asked.returncode == 1 and "pass --yes" in asked.stderr and "would remove" in asked.stdout
@@ -143,6 +144,7 @@ def test_forget_removes_everything_of_theirs_and_keeps_them_out(pristine: tuple[
     assert status["forgotten"] == {"forgotten": 1, "tombstones": len(plan["identities"])}
     assert ALICE not in json.dumps(status)
     assert not (state / "served" / f"dev:{ALICE}").exists()
+    assert not (state / "scores").exists()
 
     # Later collects of the same logs, the inbox and a new HTTP post store nothing of hers...
     her_logs = next(s.path for s in load_config(config).sources if s.developer == ALICE)

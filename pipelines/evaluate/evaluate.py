@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipelines.evaluate.gate import EvalReport, ModelScore
 from pipelines.evaluate.metrics import edit_similarity, exact_match
+from pipelines.evaluate.scores import RowScores, adapter_identity, base_identity, forget_others, row_key
 from pipelines.files import write_json_atomic
 from pipelines.train.batching import Encoded, collate, encode
-from pipelines.train.losses import LM, sequence_logps, token_logps
+from pipelines.train.losses import LM, sequence_logps
 from pipelines.train.rundir import RunConfig, read_rows
 from pipelines.train.train import pick_device, quiet_libraries
 
@@ -35,29 +37,16 @@ log = logging.getLogger("devtune.evaluate")
 
 
 @torch.no_grad()
-def heldout_loss(lm: LM, seqs: list[Encoded], batch_size: int, pad_id: int, device: torch.device) -> float:
-    """Mean cross-entropy per middle token; batches of similar length pad least."""
+def row_logps(lm: LM, seqs: list[Encoded], batch_size: int, pad_id: int, device: torch.device) -> list[float]:
+    """Each row's completion log-likelihood, summed over its tokens; batches of similar length pad least."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids))
-    total, count = 0.0, 0
+    out = [0.0] * len(seqs)
     for start in range(0, len(order), batch_size):
-        logps, _ = token_logps(lm, collate([seqs[i] for i in order[start:start + batch_size]], pad_id, device))
-        total -= logps.sum().item()
-        count += len(logps)
-    return total / count if count else float("nan")
-
-
-@torch.no_grad()
-def preference_accuracy(lm: LM, pairs: list[tuple[Encoded, Encoded]], batch_size: int, pad_id: int,
-                        device: torch.device) -> float | None:
-    """Share of pairs whose chosen completion has the higher log-likelihood (ties count as wrong)."""
-    if not pairs:
-        return None
-    right = 0
-    for start in range(0, len(pairs), batch_size):
-        part = pairs[start:start + batch_size]
-        logps = sequence_logps(lm, collate([c for c, _ in part] + [r for _, r in part], pad_id, device))
-        right += int((logps[: len(part)] > logps[len(part):]).sum().item())
-    return right / len(pairs)
+        part = order[start:start + batch_size]
+        logps = sequence_logps(lm, collate([seqs[i] for i in part], pad_id, device)).tolist()
+        for i, value in zip(part, logps, strict=True):
+            out[i] = value
+    return out
 
 
 @torch.no_grad()
@@ -84,13 +73,34 @@ def generate_middles(model: Any, prompts: list[list[int]], end_ids: list[int], p
     return out
 
 
-def generation_scores(tokenizer: Any, generated: list[list[int]], references: list[list[int]]) -> dict[str, float]:
+GENERATION_SCORES = ("exact_match", "edit_similarity", "generated_tokens")
+
+
+def generation_row_scores(tokenizer: Any, generated: list[list[int]],
+                          references: list[list[int]]) -> list[list[float]]:
+    """Per generated middle: exact match (0 or 1), edit similarity and length in tokens (GENERATION_SCORES)."""
     texts = tokenizer.batch_decode(generated, skip_special_tokens=False)
     kept = tokenizer.batch_decode(references, skip_special_tokens=False)
-    n = len(texts)
-    return {"exact_match": sum(exact_match(g, k) for g, k in zip(texts, kept, strict=True)) / n,
-            "edit_similarity": sum(edit_similarity(g, k) for g, k in zip(texts, kept, strict=True)) / n,
-            "generated_tokens": sum(len(g) for g in generated) / n}
+    return [[float(exact_match(g, k)), edit_similarity(g, k), float(len(ids))]
+            for g, k, ids in zip(texts, kept, generated, strict=True)]
+
+
+def generation_scores(tokenizer: Any, generated: list[list[int]], references: list[list[int]]) -> dict[str, float]:
+    rows = generation_row_scores(tokenizer, generated, references)
+    return {name: sum(r[k] for r in rows) / len(rows) for k, name in enumerate(GENERATION_SCORES)}
+
+
+def _remembered(scores: RowScores, keys: list[str], compute: Callable[[list[int]], list[list[float]]]
+                ) -> list[list[float]]:
+    """Each key's values: remembered in `scores`, else computed (`compute` gets the indices of the rows to
+    score, all in one call so they batch) and remembered."""
+    out = [scores.get(k) for k in keys]
+    todo = [i for i, v in enumerate(out) if v is None]
+    if todo:
+        for i, values in zip(todo, compute(todo), strict=True):
+            scores.put(keys[i], values)
+            out[i] = values
+    return [v for v in out if v is not None]
 
 
 def evaluate_run(run_dir: Path) -> EvalReport:
@@ -120,38 +130,78 @@ def evaluate_run(run_dir: Path) -> EvalReport:
 
     model = PeftModel.from_pretrained(base, run_dir / "adapter", adapter_name="candidate").to(device)
     model.eval()
-    names = ["candidate"]
+    adapters = {"candidate": run_dir / "adapter"}
     if run.served_adapter:
         model.load_adapter(run.served_adapter, adapter_name="served")
-        names.append("served")
+        adapters["served"] = Path(run.served_adapter)
     lm = LM.of(model, None)
+    fim_keys = [row_key(e.ids, e.n_prompt) for e in fim]
+    pair_keys = [row_key(c.ids, c.n_prompt, r.ids, r.n_prompt) for c, r in pairs]
+    generate_keys = [row_key(e.ids, e.n_prompt, end_ids, cfg.max_new_tokens) for e in to_generate]
+    scores_dir = Path(run.scores_dir) if run.scores_dir else None
+    base_id = base_identity(run.base_model) if scores_dir else ""
+    settings = f"|{dtype}|{device.type}"
     scores: dict[str, ModelScore] = {}
-    generating = 0.0
+    generating, generated_rows = 0.0, 0  # rows generated (not remembered) by all models together
 
-    def score() -> ModelScore:
-        nonlocal generating
-        loss = heldout_loss(lm, fim, cfg.batch_size, pad_id, device)
-        accuracy = preference_accuracy(lm, pairs, cfg.batch_size, pad_id, device)
+    def pair_logps(todo: list[int]) -> list[list[float]]:
+        logps = row_logps(lm, [pairs[i][0] for i in todo] + [pairs[i][1] for i in todo], cfg.batch_size, pad_id,
+                          device)
+        return [[c, r] for c, r in zip(logps[:len(todo)], logps[len(todo):], strict=True)]
+
+    def generated(todo: list[int]) -> list[list[float]]:
+        nonlocal generating, generated_rows
+        t = time.monotonic()
+        middles = generate_middles(model, [generate_prompts[i] for i in todo], end_ids, pad_id,
+                                   cfg.generate_batch_size, cfg.max_new_tokens, device)
+        generating += time.monotonic() - t
+        generated_rows += len(todo)
+        return generation_row_scores(tokenizer, middles, [references[i] for i in todo])
+
+    def score(remembered: RowScores) -> ModelScore:
+        fim_logps = _remembered(remembered, fim_keys, lambda todo: [
+            [v] for v in row_logps(lm, [fim[i] for i in todo], cfg.batch_size, pad_id, device)])
+        pair_values = _remembered(remembered, pair_keys, pair_logps)
+        target_tokens = sum(e.n_target for e in fim)
+        loss = -sum(v[0] for v in fim_logps) / target_tokens if target_tokens else float("nan")
+        accuracy = sum(c > r for c, r in pair_values) / len(pairs) if pairs else None
         if not to_generate:
             return ModelScore(heldout_loss=loss, preference_accuracy=accuracy)
-        t = time.monotonic()
-        generated = generate_middles(model, generate_prompts, end_ids, pad_id, cfg.generate_batch_size,
-                                     cfg.max_new_tokens, device)
-        generating += time.monotonic() - t
+        rows = _remembered(remembered, generate_keys, generated)
         return ModelScore(heldout_loss=loss, preference_accuracy=accuracy,
-                          **generation_scores(tokenizer, generated, references))
+                          **{name: sum(r[k] for r in rows) / len(rows) for k, name in enumerate(GENERATION_SCORES)})
 
-    with model.disable_adapter():
-        scores["base"] = score()
-    for name in names:
-        model.set_adapter(name)
-        scores[name] = score()
+    def model_key(name: str) -> str | None:
+        """What a model's remembered numbers are filed under, or None to remember nothing."""
+        if scores_dir is None:
+            return None
+        if name == "base":
+            return base_id + settings
+        digest = adapter_identity(adapters[name])
+        return f"{base_id}|{digest}{settings}" if digest else None
+
+    hits, kept = 0, []
+    for name in ("base", *adapters):
+        remembered = RowScores(scores_dir, run.scope, model_key(name))
+        if name == "base":
+            with model.disable_adapter():
+                scores[name] = score(remembered)
+        else:
+            model.set_adapter(name)
+            scores[name] = score(remembered)
+        remembered.save()
+        hits += remembered.hits
+        kept.append(remembered.path)
+    if scores_dir is not None:
+        # Tomorrow's served adapter is tonight's served one or tonight's candidate: every other file is stale.
+        forget_others(scores_dir, run.scope, kept)
     report = EvalReport(
         rows=len(fim), tokens=sum(e.n_target for e in fim), base=scores["base"], candidate=scores["candidate"],
         served=scores.get("served"), seconds=time.monotonic() - started, generated_rows=len(to_generate),
         reference_tokens=sum(len(r) for r in references) / len(references) if references else 0.0,
         pair_rows=len(pairs),
-        generated_rows_per_s=len(to_generate) * len(scores) / generating if generating else 0.0)
+        generated_rows_per_s=generated_rows / generating if generating else 0.0,
+        remembered_rows=hits)
     write_json_atomic(run_dir / "eval.json", report.as_dict())
     return report
 

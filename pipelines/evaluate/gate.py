@@ -53,6 +53,7 @@ class EvalReport:
     reference_tokens: float = 0.0  # mean length of those rows' kept middles
     pair_rows: int = 0  # held-out logged pairs scored for preference accuracy
     generated_rows_per_s: float = 0.0  # generation throughput, all models together
+    remembered_rows: int = 0  # row scores taken from an earlier evaluation of the same model (scores.py)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -64,6 +64,7 @@ class RunConfig:
     served_adapter: str | None  # the champion: what the scope is served when the run starts (gated against)
     init_adapter: str | None = None  # the adapter training starts from (warm start), or None for a fresh LoRA
     data_until: str | None = None  # rows up to this ts were seen by init_adapter: replay only; None = use all
+    scores_dir: str | None = None  # row scores remembered across evaluations (pipelines/evaluate/scores.py)
 
     def write(self, run_dir: Path) -> None:
         write_json_atomic(run_dir / "config.json", asdict(self))
