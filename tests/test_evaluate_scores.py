@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runs import fim_rows, pair_rows, random_adapter, run_module, write_jsonl
-
 from pipelines.evaluate.gate import EvalReport, ModelScore
+from runs import fim_rows, pair_rows, random_adapter, run_module, write_jsonl
 
 
 def evaluate(strong_run: Path, folder: Path, served: Path, scores: Path | None,
