@@ -27,16 +27,17 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import orjson
 
 from pipelines.config import DatasetsConfig
+from pipelines.datasets.cache import BuildCache
 from pipelines.datasets.dpo import PairExample, pair_examples, pair_row
 from pipelines.datasets.kto import kto_row, kto_weights
 from pipelines.datasets.link import link_suggestions
@@ -48,6 +49,7 @@ from pipelines.datasets.quality import (
     drop_exact_duplicates,
     exact_key,
     fit_tokens,
+    keyed_unique,
     near_duplicates,
     near_duplicates_of,
     near_text,
@@ -105,23 +107,27 @@ class DatasetReport:
 
 
 def build_datasets(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer,
-                   out_dir: Path) -> DatasetReport:
-    """Write the scope's datasets and manifest.json into `out_dir`; `report.skipped` says why not, if not."""
+                   out_dir: Path, cache_dir: Path | None = None) -> DatasetReport:
+    """Write the scope's datasets and manifest.json into `out_dir`; `report.skipped` says why not, if not.
+    `cache_dir` (state_dir/cache/datasets) keeps what the next build of the scope can reuse
+    (pipelines.datasets.cache); the rows are the same with it or without."""
     # A build makes millions of small acyclic records; the cyclic collector would rescan them all again and
     # again as they pile up (creating 1M records plus 1M dicts took 3.5 s with it, 2.6 s without).
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _build(store, scope, cfg, tokenizer, out_dir)
+        return _build(store, scope, cfg, tokenizer, out_dir, cache_dir)
     finally:
         if collecting:
             gc.enable()
 
 
-def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer, out_dir: Path) -> DatasetReport:
+def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer, out_dir: Path,
+           cache_dir: Path | None) -> DatasetReport:
     seconds: dict[str, float] = {}
     clock = _Clock(seconds, str(scope))
     fim_tokens = tokenizer.fim
+    cache = BuildCache(None if cache_dir is None else cache_dir / str(scope).replace(":", "-"), cfg, fim_tokens)
     link = link_suggestions(store, cfg)
     clock.lap("link")
 
@@ -132,7 +138,11 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     items = list(outcomes(suggestions, index, cfg, dropped))
     progress.finish()
     fim = list(accepted_examples(items, dropped))
-    fim += committed_examples(store.committed_files(scope), cfg, fim_tokens, dropped)
+    if cache.folder is None:
+        fim += committed_examples(store.committed_files(scope), cfg, fim_tokens, dropped)
+    else:
+        fim += cache.committed_examples(store.committed_file_keys(scope),
+                                        lambda shas: store.committed_files(scope, shas), cfg, fim_tokens, dropped)
     pairs, kto = pair_examples(sides(items), cfg.max_pairs_per_context, dropped)  # the unpaired sides: KTO
     chat = list(edit_examples(store.scope_edit_outcomes(scope), dropped))
     links = dict(Counter(o.link for o in items if o.accepted))
@@ -141,25 +151,28 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     del items
     clock.lap("rows")
 
-    fim = drop_exact_duplicates(fim, lambda e: exact_key(e.prefix, e.suffix, e.middle), dropped)
-    pairs = drop_exact_duplicates(pairs, lambda p: exact_key(p.prefix, p.suffix, p.chosen, p.rejected), dropped)
-    kto = drop_exact_duplicates(kto, lambda k: exact_key(k.prefix, k.suffix, k.text, str(k.desirable)), dropped)
+    fim_k = keyed_unique(fim, lambda e: exact_key(e.prefix, e.suffix, e.middle), dropped)
+    pairs_k = keyed_unique(pairs, lambda p: exact_key(p.prefix, p.suffix, p.chosen, p.rejected), dropped)
+    kto_k = keyed_unique(kto, lambda k: exact_key(k.prefix, k.suffix, k.text, str(k.desirable)), dropped)
     chat = drop_exact_duplicates(chat, lambda c: exact_key(c.user, c.assistant), dropped)
+    del fim, pairs, kto
     clock.lap("dedup")
 
-    cutoff = heldout_cutoff([e.ts for e in fim] + [p.ts for p in pairs] + [k.ts for k in kto],
+    cutoff = heldout_cutoff([e.ts for e, _ in fim_k] + [p.ts for p, _ in pairs_k] + [k.ts for k, _ in kto_k],
                             cfg.heldout_fraction, cfg.heldout_days)
-    fim_train, fim_held = split_at(fim, _ts, cutoff)
-    fim_held = [replace(e, order="psm") if e.order != "psm" else e for e in fim_held]
-    pair_train, pair_held = split_at(pairs, _ts, cutoff)
-    kto_train, kto_late = split_at(kto, _ts, cutoff)
+    fim_train_k, fim_held_k = split_at(fim_k, _keyed_ts, cutoff)
+    pair_train_k, pair_held_k = split_at(pairs_k, _keyed_ts, cutoff)
+    kto_train_k, kto_late = split_at(kto_k, _keyed_ts, cutoff)
     chat_train, chat_late = split_at(chat, _ts, cutoff)
     dropped["after_heldout_cutoff"] += len(kto_late) + len(chat_late)
-    del fim, pairs, kto, chat
+    del fim_k, pairs_k, kto_k, chat
     clock.lap("split")
 
     fim_train, fim_held, pair_train, pair_held, kto_train = drop_near_duplicates(
-        fim_train, fim_held, pair_train, pair_held, kto_train, cfg.near_dup_threshold, dropped)
+        fim_train_k, fim_held_k, pair_train_k, pair_held_k, kto_train_k, cfg.near_dup_threshold, dropped,
+        sketch_all if cache.folder is None else cache.sketches)
+    del fim_train_k, fim_held_k, pair_train_k, pair_held_k, kto_train_k
+    fim_held = [replace(e, order="psm") if e.order != "psm" else e for e in fim_held]
     clock.lap("near_dup")
 
     counted: Counter[str] = Counter()
@@ -194,6 +207,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
                      _no_shrink, cap - CHAT_TEMPLATE_TOKENS)
     store.save_token_counts(fingerprint, counts.new)
     clock.lap("tokens")
+    cache.save()
 
     desirable = sum(k.desirable for k in kto_train)
     weights = kto_weights(desirable, len(kto_train) - desirable)
@@ -293,34 +307,46 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]], digest: Any,
     return dict(sorted(counts.items()))
 
 
-def drop_near_duplicates(fim_train: list[FimExample], fim_held: list[FimExample], pair_train: list[PairExample],
-                         pair_held: list[PairExample], kto_train: list[Side], threshold: float,
-                         dropped: Counter[str]) -> tuple[list[FimExample], list[FimExample], list[PairExample],
-                                                         list[PairExample], list[Side]]:
+Keyed = list[tuple[T, bytes]]  # rows with their exact_key (quality.keyed_unique)
+
+
+class Sketcher(Protocol):
+    """The near-duplicate sketches of `text(row)` for keyed rows; `tag` tells a row's texts apart (a cache)."""
+
+    def __call__(self, tag: int, rows: Sequence[tuple[T, bytes]], text: Callable[[T], str]) -> np.ndarray: ...
+
+
+def sketch_all(tag: int, rows: Sequence[tuple[T, bytes]], text: Callable[[T], str]) -> np.ndarray:
+    return sketch([text(r) for r, _ in rows])
+
+
+def drop_near_duplicates(fim_train: Keyed[FimExample], fim_held: Keyed[FimExample], pair_train: Keyed[PairExample],
+                         pair_held: Keyed[PairExample], kto_train: Keyed[Side], threshold: float,
+                         dropped: Counter[str], sketches: Sketcher = sketch_all) -> tuple[
+                             list[FimExample], list[FimExample], list[PairExample], list[PairExample], list[Side]]:
     """Near duplicates within each set and split (the earliest row stays), then every training row that is a
     near duplicate of a held-out FIM row or of either side of a held-out pair (pipelines.datasets.quality)."""
     fim = fim_train + fim_held
-    fim_sig = sketch([near_text(e.prefix, e.middle, e.suffix) for e in fim])
-    fim_mid = sketch([e.middle for e in fim])
+    fim_sig = sketches(0, fim, lambda e: near_text(e.prefix, e.middle, e.suffix))
+    fim_mid = sketches(1, fim, lambda e: e.middle)
     nf = len(fim_train)
     keep_train = ~near_duplicates(fim_sig[:nf], fim_mid[:nf], threshold)
     keep_held = ~near_duplicates(fim_sig[nf:], fim_mid[nf:], threshold)
 
     pairs = pair_train + pair_held
-    both = [p.chosen + "\x02" + p.rejected for p in pairs]
-    pair_sig = sketch([near_text(p.prefix, text, p.suffix) for p, text in zip(pairs, both, strict=True)])
-    pair_mid = sketch(both)
-    chosen_sig = sketch([near_text(p.prefix, p.chosen, p.suffix) for p in pairs])
-    chosen_mid = sketch([p.chosen for p in pairs])
-    rejected_sig = sketch([near_text(p.prefix, p.rejected, p.suffix) for p in pairs])
-    rejected_mid = sketch([p.rejected for p in pairs])
+    pair_sig = sketches(2, pairs, lambda p: near_text(p.prefix, p.chosen + "\x02" + p.rejected, p.suffix))
+    pair_mid = sketches(3, pairs, lambda p: p.chosen + "\x02" + p.rejected)
+    chosen_sig = sketches(4, pairs, lambda p: near_text(p.prefix, p.chosen, p.suffix))
+    chosen_mid = sketches(5, pairs, lambda p: p.chosen)
+    rejected_sig = sketches(6, pairs, lambda p: near_text(p.prefix, p.rejected, p.suffix))
+    rejected_mid = sketches(7, pairs, lambda p: p.rejected)
     n = len(pair_train)
     keep_pair_train = ~near_duplicates(pair_sig[:n], pair_mid[:n], threshold)
     keep_pair_held = ~near_duplicates(pair_sig[n:], pair_mid[n:], threshold)
 
-    kto_sig = sketch([near_text(k.prefix, k.text, k.suffix) for k in kto_train])
-    kto_mid = sketch([k.text for k in kto_train])
-    labels = np.array([k.desirable for k in kto_train], dtype=bool)
+    kto_sig = sketches(8, kto_train, lambda k: near_text(k.prefix, k.text, k.suffix))
+    kto_mid = sketches(9, kto_train, lambda k: k.text)
+    labels = np.array([k.desirable for k, _ in kto_train], dtype=bool)
     keep_kto = np.ones(len(kto_train), dtype=bool)
     for label in (True, False):  # a desirable and an undesirable row may share text: that is not a repeat
         at = np.flatnonzero(labels == label)
@@ -350,12 +376,16 @@ def _advancing(rows: Iterable[T], progress: Progress) -> Iterator[T]:
     progress.advance(progress.total - progress.done if progress.total else 0)
 
 
-def _take(rows: list[T], keep: np.ndarray) -> list[T]:
-    return [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
+def _take(rows: Keyed[T], keep: np.ndarray) -> list[T]:
+    return [r for (r, _), k in zip(rows, keep.tolist(), strict=True) if k]
 
 
 def _ts(row: FimExample | PairExample | Side | ChatExample) -> Any:
     return row.ts
+
+
+def _keyed_ts(row: tuple[FimExample | PairExample | Side, bytes]) -> Any:
+    return row[0].ts
 
 
 def _spread(rows: list[T], k: int = 500) -> list[T]:

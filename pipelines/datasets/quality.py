@@ -147,6 +147,12 @@ def exact_key(*parts: str) -> bytes:
 def drop_exact_duplicates(rows: list[T], key: Callable[[T], bytes], dropped: Counter[str],
                           reason: str = "duplicate") -> list[T]:
     """The first of each set of rows with the same key, in order."""
+    return [r for r, _ in keyed_unique(rows, key, dropped, reason)]
+
+
+def keyed_unique(rows: list[T], key: Callable[[T], bytes], dropped: Counter[str],
+                 reason: str = "duplicate") -> list[tuple[T, bytes]]:
+    """`drop_exact_duplicates` with each row's key beside it: what names the row to later stages' caches."""
     seen: set[bytes] = set()
     out = []
     for r in rows:
@@ -155,7 +161,7 @@ def drop_exact_duplicates(rows: list[T], key: Callable[[T], bytes], dropped: Cou
             dropped[reason] += 1
             continue
         seen.add(k)
-        out.append(r)
+        out.append((r, k))
     return out
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -388,15 +388,26 @@ class Store:
             f"after_text FROM edit_outcomes WHERE {column} = ? ORDER BY decided_at, id", [scope.name])
         yield from _records(cur, EditRecord)
 
-    def committed_files(self, scope: Scope) -> Iterator[CommittedFile]:
-        """Files a scope's commits added lines to, with the content after the commit, oldest first."""
+    def committed_files(self, scope: Scope, shas: Iterable[str] | None = None) -> Iterator[CommittedFile]:
+        """Files a scope's commits added lines to, with the content after the commit, oldest first; only those
+        of `shas` when given."""
         column = "c.team" if scope.kind == "team" else "c.developer"
+        only = "" if shas is None else "AND c.sha IN (SELECT unnest(?)) "
         cur = self.con.execute(
             "SELECT c.sha, c.developer, c.committed_at, f.path, f.added, b.content "
             "FROM commits c JOIN commit_files f ON f.sha = c.sha JOIN blobs b ON b.blob = f.blob "
-            f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 "
-            "ORDER BY c.committed_at, c.sha, f.path", [scope.name])
+            f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 {only}"
+            "ORDER BY c.committed_at, c.sha, f.path", [scope.name] + ([] if shas is None else [sorted(shas)]))
         yield from _records(cur, CommittedFile)
+
+    def committed_file_keys(self, scope: Scope) -> list[tuple[str, str, datetime, str]]:
+        """(sha, developer, committed_at, path) of `committed_files`, in its order, without reading content."""
+        column = "c.team" if scope.kind == "team" else "c.developer"
+        return self.con.execute(
+            "SELECT c.sha, c.developer, c.committed_at, f.path "
+            "FROM commits c JOIN commit_files f ON f.sha = c.sha JOIN blobs b ON b.blob = f.blob "
+            f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 "
+            "ORDER BY c.committed_at, c.sha, f.path", [scope.name]).fetchall()
 
     def team_repos(self, team: str) -> list[str]:
         """Repositories the team's commits were made in."""
