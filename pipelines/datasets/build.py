@@ -78,6 +78,9 @@ Ctx = TypeVar("Ctx", FimExample, PairExample, Side)  # rows with a prefix and su
 # A chat template wraps the two turns in role markers (Qwen2.5's adds ~20 tokens with its default system
 # turn): rows are fitted into max_row_tokens minus this.
 CHAT_TEMPLATE_TOKENS = 32
+# What a row's fit trace is remembered under, besides its exact_key: its kind, and a FIM row's layout.
+_FIT_TAGS = {("FimExample", "psm"): b"\x00", ("FimExample", "spm"): b"\x01", ("PairExample", ""): b"\x02",
+             ("Side", ""): b"\x03"}
 FILES = ("sft.jsonl", "dpo.jsonl", "kto.jsonl", "chat.jsonl", "heldout.jsonl")
 
 
@@ -127,7 +130,8 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     seconds: dict[str, float] = {}
     clock = _Clock(seconds, str(scope))
     fim_tokens = tokenizer.fim
-    cache = BuildCache(None if cache_dir is None else cache_dir / str(scope).replace(":", "-"), cfg, fim_tokens)
+    cache = BuildCache(None if cache_dir is None else cache_dir / str(scope).replace(":", "-"), cfg, fim_tokens,
+                       tokenizer.fingerprint())
     link = link_suggestions(store, cfg)
     clock.lap("link")
 
@@ -168,23 +172,29 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     del fim_k, pairs_k, kto_k, chat
     clock.lap("split")
 
-    fim_train, fim_held, pair_train, pair_held, kto_train = drop_near_duplicates(
+    fim_train_k, fim_held_k, pair_train_k, pair_held_k, kto_train_k = drop_near_duplicates(
         fim_train_k, fim_held_k, pair_train_k, pair_held_k, kto_train_k, cfg.near_dup_threshold, dropped,
         sketch_all if cache.folder is None else cache.sketches)
-    del fim_train_k, fim_held_k, pair_train_k, pair_held_k, kto_train_k
-    fim_held = [replace(e, order="psm") if e.order != "psm" else e for e in fim_held]
+    fim_held_k = [(replace(e, order="psm"), k) if e.order != "psm" else (e, k) for e, k in fim_held_k]
     clock.lap("near_dup")
 
     counted: Counter[str] = Counter()
     fingerprint = tokenizer.fingerprint()
     counts = TokenCounts(tokenizer, store.token_counts(fingerprint))
     ratio = None if cfg.exact_token_counts else calibrate(
-        [_fim_text(e, fim_tokens.psm(e.prefix, e.suffix), fim_tokens.eos) for e in _spread(fim_train + fim_held)]
-        + [kto_text(k, fim_tokens) for k in _spread(kto_train)], counts)
+        [_fim_text(e, fim_tokens.psm(e.prefix, e.suffix), fim_tokens.eos)
+         for e, _ in _spread(fim_train_k + fim_held_k)]
+        + [kto_text(k, fim_tokens) for k, _ in _spread(kto_train_k)], counts)
 
-    def fit(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Callable[[T], str],
-            shrink: Callable[[T], T | None], cap: int) -> list[T]:
-        return fit_tokens(rows, parts, render, shrink, counts, cap, ratio, dropped, counted)
+    def fit(rows: Keyed[Ctx], parts: Callable[[Ctx], tuple[str, ...]], render: Callable[[Ctx], str],
+            cap: int) -> list[Ctx]:
+        plain = [r for r, _ in rows]
+        if cache.folder is None:
+            return fit_tokens(plain, parts, render, _shrink, counts, cap, ratio, dropped, counted)
+        # A FIM row's layout is part of what is tokenized, and not of its exact_key
+        keys = [_FIT_TAGS[type(r).__name__, getattr(r, "order", "")] + k for r, k in rows]
+        return fit_tokens(plain, parts, render, _shrink, counts, cap, ratio, dropped, counted, cache.fits, keys,
+                          _cut)
 
     cap = cfg.max_row_tokens
     sentinels = fim_tokens.psm("", "") + fim_tokens.eos  # the same characters in either layout
@@ -195,16 +205,17 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     def fim_render(e: FimExample) -> str:
         return _fim_text(e, fim_prompt(e, fim_tokens), fim_tokens.eos)
 
-    fim_train = fit(fim_train, fim_parts, fim_render, _shrink, cap)
-    fim_held = fit(fim_held, fim_parts, fim_render, _shrink, cap)
-    pair_train = fit(pair_train, lambda p: (p.prefix, p.suffix, max(p.chosen, p.rejected, key=len), sentinels),
-                     lambda p: pair_text(p, fim_tokens), _shrink, cap)
-    pair_held = fit(pair_held, lambda p: (p.prefix, p.suffix, max(p.chosen, p.rejected, key=len), sentinels),
-                    lambda p: pair_text(p, fim_tokens), _shrink, cap)
-    kto_train = fit(kto_train, lambda k: (k.prefix, k.suffix, k.text, sentinels),
-                    lambda k: kto_text(k, fim_tokens), _shrink, cap)
-    chat_train = fit(chat_train, lambda c: (c.user, "\n", c.assistant), lambda c: c.user + "\n" + c.assistant,
-                     _no_shrink, cap - CHAT_TEMPLATE_TOKENS)
+    fim_train = fit(fim_train_k, fim_parts, fim_render, cap)
+    fim_held = fit(fim_held_k, fim_parts, fim_render, cap)
+    pair_train = fit(pair_train_k, lambda p: (p.prefix, p.suffix, max(p.chosen, p.rejected, key=len), sentinels),
+                     lambda p: pair_text(p, fim_tokens), cap)
+    pair_held = fit(pair_held_k, lambda p: (p.prefix, p.suffix, max(p.chosen, p.rejected, key=len), sentinels),
+                    lambda p: pair_text(p, fim_tokens), cap)
+    kto_train = fit(kto_train_k, lambda k: (k.prefix, k.suffix, k.text, sentinels),
+                    lambda k: kto_text(k, fim_tokens), cap)
+    del fim_train_k, fim_held_k, pair_train_k, pair_held_k, kto_train_k
+    chat_train = fit_tokens(chat_train, lambda c: (c.user, "\n", c.assistant), lambda c: c.user + "\n" + c.assistant,
+                            _no_shrink, counts, cap - CHAT_TEMPLATE_TOKENS, ratio, dropped, counted)
     store.save_token_counts(fingerprint, counts.new)
     clock.lap("tokens")
     cache.save()
@@ -323,7 +334,8 @@ def sketch_all(tag: int, rows: Sequence[tuple[T, bytes]], text: Callable[[T], st
 def drop_near_duplicates(fim_train: Keyed[FimExample], fim_held: Keyed[FimExample], pair_train: Keyed[PairExample],
                          pair_held: Keyed[PairExample], kto_train: Keyed[Side], threshold: float,
                          dropped: Counter[str], sketches: Sketcher = sketch_all) -> tuple[
-                             list[FimExample], list[FimExample], list[PairExample], list[PairExample], list[Side]]:
+                             Keyed[FimExample], Keyed[FimExample], Keyed[PairExample], Keyed[PairExample],
+                             Keyed[Side]]:
     """Near duplicates within each set and split (the earliest row stays), then every training row that is a
     near duplicate of a held-out FIM row or of either side of a held-out pair (pipelines.datasets.quality)."""
     fim = fim_train + fim_held
@@ -376,8 +388,8 @@ def _advancing(rows: Iterable[T], progress: Progress) -> Iterator[T]:
     progress.advance(progress.total - progress.done if progress.total else 0)
 
 
-def _take(rows: Keyed[T], keep: np.ndarray) -> list[T]:
-    return [r for (r, _), k in zip(rows, keep.tolist(), strict=True) if k]
+def _take(rows: Keyed[T], keep: np.ndarray) -> Keyed[T]:
+    return [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
 
 
 def _ts(row: FimExample | PairExample | Side | ChatExample) -> Any:
@@ -414,6 +426,12 @@ def _shrink(row: Ctx) -> Ctx | None:
         return None
     return replace(row, prefix=clip_prefix(row.prefix, len(row.prefix) * 3 // 4),
                    suffix=clip_suffix(row.suffix, len(row.suffix) * 3 // 4))
+
+
+def _cut(row: Ctx, prefix_len: int, suffix_len: int) -> Ctx:
+    """The row with the last `prefix_len` characters of its prefix and the first `suffix_len` of its suffix: where
+    `_shrink` rounds leave it (clip_prefix and clip_suffix keep an end of the text)."""
+    return replace(row, prefix=row.prefix[len(row.prefix) - prefix_len:], suffix=row.suffix[:suffix_len])
 
 
 def _no_shrink(row: ChatExample) -> None:

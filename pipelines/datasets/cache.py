@@ -28,13 +28,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from pipelines.config import DatasetsConfig
 from pipelines.datasets import outcomes, quality, sft
-from pipelines.datasets.quality import BINS, sketch
+from pipelines.datasets.quality import BINS, FitMemo, sketch
 from pipelines.datasets.sft import FimExample, committed_examples
 from pipelines.store.records import CommittedFile
 from pipelines.tokens import FimTokens
@@ -49,9 +49,9 @@ Entry = tuple[str, list[tuple[str, str, str, str, str]], dict[str, int]]
 KEY_BYTES = 17  # a one-byte tag (which text of the row) and the row's 16-byte exact_key
 
 
-def fingerprint(cfg: DatasetsConfig, fim: FimTokens) -> bytes:
+def fingerprint(cfg: DatasetsConfig, fim: FimTokens, tokenizer: str) -> bytes:
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{cfg!r}|{fim.family}|{fim.spm_supported}".encode())
+    h.update(f"{cfg!r}|{fim.family}|{fim.spm_supported}|{tokenizer}".encode())
     for module in (sft, quality, outcomes):
         h.update(Path(module.__file__ or "").read_bytes())
     h.update(Path(__file__).read_bytes())
@@ -61,19 +61,25 @@ def fingerprint(cfg: DatasetsConfig, fim: FimTokens) -> bytes:
 class BuildCache:
     """One scope's cache folder; `folder` None caches nothing (every row computed, nothing written)."""
 
-    def __init__(self, folder: Path | None, cfg: DatasetsConfig, fim: FimTokens) -> None:
+    def __init__(self, folder: Path | None, cfg: DatasetsConfig, fim: FimTokens, tokenizer: str) -> None:
         self.folder = folder
-        self.fingerprint = fingerprint(cfg, fim)
-        self.files: dict[FileKey, Entry] = {}
+        self.fingerprint = fingerprint(cfg, fim, tokenizer)
         self.kept_files: dict[FileKey, Entry] = {}
         self.file_hits = 0
         self.sketches = Sketches(self._read("sketches.bin"), self.fingerprint)
-        committed = self._read("committed.marshal")
-        if committed is not None:
-            try:
-                self.files = marshal.loads(committed)
-            except (EOFError, ValueError, TypeError) as e:
-                log.warning("dataset cache %s: committed.marshal unreadable (%s); computing it again", folder, e)
+        self.files: dict[FileKey, Entry] = self._load("committed.marshal")
+        self.fits = FitMemo(self._load("fits.marshal"))
+
+    def _load(self, name: str) -> dict[Any, Any]:
+        data = self._read(name)
+        if data is None:
+            return {}
+        try:
+            loaded = marshal.loads(data)
+        except (EOFError, ValueError, TypeError) as e:
+            log.warning("dataset cache %s: %s unreadable (%s); computing it again", self.folder, name, e)
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
 
     def _read(self, name: str) -> bytes | None:
         """The file's contents after its fingerprint line, or None when absent or made by other settings."""
@@ -119,6 +125,7 @@ class BuildCache:
         if self.folder is None:
             return
         self._write("committed.marshal", [marshal.dumps(self.kept_files)])
+        self._write("fits.marshal", [marshal.dumps(self.fits.kept)])
         keys, sigs = self.sketches.used()
         self._write("sketches.bin", [len(keys).to_bytes(8, "little"), b"".join(keys), sigs.tobytes()])
 

@@ -341,17 +341,63 @@ def text_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+# A row's way through fit_tokens: per round, (byte size, non-ASCII extra bytes, exact token count or -1 when not
+# tokenized, prefix length, suffix length), and whether it was dropped after the last round.
+Trace = tuple[tuple[tuple[int, int, int, int, int], ...], bool]
+
+
+class FitMemo:
+    """Rows' traces through `fit_tokens` by row key, from the last build (pipelines.datasets.cache).
+
+    Fitting the whole history again every night rendered, hashed and cut the same long rows again (5.4 of a
+    15 s warm 100k-suggestion build). A trace holds what each round's decision was made from, so it can be
+    replayed with tonight's tokens-per-byte bound (`calibrate` samples the rows, so it moves a little as they
+    do): a decision that needs a count the trace does not have sends the row through the rounds again. The
+    row comes out as its prefix and suffix cut to the traced lengths (clip_prefix and clip_suffix keep an end
+    of the text), the same row the rounds would make."""
+
+    def __init__(self, known: dict[bytes, Trace]) -> None:
+        self.known = known
+        self.kept: dict[bytes, Trace] = {}
+        self.replayed = 0
+
+
 def fit_tokens(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Callable[[T], str],
                shrink: Callable[[T], T | None], tokenizer: Counts, max_tokens: int, ratio: float | None,
-               dropped: Counter[str], counted: Counter[str]) -> list[T]:
+               dropped: Counter[str], counted: Counter[str], memo: FitMemo | None = None,
+               keys: Sequence[bytes] = (), cut: Callable[[T, int, int], T] | None = None) -> list[T]:
     """Fit rows into `max_tokens` by cutting their context (`shrink` keeps 3/4 of it, None when there is
     nothing left to cut); drop a row only when it cannot fit. `parts` gives the strings a row's text is made
     of (their sizes bound its length without building it), `render` the text itself, built only for rows
     that must be tokenized. `ratio` is the tokens-per-byte bound from `calibrate`, or None to tokenize every
     row longer in bytes than the cap. `counted` tallies how each row's length was established: "bytes"
-    (short enough), "estimated" (under the bound) or "tokenized"."""
+    (short enough), "estimated" (under the bound) or "tokenized". With a `memo`, rows are named by `keys` and
+    a row traced by an earlier build is replayed (FitMemo) and cut to its lengths by `cut(row, prefix_len,
+    suffix_len)`."""
     out: list[T | None] = list(rows)
     todo = list(range(len(out)))
+    traces: dict[int, list[tuple[int, int, int, int, int]]] = {}
+    if memo is not None:
+        assert cut is not None and len(keys) == len(rows)
+        todo = []
+        for i, k in enumerate(keys):
+            known = memo.known.get(k)
+            verdict = None if known is None else _replay(known, ratio, max_tokens)
+            if known is None or verdict is None:
+                todo.append(i)
+                traces[i] = []
+                continue
+            memo.kept[k] = known
+            at, fits, how = verdict
+            counted[how] += 1
+            if not fits:
+                dropped["over_max_row_tokens"] += 1
+                out[i] = None
+                continue
+            _, _, _, prefix_len, suffix_len = known[0][at]
+            if at:
+                out[i] = cut(rows[i], prefix_len, suffix_len)
+        memo.replayed += len(rows) - len(todo)
     for round_ in range(_MAX_ROUNDS + 1):
         if not todo:
             break
@@ -360,7 +406,11 @@ def fit_tokens(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Cal
             chunk = todo[lo:lo + 10_000]
             bounds = _upper_bounds([out[i] for i in chunk], parts, render, tokenizer, ratio, max_tokens, counted,
                                    round_ == 0)
-            over += [i for i, n in zip(chunk, bounds, strict=True) if n > max_tokens]
+            over += [i for i, (n, _, _, _) in zip(chunk, bounds, strict=True) if n > max_tokens]
+            if memo is not None:
+                for i, (_, size, extra, count) in zip(chunk, bounds, strict=True):
+                    row: Any = out[i]
+                    traces[i].append((size, extra, count, len(row.prefix), len(row.suffix)))
         if round_ == _MAX_ROUNDS:
             dropped["over_max_row_tokens"] += len(over)
             for i in over:
@@ -373,7 +423,38 @@ def fit_tokens(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Cal
                 dropped["over_max_row_tokens"] += 1
             out[i] = smaller
         todo = [i for i in over if out[i] is not None]
+    if memo is not None:
+        for i, rounds in traces.items():
+            memo.kept[keys[i]] = (tuple(rounds), out[i] is None)
     return [r for r in out if r is not None]
+
+
+def _bound(size: int, extra: int, ratio: float | None, max_tokens: int) -> tuple[int, str] | None:
+    """A row's token bound from its byte size and how it was found ("bytes" or "estimated"), or None when
+    only tokenizing it can tell."""
+    if size + 1 <= max_tokens:
+        return size + 1, "bytes"
+    if ratio is not None and extra <= NON_ASCII_SHARE * size and size * ratio <= max_tokens:
+        return int(size * ratio) + 1, "estimated"
+    return None
+
+
+def _replay(trace: Trace, ratio: float | None, max_tokens: int) -> tuple[int, bool, str] | None:
+    """(round, fits, how round 0 was sized) as `fit_tokens` would decide for the traced row, or None when a
+    decision needs a count the trace lacks."""
+    rounds, was_dropped = trace
+    how = ""
+    for at, (size, extra, count, _, _) in enumerate(rounds):
+        found = _bound(size, extra, ratio, max_tokens)
+        if found is None:
+            if count < 0:
+                return None
+            found = count, "tokenized"
+        if at == 0:
+            how = found[1]
+        if found[0] <= max_tokens:
+            return at, True, how
+    return (len(rounds) - 1, False, how) if was_dropped and rounds else None
 
 
 def calibrate(sample: list[str], tokenizer: Counts) -> float | None:
@@ -389,29 +470,27 @@ def calibrate(sample: list[str], tokenizer: Counts) -> float | None:
 
 def _upper_bounds(rows: list[Any], parts: Callable[[Any], tuple[str, ...]], render: Callable[[Any], str],
                   tokenizer: Counts, ratio: float | None, max_tokens: int, counted: Counter[str],
-                  first_round: bool) -> list[int]:
-    """Per row, its token count or an upper bound of it that is enough to compare with `max_tokens`."""
-    out = [0] * len(rows)
+                  first_round: bool) -> list[tuple[int, int, int, int]]:
+    """Per row, its token count or an upper bound of it that is enough to compare with `max_tokens`, then what
+    it was found from: byte size, non-ASCII extra bytes and the token count (-1 when not tokenized)."""
+    out = [(0, 0, 0, -1)] * len(rows)
     exact_needed = []
     for i, r in enumerate(rows):
         pieces = parts(r)
         chars = sum(map(len, pieces))
         # str.isascii is O(1) in CPython (a flag on the string), so ASCII text is sized without encoding it
         size = chars + sum(len(p.encode("utf-8", "surrogatepass")) - len(p) for p in pieces if not p.isascii())
-        if size + 1 <= max_tokens:
-            out[i] = size + 1
-            how = "bytes"
-        elif ratio is not None and (size - chars) <= NON_ASCII_SHARE * size and size * ratio <= max_tokens:
-            out[i] = int(size * ratio) + 1
-            how = "estimated"
-        else:
+        found = _bound(size, size - chars, ratio, max_tokens)
+        if found is None:
+            out[i] = (0, size, size - chars, -1)
             exact_needed.append(i)
             continue
+        out[i] = (found[0], size, size - chars, -1)
         if first_round:
-            counted[how] += 1
+            counted[found[1]] += 1
     if exact_needed:
         for i, n in zip(exact_needed, tokenizer.count([render(rows[i]) for i in exact_needed]), strict=True):
-            out[i] = n
+            out[i] = (n, out[i][1], out[i][2], n)
         if first_round:
             counted["tokenized"] += len(exact_needed)
     return out
