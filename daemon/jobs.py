@@ -17,6 +17,7 @@ from daemon.runner import claim_cycle, release_cycle, run_job, running_cycles, t
 from pipelines.config import Config
 from pipelines.cycle import plan_start, run_cycle
 from pipelines.datasets.build import build_datasets
+from pipelines.datasets.cache import cache_dir
 from pipelines.forget import finish_forgets, forget, forget_opted_out, plan_forget, undo_forget
 from pipelines.ingest.identity import Directory
 from pipelines.ingest.ingest import SourceReport, collect_source
@@ -265,7 +266,7 @@ def pretrain(store: Store, cfg: Config, team: str) -> dict[str, Any]:
 def build_dataset(store: Store, cfg: Config, scope: Scope, out: Path) -> dict[str, Any]:
     """Write `scope`'s datasets into `out` (the files a cycle writes into its run's data/ folder)."""
     tokenizer = load_base_tokenizer(cfg.base_model)
-    return build_datasets(store, scope, cfg.datasets, tokenizer, out).as_dict()
+    return build_datasets(store, scope, cfg.datasets, tokenizer, out, cache_dir(cfg.state_dir)).as_dict()
 
 
 EXPORT_KEEP_S = 3600

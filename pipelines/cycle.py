@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from pipelines.config import Config
 from pipelines.datasets.build import build_datasets
+from pipelines.datasets.cache import cache_dir
 from pipelines.evaluate.gate import EvalReport, gate
 from pipelines.files import read_json
 from pipelines.pretrain.serving import descends_from, pretrained_adapter, team_base
@@ -92,7 +93,8 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
         if start.why:
             return skip(store, run_id, name, summary, "plan", start.why)
         tokenizer = load_base_tokenizer(cfg.base_model)
-        dataset = build_datasets(store, scope, cfg.datasets, tokenizer, run_dir / "data")
+        dataset = build_datasets(store, scope, cfg.datasets, tokenizer, run_dir / "data",
+                                 cache_dir(cfg.state_dir))
         summary["dataset"] = dataset.as_dict()
         if dataset.skipped:
             return skip(store, run_id, name, summary, "dataset", dataset.skipped)

@@ -7,8 +7,8 @@ tombstone so later collects store nothing of theirs.
                  parents and time (as `opt_out` keeps them), other rows' texts that name them replaced by
                  "<forgotten>", tombstones and retrain marks written, and a job listing the file work
     3. files     their own runs and personal adapters (registry/dev:<id>, served/dev:<id>) removed; their
-                 teams' runs lose data/ and checkpoints/; exports/ and the evaluations' remembered row scores
-                 (scores/) emptied; their lines in the HTTP inbox
+                 teams' runs lose data/ and checkpoints/; exports/, the evaluations' remembered row scores
+                 (scores/) and the dataset builds' caches (cache/) emptied; their lines in the HTTP inbox
                  and the gateway's request log blanked in place (offsets stay valid); their tokens removed
     4. done      the job is marked done; the store file is rewritten without the deleted bytes the next time
                  a process opens it alone (DuckDB keeps deleted rows' bytes in the file until then)
@@ -152,6 +152,7 @@ def _finish(store: Store, cfg: Config, job_id: str, job: dict[str, Any]) -> None
             _remove(scope_dir)
     _remove(state / "exports")
     _remove(state / "scores")  # held-out row digests, every scope's: the next evaluations score every row again
+    _remove(state / "cache")  # dataset builds' cached rows and sketches (their code): the next builds start cold
     for inbox in sorted((state / "inbox").rglob("*.jsonl")) if (state / "inbox").is_dir() else []:
         _blank_lines(inbox, lambda line: any(named(i) for i in _line_identities(line)))
     # The serving gateway's request log names its callers the same way (a top-level "developer").

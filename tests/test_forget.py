@@ -115,6 +115,7 @@ def test_forget_removes_everything_of_theirs_and_keeps_them_out(pristine: tuple[
     config, state, token = copy_site(pristine, tmp_path / "site")
     assert traces(state, token), "the fixture must hold alice's data for this test to mean anything"
     assert (state / "scores" / f"dev-{ALICE}").is_dir()  # her adapter's evaluation remembered its rows
+    assert (state / "cache" / "datasets" / f"dev-{ALICE}").is_dir()  # and her dataset build its rows
 
     asked = run_devtune("--config", str(config), "forget", ALICE)  # not a terminal, no --yes: nothing changes
     assert asked.returncode == 1 and "pass --yes" in asked.stderr and "would remove" in asked.stdout
@@ -144,7 +145,7 @@ def test_forget_removes_everything_of_theirs_and_keeps_them_out(pristine: tuple[
     assert status["forgotten"] == {"forgotten": 1, "tombstones": len(plan["identities"])}
     assert ALICE not in json.dumps(status)
     assert not (state / "served" / f"dev:{ALICE}").exists()
-    assert not (state / "scores").exists()
+    assert not (state / "scores").exists() and not (state / "cache").exists()
 
     # Later collects of the same logs, the inbox and a new HTTP post store nothing of hers...
     her_logs = next(s.path for s in load_config(config).sources if s.developer == ALICE)

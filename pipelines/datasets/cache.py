@@ -49,6 +49,11 @@ Entry = tuple[str, list[tuple[str, str, str, str, str]], dict[str, int]]
 KEY_BYTES = 17  # a one-byte tag (which text of the row) and the row's 16-byte exact_key
 
 
+def cache_dir(state_dir: Path) -> Path:
+    """Where builds keep their caches, a folder per scope."""
+    return state_dir / "cache" / "datasets"
+
+
 def fingerprint(cfg: DatasetsConfig, fim: FimTokens, tokenizer: str) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{cfg!r}|{fim.family}|{fim.spm_supported}|{tokenizer}".encode())

@@ -32,6 +32,7 @@ from typing import Any
 from pipelines.child import run_child
 from pipelines.config import Config
 from pipelines.datasets.build import build_datasets
+from pipelines.datasets.cache import cache_dir
 from pipelines.evaluate.gate import EvalReport, GateDecision, gate
 from pipelines.files import read_json
 from pipelines.ingest.identity import normalize_repo
@@ -71,7 +72,8 @@ def run_pretrain(store: Store, cfg: Config, team: str, run_id: str, turn: Turn) 
     summary: dict[str, Any] = {**((store.run(run_id) or {}).get("summary") or {}), "run_dir": str(run_dir)}
     if not (run_dir / "config.json").is_file():
         tokenizer = load_base_tokenizer(cfg.base_model)
-        dataset = build_datasets(store, Scope("team", team), cfg.datasets, tokenizer, run_dir / "data")
+        dataset = build_datasets(store, Scope("team", team), cfg.datasets, tokenizer, run_dir / "data",
+                                 cache_dir(cfg.state_dir))
         summary["dataset"] = dataset.as_dict()
         if dataset.skipped:
             return _skip(store, run_id, scope, summary, "dataset", dataset.skipped)
