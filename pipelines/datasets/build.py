@@ -268,7 +268,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
         "spm": fim_tokens.spm_supported, "max_row_tokens": cfg.max_row_tokens, "created_at": now().isoformat(),
         "heldout_cutoff": cutoff.isoformat() if cutoff else None, "accept_rate": round(accept_rate, 4),
         "suggestions": shown, "link_pass": link.as_dict(), "token_counts": dict(counted),
-        "token_count_cache": {"known": counts.hits, "tokenized": len(counts.new)},
+        "token_count_cache": {"known": counts.hits, "tokenized": len(counts.new)}, "build_cache": cache.stats(),
         "served_by": store.served_for_scope(scope),
         "kto": {**report.kto, "desirable": desirable, "undesirable": len(kto_train) - desirable},
     }

@@ -125,6 +125,11 @@ class BuildCache:
                                middle=m, order=o) for i, p, s, m, o in entry[1]]
         return out
 
+    def stats(self) -> dict[str, int]:
+        """What this build found in the cache (the manifest's `build_cache`)."""
+        return {"committed_files_reused": self.file_hits, "sketches_reused": self.sketches.hits,
+                "sketched": self.sketches.computed, "fits_replayed": self.fits.replayed}
+
     def save(self) -> None:
         """Write what this build used, and only that."""
         if self.folder is None:

@@ -1,0 +1,147 @@
+"""The dataset build's cache (pipelines/datasets/cache.py): a build that reuses what the last one computed
+writes the same bytes as a build from scratch, after new commits and suggestions arrive and when the settings
+change; and fit_tokens' replayed traces give the same rows under any tokens-per-byte bound."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from daemon import jobs
+from daemon.config import load_config
+from pipelines.config import DatasetsConfig
+from pipelines.datasets.build import FILES, _cut, _shrink, build_datasets
+from pipelines.datasets.quality import FitMemo, TokenCounts, exact_key, fit_tokens
+from pipelines.datasets.sft import FimExample
+from pipelines.scope import team
+from pipelines.store.db import Store
+from pipelines.tokens import load_base_tokenizer
+from support import T0, CommitSpec, autocomplete_event, commit, continue_log, days, make_repo, write_config
+
+# Small rows cap, so many rows are cut (fit_tokens' rounds) and some are dropped.
+CFG = DatasetsConfig(heldout_fraction=0.2, min_train_rows=1, min_heldout_rows=1, max_row_tokens=160,
+                     fim_spans_per_file=4)
+
+
+def module(i: int, n: int) -> str:
+    body = "".join(f"def op_{i}_{j}(x):\n    if x > {j}:\n        return x * {j}\n    return x - {i}\n\n"
+                   for j in range(n))
+    return f'"""Ledger module {i}."""\n\nimport math\n\n' + body
+
+
+def events(lo: int, hi: int) -> list[dict[str, Any]]:
+    out = []
+    for i in range(lo, hi):
+        prefix = module(i % 7, 3 + i % 5) + f"def total_{i % 9}(x):\n"
+        for accepted in (True, False):  # a kept and a rejected completion of one context: a DPO pair
+            out.append(autocomplete_event(timestamp=(T0 + days(i / 3)).isoformat() + "Z", accepted=accepted,
+                                          prefix=prefix, suffix="\n\nprint(total(1))\n",
+                                          completion=f"    return x + {i if accepted else -i}\n",
+                                          filepath=f"file:///home/alice/src/payments/ledger/m{i % 7}.py"))
+    return out
+
+
+def site(tmp_path: Path) -> tuple[Store, Any, Path]:
+    repo = make_repo(tmp_path / "repo", [
+        CommitSpec({f"ledger/m{i}.py": module(i, 4 + i % 6)}, when=T0 + days(i / 2), message=f"m{i}",
+                   author=("Bob", "bob@example.com") if i % 2 else ("Alice", "alice@example.com"))
+        for i in range(12)])
+    continue_log(tmp_path / "alice", events(0, 30))
+    setup = write_config(tmp_path / "site", [
+        {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"},
+        {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": "alice@example.com"}],
+        teams=[{"name": "payments", "members": ["alice@example.com", "bob@example.com"]}])
+    cfg = load_config(setup.config)
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    assert jobs.collect(store, cfg)["error"] is None
+    return store, (cfg, repo), tmp_path
+
+
+def built(store: Store, tokenizer: Any, out: Path, cache: Path | None, cfg: DatasetsConfig = CFG) -> dict[str, Any]:
+    report = build_datasets(store, team("payments"), cfg, tokenizer, out, cache)
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
+    return {"sha": report.sha256, "files": files, "dropped": report.dropped, "cache": manifest["build_cache"],
+            "counted": manifest["token_counts"], "rows": report.train_rows}
+
+
+def test_a_cached_build_writes_what_a_build_from_scratch_writes(tmp_path: Path, tiny_model: Path) -> None:
+    store, (cfg, repo), root = site(tmp_path)
+    tokenizer = load_base_tokenizer(str(tiny_model))
+    cache = root / "cache"
+    try:
+        scratch = built(store, tokenizer, root / "scratch", None)
+        assert scratch["rows"] > 50 and scratch["dropped"].get("near_duplicate", 0) >= 0
+        assert scratch["counted"].get("tokenized", 0) > 0  # rows long enough to be cut: the rounds ran
+        cold = built(store, tokenizer, root / "cold", cache)
+        warm = built(store, tokenizer, root / "warm", cache)
+        for b in (cold, warm):
+            assert (b["sha"], b["files"], b["dropped"]) == (scratch["sha"], scratch["files"], scratch["dropped"])
+        assert cold["cache"]["committed_files_reused"] == 0 and cold["cache"]["fits_replayed"] == 0
+        assert warm["cache"]["sketched"] == 0 and warm["cache"]["committed_files_reused"] == 12
+        assert warm["cache"]["fits_replayed"] > 50
+
+        # A night later: new commits (one file changed again, one new) and new suggestions. The held-out cutoff
+        # moves, so rows change split, and the ratio's sample moves.
+        for i in range(12, 16):
+            commit(repo, CommitSpec({f"ledger/m{i % 3}.py": module(i, 5), f"ledger/n{i}.py": module(i, 3)},
+                                    when=T0 + days(10 + i / 4), message=f"n{i}"))
+        continue_log(root / "alice", events(30, 45), append=True)
+        assert jobs.collect(store, cfg)["error"] is None
+        scratch2 = built(store, tokenizer, root / "scratch2", None)
+        night2 = built(store, tokenizer, root / "night2", cache)
+        assert scratch2["sha"] != scratch["sha"]
+        assert (night2["sha"], night2["files"], night2["dropped"]) == (
+            scratch2["sha"], scratch2["files"], scratch2["dropped"])
+        assert night2["cache"]["committed_files_reused"] == 12 and night2["cache"]["sketched"] > 0
+
+        # Other settings: nothing cached is trusted, and the rows are those of a build from scratch.
+        other = DatasetsConfig(**{**CFG.__dict__, "max_row_tokens": 120})
+        scratch3 = built(store, tokenizer, root / "scratch3", None, other)
+        night3 = built(store, tokenizer, root / "night3", cache, other)
+        assert night3["sha"] == scratch3["sha"] != scratch2["sha"]
+        assert night3["cache"] == {"committed_files_reused": 0, "sketches_reused": 0,
+                                   "sketched": night3["cache"]["sketched"], "fits_replayed": 0}
+
+        # A damaged cache file is set aside, not believed.
+        (cache / "team-payments" / "fits.marshal").write_bytes(b"garbage")
+        assert built(store, tokenizer, root / "night4", cache, other)["sha"] == scratch3["sha"]
+    finally:
+        store.close()
+
+
+def test_replayed_fits_are_the_rounds_own_under_any_bound(tiny_model: Path) -> None:
+    tokenizer = load_base_tokenizer(str(tiny_model))
+    rng = random.Random(7)
+    words = ["alpha", "beta", "γάμμα", "delta_epsilon", "(x)", "\n", "    ", "return", "0xdeadbeef", "ünïcode"]
+    rows = [FimExample(id=str(i), signal="committed", developer="a", ts=T0 + days(i), path="a.py",
+                       prefix="".join(rng.choices(words, k=rng.randint(0, 120 if i % 3 else 6))),
+                       suffix="".join(rng.choices(words, k=rng.randint(0, 60 if i % 3 else 200))),
+                       middle="".join(rng.choices(words, k=rng.randint(1, 30)))) for i in range(300)]
+    keys = [exact_key(e.prefix, e.suffix, e.middle) for e in rows]
+
+    def parts(e: FimExample) -> tuple[str, ...]:
+        return e.prefix, e.suffix, e.middle, "<>"
+
+    def render(e: FimExample) -> str:
+        return e.prefix + "<" + e.suffix + ">" + e.middle
+
+    def fit(ratio: float | None, memo: FitMemo | None) -> tuple[list[FimExample], Counter[str], Counter[str]]:
+        dropped: Counter[str] = Counter()
+        counted: Counter[str] = Counter()
+        out = fit_tokens(rows, parts, render, _shrink, TokenCounts(tokenizer, {}), 96, ratio, dropped, counted,
+                         memo, keys if memo else (), _cut if memo else None)
+        return out, dropped, counted
+
+    memo = FitMemo({})
+    first = fit(0.5, memo)
+    assert first == fit(0.5, None) and first[1]["over_max_row_tokens"] > 0
+    assert sum(1 for a, b in zip(rows, first[0], strict=False) if a != b) > 0  # some rows were cut
+    for ratio in (0.5, 0.3, 0.45, 0.9, 2.0, None):
+        replayed = FitMemo(dict(memo.kept))
+        assert fit(ratio, replayed) == fit(ratio, None), ratio
+        assert replayed.replayed > 0
