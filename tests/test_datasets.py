@@ -237,3 +237,15 @@ def test_dataset_build_and_show_on_the_command_line(tmp_path: Path) -> None:
     finally:
         service.terminate()
         assert service.wait(timeout=60) == 0
+
+
+def test_rows_with_unicode_line_separators_read_back_whole(tmp_path: Path) -> None:
+    # orjson leaves U+2028, U+2029 and U+0085 unescaped in strings; JavaScript sources carry them. The
+    # trainer's and evaluator's reader split lines at them and failed on such a row.
+    from pipelines.datasets.build import write_jsonl
+    from pipelines.train.rundir import read_rows
+
+    rows = [{"signal": "kept", "ts": f"2026-10-0{i + 1}T09:00:00", "prompt": f"const s = 'a\u2028b';\n{i}",
+             "completion": "x\u0085y\u2029z\r\n"} for i in range(3)]
+    write_jsonl(tmp_path / "sft.jsonl", iter(rows), hashlib.sha256())
+    assert read_rows(tmp_path / "sft.jsonl") == rows

@@ -71,7 +71,7 @@ class BuildCache:
         self.fingerprint = fingerprint(cfg, fim, tokenizer)
         self.kept_files: dict[FileKey, Entry] = {}
         self.file_hits = 0
-        self.sketches = Sketches(self._read("sketches.bin"), self.fingerprint)
+        self.sketches = Sketches(self._path("sketches.bin"))
         self.files: dict[FileKey, Entry] = self._load("committed.marshal")
         self.fits = FitMemo(self._load("fits.marshal"))
 
@@ -86,13 +86,18 @@ class BuildCache:
             return {}
         return loaded if isinstance(loaded, dict) else {}
 
-    def _read(self, name: str) -> bytes | None:
-        """The file's contents after its fingerprint line, or None when absent or made by other settings."""
+    def _path(self, name: str) -> Path | None:
+        """The file, when it exists and starts with this build's fingerprint line."""
         if self.folder is None or not (self.folder / name).is_file():
             return None
-        data = (self.folder / name).read_bytes()
         head = self.fingerprint.hex().encode() + b"\n"
-        return data[len(head):] if data.startswith(head) else None
+        with (self.folder / name).open("rb") as f:
+            return self.folder / name if f.read(len(head)) == head else None
+
+    def _read(self, name: str) -> bytes | None:
+        """The file's contents after its fingerprint line, or None when absent or made by other settings."""
+        path = self._path(name)
+        return None if path is None else path.read_bytes()[len(self.fingerprint.hex()) + 1:]
 
     def _write(self, name: str, parts: Iterable[bytes]) -> None:
         assert self.folder is not None
@@ -143,18 +148,25 @@ class BuildCache:
 class Sketches:
     """Near-duplicate sketches by row: `sketch` of the texts not found, the stored signature of the rest."""
 
-    def __init__(self, data: bytes | None, fingerprint: bytes) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.index: dict[bytes, int] = {}
-        self.sigs = np.zeros((0, BINS), dtype=np.uint32)
+        self.sigs: np.ndarray = np.zeros((0, BINS), dtype=np.uint32)
         self.keys: list[bytes] = []
         self.rows: list[np.ndarray] = []
         self.hits = self.computed = 0
-        if data is not None and len(data) >= 8:
-            n = int.from_bytes(data[:8], "little")
-            end = 8 + n * KEY_BYTES
-            if len(data) == end + n * BINS * 4:
-                self.index = {data[i:i + KEY_BYTES]: j for j, i in enumerate(range(8, end, KEY_BYTES))}
-                self.sigs = np.frombuffer(data, dtype=np.uint32, offset=end).reshape(n, BINS)
+        if path is None:
+            return
+        # The signatures are mapped, not read: 256 bytes a row (80 MB at 100k stored suggestions), of which a
+        # build touches each row once.
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            start = len(f.readline())  # the fingerprint line
+            n = int.from_bytes(f.read(8), "little")
+            keys = f.read(n * KEY_BYTES)
+        offset = start + 8 + n * KEY_BYTES
+        if len(keys) == n * KEY_BYTES and size == offset + n * BINS * 4 and n:
+            self.index = {keys[i:i + KEY_BYTES]: j for j, i in enumerate(range(0, len(keys), KEY_BYTES))}
+            self.sigs = np.memmap(path, dtype=np.uint32, mode="r", offset=offset, shape=(n, BINS))
 
     def __call__(self, tag: int, rows: Sequence[tuple[T, bytes]], text: Callable[[T], str]) -> np.ndarray:
         """The sketches of `text(row)` for (row, exact key) `rows`; `tag` tells the texts of one row apart."""

@@ -49,6 +49,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from pipelines.config import EvaluateConfig, TrainConfig
 from pipelines.files import write_json_atomic
 
@@ -88,4 +90,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a dataset file; a missing file has none (the contract above)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # Split at b"\n" only: orjson writes U+2028 and U+0085 unescaped inside strings, and str.splitlines splits
+    # at them, so a row of JavaScript holding one failed to load. orjson also reads the 155 MB of a 100k
+    # suggestions' sft and kto files in 0.55 s, json.loads in 1.16 s.
+    return [orjson.loads(line) for line in path.read_bytes().split(b"\n") if line.strip()]
