@@ -106,7 +106,8 @@ class DatasetReport:
     train_ts: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "train_ts"}
+        # Not asdict(self): it deep-copies train_ts too (51k stamps at 100k stored suggestions, 0.26 s)
+        return {k: v for k, v in asdict(replace(self, train_ts=())).items() if k != "train_ts"}
 
 
 def build_datasets(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer,
