@@ -131,10 +131,10 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     seconds: dict[str, float] = {}
     clock = _Clock(seconds, str(scope))
     fim_tokens = tokenizer.fim
-    cache = BuildCache(None if cache_dir is None else cache_dir / str(scope).replace(":", "-"), cfg, fim_tokens,
-                       tokenizer.fingerprint())
     link = link_suggestions(store, cfg)
     clock.lap("link")
+    cache = BuildCache(None if cache_dir is None else cache_dir / str(scope).replace(":", "-"), cfg, fim_tokens,
+                       tokenizer.fingerprint())
 
     dropped: Counter[str] = Counter()
     index = PathIndex.build(store.repo_paths())
