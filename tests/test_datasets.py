@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pytest
 from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
-from pipelines.datasets.build import FILES, build_datasets
-from pipelines.datasets.outcomes import clip_prefix, clip_suffix
-from pipelines.datasets.sft import block_bodies
+from pipelines.datasets.build import FILES, _with_context, build_datasets
+from pipelines.datasets.dpo import PairExample
+from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix
+from pipelines.datasets.sft import FimExample, block_bodies
 from pipelines.datasets.split import heldout_cutoff, time_split
 from pipelines.scope import team
 from pipelines.store.db import Store
@@ -249,3 +251,17 @@ def test_rows_with_unicode_line_separators_read_back_whole(tmp_path: Path) -> No
              "completion": "x\u0085y\u2029z\r\n"} for i in range(3)]
     write_jsonl(tmp_path / "sft.jsonl", iter(rows), hashlib.sha256())
     assert read_rows(tmp_path / "sft.jsonl") == rows
+
+
+def test_rows_cut_to_fit_are_the_rows_dataclasses_replace_would_make() -> None:
+    """The token stage copies a row with new context without __init__: only sound while the row types
+    validate nothing in __post_init__ and keep their fields in __dict__."""
+    at = datetime(2026, 11, 2, 9)
+    rows = [FimExample("f", "kept", "alice", at, "r/a.py", "def f():\n", "\n", "  return 1", "spm"),
+            PairExample("a>b", "rejected", "kept", "alice", at, "r/a.py", "x = ", "\n", "1", "2"),
+            Side("s", "rejected", False, "alice", at, "r/a.py", "y = ", "\n", "3")]
+    for row in rows:
+        assert not hasattr(type(row), "__post_init__") and not hasattr(type(row), "__slots__")
+        cut, want = _with_context(row, "f():\n", ""), replace(row, prefix="f():\n", suffix="")
+        assert cut == want and hash(cut) == hash(want)
+        assert type(cut) is type(row) and row.prefix != cut.prefix  # the original is untouched

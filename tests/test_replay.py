@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from pipelines.config import TrainConfig
+from pipelines.datasets.build import write_jsonl
+from pipelines.datasets.dpo import PairExample, pair_row
+from pipelines.datasets.kto import kto_row
+from pipelines.datasets.outcomes import Side
+from pipelines.datasets.sft import ChatExample, FimExample, chat_row, fim_row
+from pipelines.tokens import FAMILIES, FimTokens
 from pipelines.train.replay import latest_ts, new_rows, select_rows
+from pipelines.train.rundir import read_rows
+from pipelines.train.train import read_training_rows
 
 
 def rows(n: int) -> list[dict[str, str]]:
@@ -32,3 +48,54 @@ def test_replay_is_capped_by_what_exists_and_nothing_new_means_nothing() -> None
     assert select_rows(data, "2026-12-01T00:00:00", 0.25, seed=0).rows == []
     assert new_rows(data, "2026-10-03T09:00:00") == 2 and new_rows(data, None) == 5
     assert latest_ts(data, [{"ts": "2026-11-01T00:00:00"}]) == "2026-11-01T00:00:00" and latest_ts([]) is None
+
+
+# Texts that look like a row's `ts` from inside a string, and the separators str.splitlines would cut at.
+TRICKY = ['x = {"ts":"2099-01-01T00:00:00"}\n', 'say "ts": "1999"\u2028next\u0085', "plain code\n", '\\"ts\\":\\"']
+
+
+def write_dataset(data: Path, n: int) -> list[str]:
+    """The four training files as the dataset builder writes them (its row functions and writer)."""
+    family, _, (pre, suf, mid), eos, spm = FAMILIES[1]  # StarCoder: SPM rows too
+    fim = FimTokens(family, pre, suf, mid, eos or "<|endoftext|>", spm_supported=spm)
+    start = datetime(2026, 10, 1, 9, tzinfo=UTC)
+    ts = [start + timedelta(hours=7 * i) for i in range(n)]
+    text = [TRICKY[i % len(TRICKY)] * (1 + i % 3) for i in range(n)]
+    rows = {
+        "sft.jsonl": [fim_row(FimExample(f"s{i}", "kept", "alice", ts[i], "r/a.py", text[i], "tail", "mid " + text[i],
+                                         "spm" if i % 5 == 0 else "psm"), fim) for i in range(n)],
+        "dpo.jsonl": [pair_row(PairExample(f"p{i}", "rejected", "kept", "alice", ts[i], "r/a.py", text[i], "", "yes",
+                                           "no" + text[i]), fim) for i in range(0, n, 2)],
+        "kto.jsonl": [kto_row(Side(f"k{i}", "rejected", i % 3 == 0, "alice", ts[i], "r/a.py", text[i], "s", "t"), fim)
+                      for i in range(n)],
+        "chat.jsonl": [chat_row(ChatExample(f"c{i}", "edit", "alice", ts[i], "a.py", text[i], '{"ts":"0"}'))
+                       for i in range(0, n, 3)],
+    }
+    data.mkdir(parents=True)
+    for name, written in rows.items():
+        write_jsonl(data / name, iter(written), hashlib.sha256())
+    return [t.isoformat() for t in ts]
+
+
+@pytest.mark.parametrize("chat_template", [None, "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"])
+def test_a_run_reads_the_rows_that_parsing_every_row_would_pick(tmp_path: Path, tiny_model: Path,
+                                                                  chat_template: str | None) -> None:
+    """Only the picked rows are parsed (a row's ts is read from its line): the same rows, counts and
+    data_until as selecting from every parsed row, on rows whose texts imitate a `ts` key and hold U+2028."""
+    stamps = write_dataset(tmp_path / "data", 40)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = chat_template
+    cfg = TrainConfig(replay_share=0.3, seed=7)
+    for until in (None, stamps[0], stamps[25], stamps[-2], stamps[-1], "2020-01-01T00:00:00+00:00"):
+        got = read_training_rows(tmp_path, cfg, tokenizer, until)
+        files = {n: read_rows(tmp_path / "data" / f"{n}.jsonl") for n in ("sft", "chat", "dpo", "kto")}
+        if chat_template is None:
+            files["chat"] = []
+        want = {n: select_rows(r, until, cfg.replay_share, cfg.seed) for n, r in files.items()}
+        assert got.counts == {n: {"rows": len(w.rows), "new": w.new, "replayed": w.replayed} for n, w in want.items()}
+        assert got.dpo == want["dpo"].rows and got.kto == want["kto"].rows
+        assert [r["prompt"] for r in got.sft][:len(want["sft"].rows)] == [r["prompt"] for r in want["sft"].rows]
+        assert len(got.sft) == len(want["sft"].rows) + len(want["chat"].rows)
+        assert got.data_until == latest_ts(*files.values())
+        if until == stamps[25]:
+            assert 0 < got.counts["kto"]["new"] < 40 and got.counts["kto"]["replayed"] > 0

@@ -425,14 +425,26 @@ def _shrink(row: Ctx) -> Ctx | None:
     """The row with 3/4 of its context, or None when it has none left to cut."""
     if not row.prefix and not row.suffix:
         return None
-    return replace(row, prefix=clip_prefix(row.prefix, len(row.prefix) * 3 // 4),
-                   suffix=clip_suffix(row.suffix, len(row.suffix) * 3 // 4))
+    return _with_context(row, clip_prefix(row.prefix, len(row.prefix) * 3 // 4),
+                         clip_suffix(row.suffix, len(row.suffix) * 3 // 4))
 
 
 def _cut(row: Ctx, prefix_len: int, suffix_len: int) -> Ctx:
     """The row with the last `prefix_len` characters of its prefix and the first `suffix_len` of its suffix: where
     `_shrink` rounds leave it (clip_prefix and clip_suffix keep an end of the text)."""
-    return replace(row, prefix=row.prefix[len(row.prefix) - prefix_len:], suffix=row.suffix[:suffix_len])
+    return _with_context(row, row.prefix[len(row.prefix) - prefix_len:], row.suffix[:suffix_len])
+
+
+def _with_context(row: Ctx, prefix: str, suffix: str) -> Ctx:
+    """`dataclasses.replace(row, prefix=..., suffix=...)` for these plain frozen dataclasses (no __post_init__,
+    no slots) without going through __init__: 0.65 against 3.6 µs, and a 100k-suggestion build cuts 137k rows
+    (0.4 s)."""
+    new = object.__new__(type(row))
+    fields = new.__dict__
+    fields.update(row.__dict__)
+    fields["prefix"] = prefix
+    fields["suffix"] = suffix
+    return new
 
 
 def _no_shrink(row: ChatExample) -> None:

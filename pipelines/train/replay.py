@@ -39,13 +39,19 @@ def select_rows(rows: list[dict[str, Any]], data_until: str | None, replay_share
     """New rows plus `replay_share` of the result drawn from the older rows; every row when `data_until` is None."""
     if data_until is None:
         return Selection(rows=list(rows), new=len(rows), replayed=0)
-    new = [i for i, r in enumerate(rows) if str(r["ts"]) > data_until]
-    old = [i for i, r in enumerate(rows) if str(r["ts"]) <= data_until]
+    keep, new, replayed = select_indices([str(r["ts"]) for r in rows], data_until, replay_share, seed)
+    return Selection(rows=[rows[i] for i in keep], new=new, replayed=replayed)
+
+
+def select_indices(stamps: Sequence[str], data_until: str, replay_share: float,
+                   seed: int) -> tuple[list[int], int, int]:
+    """`select_rows` on the rows' `ts` values alone: (indices kept in file order, new, replayed)."""
+    new = [i for i, t in enumerate(stamps) if t > data_until]
+    old = [i for i, t in enumerate(stamps) if t <= data_until]
     # new / (new + replay) = 1 - share  =>  replay = new * share / (1 - share)
     want = round(len(new) * replay_share / (1.0 - replay_share)) if replay_share < 1 else len(old)
     replay = sorted(random.Random(seed).sample(old, min(want, len(old))))
-    keep = sorted(new + replay)
-    return Selection(rows=[rows[i] for i in keep], new=len(new), replayed=len(replay))
+    return sorted(new + replay), len(new), len(replay)
 
 
 def latest_ts(*row_lists: list[dict[str, Any]]) -> str | None:

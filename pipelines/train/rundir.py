@@ -43,6 +43,7 @@ Added keys (pipelines/datasets/build.py writes them; readers may ignore them):
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -88,9 +89,28 @@ def new_run_id(scope: str) -> str:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a dataset file; a missing file has none (the contract above)."""
+    return [orjson.loads(line) for line in read_lines(path)]
+
+
+def read_lines(path: Path) -> list[bytes]:
+    """The rows of a dataset file as their JSON lines, unparsed; a missing file has none."""
     if not path.is_file():
         return []
     # Split at b"\n" only: orjson writes U+2028 and U+0085 unescaped inside strings, and str.splitlines splits
     # at them, so a row of JavaScript holding one failed to load. orjson also reads the 155 MB of a 100k
     # suggestions' sft and kto files in 0.55 s, json.loads in 1.16 s.
-    return [orjson.loads(line) for line in path.read_bytes().split(b"\n") if line.strip()]
+    return [line for line in path.read_bytes().split(b"\n") if line.strip()]
+
+
+# `"ts":"` can only be a key and the opening of its string value: inside a JSON string every quote is escaped.
+# The writers (pipelines/datasets) put `ts` before the only nested values (a chat row's messages), so the
+# first match is the row's own.
+_TS = re.compile(rb'"ts":"([^"\\]*)"')
+
+
+def line_ts(line: bytes) -> str:
+    """A row's `ts` read from its JSON line without parsing the row (a warm-started run parses only the rows
+    it picks: 1k of 87k KTO rows on a 100k-suggestion night); the row is parsed when the value is escaped
+    or not a string. A row without `ts` raises KeyError, as `select_rows` does."""
+    found = _TS.search(line)
+    return found.group(1).decode() if found else str(orjson.loads(line)["ts"])

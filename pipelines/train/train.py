@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 from safetensors.torch import load_file
@@ -54,8 +55,8 @@ from pipelines.train.fit import (
 from pipelines.train.lora_linear import CpuLoraLinear
 from pipelines.train.losses import LM, dpo_loss, kto_loss, sft_loss, shared_logps
 from pipelines.train.oom import OutOfMemory, free_memory, is_out_of_memory
-from pipelines.train.replay import latest_ts, select_rows
-from pipelines.train.rundir import RunConfig, read_rows
+from pipelines.train.replay import select_indices, select_rows
+from pipelines.train.rundir import RunConfig, line_ts, read_lines
 
 log = logging.getLogger("devtune.train")
 
@@ -173,7 +174,7 @@ class TrainingRows:
 def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_until: str | None) -> TrainingRows:
     """The rows each stage trains on: new since `data_until` plus replay (or all rows when it is None)."""
     data = run_dir / "data"
-    files = {name: read_rows(data / f"{name}.jsonl") for name in ("sft", "chat", "dpo", "kto")}
+    files = {name: read_lines(data / f"{name}.jsonl") for name in ("sft", "chat", "dpo", "kto")}
     notes: list[str] = []
     if files["chat"] and not getattr(tokenizer, "chat_template", None):
         notes.append(f"chat.jsonl: {len(files['chat'])} rows skipped: the base model's tokenizer has no chat "
@@ -181,17 +182,29 @@ def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_unt
         files["chat"] = []
     chosen: dict[str, list[dict[str, Any]]] = {}
     counts: dict[str, dict[str, int]] = {}
-    for name, rows in files.items():
-        picked = select_rows(rows, data_until, cfg.replay_share, cfg.seed)
-        chosen[name] = picked.rows
-        counts[name] = {"rows": len(picked.rows), "new": picked.new, "replayed": picked.replayed}
+    seen: list[str] = []
+    for name, lines in files.items():
+        if data_until is None:
+            picked = select_rows([orjson.loads(line) for line in lines], None, cfg.replay_share, cfg.seed)
+            seen += [str(r["ts"]) for r in picked.rows if r.get("ts")]
+            rows, new, replayed = picked.rows, picked.new, picked.replayed
+        else:
+            # Only the picked rows are parsed: a night picks its new rows and a replay share of the old ones,
+            # so parsing every row (87k KTO rows, 0.39 s, at 100k suggestions) would cost in proportion to the
+            # whole history.
+            stamps = [line_ts(line) for line in lines]
+            keep, new, replayed = select_indices(stamps, data_until, cfg.replay_share, cfg.seed)
+            rows = [orjson.loads(lines[i]) for i in keep]
+            seen += [t for t in stamps if t]
+        chosen[name] = rows
+        counts[name] = {"rows": len(rows), "new": new, "replayed": replayed}
     sft = [{"prompt": r["prompt"], "completion": r["completion"], "special": True} for r in chosen["sft"]]
     rendered, dropped = render_chat(tokenizer, chosen["chat"])
     if dropped:
         notes.append(f"chat.jsonl: {dropped} rows skipped: the chat template does not render their prompt as a "
                      "prefix of prompt + completion")
     return TrainingRows(sft=sft + rendered, dpo=chosen["dpo"], kto=chosen["kto"], counts=counts, notes=notes,
-                        data_until=latest_ts(*files.values()))
+                        data_until=max(seen) if seen else None)
 
 
 def render_chat(tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
