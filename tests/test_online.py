@@ -18,6 +18,7 @@ from collectors.gateway_log import append_request
 from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import Config
+from pipelines.online.attribution import attribute
 from pipelines.online.stats import wilson
 from pipelines.publish import registry
 from pipelines.store.db import Store
@@ -212,5 +213,63 @@ def test_a_personal_version_worse_than_the_one_it_replaced_is_rolled_back(tmp_pa
         served = registry.adapter_for(cfg.state_dir, alice, "payments")
         assert served is not None and served.scope == "team:payments"
         assert jobs.collect(store, cfg)["online"] == []  # judged once
+    finally:
+        store.close()
+
+
+def history_entry(cfg: Config, scope: str, at: datetime, **entry: Any) -> None:
+    """A registry history line as `registry` appends it, dated `at`: as if the service had been down since."""
+    (cfg.state_dir / "registry" / scope).mkdir(parents=True, exist_ok=True)
+    with (cfg.state_dir / "registry" / scope / "history.jsonl").open("a") as f:
+        f.write(json.dumps({"at": at.isoformat(), **entry}) + "\n")
+
+
+def test_after_a_history_grows_only_events_it_can_change_are_attributed_again(tmp_path: Path, tiny_model: Path,
+                                                                             strong_run: Path) -> None:
+    """A promotion redoes the events from its history entry on (and those naming a new version), not every
+    event, and the table ends as a recompute of everything leaves it."""
+    cfg = site(tmp_path, tiny_model)
+    t0 = utcnow() - timedelta(days=20)
+    v1 = register(cfg, strong_run / "adapter")
+    history_entry(cfg, "team:payments", t0 + timedelta(days=1), action="promote", version=v1, previous=None)
+    rows = [tabby_suggestion(id=f"{d}-{h}", developer=d, team="payments", model="devtune",
+                             shown_at=t0 + timedelta(hours=h), accepted=h % 3 == 0)
+            for d in TEAM[:6] for h in range(0, 15 * 24, 7)]
+    rows += [tabby_suggestion(id=f"early-v2-{d}", developer=d, team="payments", model="devtune-team-payments-v0002",
+                              shown_at=t0 + timedelta(days=3)) for d in TEAM[:2]]
+    rows += [tabby_suggestion(id="other", developer=TEAM[0], team="payments", model="qwen", shown_at=t0)]
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    try:
+        store_suggestions(store, rows)
+        first = attribute(store, cfg.state_dir, {"devtune"})
+        assert first.full and first.attributed == len(rows)
+
+        # Days later: a canary of v2, its end, v2 promoted, a personal version; then a day of new events.
+        v2 = register(cfg, strong_run / "adapter")
+        mine = register(cfg, strong_run / "adapter", scope=f"dev:{TEAM[1]}")
+        history_entry(cfg, "team:payments", t0 + timedelta(days=6), action="canary", version=v2, previous=v1,
+                      share=0.5)
+        history_entry(cfg, "team:payments", t0 + timedelta(days=7), action="canary_end", version=v2)
+        history_entry(cfg, "team:payments", t0 + timedelta(days=8), action="promote", version=v2, previous=v1)
+        history_entry(cfg, f"dev:{TEAM[1]}", t0 + timedelta(days=9), action="promote", version=mine, previous=None)
+        store_suggestions(store, [tabby_suggestion(id=f"new-{i}", developer=TEAM[i % 6], team="payments",
+                                                   model="devtune", shown_at=t0 + timedelta(days=15, hours=i))
+                                  for i in range(20)])
+        table = "SELECT suggestion_id, scope, version, served_by FROM suggestion_served ORDER BY 1"
+        before = {r[0]: r[1:] for r in store.con.execute(table).fetchall()}
+        again = attribute(store, cfg.state_dir, {"devtune"})
+        incremental = store.con.execute(table).fetchall()
+        redone = sum(1 for r in rows if r["shown_at"] >= t0 + timedelta(days=6)) + 2 + 20  # + early-v2, new
+        assert not again.full and again.attributed == redone < len(rows)
+
+        store.set_online_state("history", "")  # forget what the last pass saw: everything is recomputed
+        assert attribute(store, cfg.state_dir, {"devtune"}).full
+        assert incremental == store.con.execute(table).fetchall()
+        after = {r[0]: r[1:] for r in incremental}
+        changed = {k for k in before if before[k] != after[k]}
+        assert {"early-v2-" + d for d in TEAM[:2]} <= changed  # a version's name known since: now the timeline's
+        assert after[f"{TEAM[0]}-210"] == ("team:payments", v2, "timeline")  # day 8.75: v2, no longer v1
+        assert after[f"{TEAM[1]}-217"] == (f"dev:{TEAM[1]}", mine, "timeline")
+        assert after[f"{TEAM[0]}-28"] == before[f"{TEAM[0]}-28"] == ("team:payments", v1, "timeline")
     finally:
         store.close()

@@ -673,11 +673,12 @@ class Store:
             "ORDER BY 1, 2", [teams]).fetchall()]
 
     def attribute_suggestions(self, intervals: pa.Table, arms: pa.Table, names: list[str], window_s: float,
-                              since: datetime | None) -> dict[str, int]:
-        """Attribute suggestions (all, or those not yet attributed and those shown after `since`) to the version
-        that served them: the gateway's log first, then the served timeline (`intervals`: scope, version,
-        start_at, end_at; `arms`: developer, scope, version, start_at, end_at of canary arms), for events
-        naming one of `names`; else unknown. Returns events per way they were attributed."""
+                              since: datetime | None, models: list[str] | None = None) -> dict[str, int]:
+        """Attribute suggestions (all, or those not yet attributed, those shown after `since` and those naming
+        one of `models`) to the version that served them: the gateway's log first, then the served timeline
+        (`intervals`: scope, version, start_at, end_at; `arms`: developer, scope, version, start_at, end_at of
+        canary arms), for events naming one of `names`; else unknown. Returns events per way they were
+        attributed."""
         c = self.cursor().con  # registered Arrow tables stay on this cursor
         c.register("intervals", intervals.cast(pa.schema([("scope", pa.string()), ("version", pa.string()),
                                                           ("start_at", pa.timestamp("us")),
@@ -690,7 +691,8 @@ class Store:
                     CREATE OR REPLACE TEMP TABLE todo AS
                     SELECT s.id, s.developer, s.team, s.shown_at, s.model FROM suggestions s
                     WHERE ?::TIMESTAMP IS NULL OR s.shown_at >= ?::TIMESTAMP
-                       OR s.id NOT IN (SELECT suggestion_id FROM suggestion_served)""", [since, since])
+                       OR s.model IN (SELECT unnest(?::VARCHAR[]))
+                       OR s.id NOT IN (SELECT suggestion_id FROM suggestion_served)""", [since, since, models or []])
                 c.execute("""
                     INSERT OR REPLACE INTO suggestion_served
                     WITH gateway AS (
