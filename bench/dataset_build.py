@@ -342,6 +342,7 @@ def compare_near_dup(folder: Path, limit: int) -> None:
     items = list(outcomes(store.scope_suggestions(team(TEAM), cfg.datasets.max_prefix_chars,
                                                   cfg.datasets.max_suffix_chars),
                           PathIndex.build(store.repo_paths()), cfg.datasets, dropped))
+    items.sort(key=lambda o: (o.ts, o.id))  # as build_datasets does: the store streams them unsorted
     store.close()
     fim = list(accepted_examples(items, dropped))
     _, unpaired = pair_examples(sides(items), cfg.datasets.max_pairs_per_context, dropped)

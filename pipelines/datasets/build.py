@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -43,7 +44,7 @@ from pipelines.datasets.cache import BuildCache
 from pipelines.datasets.dpo import PairExample, pair_examples, pair_row
 from pipelines.datasets.kto import kto_row, kto_weights
 from pipelines.datasets.link import link_suggestions
-from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix, outcomes, sides
+from pipelines.datasets.outcomes import Outcome, Side, clip_prefix, clip_suffix, outcomes, sides
 from pipelines.datasets.paths import PathIndex
 from pipelines.datasets.quality import (
     TokenCounts,
@@ -143,6 +144,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     progress = Progress(log, f"dataset {scope}: read suggestions", store.count_scope_suggestions(scope), "rows")
     suggestions = _advancing(store.scope_suggestions(scope, cfg.max_prefix_chars, cfg.max_suffix_chars), progress)
     items = list(outcomes(suggestions, index, cfg, dropped))
+    items.sort(key=_shown)  # the store streams them unsorted (Store.scope_suggestions); every set is oldest first
     progress.finish()
     fim = list(accepted_examples(items, dropped))
     if cache.folder is None:
@@ -393,6 +395,10 @@ def _advancing(rows: Iterable[T], progress: Progress) -> Iterator[T]:
 
 def _take(rows: Keyed[T], keep: np.ndarray) -> Keyed[T]:
     return [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
+
+
+def _shown(o: Outcome) -> tuple[datetime, str]:
+    return o.ts, o.id
 
 
 def _ts(row: FimExample | PairExample | Side | ChatExample) -> Any:

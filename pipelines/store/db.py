@@ -360,7 +360,10 @@ class Store:
 
     def scope_suggestions(self, scope: Scope, max_prefix_chars: int, max_suffix_chars: int
                           ) -> Iterator[LinkedSuggestion]:
-        """Every suggestion of a scope (a team's, or one developer's) with its link, oldest first.
+        """Every suggestion of a scope (a team's, or one developer's) with its link, in no set order: the caller
+        sorts what it keeps by (shown_at, id). An ORDER BY here makes DuckDB sort the whole result before the
+        first row comes (1M suggestions: 2.8 GB held at once, beside Python's copy, 5.7 GB at the peak, 3.6 GB
+        without it; and 14.6 s against 10.2 s).
 
         Prefix and suffix come cut to one character more than the dataset keeps, so `clip_prefix` /
         `clip_suffix` still see a cut to move to a line boundary, without pulling whole files into Python.
@@ -371,7 +374,7 @@ class Store:
             "right(s.prefix, ?) AS prefix, left(s.suffix, ?) AS suffix, s.completion, "
             "l.status AS link_status, l.committed_text, l.repo AS link_repo, l.path AS link_path "
             "FROM suggestions s LEFT JOIN suggestion_links l ON l.suggestion_id = s.id "
-            f"WHERE {column} = ? ORDER BY s.shown_at, s.id",
+            f"WHERE {column} = ?",
             [max_prefix_chars + 1, max_suffix_chars + 1, scope.name])
         yield from _records(cur, LinkedSuggestion)
 
