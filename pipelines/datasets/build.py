@@ -47,6 +47,7 @@ from pipelines.datasets.link import link_suggestions
 from pipelines.datasets.outcomes import Outcome, Side, clip_prefix, clip_suffix, outcomes, sides
 from pipelines.datasets.paths import PathIndex
 from pipelines.datasets.quality import (
+    RowTexts,
     TokenCounts,
     calibrate,
     drop_exact_duplicates,
@@ -333,7 +334,7 @@ class Sketcher(Protocol):
 
 
 def sketch_all(tag: int, rows: Sequence[tuple[T, bytes]], text: Callable[[T], str]) -> np.ndarray:
-    return sketch([text(r) for r, _ in rows])
+    return sketch(RowTexts(rows, text))
 
 
 def drop_near_duplicates(fim_train: Keyed[FimExample], fim_held: Keyed[FimExample], pair_train: Keyed[PairExample],

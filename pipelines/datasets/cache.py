@@ -34,7 +34,7 @@ import numpy as np
 
 from pipelines.config import DatasetsConfig
 from pipelines.datasets import outcomes, quality, sft
-from pipelines.datasets.quality import BINS, FitMemo, sketch
+from pipelines.datasets.quality import BINS, FitMemo, RowTexts, sketch
 from pipelines.datasets.sft import FimExample, committed_examples
 from pipelines.store.records import CommittedFile
 from pipelines.tokens import FimTokens
@@ -178,7 +178,7 @@ class Sketches:
         out[found] = self.sigs[at[found]]
         todo = np.flatnonzero(~found)
         if len(todo):
-            out[todo] = sketch([text(rows[i][0]) for i in todo.tolist()])
+            out[todo] = sketch(RowTexts([rows[i] for i in todo.tolist()], text))
         self.hits += int(found.sum())
         self.computed += len(todo)
         self.keys += keys
