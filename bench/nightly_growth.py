@@ -100,6 +100,12 @@ def main() -> int:
         print(f"{folder.name} / {base.name}: wall {statistics.median(walls):.2f}x "
               f"(per repetition {', '.join(f'{x:.2f}' for x in walls)}), CPU {statistics.median(cpus):.2f}x "
               f"({', '.join(f'{x:.2f}' for x in cpus)}); goal <= 1.2x")
+        # Whether a night promotes is the gate's verdict on a random-weight model, not a cost of the history:
+        # a night that promotes also exports (seconds), so the ratio is also given without the exports.
+        same = [(c["seconds"] - c["stages"]["exports"]) / (b["seconds"] - b["stages"]["exports"])
+                for b, c in zip(results[base], results[folder], strict=True)]
+        print(f"{folder.name} / {base.name} without the exports of a promotion: wall {statistics.median(same):.2f}x "
+              f"(per repetition {', '.join(f'{x:.2f}' for x in same)})")
     return 0
 
 
@@ -257,7 +263,9 @@ def measure(folder: Path) -> dict[str, Any]:
     s = result.summary
     ds = (s.get("dataset") or {}).get("seconds") or {}
     stages.update({"link": ds.get("link", 0.0), "dataset": sum(ds.values()) - ds.get("link", 0.0),
-                   "train": (s.get("train") or {}).get("seconds", 0.0) or 0.0})
+                   "train": (s.get("train") or {}).get("seconds", 0.0) or 0.0,
+                   "eval": (s.get("eval") or {}).get("seconds", 0.0) or 0.0,
+                   "exports": (s.get("exports") or {}).get("seconds", 0.0) or 0.0})
     stages["rest"] = seconds - sum(stages.values())
     train = s.get("train") or {}
     return {"seconds": seconds, "cpu_s": cpu, "stages": stages, "outcome": result.outcome,
