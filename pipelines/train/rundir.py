@@ -43,8 +43,10 @@ Added keys (pipelines/datasets/build.py writes them; readers may ignore them):
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,17 +91,51 @@ def new_run_id(scope: str) -> str:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a dataset file; a missing file has none (the contract above)."""
-    return [orjson.loads(line) for line in read_lines(path)]
+    return [orjson.loads(line) for _, line in scan_lines(path)]
 
 
 def read_lines(path: Path) -> list[bytes]:
     """The rows of a dataset file as their JSON lines, unparsed; a missing file has none."""
-    if not path.is_file():
+    return [line for _, line in scan_lines(path)]
+
+
+def scan_lines(path: Path, chunk_bytes: int = 16 << 20) -> Iterator[tuple[int, bytes]]:
+    """Each row of a dataset file as (its byte offset, its JSON line), read `chunk_bytes` at a time; a missing
+    file has none.
+
+    Lines are split at b"\n" only: orjson writes U+2028 and U+0085 unescaped inside strings, and
+    str.splitlines splits at them, so a row of JavaScript holding one failed to load. A chunk at a time, not
+    the whole file: a 1M-suggestion dataset's kto.jsonl is 1.8 GB, and reading it whole and splitting it held
+    it twice (bench/read_rows.py).
+    """
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        # No larger than the file: a read allocates its whole size first (a 16 MB buffer for a 2 KB file
+        # failed a run left 12 MB to train in, tests/test_train.py)
+        chunk_bytes = max(1, min(chunk_bytes, os.fstat(f.fileno()).st_size))
+        tail = b""
+        at = 0  # the offset of `tail`
+        while data := f.read(chunk_bytes):
+            lines = (tail + data).split(b"\n")
+            tail = lines.pop()  # a line the next chunk ends (or the file's last, without its b"\n")
+            for line in lines:
+                if line.strip():
+                    yield at, line
+                at += len(line) + 1
+        if tail.strip():
+            yield at, tail
+
+
+def read_spans(path: Path, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes at (offset, length) `spans` of a file: the lines `scan_lines` found, read back one by one."""
+    if not spans:
         return []
-    # Split at b"\n" only: orjson writes U+2028 and U+0085 unescaped inside strings, and str.splitlines splits
-    # at them, so a row of JavaScript holding one failed to load. orjson also reads the 155 MB of a 100k
-    # suggestions' sft and kto files in 0.55 s, json.loads in 1.16 s.
-    return [line for line in path.read_bytes().split(b"\n") if line.strip()]
+    with path.open("rb") as f:
+        fd = f.fileno()
+        return [os.pread(fd, n, at) for at, n in spans]
 
 
 # `"ts":"` can only be a key and the opening of its string value: inside a JSON string every quote is escaped.

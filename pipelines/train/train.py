@@ -56,7 +56,7 @@ from pipelines.train.lora_linear import CpuLoraLinear
 from pipelines.train.losses import LM, dpo_loss, kto_loss, sft_loss, shared_logps
 from pipelines.train.oom import OutOfMemory, free_memory, is_out_of_memory
 from pipelines.train.replay import latest_ts, select_indices
-from pipelines.train.rundir import RunConfig, line_ts, read_lines
+from pipelines.train.rundir import RunConfig, line_ts, read_rows, read_spans, scan_lines
 
 log = logging.getLogger("devtune.train")
 
@@ -174,30 +174,38 @@ class TrainingRows:
 def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_until: str | None) -> TrainingRows:
     """The rows each stage trains on: new since `data_until` plus replay (or all rows when it is None)."""
     data = run_dir / "data"
-    files = {name: read_lines(data / f"{name}.jsonl") for name in ("sft", "chat", "dpo", "kto")}
+    names = ["sft", "chat", "dpo", "kto"]
     notes: list[str] = []
-    if files["chat"] and not getattr(tokenizer, "chat_template", None):
-        notes.append(f"chat.jsonl: {len(files['chat'])} rows skipped: the base model's tokenizer has no chat "
-                     "template (a base/FIM model); they train on a model with one")
-        files["chat"] = []
-    chosen: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, list[dict[str, Any]]] = {"chat": []}
     counts: dict[str, dict[str, int]] = {}
+    if not getattr(tokenizer, "chat_template", None):
+        names.remove("chat")
+        if chats := sum(1 for _ in scan_lines(data / "chat.jsonl")):
+            notes.append(f"chat.jsonl: {chats} rows skipped: the base model's tokenizer has no chat template (a "
+                         "base/FIM model); they train on a model with one")
+        counts["chat"] = {"rows": 0, "new": 0, "replayed": 0}
     newest: list[str | None] = []
-    for name, lines in files.items():
+    for name in names:
+        path = data / f"{name}.jsonl"
         if data_until is None:  # a fresh adapter trains on every row
-            rows = [orjson.loads(line) for line in lines]
+            rows = read_rows(path)
             new, replayed = len(rows), 0
             newest.append(latest_ts(rows))
         else:
-            # Only the picked rows are parsed: a night picks its new rows and a replay share of the old ones,
-            # so parsing every row (87k KTO rows, 0.39 s, at 100k suggestions) would cost in proportion to the
-            # whole history.
-            stamps = [line_ts(line) for line in lines]
+            # Only the picked rows are parsed, and only their lines kept: a night picks its new rows and a
+            # replay share of the old ones, so parsing every row (87k KTO rows, 0.39 s, at 100k suggestions)
+            # or holding every line (1.8 GB of KTO rows at 1M) would cost in proportion to the whole history.
+            spans: list[tuple[int, int]] = []
+            stamps: list[str] = []
+            for at, line in scan_lines(path):
+                spans.append((at, len(line)))
+                stamps.append(line_ts(line))
             keep, new, replayed = select_indices(stamps, data_until, cfg.replay_share, cfg.seed)
-            rows = [orjson.loads(lines[i]) for i in keep]
+            rows = [orjson.loads(line) for line in read_spans(path, [spans[i] for i in keep])]
             newest.append(max(filter(None, stamps), default=None))
         chosen[name] = rows
         counts[name] = {"rows": len(rows), "new": new, "replayed": replayed}
+    counts = {name: counts[name] for name in ("sft", "chat", "dpo", "kto")}  # the order the run summary shows
     sft = [{"prompt": r["prompt"], "completion": r["completion"], "special": True} for r in chosen["sft"]]
     rendered, dropped = render_chat(tokenizer, chosen["chat"])
     if dropped:
