@@ -866,11 +866,15 @@ def _records(cur: duckdb.DuckDBPyConnection, record: type[R], batch_rows: int = 
     """A query's rows as `record`s, fetched in batches so a large result never sits in memory twice. The
     query's column names must be the record's fields, in order: checked once, before the first row."""
     names = [d[0] for d in cur.description]
-    fields = list(record.__dataclass_fields__)  # type: ignore[attr-defined]
+    make = getattr(record, "_make", None)  # a NamedTuple (records.LinkedSuggestion), else a dataclass
+    fields = list(record._fields if make else record.__dataclass_fields__)  # type: ignore[attr-defined]
     assert names == fields, f"query columns {names} are not {record.__name__}'s fields {fields}"
     while rows := cur.fetchmany(batch_rows):
-        for r in rows:
-            yield record(*r)
+        if make:
+            yield from map(make, rows)
+        else:
+            for r in rows:
+                yield record(*r)
 
 
 # A developer's own rows, per table: the WHERE clause, and what each `?` stands for (the developer's id, or
