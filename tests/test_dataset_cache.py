@@ -145,3 +145,39 @@ def test_replayed_fits_are_the_rounds_own_under_any_bound(tiny_model: Path) -> N
         replayed = FitMemo(dict(memo.kept))
         assert fit(ratio, replayed) == fit(ratio, None), ratio
         assert replayed.replayed > 0
+
+
+def test_sketches_spooled_during_a_build_are_the_ones_the_next_build_reads(tmp_path: Path, tiny_model: Path) -> None:
+    # The signatures go to a spool file as each set asks for them (not held until the build saves); the saved
+    # file must give every key the sketch of its own text, each key once, and leave no spool behind.
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from pipelines.datasets.cache import BuildCache
+    from pipelines.datasets.quality import sketch
+
+    tokenizer = load_base_tokenizer(str(tiny_model))
+    folder = tmp_path / "team-payments"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (folder / f".sketches.{dead}.1.spool").write_bytes(b"left by a killed build")
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(40)]
+    rows = [(t, exact_key(t)) for t in texts]
+    first = BuildCache(folder, CFG, tokenizer.fim, tokenizer.fingerprint())
+    assert not list(folder.glob(".sketches.*.spool"))  # the dead build's spool is gone
+    a = first.sketches(0, rows[:30], lambda t: t)
+    b = first.sketches(0, rows[20:], lambda t: t)  # 10 keys asked again
+    c = first.sketches(1, rows[:5], lambda t: t[::-1])  # another text of the same rows
+    assert list(folder.glob(".sketches.*.spool"))
+    first.save()
+    assert not list(folder.glob(".sketches.*.spool"))
+    again = BuildCache(folder, CFG, tokenizer.fim, tokenizer.fingerprint())
+    assert len(again.sketches.index) == 45
+    for tag, part, text, got in ((0, rows[:30], texts[:30], a), (0, rows[20:], texts[20:], b),
+                                 (1, rows[:5], [t[::-1] for t in texts[:5]], c)):
+        assert np.array_equal(got, sketch(text))
+        assert np.array_equal(again.sketches(tag, part, lambda t: t), got)  # the stored rows, not recomputed
+    assert again.sketches.computed == 0 and again.sketches.hits == 30 + 20 + 5
