@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import marshal
+import mmap
 import os
 import threading
 from collections import Counter
@@ -145,40 +146,44 @@ class BuildCache:
             return
         self._write("committed.marshal", [marshal.dumps(self.kept_files)])
         self._write("fits.marshal", [marshal.dumps(self.fits.kept)])
-        keys = self.sketches.keys
-        self._write("sketches.bin", [len(keys).to_bytes(8, "little"), b"".join(keys), *self.sketches.spooled()])
+        self._write("sketches.bin", [self.sketches.spooled_rows.to_bytes(8, "little"), *self.sketches.spooled()])
 
 
 class Sketches:
     """Near-duplicate sketches by row: `sketch` of the texts not found, the stored signature of the rest.
 
-    What a build asks for is written to `spool` as it is asked for, each key once, and `spooled` reads it back
-    for the next build's file. Keeping every set's signatures until the build saved them, then joining them,
-    held them three times over (256 bytes a row: ~0.6 GB per copy at 1M suggestions) through the token stage.
+    What a build asks for is written to two spool files as it is asked for (the keys to `spool`.keys, the
+    signatures to `spool`), and `spooled` reads them back for the next build's file. Keeping every set's
+    signatures until the build saved them, then joining them, held them three times over (256 bytes a row:
+    ~0.6 GB per copy at 1M suggestions) through the token stage, and 2.5M keys as Python objects. A build asks
+    for each (tag, row) once; a key spooled twice would only be stored twice, with the same signature.
     """
 
     def __init__(self, path: Path | None, spool: Path | None) -> None:
         self.index: dict[bytes, int] = {}
         self.sigs: np.ndarray = np.zeros((0, BINS), dtype=np.uint32)
-        self.keys: list[bytes] = []  # asked for, each once, in the order of `spool`'s rows
-        self.written: set[bytes] = set()
+        self.spooled_rows = 0
+        self._map: mmap.mmap | None = None
         self.spool = spool
-        if spool is not None:
-            spool.unlink(missing_ok=True)  # an earlier build in this thread that stopped half-way
+        if spool is not None:  # an earlier build in this thread that stopped half-way
+            spool.unlink(missing_ok=True)
+            _keys(spool).unlink(missing_ok=True)
         self.hits = self.computed = 0
         if path is None:
             return
-        # The signatures are mapped, not read: 256 bytes a row (80 MB at 100k stored suggestions), of which a
-        # build touches each row once.
+        # The signatures are mapped, not read: 256 bytes a row (80 MB at 100k stored suggestions, 650 MB at 1M),
+        # of which a build touches each row once. The pages a call touched are let go after it (`_release`):
+        # mapped pages count in the process's resident memory until then, 650 MB at the 1M build's peak.
         size = path.stat().st_size
         with path.open("rb") as f:
             start = len(f.readline())  # the fingerprint line
             n = int.from_bytes(f.read(8), "little")
             keys = f.read(n * KEY_BYTES)
-        offset = start + 8 + n * KEY_BYTES
-        if len(keys) == n * KEY_BYTES and size == offset + n * BINS * 4 and n:
-            self.index = {keys[i:i + KEY_BYTES]: j for j, i in enumerate(range(0, len(keys), KEY_BYTES))}
-            self.sigs = np.memmap(path, dtype=np.uint32, mode="r", offset=offset, shape=(n, BINS))
+            offset = start + 8 + n * KEY_BYTES
+            if len(keys) == n * KEY_BYTES and size == offset + n * BINS * 4 and n:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self.index = {keys[i:i + KEY_BYTES]: j for j, i in enumerate(range(0, len(keys), KEY_BYTES))}
+                self.sigs = np.frombuffer(self._map, dtype=np.uint32, count=n * BINS, offset=offset).reshape(n, BINS)
 
     def __call__(self, tag: int, rows: Sequence[tuple[T, bytes]], text: Callable[[T], str]) -> np.ndarray:
         """The sketches of `text(row)` for (row, exact key) `rows`; `tag` tells the texts of one row apart."""
@@ -188,35 +193,48 @@ class Sketches:
         out = np.empty((len(keys), BINS), dtype=np.uint32)
         found = at >= 0
         out[found] = self.sigs[at[found]]
+        self._release()
         todo = np.flatnonzero(~found)
         if len(todo):
             out[todo] = sketch(RowTexts([rows[i] for i in todo.tolist()], text))
         self.hits += int(found.sum())
         self.computed += len(todo)
-        if self.spool is not None:
-            fresh = [i for i, k in enumerate(keys) if k not in self.written]  # a key's sketch is a function of it
-            self.written.update(keys)
-            self.keys += [keys[i] for i in fresh]
+        if self.spool is not None and keys:
             self.spool.parent.mkdir(parents=True, exist_ok=True)
+            with _keys(self.spool).open("ab") as f:
+                f.write(b"".join(keys))
             with self.spool.open("ab") as f:
-                f.write((out[fresh] if len(fresh) < len(keys) else out).data)
+                f.write(out.data)
+            self.spooled_rows += len(keys)
         return out
 
+    def _release(self) -> None:
+        """Let the mapped pages go from this process (they stay in the page cache while memory allows)."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux and the BSDs
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def spooled(self) -> Iterator[bytes]:
-        """The spooled signatures, a chunk at a time, then the spool is removed."""
-        if self.spool is None or not self.spool.exists():
+        """The spooled keys, then the spooled signatures, a chunk at a time; then the spool files are removed."""
+        if self.spool is None:
             return
         try:
-            with self.spool.open("rb") as f:
-                while chunk := f.read(16 << 20):
-                    yield chunk
+            for path in (_keys(self.spool), self.spool):
+                if path.exists():
+                    with path.open("rb") as f:
+                        while chunk := f.read(16 << 20):
+                            yield chunk
         finally:
             self.spool.unlink(missing_ok=True)
+            _keys(self.spool).unlink(missing_ok=True)
+
+
+def _keys(spool: Path) -> Path:
+    return spool.with_name(spool.name + ".keys")
 
 
 def _remove_dead_spools(folder: Path) -> None:
-    """Spools left by builds whose process is gone (killed half-way): ~0.3 GB at 100k stored suggestions."""
-    for spool in folder.glob(".sketches.*.spool"):
+    """Spools left by builds whose process is gone (killed half-way): ~80 MB at 100k stored suggestions."""
+    for spool in folder.glob(".sketches.*.spool*"):
         try:
             os.kill(int(spool.name.split(".")[2]), 0)
         except (ValueError, IndexError, ProcessLookupError):
