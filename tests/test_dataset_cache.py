@@ -175,9 +175,30 @@ def test_sketches_spooled_during_a_build_are_the_ones_the_next_build_reads(tmp_p
     first.save()
     assert not list(folder.glob(".sketches.*.spool"))
     again = BuildCache(folder, CFG, tokenizer.fim, tokenizer.fingerprint())
-    assert len(again.sketches.index) == 45
+    assert len(again.sketches.index) == 55  # spooled as asked: the 10 keys asked twice are stored twice
     for tag, part, text, got in ((0, rows[:30], texts[:30], a), (0, rows[20:], texts[20:], b),
                                  (1, rows[:5], [t[::-1] for t in texts[:5]], c)):
         assert np.array_equal(got, sketch(text))
         assert np.array_equal(again.sketches(tag, part, lambda t: t), got)  # the stored rows, not recomputed
     assert again.sketches.computed == 0 and again.sketches.hits == 30 + 20 + 5
+
+
+def test_the_sketch_key_index_finds_what_a_dict_finds() -> None:
+    # Keys are looked up by their first 8 bytes, then checked whole: keys sharing those 8 bytes, keys present
+    # twice, and keys absent must come out as a dict of the same keys gives them.
+    from pipelines.datasets.cache import KEY_BYTES, KeyIndex
+
+    rng = random.Random(7)
+    stored = [bytes([rng.randrange(10)]) + rng.randbytes(KEY_BYTES - 1) for _ in range(2000)]
+    stored += [stored[i][:8] + rng.randbytes(KEY_BYTES - 8) for i in range(0, 2000, 50)]  # a shared prefix
+    stored += [stored[i] for i in range(3, 2000, 97)]  # present twice: the first one is found
+    rng.shuffle(stored)
+    first: dict[bytes, int] = {}
+    for j, k in enumerate(stored):
+        first.setdefault(k, j)
+    asked = [rng.choice(stored) for _ in range(3000)]
+    asked += [k[:8] + rng.randbytes(KEY_BYTES - 8) for k in asked[:300]]  # absent, a stored key's prefix
+    asked += [rng.randbytes(KEY_BYTES) for _ in range(300)]  # absent
+    found = KeyIndex(b"".join(stored)).find(b"".join(asked)).tolist()
+    assert found == [first.get(k, -1) for k in asked]
+    assert KeyIndex(b"").find(b"".join(asked[:3])).tolist() == [-1, -1, -1]
