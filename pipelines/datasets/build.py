@@ -343,46 +343,87 @@ def drop_near_duplicates(fim_train: Keyed[FimExample], fim_held: Keyed[FimExampl
                              Keyed[FimExample], Keyed[FimExample], Keyed[PairExample], Keyed[PairExample],
                              Keyed[Side]]:
     """Near duplicates within each set and split (the earliest row stays), then every training row that is a
-    near duplicate of a held-out FIM row or of either side of a held-out pair (pipelines.datasets.quality)."""
-    fim = fim_train + fim_held
-    fim_sig = sketches(0, fim, lambda e: near_text(e.prefix, e.middle, e.suffix))
-    fim_mid = sketches(1, fim, lambda e: e.middle)
-    nf = len(fim_train)
-    keep_train = ~near_duplicates(fim_sig[:nf], fim_mid[:nf], threshold)
-    keep_held = ~near_duplicates(fim_sig[nf:], fim_mid[nf:], threshold)
+    near duplicate of a held-out FIM row or of either side of a held-out pair (pipelines.datasets.quality).
 
-    pairs = pair_train + pair_held
-    pair_sig = sketches(2, pairs, lambda p: near_text(p.prefix, p.chosen + "\x02" + p.rejected, p.suffix))
-    pair_mid = sketches(3, pairs, lambda p: p.chosen + "\x02" + p.rejected)
-    chosen_sig = sketches(4, pairs, lambda p: near_text(p.prefix, p.chosen, p.suffix))
-    chosen_mid = sketches(5, pairs, lambda p: p.chosen)
-    rejected_sig = sketches(6, pairs, lambda p: near_text(p.prefix, p.rejected, p.suffix))
-    rejected_mid = sketches(7, pairs, lambda p: p.rejected)
-    n = len(pair_train)
-    keep_pair_train = ~near_duplicates(pair_sig[:n], pair_mid[:n], threshold)
-    keep_pair_held = ~near_duplicates(pair_sig[n:], pair_mid[n:], threshold)
+    The held-out rows are sketched first, into the reference every training row is checked against; then each
+    training set (KTO one label at a time) is sketched, checked and let go before the next. Sketching every set
+    at once, then copying KTO's per label, held ~1 GB of signatures at a 1M-suggestion build's peak."""
+    def fim_text(e: FimExample) -> str:
+        return near_text(e.prefix, e.middle, e.suffix)
 
-    kto_sig = sketches(8, kto_train, lambda k: near_text(k.prefix, k.text, k.suffix))
-    kto_mid = sketches(9, kto_train, lambda k: k.text)
-    labels = np.array([k.desirable for k, _ in kto_train], dtype=bool)
+    def pair_text(p: PairExample) -> str:
+        return near_text(p.prefix, p.chosen + "\x02" + p.rejected, p.suffix)
+
+    def chosen_text(p: PairExample) -> str:
+        return near_text(p.prefix, p.chosen, p.suffix)
+
+    def rejected_text(p: PairExample) -> str:
+        return near_text(p.prefix, p.rejected, p.suffix)
+
+    def pair_middle(p: PairExample) -> str:
+        return p.chosen + "\x02" + p.rejected
+
+    near = 0
+    held_sig, held_mid = sketches(0, fim_held, fim_text), sketches(1, fim_held, _middle)
+    keep_held = ~near_duplicates(held_sig, held_mid, threshold)
+    keep_pair_held = ~near_duplicates(sketches(2, pair_held, pair_text), sketches(3, pair_held, pair_middle),
+                                      threshold)
+    near += int((~keep_held).sum() + (~keep_pair_held).sum())
+    held = [r for r, k in zip(pair_held, keep_pair_held.tolist(), strict=True) if k]
+    ref = np.concatenate([held_sig[keep_held], sketches(4, held, chosen_text), sketches(6, held, rejected_text)])
+    ref_mid = np.concatenate([held_mid[keep_held], sketches(5, held, _chosen), sketches(7, held, _rejected)])
+    del held_sig, held_mid
+
+    def leaks(rows: Keyed[T], text: Callable[[T], str], middle: Callable[[T], str], tag: int) -> np.ndarray:
+        return near_duplicates_of(sketches(tag, rows, text), sketches(tag + 1, rows, middle), ref, ref_mid, threshold)
+
+    sig, mid = sketches(0, fim_train, fim_text), sketches(1, fim_train, _middle)
+    keep_train = ~near_duplicates(sig, mid, threshold)
+    leak_fim = keep_train & near_duplicates_of(sig, mid, ref, ref_mid, threshold)
+    del sig, mid
+    keep_pair_train = ~near_duplicates(sketches(2, pair_train, pair_text), sketches(3, pair_train, pair_middle),
+                                       threshold)
+    leak_pair = keep_pair_train & (leaks(pair_train, chosen_text, _chosen, 4)
+                                   | leaks(pair_train, rejected_text, _rejected, 6))
+    near += int((~keep_train).sum() + (~keep_pair_train).sum())
+
     keep_kto = np.ones(len(kto_train), dtype=bool)
+    leak_kto = np.zeros(len(kto_train), dtype=bool)
+    labels = np.array([k.desirable for k, _ in kto_train], dtype=bool)
     for label in (True, False):  # a desirable and an undesirable row may share text: that is not a repeat
         at = np.flatnonzero(labels == label)
-        keep_kto[at[near_duplicates(kto_sig[at], kto_mid[at], threshold)]] = False
-    dropped["near_duplicate"] += int((~keep_train).sum() + (~keep_held).sum() + (~keep_pair_train).sum()
-                                     + (~keep_pair_held).sum() + (~keep_kto).sum())
-
-    held = keep_pair_held
-    ref = np.concatenate([fim_sig[nf:][keep_held], chosen_sig[n:][held], rejected_sig[n:][held]])
-    ref_mid = np.concatenate([fim_mid[nf:][keep_held], chosen_mid[n:][held], rejected_mid[n:][held]])
-    leak_fim = keep_train & near_duplicates_of(fim_sig[:nf], fim_mid[:nf], ref, ref_mid, threshold)
-    leak_pair = keep_pair_train & (near_duplicates_of(chosen_sig[:n], chosen_mid[:n], ref, ref_mid, threshold)
-                                   | near_duplicates_of(rejected_sig[:n], rejected_mid[:n], ref, ref_mid, threshold))
-    leak_kto = keep_kto & near_duplicates_of(kto_sig, kto_mid, ref, ref_mid, threshold)
+        rows = [kto_train[i] for i in at.tolist()]
+        sig, mid = sketches(8, rows, _kto_text), sketches(9, rows, _kto_middle)
+        dup = near_duplicates(sig, mid, threshold)
+        keep_kto[at[dup]] = False
+        leak_kto[at] = ~dup & near_duplicates_of(sig, mid, ref, ref_mid, threshold)
+        del sig, mid
+    near += int((~keep_kto).sum())
+    dropped["near_duplicate"] += near
     dropped["near_duplicate_of_heldout"] += int(leak_fim.sum() + leak_pair.sum() + leak_kto.sum())
     return (_take(fim_train, keep_train & ~leak_fim), _take(fim_held, keep_held),
             _take(pair_train, keep_pair_train & ~leak_pair), _take(pair_held, keep_pair_held),
             _take(kto_train, keep_kto & ~leak_kto))
+
+
+def _middle(e: FimExample) -> str:
+    return e.middle
+
+
+def _chosen(p: PairExample) -> str:
+    return p.chosen
+
+
+def _rejected(p: PairExample) -> str:
+    return p.rejected
+
+
+def _kto_text(k: Side) -> str:
+    return near_text(k.prefix, k.text, k.suffix)
+
+
+def _kto_middle(k: Side) -> str:
+    return k.text
 
 
 def _advancing(rows: Iterable[T], progress: Progress) -> Iterator[T]:
