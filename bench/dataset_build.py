@@ -1,7 +1,7 @@
 """Benchmark: one team's dataset build over 1M suggestions and a 10k-commit repository.
 
     python bench/dataset_build.py [--suggestions 1000000] [--commits 10000] [--dir /tmp/devtune-bench]
-                                  [--compare-rows 100000]
+                                  [--compare-rows 100000] [--cache]
 
 1. Prepare (once; reused from --dir): a real git repository written with `git fast-import` (20 developers,
    300 modules growing by generated functions over a year), collected into a real store by the real git
@@ -11,6 +11,8 @@
    stored through Store.apply_batch; a 32k-token byte-level BPE tokenizer with Qwen2.5-Coder's FIM tokens.
 2. Measure: `build_datasets` for team:payments with the default [datasets] config, in a fresh child
    process so its peak RSS is its own: total seconds, seconds per stage and their shares.
+   With --cache, the build the service runs: with the scope's build cache (state_dir/cache/datasets), measured
+   twice, the cache removed first (a first night, which writes it) and then warm (a later night).
 3. Compare, in the same run: near-duplicate removal on the same rows (the FIM and KTO rows of the build,
    before near-dup, first --compare-rows of them) with devtune's sketches vs a plain datasketch
    MinHashLSH pass (MinHash of the same byte 8-grams, 64 permutations, threshold 0.85, query-then-insert),
@@ -53,24 +55,28 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/devtune-bench"))
     parser.add_argument("--compare-rows", type=int, default=100_000)
     parser.add_argument("--compare-only", action="store_true", help="only step 3, on an already prepared --dir")
-    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", action="store_true", help="measure with the build cache, cold then warm")
+    parser.add_argument("--measure", choices=("plain", "cold", "warm"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder = args.dir / f"{args.commits}c-{args.suggestions}s"
     if args.measure:
-        return measure(folder)
+        return measure(folder, args.measure)
     if args.compare_only:
         compare_near_dup(folder, args.compare_rows)
         return 0
     prepare(folder, args.commits, args.suggestions)
-    print(f"measuring: build_datasets(team:{TEAM}) in a child process", flush=True)
-    child = subprocess.run([sys.executable, __file__, "--measure", "--dir", str(args.dir), "--commits",
-                            str(args.commits), "--suggestions", str(args.suggestions)], capture_output=True, text=True)
-    sys.stderr.write(child.stderr[-4000:])
-    if child.returncode != 0:
-        print(child.stdout)
-        return child.returncode
-    result = json.loads(child.stdout.strip().splitlines()[-1])
-    report_build(result)
+    for how in ("cold", "warm") if args.cache else ("plain",):
+        print(f"measuring: build_datasets(team:{TEAM}) in a child process"
+              + ("" if how == "plain" else f", {how} build cache"), flush=True)
+        child = subprocess.run([sys.executable, __file__, "--measure", how, "--dir", str(args.dir), "--commits",
+                                str(args.commits), "--suggestions", str(args.suggestions)], capture_output=True,
+                               text=True)
+        sys.stderr.write(child.stderr[-4000:])
+        if child.returncode != 0:
+            print(child.stdout)
+            return child.returncode
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        report_build(result)
     compare_near_dup(folder, args.compare_rows)
     return 0
 
@@ -280,11 +286,12 @@ def write_tokenizer(folder: Path) -> None:
 
 # -- 2. measure ----------------------------------------------------------------------------------------------
 
-def measure(folder: Path) -> int:
+def measure(folder: Path, how: str) -> int:
     import logging
 
     from daemon.config import load_config
     from pipelines.datasets.build import build_datasets
+    from pipelines.datasets.cache import cache_dir
     from pipelines.scope import team
     from pipelines.store.db import Store
     from pipelines.tokens import load_base_tokenizer
@@ -297,8 +304,11 @@ def measure(folder: Path) -> int:
     # A build writes into a new folder (a run directory, or a fresh one under state_dir/exports): replacing the
     # previous run's 2.5 GB of files here cost the write stage ~3 s of unlinking that a real build never pays.
     shutil.rmtree(folder / "data", ignore_errors=True)
+    cache = None if how == "plain" else cache_dir(cfg.state_dir)
+    if how == "cold" and cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
     started = time.monotonic()
-    report = build_datasets(store, team(TEAM), cfg.datasets, tokenizer, folder / "data")
+    report = build_datasets(store, team(TEAM), cfg.datasets, tokenizer, folder / "data", cache)
     seconds = time.monotonic() - started
     store.close()
     print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
