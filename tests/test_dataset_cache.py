@@ -202,3 +202,13 @@ def test_the_sketch_key_index_finds_what_a_dict_finds() -> None:
     found = KeyIndex(b"".join(stored)).find(b"".join(asked)).tolist()
     assert found == [first.get(k, -1) for k in asked]
     assert KeyIndex(b"").find(b"".join(asked[:3])).tolist() == [-1, -1, -1]
+
+
+def test_a_fit_trace_past_int32_is_not_remembered() -> None:
+    # Traces are packed as int32 (352 MB of tuples at 1M suggestions); a row too big to pack is fitted again
+    # next time rather than stored wrong.
+    from pipelines.datasets.quality import _replay, pack_trace
+
+    trace = pack_trace([(5000, 10, 700, 3000, 900), (2500, 10, -1, 2250, 675)], False)
+    assert trace is not None and _replay(trace, 0.2, 512) == (1, True, "tokenized")  # 700 tokens, then 2500 * 0.2
+    assert pack_trace([(2**31, 0, -1, 0, 0)], False) is None
