@@ -348,43 +348,28 @@ def drop_near_duplicates(fim_train: Keyed[FimExample], fim_held: Keyed[FimExampl
     The held-out rows are sketched first, into the reference every training row is checked against; then each
     training set (KTO one label at a time) is sketched, checked and let go before the next. Sketching every set
     at once, then copying KTO's per label, held ~1 GB of signatures at a 1M-suggestion build's peak."""
-    def fim_text(e: FimExample) -> str:
-        return near_text(e.prefix, e.middle, e.suffix)
-
-    def pair_text(p: PairExample) -> str:
-        return near_text(p.prefix, p.chosen + "\x02" + p.rejected, p.suffix)
-
-    def chosen_text(p: PairExample) -> str:
-        return near_text(p.prefix, p.chosen, p.suffix)
-
-    def rejected_text(p: PairExample) -> str:
-        return near_text(p.prefix, p.rejected, p.suffix)
-
-    def pair_middle(p: PairExample) -> str:
-        return p.chosen + "\x02" + p.rejected
-
     near = 0
-    held_sig, held_mid = sketches(0, fim_held, fim_text), sketches(1, fim_held, _middle)
+    held_sig, held_mid = sketches(0, fim_held, _fim_near), sketches(1, fim_held, _middle)
     keep_held = ~near_duplicates(held_sig, held_mid, threshold)
-    keep_pair_held = ~near_duplicates(sketches(2, pair_held, pair_text), sketches(3, pair_held, pair_middle),
+    keep_pair_held = ~near_duplicates(sketches(2, pair_held, _pair_near), sketches(3, pair_held, _pair_middle),
                                       threshold)
     near += int((~keep_held).sum() + (~keep_pair_held).sum())
     held = [r for r, k in zip(pair_held, keep_pair_held.tolist(), strict=True) if k]
-    ref = np.concatenate([held_sig[keep_held], sketches(4, held, chosen_text), sketches(6, held, rejected_text)])
+    ref = np.concatenate([held_sig[keep_held], sketches(4, held, _chosen_near), sketches(6, held, _rejected_near)])
     ref_mid = np.concatenate([held_mid[keep_held], sketches(5, held, _chosen), sketches(7, held, _rejected)])
     del held_sig, held_mid
 
     def leaks(rows: Keyed[T], text: Callable[[T], str], middle: Callable[[T], str], tag: int) -> np.ndarray:
         return near_duplicates_of(sketches(tag, rows, text), sketches(tag + 1, rows, middle), ref, ref_mid, threshold)
 
-    sig, mid = sketches(0, fim_train, fim_text), sketches(1, fim_train, _middle)
+    sig, mid = sketches(0, fim_train, _fim_near), sketches(1, fim_train, _middle)
     keep_train = ~near_duplicates(sig, mid, threshold)
     leak_fim = keep_train & near_duplicates_of(sig, mid, ref, ref_mid, threshold)
     del sig, mid
-    keep_pair_train = ~near_duplicates(sketches(2, pair_train, pair_text), sketches(3, pair_train, pair_middle),
+    keep_pair_train = ~near_duplicates(sketches(2, pair_train, _pair_near), sketches(3, pair_train, _pair_middle),
                                        threshold)
-    leak_pair = keep_pair_train & (leaks(pair_train, chosen_text, _chosen, 4)
-                                   | leaks(pair_train, rejected_text, _rejected, 6))
+    leak_pair = keep_pair_train & (leaks(pair_train, _chosen_near, _chosen, 4)
+                                   | leaks(pair_train, _rejected_near, _rejected, 6))
     near += int((~keep_train).sum() + (~keep_pair_train).sum())
 
     keep_kto = np.ones(len(kto_train), dtype=bool)
@@ -393,7 +378,7 @@ def drop_near_duplicates(fim_train: Keyed[FimExample], fim_held: Keyed[FimExampl
     for label in (True, False):  # a desirable and an undesirable row may share text: that is not a repeat
         at = np.flatnonzero(labels == label)
         rows = [kto_train[i] for i in at.tolist()]
-        sig, mid = sketches(8, rows, _kto_text), sketches(9, rows, _kto_middle)
+        sig, mid = sketches(8, rows, _kto_near), sketches(9, rows, _kto_middle)
         dup = near_duplicates(sig, mid, threshold)
         keep_kto[at[dup]] = False
         leak_kto[at] = ~dup & near_duplicates_of(sig, mid, ref, ref_mid, threshold)
@@ -406,8 +391,29 @@ def drop_near_duplicates(fim_train: Keyed[FimExample], fim_held: Keyed[FimExampl
             _take(kto_train, keep_kto & ~leak_kto))
 
 
+# The texts near-duplicates are found in: a row's window (prefix, middle, suffix) and its middle alone.
+def _fim_near(e: FimExample) -> str:
+    return near_text(e.prefix, e.middle, e.suffix)
+
+
 def _middle(e: FimExample) -> str:
     return e.middle
+
+
+def _pair_near(p: PairExample) -> str:
+    return near_text(p.prefix, _pair_middle(p), p.suffix)
+
+
+def _pair_middle(p: PairExample) -> str:
+    return p.chosen + "\x02" + p.rejected
+
+
+def _chosen_near(p: PairExample) -> str:
+    return near_text(p.prefix, p.chosen, p.suffix)
+
+
+def _rejected_near(p: PairExample) -> str:
+    return near_text(p.prefix, p.rejected, p.suffix)
 
 
 def _chosen(p: PairExample) -> str:
@@ -418,7 +424,7 @@ def _rejected(p: PairExample) -> str:
     return p.rejected
 
 
-def _kto_text(k: Side) -> str:
+def _kto_near(k: Side) -> str:
     return near_text(k.prefix, k.text, k.suffix)
 
 

@@ -188,9 +188,9 @@ class Sketches:
     def __call__(self, tag: int, rows: Sequence[tuple[T, bytes]], text: Callable[[T], str]) -> np.ndarray:
         """The sketches of `text(row)` for (row, exact key) `rows`; `tag` tells the texts of one row apart."""
         prefix = bytes([tag])
-        keys = [prefix + k for _, k in rows]
-        at = self.index.find(b"".join(keys))
-        out = np.empty((len(keys), BINS), dtype=np.uint32)
+        keys = b"".join(prefix + k for _, k in rows)
+        at = self.index.find(keys)
+        out = np.empty((len(rows), BINS), dtype=np.uint32)
         found = at >= 0
         out[found] = self.sigs[at[found]]
         self._release()
@@ -199,13 +199,13 @@ class Sketches:
             out[todo] = sketch(RowTexts([rows[i] for i in todo.tolist()], text))
         self.hits += int(found.sum())
         self.computed += len(todo)
-        if self.spool is not None and keys:
+        if self.spool is not None and rows:
             self.spool.parent.mkdir(parents=True, exist_ok=True)
             with _keys(self.spool).open("ab") as f:
-                f.write(b"".join(keys))
+                f.write(keys)
             with self.spool.open("ab") as f:
                 f.write(out.data)
-            self.spooled_rows += len(keys)
+            self.spooled_rows += len(rows)
         return out
 
     def _release(self) -> None:

@@ -393,7 +393,7 @@ class FitMemo:
     of the text), the same row the rounds would make."""
 
     def __init__(self, known: dict[bytes, Trace]) -> None:
-        self.known = known if all(type(v) is bytes for v in known.values()) else {}  # a cache of older builds
+        self.known = known
         self.kept: dict[bytes, Trace] = {}
         self.replayed = 0
 

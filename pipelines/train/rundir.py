@@ -94,11 +94,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for _, line in scan_lines(path)]
 
 
-def read_lines(path: Path) -> list[bytes]:
-    """The rows of a dataset file as their JSON lines, unparsed; a missing file has none."""
-    return [line for _, line in scan_lines(path)]
-
-
 def scan_lines(path: Path, chunk_bytes: int = 16 << 20) -> Iterator[tuple[int, bytes]]:
     """Each row of a dataset file as (its byte offset, its JSON line), read `chunk_bytes` at a time; a missing
     file has none.

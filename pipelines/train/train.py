@@ -174,20 +174,18 @@ class TrainingRows:
 def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_until: str | None) -> TrainingRows:
     """The rows each stage trains on: new since `data_until` plus replay (or all rows when it is None)."""
     data = run_dir / "data"
-    names = ["sft", "chat", "dpo", "kto"]
     notes: list[str] = []
-    chosen: dict[str, list[dict[str, Any]]] = {"chat": []}
+    chosen: dict[str, list[dict[str, Any]]] = {}
     counts: dict[str, dict[str, int]] = {}
-    if not getattr(tokenizer, "chat_template", None):
-        names.remove("chat")
-        if chats := sum(1 for _ in scan_lines(data / "chat.jsonl")):
-            notes.append(f"chat.jsonl: {chats} rows skipped: the base model's tokenizer has no chat template (a "
-                         "base/FIM model); they train on a model with one")
-        counts["chat"] = {"rows": 0, "new": 0, "replayed": 0}
     newest: list[str | None] = []
-    for name in names:
+    for name in ("sft", "chat", "dpo", "kto"):
         path = data / f"{name}.jsonl"
-        if data_until is None:  # a fresh adapter trains on every row
+        if name == "chat" and not getattr(tokenizer, "chat_template", None):
+            if chats := sum(1 for _ in scan_lines(path)):
+                notes.append(f"chat.jsonl: {chats} rows skipped: the base model's tokenizer has no chat template "
+                             "(a base/FIM model); they train on a model with one")
+            rows, new, replayed = [], 0, 0
+        elif data_until is None:  # a fresh adapter trains on every row
             rows = read_rows(path)
             new, replayed = len(rows), 0
             newest.append(latest_ts(rows))
@@ -205,7 +203,6 @@ def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_unt
             newest.append(max(filter(None, stamps), default=None))
         chosen[name] = rows
         counts[name] = {"rows": len(rows), "new": new, "replayed": replayed}
-    counts = {name: counts[name] for name in ("sft", "chat", "dpo", "kto")}  # the order the run summary shows
     sft = [{"prompt": r["prompt"], "completion": r["completion"], "special": True} for r in chosen["sft"]]
     rendered, dropped = render_chat(tokenizer, chosen["chat"])
     if dropped:
