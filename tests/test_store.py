@@ -85,3 +85,36 @@ def test_a_query_whose_columns_drift_from_its_record_fails_loudly(tmp_path: Path
     with pytest.raises(AssertionError, match="not ToLink's fields"):
         next(_records(cur, ToLink))
     store.close()
+
+
+def test_a_collect_does_not_import_pandas_even_where_it_is_installed(tmp_path: Path) -> None:
+    """pyarrow imports pandas (0.35 s) on its first conversion of a Python list when pandas is installed;
+    devtune's conversions never need it (pipelines/store/schema.py `_pyarrow_without_pandas`). A collect of
+    commits (list columns, timestamps) and editor events in a fresh process stores its rows without that
+    import, and pandas still works afterwards for code that does want it."""
+    pytest.importorskip("pandas")  # installed with the test extras (statsmodels); where it is not, no cost
+    from daemon.sample import make_sample
+    from support import write_config
+
+    sample = make_sample(tmp_path / "sample", n_commits=12, n_events=60)
+    setup = write_config(tmp_path / "site", sample.sources())
+    script = f"""
+import sys
+from daemon import jobs
+from daemon.config import load_config
+from pipelines.store.db import Store
+cfg = load_config({str(setup.config)!r})
+store = Store.open(cfg.state_dir / "store.duckdb")
+result = jobs.collect(store, cfg)
+counts = store.counts()
+print(result["error"], counts["commits"]["total"], counts["suggestions"]["total"], "pandas" in sys.modules)
+import pyarrow as pa
+from pipelines.store.schema import arrow_table
+import pandas
+print(arrow_table({{"n": [1, 2]}}, pa.schema([("n", pa.int64())])).to_pandas()["n"].sum())
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.split()
+    assert out[:4] == ["None", str(sample.commits), str(sample.events - sample.malformed_lines), "False"], out
+    assert out[4] == "3"

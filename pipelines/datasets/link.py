@@ -56,7 +56,7 @@ from pipelines.datasets.paths import PathIndex
 from pipelines.progress import Progress
 from pipelines.store.db import Store, now
 from pipelines.store.records import FileVersion, LinkCandidate
-from pipelines.store.schema import SuggestionLinkRow
+from pipelines.store.schema import SuggestionLinkRow, arrow_table
 
 log = logging.getLogger("devtune.link")
 
@@ -64,6 +64,8 @@ ANCHOR_LINES = 2  # two non-blank lines pin a place in a file; one ("return x", 
 NEAR_LINES = 3  # the suggestion may start this many lines after its place (the developer added some above it)
 FAR_LINES = 20  # with only the following code found, or for a replacement, look this far back / ahead
 STRENGTH = {"kept": 3, "rewritten": 2, "deleted": 1, "unknown": 0}
+# The suggestions whose file was found in a repository, as handed to Store.link_groups.
+MAPPED = pa.schema([("id", pa.string()), ("repo", pa.string()), ("path", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def link_suggestions(store: Store, cfg: DatasetsConfig) -> LinkReport:
         mapped["path"].append(target[1])
     progress = Progress(log, "link", len(todo), "suggestions")
     progress.advance(len(todo) - len(mapped["id"]))
-    suggestions, versions = store.link_groups(pa.table(mapped), cfg.link_window_h)
+    suggestions, versions = store.link_groups(arrow_table(mapped, MAPPED), cfg.link_window_h)
     for (repo, path, _), group, history in merge_groups(suggestions, versions):
         times = [v.committed_at for v in history]
         parsed: dict[str, FileText | None] = {}

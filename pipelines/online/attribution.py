@@ -33,6 +33,7 @@ from pipelines.online.timeline import served_intervals
 from pipelines.publish import registry
 from pipelines.publish.names import served_name
 from pipelines.store.db import Store, now
+from pipelines.store.schema import arrow_table
 
 log = logging.getLogger("devtune.online")
 
@@ -40,6 +41,11 @@ GATEWAY_WINDOW_S = 60.0
 # Events this recent are attributed again at each pass: a gateway request log is collected on its own
 # schedule, and may arrive after the editor event it explains.
 RECENT = timedelta(hours=24)
+# What each scope served when, and the canary arms (a developer's share of a team's canary), as handed to
+# Store.attribute_suggestions.
+INTERVALS = pa.schema([("scope", pa.string()), ("version", pa.string()),
+                       ("start_at", pa.timestamp("us")), ("end_at", pa.timestamp("us"))])
+ARMS = pa.schema([("developer", pa.string()), *INTERVALS])
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,10 @@ def attribute(store: Store, state_dir: Path, model_names: set[str]) -> Attributi
     since, added = redo_from(state_dir, store.online_state("history"), sizes, names)
     full = since is None
     by = store.attribute_suggestions(
-        pa.table({"scope": [i.scope for i in intervals], "version": [i.version for i in intervals],
-                  "start_at": [i.start for i in intervals], "end_at": [i.end for i in intervals]}),
-        pa.table({"developer": [a[0] for a in arms], "scope": [a[1] for a in arms], "version": [a[2] for a in arms],
-                  "start_at": [a[3] for a in arms], "end_at": [a[4] for a in arms]},
-                 schema=pa.schema([("developer", pa.string()), ("scope", pa.string()), ("version", pa.string()),
-                                   ("start_at", pa.timestamp("us")), ("end_at", pa.timestamp("us"))])),
+        arrow_table({"scope": [i.scope for i in intervals], "version": [i.version for i in intervals],
+                     "start_at": [i.start for i in intervals], "end_at": [i.end for i in intervals]}, INTERVALS),
+        arrow_table({"developer": [a[0] for a in arms], "scope": [a[1] for a in arms], "version": [a[2] for a in arms],
+                     "start_at": [a[3] for a in arms], "end_at": [a[4] for a in arms]}, ARMS),
         names, GATEWAY_WINDOW_S, since, added)
     store.set_online_state("history", json.dumps({"sizes": sizes, "names": names}))
     report = AttributionReport(sum(by.values()), by, full, time.monotonic() - started)

@@ -41,7 +41,7 @@ from pipelines.store.records import (
     RepoFile,
     ToLink,
 )
-from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, as_arrow, text_columns
+from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, arrow_table, as_arrow, text_columns
 
 R = TypeVar("R")
 log = logging.getLogger("devtune.store")
@@ -227,7 +227,7 @@ class Store:
         kind "line"; the text is the chosen choice (FORMATS.md §2.3). Called with the batch that stored
         the lines, so a select arriving a day later flips its suggestion to accepted.
         """
-        touched = pa.table({"id": sorted(completion_ids)})  # noqa: F841 - read by DuckDB
+        touched = arrow_table({"id": sorted(completion_ids)}, pa.schema([("id", pa.string())]))  # noqa: F841
         # BY NAME: each column is named once, by its alias here (a misspelt one fails the statement).
         self.con.execute("""
             INSERT INTO suggestions BY NAME
@@ -492,8 +492,8 @@ class Store:
         """Add counts a build made (their hashes were not stored yet for `tokenizer`)."""
         if not counts:
             return
-        new = pa.table({"text_hash": pa.array(list(counts), pa.binary()),
-                        "tokens": pa.array(list(counts.values()), pa.int32())})
+        new = arrow_table({"text_hash": list(counts), "tokens": list(counts.values())},
+                          pa.schema([("text_hash", pa.binary()), ("tokens", pa.int32())]))
         c = self.con.cursor()  # registered Arrow tables stay on this cursor; one statement, so one transaction
         c.register("new_counts", new)
         with self._lock:
@@ -683,9 +683,7 @@ class Store:
         canary arms), for events naming one of `names`; else unknown. Returns events per way they were
         attributed."""
         c = self.cursor().con  # registered Arrow tables stay on this cursor
-        c.register("intervals", intervals.cast(pa.schema([("scope", pa.string()), ("version", pa.string()),
-                                                          ("start_at", pa.timestamp("us")),
-                                                          ("end_at", pa.timestamp("us"))])))
+        c.register("intervals", intervals)
         c.register("arms", arms)
         with self._lock:
             c.execute("BEGIN TRANSACTION")
