@@ -88,7 +88,7 @@ def test_a_query_whose_columns_drift_from_its_record_fails_loudly(tmp_path: Path
 
 
 def test_a_collect_does_not_import_pandas_even_where_it_is_installed(tmp_path: Path) -> None:
-    """pyarrow imports pandas (0.35 s) on its first conversion of a Python list when pandas is installed;
+    """pyarrow imports pandas (0.15-0.35 s) on its first conversion of a Python list when pandas is installed;
     devtune's conversions never need it (pipelines/store/schema.py `_pyarrow_without_pandas`). A collect of
     commits (list columns, timestamps) and editor events in a fresh process stores its rows without that
     import, and pandas still works afterwards for code that does want it."""

@@ -329,8 +329,8 @@ def _pyarrow_without_pandas() -> None:
     """Let pyarrow know that these conversions need no pandas, so that it does not import it.
 
     The first `pa.array` of a Python list imports pandas, when it is installed, to ask whether the list is a
-    pandas object: 0.35 s of a process's first insert (of 0.67 s for a 50-commit `devtune collect` in-process,
-    and 4.7% of the 5,000-commit harvest in bench/git_harvest.py). devtune does not depend on pandas, but a
+    pandas object: 0.15-0.35 s of a process's first insert. The harvest of a real 677-commit repository took
+    0.62 s with it and 0.44 s without (bench/README.md, "Fixed cost"). devtune does not depend on pandas, but a
     training server's environment often holds it (trl and datasets pull it in). pyarrow tries that import
     once and remembers a failure, so it is made to fail here, once; `pa.Table.from_pydict` and `pa.table(dict)`
     try again, which is why `arrow_table` uses neither. Where pandas is already imported there is nothing to
