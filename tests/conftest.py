@@ -16,6 +16,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject.toml): one worker per CPU this process may run on, at most four.
+
+    xdist's own count asks psutil for the machine's physical cores, which in a container is the host's (64
+    workers on a 2-core slice) and on a 2-vCPU virtual machine can be 1. The CPUs the scheduler gives this
+    process are what the single-threaded tests can use; beyond four, the longest file (~2 minutes) sets the
+    suite's time anyway. PYTEST_XDIST_AUTO_NUM_WORKERS still overrides it."""
+    if override := os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(override)
+    return min(4, len(os.sched_getaffinity(0)))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama-shaped model and tokenizer, built and briefly pretrained once per test session.
