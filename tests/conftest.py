@@ -22,10 +22,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     xdist's own count asks psutil for the machine's physical cores, which in a container is the host's (64
     workers on a 2-core slice) and on a 2-vCPU virtual machine can be 1. The CPUs the scheduler gives this
     process are what the single-threaded tests can use; beyond four, the longest file (~2 minutes) sets the
-    suite's time anyway. PYTEST_XDIST_AUTO_NUM_WORKERS still overrides it."""
+    suite's time anyway. PYTEST_XDIST_AUTO_NUM_WORKERS still overrides it. macOS has no sched_getaffinity
+    (and no CPU sets): there the machine's CPU count is the one to use."""
     if override := os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return int(override)
-    return min(4, len(os.sched_getaffinity(0)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cpus)
 
 
 @pytest.fixture(scope="session")
