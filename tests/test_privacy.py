@@ -13,7 +13,15 @@ import pytest
 
 from collectors.continue_http import append_to_inbox
 from daemon.config import load_config
-from pipelines.ingest.scrub import FileScrubber, cursor_spans, is_excluded, scrub, scrub_diff, scrub_fields
+from pipelines.ingest.scrub import (
+    CUT_SECRET_CHARS,
+    FileScrubber,
+    cursor_spans,
+    is_excluded,
+    scrub,
+    scrub_diff,
+    scrub_fields,
+)
 from support import (
     T0,
     CommitSpec,
@@ -357,6 +365,65 @@ def test_a_patch_is_scrubbed_as_the_code_it_holds() -> None:
     assert counts == {"secret_assignment": 4}
     assert out.startswith(patch[:patch.index("-  db_password")])  # the headers are kept as they were
     assert "\n-  db_password: <SECRET:secret_assignment>\n" in out
+
+
+def test_a_patch_between_scrubbed_versions_is_scanned_only_outside_its_code_lines() -> None:
+    """With both versions scrubbed whole by the caller, a "+" or "-" line's secrets come from `known`: a
+    secret the versions did not give up stays (what makes the shortcut a shortcut), while the headers, which
+    no version holds as they are, are still scanned."""
+    token = SECRETS["github_token"]
+    patch = (f"diff --git a/app.py b/app.py\n--- a/app.py\n+++ b/app.py\n@@ -3 +3 @@ def f(token=\"{token}\"):\n"
+             f"-x = 1\n+y = \"{SECRETS['aws_access_key']}\"\n")
+    skipped = scrub_diff(patch, versions_scrubbed=True)
+    assert SECRETS["aws_access_key"] in skipped and token not in skipped
+    assert SECRETS["aws_access_key"] not in scrub_diff(patch)
+    known = [("aws_access_key", SECRETS["aws_access_key"])]
+    assert scrub_diff(patch, known=known, versions_scrubbed=True) == scrub_diff(patch, known=known)
+
+
+def test_a_key_inside_a_one_line_literal_goes_from_a_patch_with_another_key_block() -> None:
+    """A Go test file holds a PEM block and, on one line, a literal with another whole key (gitleaks' own
+    detect_test.go): the block's "-----BEGIN PRIVATE KEY-----" line must not be replaced before the longer
+    line that holds it, or the second key's body stays."""
+    body = "435fbRUBHrbHqLYxS3I7Oth8rgG0tBwfMcbk05Sgxq6QUzSYIQAopWvsTwk2sR"
+    block = "-----BEGIN PRIVATE KEY-----\nMIIBVgIBADANBgkqhkiG9w0BAQEFAASCAUAwggE8AgEAAkEAq7BFUpkGp3\n" \
+            "-----END PRIVATE KEY-----"
+    literal = f'"-----BEGIN PRIVATE KEY-----\\n{body}\\n-----END PRIVATE KEY-----"'
+    version = f"const a = `{block}`\n\nvar b = {literal}\n"
+    found: list[tuple[str, str]] = []
+    FileScrubber().scrub(version, None, found)
+    assert len(found) == 2 and "MIIBVgIBADANBgkq" in found[0][1]  # the block first
+    patch = "diff --git a/k_test.go b/k_test.go\n--- /dev/null\n+++ b/k_test.go\n@@ -0,0 +1,5 @@\n" + "".join(
+        f"+{line}\n" for line in version.splitlines())
+    for out in (scrub_diff(patch, known=found, versions_scrubbed=True), scrub_diff(patch, known=found)):
+        assert body not in out and "MIIBVgIBADANBgkq" not in out
+
+
+def test_a_harvest_keeps_no_secret_in_the_diffs_it_does_not_scan(tmp_path: Path) -> None:
+    """Every diff of this history joins versions the harvest scrubbed itself, so none is scanned but for its
+    headers: the planted secrets are added, moved next to a changed line, cut from their names by a hunk, and
+    removed; a value is cut short where git ends a hunk header's function context. None may reach the store."""
+    code = code_with_secrets()
+    moved = "\n".join(f"{line}  # moved" if i % 3 == 0 else line for i, line in enumerate(code.splitlines())) + "\n"
+    # git cuts a hunk header's function context at 80 bytes: inside this value (it starts at column 67)
+    staple = "correct-horse-battery-staple-9"
+    header = f"def connect(user, host, port, timeout, retries, backoff, password=\"{staple}\"):\n    x = 1\n    y = 2\n"
+    make_repo(tmp_path / "repo", [
+        CommitSpec({"cfg/keys.py": code, "app/db.py": header}, when=T0, message="first"),
+        CommitSpec({"cfg/keys.py": moved, "app/db.py": header.replace("y = 2", "y = 3")},
+                   when=T0 + timedelta(hours=1), message="second"),
+        CommitSpec({"cfg/keys.py": "x = 1\n"}, when=T0 + timedelta(hours=2), message="third"),
+    ])
+    setup = write_config(tmp_path / "site", [{"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}])
+    report, db = collect_site(setup.config)
+    assert report["error"] is None and report["status"]["commits"]["total"] == 3
+    diffs = [r[5] for r in table_rows(db, "commit_files")]
+    assert any("@@ def connect(user, host, port, timeout, retries, backoff, password=\"<SECRET:" in d
+               for d in diffs)
+    text = all_text(db)
+    assert staple[:CUT_SECRET_CHARS] not in text
+    for kind, secret in SECRETS.items():
+        assert secret not in text, kind
 
 
 def test_no_planted_secret_reaches_any_file_under_the_state_directory(tmp_path: Path, tiny_model: Path) -> None:

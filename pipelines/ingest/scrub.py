@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import fnmatch
 import functools
 import itertools
@@ -1221,6 +1222,9 @@ class FileScrubber:
         # The secrets found in each file version that held any, by the caller's key (a blob sha): a later
         # commit's diff shows them again on its "-" lines, often without the name that made them secrets.
         self.found_in: dict[str, tuple[tuple[str, str], ...]] = {}
+        # The keys of every version scrubbed whole here: a diff between two of them needs no scan of its own
+        # code lines (scrub_diff's `versions_scrubbed`). ~100 bytes a version: 27 MB for git/git's ~300k.
+        self.versions: set[str] = set()
 
     def scrub(self, text: str, counts: Counter[str] | None = None,
               secrets: list[tuple[str, str]] | None = None) -> str:
@@ -1350,7 +1354,8 @@ def _runs_on(piece: str) -> bool:
         end = start - 1
 
 
-def scrub_diff(diff: str, counts: Counter[str] | None = None, known: Iterable[tuple[str, str]] = ()) -> str:
+def scrub_diff(diff: str, counts: Counter[str] | None = None, known: Iterable[tuple[str, str]] = (),
+               versions_scrubbed: bool = False) -> str:
     """A zero-context patch scrubbed: read as the lines of code it holds, and of every secret `known` to be in
     the file versions it joins (as (kind, original text)).
 
@@ -1360,19 +1365,86 @@ def scrub_diff(diff: str, counts: Counter[str] | None = None, known: Iterable[tu
     And the "+"/"-" before each line kept the line-start patterns from matching at all (`+DB_PASSWORD=...`,
     `-  db_password: s3cret`): the patch is scanned with those signs read as spaces (same length, so the
     secrets found are at the same places), which also joins a name and a value on adjacent lines of a hunk.
+
+    `versions_scrubbed`: both versions the patch joins (or the one, for an added or deleted file) were
+    scrubbed whole by the caller, and `known` holds all they gave up. Each "+" line is then a line of the new
+    version and each "-" line one of the old, read there with at least the context a hunk gives (its
+    neighbours in the hunk are its neighbours in the file, or lines of the other version, which no file
+    holds next to it), so their secrets are all in `known`; only the other lines (the patch and hunk headers,
+    whose function context git cuts at 80 characters) are scanned. That scan was 0.8 of the 7.4 CPU-seconds
+    the 5k-commit history's harvest spends in Python (bench/README.md, "Git harvest"). A patch cut short
+    (`max_file_bytes`) ends in part of a line, and is scanned whole.
     """
-    code = diff.replace("\n+", "\n ").replace("\n-", "\n ")
-    if code[:1] in ("+", "-"):
-        code = " " + code[1:]
-    out, found = _replace(diff, find_secrets(code))
+    if versions_scrubbed and "\n[devtune: diff cut at " not in diff:
+        spans = _outside_code(diff)
+    else:
+        code = diff.replace("\n+", "\n ").replace("\n-", "\n ")
+        if code[:1] in ("+", "-"):
+            code = " " + code[1:]
+        spans = find_secrets(code)
+    out, found = _replace(diff, spans)
     _tally(found, counts, None)
-    for kind, original in known:
-        for line in original.split("\n"):
-            if line.strip() and line in out:
-                if counts is not None:
-                    counts[kind] += out.count(line)
-                out = out.replace(line, f"<SECRET:{kind}>")
-    return out
+    # Longest first: a shorter line replaced first can cut a longer one that holds it (a "-----BEGIN PRIVATE
+    # KEY-----" line of one key block inside a one-line Go literal holding another whole key kept that key's
+    # body in gitleaks' own history).
+    lines = {line: kind for kind, original in known for line in original.split("\n") if line.strip()}
+    for line in sorted(lines, key=len, reverse=True):
+        if line in out:
+            if counts is not None:
+                counts[lines[line]] += out.count(line)
+            out = out.replace(line, f"<SECRET:{lines[line]}>")
+    return _cut_short(out, lines, counts) if lines and "@@ " in out else out
+
+
+# A hunk header's function context: git copies the start of a line of the version before, at most 80 bytes.
+_HUNK_CONTEXT = re.compile(r"^(@@ [^\n]*? @@ )([^\n]+)$", re.M)
+CUT_SECRET_CHARS = 8  # the shortest start of a secret a cut context must show to be replaced
+
+
+def _cut_short(out: str, lines: dict[str, str], counts: Counter[str] | None) -> str:
+    """`out` with every hunk header whose context ends inside a known secret line replaced from where that
+    line starts: git cuts the context at 80 bytes, so `def connect(..., password="hunter2Pr` holds a secret's
+    start that neither a whole known line nor a pattern matches."""
+    def cut(m: re.Match[str]) -> str:
+        context = m.group(2)
+        for line, kind in lines.items():
+            if len(line) <= CUT_SECRET_CHARS:
+                continue
+            start = context.find(line[:CUT_SECRET_CHARS])
+            while start >= 0:
+                if line.startswith(context[start:]):
+                    if counts is not None:
+                        counts[kind] += 1
+                    return m.group(1) + context[:start] + f"<SECRET:{kind}>"
+                start = context.find(line[:CUT_SECRET_CHARS], start + 1)
+        return m.group(0)
+
+    return _HUNK_CONTEXT.sub(cut, out)
+
+
+# A patch's lines that hold no line of code: headers, hunk headers, "\ No newline at end of file". The
+# "--- a/path" and "+++ b/path" headers are among them; so is a removed "-- comment" line ("--- comment"),
+# which is scanned once more for nothing.
+_NOT_CODE = re.compile(r"^(?:[^+\-\n][^\n]*|\+\+\+[^\n]*|---[^\n]*)$", re.M)
+
+
+def _outside_code(diff: str) -> list[Span]:
+    """The secrets in a patch's lines that are not lines of code, read as one text (each on its own line), as
+    spans in `diff`."""
+    lines = [(m.start(), m.group()) for m in _NOT_CODE.finditer(diff)]
+    starts = []  # where each line starts in the joined text
+    at = 0
+    for _, line in lines:
+        starts.append(at)
+        at += len(line) + 1
+    spans = []
+    for start, end, kind in find_secrets("\n".join(line for _, line in lines)):
+        # A secret over several of these lines (a name in one header, a value in the next) covers the patch
+        # between them too: more is replaced, never less.
+        first = bisect.bisect_right(starts, start) - 1
+        last = bisect.bisect_right(starts, max(start, end - 1)) - 1
+        spans.append((lines[first][0] + start - starts[first], lines[last][0] + end - starts[last], kind))
+    return spans
 
 
 # How far either side of the cursor a secret can start or end and still need the other side to be seen: an
