@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from daemon import jobs
 from daemon.config import load_config
@@ -66,3 +70,38 @@ def test_the_timer_backs_off_a_failing_source_and_a_fix_resets_it(tmp_path: Path
         assert store.source_health()["repo"]["failures"] == 0
     finally:
         store.close()
+
+
+def test_a_batch_that_fails_to_store_ends_its_source_there_and_the_next_collect_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches are stored in a second thread while the next one is read: a failure storing the second batch (a
+    full disk, say) must still end the source with the first batch and its cursor stored, and report it;
+    the next collect resumes from that cursor, so every event is stored once."""
+    continue_log(tmp_path / "alice", [autocomplete_event(completionId=f"c{i}") for i in range(25)])
+    setup = write_config(tmp_path / "site", [
+        {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice", "developer": "alice@example.com"}],
+        overrides={"collect": {"batch_events": 10}})
+    cfg = load_config(setup.config)
+    apply_batch = Store.apply_batch
+    calls = []
+
+    def second_fails(self: Store, *args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return apply_batch(self, *args, **kwargs)
+
+    store = Store.open(cfg.state_dir / "store.duckdb")
+    try:
+        monkeypatch.setattr(Store, "apply_batch", second_fails)
+        failed = jobs.collect(store, cfg)
+        assert "No space left on device" in failed["sources"][0]["error"]
+        assert calls[0] != threading.current_thread().name  # stored beside the reading, not in its thread
+        assert store.con.execute("SELECT count(*) FROM suggestions").fetchone() == (10,)
+        monkeypatch.setattr(Store, "apply_batch", apply_batch)
+        again = jobs.collect(store, cfg)
+        assert again["error"] is None, again
+        ids = [r[0] for r in store.con.execute("SELECT id FROM suggestions").fetchall()]
+    finally:
+        store.close()
+    assert len(ids) == len(set(ids)) == 25
