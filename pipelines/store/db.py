@@ -110,9 +110,10 @@ class Store:
         # DuckDB checkpoints (compresses and writes the WAL into the file) every 16 MB of WAL by default: with
         # 2-20 KB events that is every few batches. 64 MB made the ingest's storage path 1.4-1.5x faster and
         # the file 25% smaller (bigger checkpoints compress better). A checkpoint's cost grows with the table,
-        # not with what it writes (it writes the primary key's whole index again, duckdb/duckdb#24848): at 64 MB, 9 checkpoints took 16 of a 200k-event ingest's 35 s of storing, at
-        # 256 MB 2 took 5 s (peak RSS 1,016 -> 734 MB; bench/README.md). A crash replays at most that WAL: 0.8 s
-        # to open a store killed with 190 MB of it.
+        # not with what it writes (it writes the primary key's whole index again, duckdb/duckdb#24848): at
+        # 64 MB, 9 checkpoints took 16 of a 200k-event ingest's 35 s of storing, at 256 MB 2 took 5 s (peak RSS
+        # 1,016 -> 734 MB; bench/README.md). A crash replays at most that WAL: 0.8 s to open a store killed
+        # with 190 MB of it.
         con.execute("SET checkpoint_threshold = '256MB'")
         store = cls(con, path)
         store.migrate()
