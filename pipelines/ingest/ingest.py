@@ -294,24 +294,16 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
             _dropped(rows, source_name, "excluded_path", f"{c.sha}:{f.path}")
             continue
         keep_blob = f.content is not None
-        found: list[tuple[str, str]] = []
         if keep_blob:
             scrubs = Counter()
-            rows.add(BlobRow(blob=f.blob, content=contents.scrub(f.content or "", scrubs, found)))
+            rows.add(BlobRow(blob=f.blob, content=contents.scrub_version(f.blob, f.content or "", scrubs)))
             _scrubbed(rows, "blobs", f.blob, scrubs)
-            contents.versions.add(f.blob)
-            if found:
-                contents.found_in[f.blob] = tuple(found)
         if f.old_content is not None and f.old_blob not in contents.versions:
-            before: list[tuple[str, str]] = []
-            contents.scrub(f.old_content, None, before)  # stored by an earlier harvest: only its secrets matter
-            contents.versions.add(f.old_blob)
-            if before:
-                contents.found_in[f.old_blob] = tuple(before)
+            contents.scrub_version(f.old_blob, f.old_content)  # stored by an earlier harvest: only its secrets matter
         scrubs = Counter()
         # The diff's "+" lines are lines of this version and its "-" lines of the one before: what scrubbing
         # those whole found goes from the diff too, and where both were scrubbed here that is all of it.
-        known = [*found, *contents.found_in.get(f.old_blob, ())]
+        known = [*(contents.found_in.get(f.blob, ()) if keep_blob else ()), *contents.found_in.get(f.old_blob, ())]
         both = (keep_blob or f.status == "D") and (f.status == "A" or f.old_blob in contents.versions)
         rows.add(CommitFileRow(sha=c.sha, path=f.path, status=f.status, blob=f.blob if keep_blob else None,
                                added=[list(r) for r in f.added], diff=scrub_diff(f.diff, scrubs, known, both)))

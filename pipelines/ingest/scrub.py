@@ -1226,6 +1226,16 @@ class FileScrubber:
         # code lines (scrub_diff's `versions_scrubbed`). ~100 bytes a version: 27 MB for git/git's ~300k.
         self.versions: set[str] = set()
 
+    def scrub_version(self, key: str, text: str, counts: Counter[str] | None = None) -> str:
+        """`scrub(text, counts)` for one file version, remembered under `key` (its blob sha) in `versions`, and
+        with the secrets it gave up in `found_in`."""
+        found: list[tuple[str, str]] = []
+        scrubbed = self.scrub(text, counts, found)
+        self.versions.add(key)
+        if found:
+            self.found_in[key] = tuple(found)
+        return scrubbed
+
     def scrub(self, text: str, counts: Counter[str] | None = None,
               secrets: list[tuple[str, str]] | None = None) -> str:
         """`scrub(text, counts)`, reusing the pieces of `text` seen before; the secrets replaced, as (kind,
