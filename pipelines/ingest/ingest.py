@@ -118,22 +118,25 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
             # Progress in the collector's unit (bytes of a log file, commits of a repository): a rate and an ETA.
             progress = Progress(log, f"collect source={name} stream={stream}",
                                 collector.pending(root, stream, cursor), collector.unit)
-            storing: Future[Applied] | None = None
-            n = 0
+            storing: tuple[Future[Applied], int] | None = None  # the batch in flight, and its events
             for batch in collector.collect(root, stream, cursor, limits):
                 if batch.note:
                     log.warning("source=%s stream=%s: %s", name, stream, batch.note)
                     report.notes.append(f"{stream}: {batch.note}")
                 rows = to_rows(batch, source, repo, cfg, directory, contents)
-                if storing is not None:
-                    _account(report, storing.result(), n)
-                storing = writer.submit(store.apply_batch, name, rows, batch.cursor)
-                n = len(batch.events) + len(batch.rejects)
+                _settle(report, storing)
+                storing = (writer.submit(store.apply_batch, name, rows, batch.cursor),
+                           len(batch.events) + len(batch.rejects))
                 progress.advance(batch.read)
-            if storing is not None:
-                _account(report, storing.result(), n)
+            _settle(report, storing)
             report.seconds += progress.finish()
     return report
+
+
+def _settle(report: SourceReport, storing: tuple[Future[Applied], int] | None) -> None:
+    """Wait for the batch in flight, if any, and count it (its failure is raised here)."""
+    if storing is not None:
+        _account(report, storing[0].result(), storing[1])
 
 
 def _account(report: SourceReport, applied: Applied, n: int) -> None:
