@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -151,6 +152,40 @@ def test_timestamps_iso_and_epoch_ms() -> None:
 ])
 def test_prefix_recovery(compiled: str, model: str, expected: str | None, how: str) -> None:
     assert recover_prefix(compiled, "file:///home/a/src/pay/ledger/math.py", model, False) == (expected, how)
+
+
+TOKEN = "ghp_" + "Zx9" * 12
+
+
+def test_the_logged_prefix_is_kept_once_beside_the_raw_one_and_read_back_whole(tmp_path: Path) -> None:
+    # Recovered shapes keep only the template's header (prefix_compiled NULL); an unrecognised one keeps the
+    # whole logged prefix. Either way coalesce(prefix_compiled, prefix_header || prefix) is the logged prefix,
+    # scrubbed: a token in another file's context (the header) and one in the raw prefix are both replaced.
+    shapes = {
+        "raw": ("def f():\n    ", "qwen2.5-coder:1.5b"),
+        "qwen": ("<|repo_name|>acme/pay\n<|file_sep|>a/b.py\nx = 1\n<|file_sep|>ledger/math.py"
+                 "<|system_separator_istruction_repository_level|>def f():\n", "qwen2.5-coder:7b"),
+        "codestral": (f"+++++ other/util.py\nKEY = '{TOKEN}'\n\n+++++ ledger/math.py\nimport os\n", "codestral-latest"),
+        "comment": (f"\n# ledger/math.py\nauth = '{TOKEN}'\n", "starcoder2:3b"),
+        "unrecognised": (f"import os\nT = '{TOKEN}'\n", "starcoder2:3b"),
+    }
+    continue_log(tmp_path / "alice", [autocomplete_event(completionId=name, prefix=compiled, modelName=model)
+                                      for name, (compiled, model) in shapes.items()])
+    result, db = collect(tmp_path, tmp_path / "alice")
+    assert result["error"] is None
+    con = duckdb.connect(str(db), read_only=True)
+    rows = {r[0]: r[1:] for r in con.execute(
+        "SELECT id, prefix, prefix_compiled, prefix_header, coalesce(prefix_compiled, prefix_header || prefix) "
+        "FROM suggestions").fetchall()}
+    con.close()
+    for name, (compiled, _) in shapes.items():
+        prefix, stored_compiled, header, logged = rows[name]
+        assert logged == compiled.replace(TOKEN, "<SECRET:github_token>"), name
+        if name == "unrecognised":
+            assert (prefix, header) == (None, None) and stored_compiled == logged
+        else:
+            assert stored_compiled is None and logged.endswith(prefix) and header == logged[:len(logged) - len(prefix)]
+    assert rows["raw"][2] == "" and rows["comment"][0] == "auth = '<SECRET:github_token>'\n"
 
 
 @pytest.mark.parametrize("value", ["acme/payments", "git@github.com:acme/payments", "https://github.com/acme/payments.git",

@@ -118,3 +118,43 @@ print(arrow_table({{"n": [1, 2]}}, pa.schema([("n", pa.int64())])).to_pandas()["
     out = run.stdout.split()
     assert out[:4] == ["None", str(sample.commits), str(sample.events - sample.malformed_lines), "False"], out
     assert out[4] == "3"
+
+
+def test_a_store_from_before_the_prefix_header_keeps_its_rows_and_their_logged_prefix(tmp_path: Path) -> None:
+    # A store made by the code before migration 0060 (each migration applied as that code did), holding a
+    # suggestion with its logged prefix whole and one sent without code: upgraded, both read back as before,
+    # and a copy of the second that has its text (stored the new way) fills it in.
+    import duckdb
+
+    from collectors.base import Cursor
+    from pipelines.store.db import Rows
+    from pipelines.store.schema import SuggestionRow
+    from support import tabby_suggestion
+
+    db = tmp_path / "s.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE schema_migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
+    for name, sql in MIGRATIONS[:[n for n, _ in MIGRATIONS].index("0060_prefix_header")]:
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations VALUES (?, now())", [name])
+    old = tabby_suggestion(id="old", prefix="x = 1\n", prefix_compiled="# a.py\nx = 1\n",
+                           prefix_recovery="comment_header")
+    blank = tabby_suggestion(id="blank", prefix=None, prefix_compiled=None, prefix_recovery="no_code", suffix=None)
+    for row in (old, blank):
+        con.execute(f"INSERT INTO suggestions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    list(row.values()))
+    con.close()
+
+    store = Store.open(db)
+    assert store.migrations()[-1] == "0060_prefix_header"
+    batch = Rows()
+    batch.add(SuggestionRow(**tabby_suggestion(id="blank", prefix="y = 2\n", prefix_compiled=None,
+                                               prefix_header="# b.py\n", prefix_recovery="comment_header")))
+    batch.add(SuggestionRow(**tabby_suggestion(id="old", prefix="z\n", prefix_compiled=None, prefix_header="",
+                                               prefix_recovery="raw")))
+    store.apply_batch("tabby", batch, Cursor(stream="events"))
+    rows = dict(store.con.execute("SELECT id, [prefix, coalesce(prefix_compiled, prefix_header || prefix), "
+                                  "prefix_recovery] FROM suggestions").fetchall())
+    store.close()
+    assert rows == {"old": ["x = 1\n", "# a.py\nx = 1\n", "comment_header"],  # had its text: left as it was
+                    "blank": ["y = 2\n", "# b.py\ny = 2\n", "comment_header"]}  # had none: filled

@@ -204,14 +204,14 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
     _identity(rows, who, event.source_kind if not isinstance(event, TabbyCompletion) else "tabby")
     scrubs: Counter[str] = Counter(dict(getattr(event, "scrubbed", ())))
     if isinstance(event, Suggestion):
-        prefix, compiled, suffix, completion = _scrub_prefixes(event, scrubs)
+        prefix, compiled, header, suffix, completion = _scrub_prefixes(event, scrubs)
         rows.add(SuggestionRow(
             id=event.key, source=source.name, source_kind=event.source_kind, event_kind=event.event_kind,
             shown_at=event.shown_at, developer=who.developer, team=team, repo=event.repo,
             filepath=event.filepath, language=language_of(event.filepath), accepted=event.accepted,
             partial=event.partial, prefix=prefix, prefix_compiled=compiled,
             prefix_recovery=event.prefix_recovery, suffix=suffix, completion=completion,
-            model=event.model, ingested_at=ingested,
+            model=event.model, ingested_at=ingested, prefix_header=header,
         ))
         _scrubbed(rows, "suggestions", event.key, scrubs)
     elif isinstance(event, EditOutcome):
@@ -247,8 +247,9 @@ def _event_rows(event: RawEvent, rows: Rows, source: SourceConfig, repo: str | N
 
 
 def _scrub_prefixes(s: Suggestion, scrubs: Counter[str]) -> tuple[str | None, ...]:
-    """The four texts of a suggestion, scrubbed; the compiled prefix is scrubbed once when it ends with the
-    raw one (always, when recovered: the header before it is scrubbed on its own)."""
+    """A suggestion's texts, scrubbed: prefix, compiled prefix, header, suffix, completion. When the compiled
+    prefix ends with the raw one (always, when recovered) only the header before it is scrubbed and kept, and
+    the compiled prefix is None: the store keeps the raw prefix once (migration 0060_prefix_header)."""
     prefix, compiled, suffix, completion = s.prefix, s.prefix_compiled, s.suffix, s.completion
     if prefix is not None and compiled is not None and compiled.endswith(prefix):
         # Template headers end at a line break or a special token, so no secret spans the seam.
@@ -256,7 +257,7 @@ def _scrub_prefixes(s: Suggestion, scrubs: Counter[str]) -> tuple[str | None, ..
         at_prefix, at_completion, at_suffix = cursor_spans(prefix, [completion], suffix)
         header_s, prefix_s, suffix_s, completion_s = scrub_fields(
             [header, prefix, suffix, completion], scrubs, [[], at_prefix, at_suffix, at_completion])
-        return prefix_s, (header_s or "") + (prefix_s or ""), suffix_s, completion_s
+        return prefix_s, None, header_s or "", suffix_s, completion_s
     # Otherwise each prefix there is meets the cursor (the compiled one may end with something the template
     # added); without a raw prefix, the compiled one alone is read with the completion and the suffix.
     at_cursor, at_completion, at_suffix = cursor_spans(compiled if prefix is None else prefix, [completion], suffix)
@@ -265,8 +266,9 @@ def _scrub_prefixes(s: Suggestion, scrubs: Counter[str]) -> tuple[str | None, ..
     else:
         at_prefix = at_cursor
         at_compiled = cursor_spans(compiled, [completion], suffix)[0] if compiled is not None else []
-    return tuple(scrub_fields([prefix, compiled, suffix, completion], scrubs,
-                              [at_prefix, at_compiled, at_suffix, at_completion]))
+    prefix_s, compiled_s, suffix_s, completion_s = scrub_fields([prefix, compiled, suffix, completion], scrubs,
+                                                                [at_prefix, at_compiled, at_suffix, at_completion])
+    return prefix_s, compiled_s, None, suffix_s, completion_s
 
 
 def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: CollectConfig, directory: Directory,

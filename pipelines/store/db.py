@@ -236,7 +236,8 @@ class Store:
             INSERT INTO suggestions BY NAME
             SELECT c.id, c.source, 'tabby' AS source_kind, 'completion' AS event_kind, a.shown_at, c.developer,
                    c.team, c.repo, c.filepath, c.language, a.selects > 0 AS accepted,
-                   a.selects > 0 AND a.full_selects = 0 AS partial, c.prefix, c.prefix AS prefix_compiled,
+                   a.selects > 0 AND a.full_selects = 0 AS partial, c.prefix, NULL AS prefix_compiled,
+                   if(c.prefix IS NULL, NULL, '') AS prefix_header,
                    'raw' AS prefix_recovery, c.suffix, c.choices[a.choice + 1] AS completion, NULL AS model,
                    ? AS ingested_at
             FROM tabby_completions c JOIN (

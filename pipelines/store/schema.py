@@ -45,6 +45,9 @@ class SuggestionRow:
     completion: str | None
     model: str | None
     ingested_at: datetime
+    # When the logged prefix is the raw one after a template's header, only the header is kept and
+    # prefix_compiled is NULL: the logged prefix is prefix_header || prefix (see migration 0060).
+    prefix_header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +247,10 @@ class Table:
 # One event can arrive twice with different amounts of text: a Continue `data:` destination at level noCode
 # sends no code, the local file sends all of it. The copy with text fills in what the other lacks.
 _FILL_TEXT = ("DO UPDATE SET prefix = excluded.prefix, prefix_compiled = excluded.prefix_compiled, "
-              "prefix_recovery = excluded.prefix_recovery, suffix = excluded.suffix, completion = excluded.completion "
-              "WHERE suggestions.prefix_compiled IS NULL AND excluded.prefix_compiled IS NOT NULL")
+              "prefix_header = excluded.prefix_header, prefix_recovery = excluded.prefix_recovery, "
+              "suffix = excluded.suffix, completion = excluded.completion "
+              "WHERE suggestions.prefix_compiled IS NULL AND suggestions.prefix_header IS NULL "
+              "AND (excluded.prefix_compiled IS NOT NULL OR excluded.prefix_header IS NOT NULL)")
 _FILL_EDIT = ("DO UPDATE SET instruction = excluded.instruction, before_text = excluded.before_text, "
               "after_text = excluded.after_text "
               "WHERE edit_outcomes.after_text IS NULL AND excluded.after_text IS NOT NULL")
