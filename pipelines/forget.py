@@ -75,6 +75,10 @@ def plan_forget(store: Store, cfg: Config, developer: str) -> ForgetPlan:
 
 def forget(store: Store, cfg: Config, developer: str, tombstone_them: bool = True) -> ForgetPlan:
     """Remove everything stored of `developer` (see the module docstring); returns what was removed."""
+    # A forget of them killed after its commit left its file work pending, and only that job still knows
+    # their teams' runs: the plan below finds no rows of theirs, so it would name none (CI saw exactly
+    # this: a second `devtune forget` left their rows in a team run's data/).
+    finish_forgets(store, cfg)
     plan = plan_forget(store, cfg, developer)
     plan.tombstone = tombstone_them
     key = tombstone_key(cfg.state_dir)

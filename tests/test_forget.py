@@ -219,6 +219,38 @@ def test_a_kill_at_any_point_leaves_the_old_state_or_the_forgotten_one(pristine:
     assert landed["before"] >= 1 and landed["after"] >= 2, landed  # kills landed on both sides of the commit
 
 
+def test_a_forget_killed_right_after_its_commit_is_finished_by_the_next_one(pristine: tuple[Setup, str],
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The narrowest window of the kill test above, every time: the rows and tombstones are committed and the
+    process dies before any file work. Only the pending job still knows her teams' runs (her rows are gone,
+    so a new plan finds none of them), so the next `devtune forget` must finish that job too."""
+    from pipelines import forget as forgetting
+
+    config, state, token = copy_site(pristine, tmp_path / "site")
+
+    class Killed(BaseException):
+        pass
+
+    def die(*_: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(forgetting, "_finish", die)
+    cfg = load_config(config)
+    store = Store.open(state / "store.duckdb")
+    try:
+        with pytest.raises(Killed):
+            forgetting.forget(store, cfg, ALICE)
+        assert store.con.execute("SELECT count(*) FROM suggestions WHERE developer = ?", [ALICE]).fetchone()[0] == 0
+        assert len(store.pending_forgets()) == 1
+    finally:
+        store.close()
+    assert any("/data/" in t for t in traces(state, token))  # her rows are still in the team run's datasets
+    again = run_devtune("--config", str(config), "forget", ALICE, "--yes")
+    assert again.returncode == 0, again.stderr
+    assert traces(state, token) == []
+
+
 def test_opt_out_is_retroactive(pristine: tuple[Setup, str], tmp_path: Path) -> None:
     config, state, token = copy_site(pristine, tmp_path / "site")
     text = config.read_text().replace("opt_out = []", f'opt_out = ["{ALICE}"]')
