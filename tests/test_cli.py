@@ -95,10 +95,30 @@ def test_cycle_promotes_the_team_then_each_developer_starts_from_it(site: Setup)
     for developer, use in report["developers"].items():
         own = report["served"].get(f"dev:{developer}")
         assert use["adapter"] == (f"dev:{developer}" if own else "team:payments")  # the fallback
+    # Each stage's training child was started before the collect and the build, and ran the stage once they
+    # were done; a skipped run's was discarded: no log, and no child left importing after the command.
+    for scope in ["team:payments", *trained]:
+        log = (Path(runs[scope]["summary"]["run_dir"]) / "train.log").read_text()
+        assert log.count("primed pipelines.train: pipelines.train.train imported in") == 1, log[:2000]
+    assert not (Path(runs["dev:dana@example.com"]["summary"]["run_dir"]) / "train.log").exists()
+    assert [c for c in primed_children() if str(site.state_dir) in c] == []
     for scope in skipped:  # each skip names the threshold it missed
         assert re.search(r"fewer than \[datasets\] min_(dev_examples|train_rows|heldout_rows) = \d+",
                          runs[scope]["error"]), runs[scope]["error"]
     assert "fewer than [datasets] min_dev_examples = 20" in runs["dev:dana@example.com"]["error"]
+
+
+def primed_children() -> list[str]:
+    """The command lines of primed stage children (pipelines/primed.py) running on this machine."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # it exited while we looked
+            continue
+        if b"pipelines.primed" in args:
+            found.append(" ".join(a.decode(errors="replace") for a in args))
+    return found
 
 
 def test_a_developer_run_directory_holds_only_that_developers_rows(site: Setup) -> None:
@@ -120,6 +140,10 @@ def test_warm_start_skips_when_nothing_is_new_and_a_full_retrain_is_gated(site: 
     assert again.returncode == 0, again.stdout + again.stderr
     assert "team:payments run" in again.stdout and ": skipped: no rows newer than v0001's" in again.stdout
     assert "nothing new to learn" in again.stdout and ": kept;" not in again.stdout
+    assert [c for c in primed_children() if str(site.state_dir) in c] == []  # its training child was discarded
+    skipped = next(r for r in status(site)["runs"] if r["scope"] == "team:payments" and r["status"] == "skipped")
+    assert (Path(skipped["summary"]["run_dir"]) / "data").is_dir()
+    assert not (Path(skipped["summary"]["run_dir"]) / "train.log").exists()
     for line in again.stdout.splitlines()[1:]:  # developers: the team adapter and their rows are unchanged
         reason_known = "nothing changed since run" in line or "fewer than [datasets] min_" in line
         assert ": skipped: " in line and reason_known, line

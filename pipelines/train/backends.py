@@ -22,14 +22,27 @@ from pipelines.train import ray_backend
 # stage -> (the child's module, the log file in the run directory)
 STAGES = {"train": ("pipelines.train", "train.log"), "evaluate": ("pipelines.evaluate", "eval.log")}
 CANCELLED = "cancelled"  # a marker in the run directory, written by `cancel`
+PRELOAD = {"train": "pipelines.train.train", "evaluate": "pipelines.evaluate.evaluate"}  # what a primed child imports
+
+
+def prime_stage(stage: str, run_dir: Path, train: TrainConfig) -> child.Primed | None:
+    """The local child of `stage` started now, to import while the run's datasets are built (run_stage then
+    hands it over); None where a stage does not run as one local process (Ray, several GPUs per run)."""
+    if train.backend != "local" or train.gpus_per_run > 1:
+        return None
+    module, log_name = STAGES[stage]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return child.Primed(module, [str(run_dir)], run_dir / log_name, PRELOAD[stage])
 
 
 def run_stage(stage: str, run_dir: Path, train: TrainConfig, ray: RayConfig, timeout_s: float,
-              gpus: tuple[str, ...] = (), on_tick: Callable[[], None] | None = None) -> float:
+              gpus: tuple[str, ...] = (), on_tick: Callable[[], None] | None = None,
+              primed: child.Primed | None = None) -> float:
     """Run `stage` ("train" or "evaluate") of the run in `run_dir` to its end; returns seconds taken.
 
     `gpus` is the local slot's GPU ids (the local backend's CUDA_VISIBLE_DEVICES; unused on Ray, where the
-    cluster picks the GPUs). Raises ChildFailed, with the log's last lines, when the stage fails."""
+    cluster picks the GPUs); `primed` is the stage's child from `prime_stage`. Raises ChildFailed, with the
+    log's last lines, when the stage fails."""
     module, log_name = STAGES[stage]
     if cancelled(run_dir):
         raise child.ChildFailed(f"{module}: run {run_dir.name} was cancelled (devtune cancel) and is not resumed")
@@ -39,7 +52,7 @@ def run_stage(stage: str, run_dir: Path, train: TrainConfig, ray: RayConfig, tim
         env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
         processes = len(gpus) if stage == "train" and train.gpus_per_run > 1 else 1
         return child.run_child(module, [str(run_dir)], run_dir / log_name, timeout_s, on_tick=on_tick,
-                               processes=processes, env=env)
+                               processes=processes, env=env, primed=primed)
     except child.ChildFailed as e:
         if cancelled(run_dir):  # not "stopped: the next cycle resumes", which the stop itself reads as
             raise child.ChildFailed(f"{module}: run {run_dir.name} was cancelled (devtune cancel) and is not "

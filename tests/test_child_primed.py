@@ -1,0 +1,119 @@
+"""A stage's child started early (pipelines.child.Primed, pipelines/primed.py): real processes running a
+stand-in stage module from a temporary folder. It imports while its parent works, then runs the stage in
+that same process with the environment handed over; discarded, it runs nothing; gone, a fresh child runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import child
+
+STAGE = '''
+import json, os, sys
+out = {"pid": os.getpid(), "argv": sys.argv[1:], "x": os.environ.get("DEVTUNE_TEST_X"),
+       "preloaded": "slowimport" in sys.modules}
+open(sys.argv[1], "w").write(json.dumps(out))
+print("stage ran", flush=True)
+sys.exit(int(os.environ.get("DEVTUNE_TEST_EXIT", "0")))
+'''
+
+
+@pytest.fixture
+def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`stagemod` (a stage: writes what it saw to argv[1]) and `slowimport` (a slow import that leaves a mark),
+    importable by children through PYTHONPATH."""
+    root = tmp_path / "mods"
+    (root / "stagemod").mkdir(parents=True)
+    (root / "stagemod" / "__init__.py").write_text("")
+    (root / "stagemod" / "__main__.py").write_text(STAGE)
+    (root / "slowimport.py").write_text(
+        f"import time, pathlib\ntime.sleep(0.5)\npathlib.Path({str(tmp_path / 'imported')!r}).touch()\n")
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    return tmp_path
+
+
+def wait_for(path: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_primed_child_runs_the_stage_itself_with_the_environment_handed_over(modules: Path) -> None:
+    result, log = modules / "result.json", modules / "stage.log"
+    primed = child.Primed("stagemod", [str(result)], log, "slowimport")
+    pid = primed.proc.pid if primed.proc else None
+    wait_for(modules / "imported")  # the import is done before the stage is asked for
+    assert not result.exists()  # and the stage waits for it
+    child.run_child("stagemod", [str(result)], log, 60, env={"DEVTUNE_TEST_X": "42"}, primed=primed)
+    seen = json.loads(result.read_text())
+    assert seen == {"pid": pid, "argv": [str(result)], "x": "42", "preloaded": True}
+    text = log.read_text()
+    assert "primed stagemod: slowimport imported in" in text and "stage ran" in text
+    assert primed.take({}) is None  # once only
+    with child._running_lock:
+        assert not child._running
+
+
+def test_a_primed_childs_failure_reads_as_the_stages(modules: Path) -> None:
+    result, log = modules / "result.json", modules / "stage.log"
+    primed = child.Primed("stagemod", [str(result)], log, "slowimport")
+    with pytest.raises(child.ChildFailed, match=r"(?s)stagemod exited with status 4; .*stage ran"):
+        child.run_child("stagemod", [str(result)], log, 60, env={"DEVTUNE_TEST_EXIT": "4"}, primed=primed)
+    assert json.loads(result.read_text())["preloaded"] is True  # it was the primed child that failed
+
+
+def test_a_discarded_child_runs_nothing_and_leaves_no_log(modules: Path) -> None:
+    result, log = modules / "result.json", modules / "stage.log"
+    primed = child.Primed("stagemod", [str(result)], log, "slowimport")
+    proc = primed.proc
+    assert proc is not None
+    wait_for(modules / "imported")
+    primed.discard()
+    assert proc.wait(timeout=10) == 0  # end of input: it exits by itself
+    assert not result.exists() and not log.exists()
+    with child._running_lock:
+        assert proc not in child._running
+    primed.discard()  # a second time is harmless
+
+
+def test_a_child_discarded_while_it_imports_is_stopped(modules: Path) -> None:
+    (modules / "mods" / "slowimport.py").write_text("import time\ntime.sleep(60)\n")
+    primed = child.Primed("stagemod", [str(modules / "result.json")], modules / "stage.log", "slowimport")
+    proc = primed.proc
+    assert proc is not None
+    began = time.monotonic()
+    primed.discard()
+    assert proc.returncode is not None and time.monotonic() - began < child.STOP_GRACE_S
+
+
+@pytest.mark.parametrize("how", ["import fails", "stopped"])
+def test_a_fresh_child_runs_the_stage_when_the_primed_one_is_gone(modules: Path, how: str) -> None:
+    result, log = modules / "result.json", modules / "stage.log"
+    preload = "no_such_module_here" if how == "import fails" else "slowimport"
+    primed = child.Primed("stagemod", [str(result)], log, preload)
+    proc = primed.proc
+    assert proc is not None
+    if how == "stopped":  # `devtune cancel` and the service's shutdown find it like any running child
+        wait_for(modules / "imported")
+        assert child.stop_matching(str(result)) == 1
+    proc.wait(timeout=60)
+    child.run_child("stagemod", [str(result)], log, 60, env={"DEVTUNE_TEST_X": "7"}, primed=primed)
+    seen = json.loads(result.read_text())
+    assert seen["pid"] != proc.pid and seen["x"] == "7" and seen["preloaded"] is False
+    if how == "import fails":
+        assert "No module named 'no_such_module_here'" in log.read_text()  # the log says why
+
+
+def test_the_launcher_is_importable_without_devtunes_heavy_modules() -> None:
+    """pipelines/primed.py runs before anything is preloaded: it must not pull torch in itself."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "import sys, pipelines.primed; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, check=True)
+    assert out.stdout.strip() == "False"
