@@ -83,22 +83,25 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
     """Run one full cycle for `scope` (team:<team>, or dev:<id> of `team`) as run `run_id` (recorded)."""
     run_dir = cfg.state_dir / "runs" / run_id
     made = not run_dir.exists()
-    # The training child starts now and imports torch, transformers and peft (4.8-6.5 s on 2 cores) while
-    # this thread collects and builds the datasets (7.5 s for 100k stored suggestions): the night saves the
-    # shorter of the two. A run resuming from its checkpoint has nothing to build; a skipped one discards it.
-    primed = None if (run_dir / "config.json").is_file() else prime_stage("train", run_dir, cfg.train)
+    # Both stage children start now and import torch, transformers and peft (4.8-6.5 s each on 2 cores)
+    # while this thread collects and builds the datasets (7.5 s for 100k stored suggestions), the evaluation's
+    # then waiting through the training too. A run resuming from its checkpoint has nothing to build; a run
+    # skipped before a stage discards its child.
+    resuming = (run_dir / "config.json").is_file()
+    primed = {stage: None if resuming else prime_stage(stage, run_dir, cfg.train) for stage in ("train", "evaluate")}
     try:
         return _cycle(store, cfg, scope, team, run_id, turn, collect, primed)
     finally:
-        if primed is not None:
-            primed.discard()
-            if made:  # skipped before its datasets: leave no folder that holds nothing
-                with contextlib.suppress(OSError):
-                    run_dir.rmdir()
+        for early in primed.values():
+            if early is not None:
+                early.discard()
+        if made:  # skipped before its datasets: leave no folder that holds nothing
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
 
 
 def _cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn: Turn, collect: Collect,
-           primed: Primed | None) -> CycleResult:
+           primed: dict[str, Primed | None]) -> CycleResult:
     name = str(scope)
     marked = store.retrain_marks().keys()
     cfg = replace(cfg, base_model=team_base(cfg, team, marked))  # the team's own, when continued pretraining made one
@@ -143,11 +146,12 @@ def _cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn
     store.update_run(run_id, stage="queued", summary=summary)
     with turn(run_id, name) as gpus:  # a local GPU slot, or (backend "ray") one of [ray] max_jobs
         store.update_run(run_id, stage="train", summary=summary)
-        run_stage("train", run_dir, cfg.train, cfg.ray, cfg.train.train_timeout_s, gpus, primed=primed,
+        run_stage("train", run_dir, cfg.train, cfg.ray, cfg.train.train_timeout_s, gpus, primed=primed["train"],
                   on_tick=lambda: log_progress(run_id, run_dir))
         summary["train"] = read_json(run_dir / "train.json")
         store.update_run(run_id, stage="evaluate", summary=summary)
-        run_stage("evaluate", run_dir, cfg.train, cfg.ray, cfg.evaluate.eval_timeout_s, gpus)
+        run_stage("evaluate", run_dir, cfg.train, cfg.ray, cfg.evaluate.eval_timeout_s, gpus,
+                  primed=primed["evaluate"])
     report = EvalReport.load(run_dir / "eval.json")
     decision = gate(report, cfg.gate)
     summary["eval"], summary["gate"] = report.as_dict(), decision.as_dict()

@@ -98,9 +98,11 @@ def test_cycle_promotes_the_team_then_each_developer_starts_from_it(site: Setup)
     # Each stage's training child was started before the collect and the build, and ran the stage once they
     # were done; a skipped run's was discarded: no log, and no child left importing after the command.
     for scope in ["team:payments", *trained]:
-        log = (Path(runs[scope]["summary"]["run_dir"]) / "train.log").read_text()
-        assert log.count("primed pipelines.train: pipelines.train.train imported in") == 1, log[:2000]
-    assert not (Path(runs["dev:dana@example.com"]["summary"]["run_dir"]) / "train.log").exists()
+        for stage, log_name in (("train", "train.log"), ("evaluate", "eval.log")):
+            log = (Path(runs[scope]["summary"]["run_dir"]) / log_name).read_text()
+            assert log.count(f"primed pipelines.{stage}: pipelines.{stage}.{stage} imported in") == 1, log[:2000]
+    dana = Path(runs["dev:dana@example.com"]["summary"]["run_dir"])
+    assert not {"train.log", "eval.log"} & {p.name for p in dana.iterdir()}
     assert [c for c in primed_children() if str(site.state_dir) in c] == []
     for scope in skipped:  # each skip names the threshold it missed
         assert re.search(r"fewer than \[datasets\] min_(dev_examples|train_rows|heldout_rows) = \d+",
@@ -143,7 +145,7 @@ def test_warm_start_skips_when_nothing_is_new_and_a_full_retrain_is_gated(site: 
     assert [c for c in primed_children() if str(site.state_dir) in c] == []  # its training child was discarded
     skipped = next(r for r in status(site)["runs"] if r["scope"] == "team:payments" and r["status"] == "skipped")
     assert (Path(skipped["summary"]["run_dir"]) / "data").is_dir()
-    assert not (Path(skipped["summary"]["run_dir"]) / "train.log").exists()
+    assert not {"train.log", "eval.log"} & {p.name for p in Path(skipped["summary"]["run_dir"]).iterdir()}
     for line in again.stdout.splitlines()[1:]:  # developers: the team adapter and their rows are unchanged
         reason_known = "nothing changed since run" in line or "fewer than [datasets] min_" in line
         assert ": skipped: " in line and reason_known, line
