@@ -83,12 +83,13 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
     """Run one full cycle for `scope` (team:<team>, or dev:<id> of `team`) as run `run_id` (recorded)."""
     run_dir = cfg.state_dir / "runs" / run_id
     made = not run_dir.exists()
-    # Both stage children start now and import torch, transformers and peft (4.8-6.5 s each on 2 cores)
-    # while this thread collects and builds the datasets (7.5 s for 100k stored suggestions), the evaluation's
-    # then waiting through the training too. A run resuming from its checkpoint has nothing to build; a run
-    # skipped before a stage discards its child.
+    # The training child starts now and imports torch, transformers and peft (4.8-6.5 s on 2 cores) while
+    # this thread collects and builds the datasets (7.5 s for 100k stored suggestions): the night saves up to
+    # the shorter of the two. A run resuming from its checkpoint has nothing to build; a skipped one discards
+    # it. The evaluation's child is not started early as well: three busy processes on 2 cores slowed the
+    # collect and the build more than its import saved (the 100k night 37.5 -> 40.9 s, bench/README).
     resuming = (run_dir / "config.json").is_file()
-    primed = {stage: None if resuming else prime_stage(stage, run_dir, cfg.train) for stage in ("train", "evaluate")}
+    primed = {"train": None if resuming else prime_stage("train", run_dir, cfg.train), "evaluate": None}
     try:
         return _cycle(store, cfg, scope, team, run_id, turn, collect, primed)
     finally:
