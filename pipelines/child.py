@@ -70,8 +70,7 @@ class Primed:
     appends to `log_path` from the start and is stopped like any running child (service shutdown, cancel)."""
 
     def __init__(self, module: str, args: list[str], log_path: Path, preload: str) -> None:
-        self.module, self.args, self.log_path = module, args, log_path
-        self.started = time.monotonic()
+        self.log_path = log_path
         with log_path.open("ab") as log:
             self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
                 [sys.executable, "-m", "pipelines.primed", preload, module, *args], stdin=subprocess.PIPE,

@@ -88,21 +88,19 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
     # the shorter of the two. A run resuming from its checkpoint has nothing to build; a skipped one discards
     # it. The evaluation's child is not started early as well: three busy processes on 2 cores slowed the
     # collect and the build more than its import saved (the 100k night 37.5 -> 40.9 s, bench/README).
-    resuming = (run_dir / "config.json").is_file()
-    primed = {"train": None if resuming else prime_stage("train", run_dir, cfg.train), "evaluate": None}
+    primed = None if (run_dir / "config.json").is_file() else prime_stage("train", run_dir, cfg.train)
     try:
         return _cycle(store, cfg, scope, team, run_id, turn, collect, primed)
     finally:
-        for early in primed.values():
-            if early is not None:
-                early.discard()
+        if primed is not None:
+            primed.discard()  # a no-op once its stage took it
         if made:  # skipped before its datasets: leave no folder that holds nothing
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
 
 
 def _cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn: Turn, collect: Collect,
-           primed: dict[str, Primed | None]) -> CycleResult:
+           primed: Primed | None) -> CycleResult:
     name = str(scope)
     marked = store.retrain_marks().keys()
     cfg = replace(cfg, base_model=team_base(cfg, team, marked))  # the team's own, when continued pretraining made one
@@ -147,12 +145,11 @@ def _cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn
     store.update_run(run_id, stage="queued", summary=summary)
     with turn(run_id, name) as gpus:  # a local GPU slot, or (backend "ray") one of [ray] max_jobs
         store.update_run(run_id, stage="train", summary=summary)
-        run_stage("train", run_dir, cfg.train, cfg.ray, cfg.train.train_timeout_s, gpus, primed=primed["train"],
+        run_stage("train", run_dir, cfg.train, cfg.ray, cfg.train.train_timeout_s, gpus, primed=primed,
                   on_tick=lambda: log_progress(run_id, run_dir))
         summary["train"] = read_json(run_dir / "train.json")
         store.update_run(run_id, stage="evaluate", summary=summary)
-        run_stage("evaluate", run_dir, cfg.train, cfg.ray, cfg.evaluate.eval_timeout_s, gpus,
-                  primed=primed["evaluate"])
+        run_stage("evaluate", run_dir, cfg.train, cfg.ray, cfg.evaluate.eval_timeout_s, gpus)
     report = EvalReport.load(run_dir / "eval.json")
     decision = gate(report, cfg.gate)
     summary["eval"], summary["gate"] = report.as_dict(), decision.as_dict()

@@ -20,7 +20,8 @@ import runpy
 import sys
 import time
 
-PRIMED_UNUSABLE = 78  # pipelines.child.PRIMED_UNUSABLE (this module imports nothing of devtune's before the line)
+# The exit that tells pipelines.child to start a fresh child instead (75 and 3 mean other things: child.py).
+PRIMED_UNUSABLE = 78
 
 
 def main() -> int:
