@@ -117,3 +117,36 @@ def test_the_launcher_is_importable_without_devtunes_heavy_modules() -> None:
     out = subprocess.run([sys.executable, "-c", "import sys, pipelines.primed; print('torch' in sys.modules)"],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_primed_child_whose_parent_is_killed_exits_by_itself(modules: Path) -> None:
+    """kill -9 of the service (or of `devtune cycle`) while the child waits: its stdin ends, it runs nothing."""
+    import os
+    import subprocess
+
+    result, log, imported = (str(modules / n) for n in ("result.json", "stage.log", "imported"))
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, time, pathlib\n"
+        "from pipelines import child\n"
+        f"p = child.Primed('stagemod', [{result!r}], pathlib.Path({log!r}), 'slowimport')\n"
+        "print(p.proc.pid, flush=True)\n"
+        f"while not pathlib.Path({imported!r}).exists(): time.sleep(0.05)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    out, _ = parent.communicate(timeout=60)
+    assert parent.returncode == -9
+    pid = int(out.strip())
+
+    def running() -> bool:  # not gone, and not a zombie left for init to reap
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    still = running()
+    if still:
+        os.kill(pid, 9)
+    assert not still and not (modules / "result.json").exists()
