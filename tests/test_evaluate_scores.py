@@ -72,3 +72,36 @@ def test_a_new_served_adapter_is_scored_again_and_stale_files_go(strong_run: Pat
     other = evaluate(strong_run, tmp_path / "two", random_adapter(tiny_model, tmp_path / "b", seed=7), scores)
     assert other.remembered_rows == 2 * (32 + 24 + 24)  # base and candidate known; the new served adapter not
     assert len(list((scores / "team-t").glob("*.json"))) == 3  # adapter a's file is gone
+
+
+def test_pairs_scored_with_a_shared_prompt_match_each_side_scored_alone(tiny_model: Path) -> None:
+    """pair_logps puts the prompt through the model once for both sides (batching.Shared); the numbers must be
+    those of scoring each side as its own row, including a pair whose sides hold different prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.evaluate.evaluate import pair_logps, row_logps
+    from pipelines.train.batching import encode
+    from pipelines.train.losses import LM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    lm = LM.of(model, None)
+    assert lm.shares_prompts  # SDPA: the shared layout is what runs
+    rows = pair_rows(9, seed=4)
+    prompts = [r["prompt"] for r in rows]
+    chosen = encode(tokenizer, prompts, [r["chosen"] for r in rows], 256)
+    rejected = encode(tokenizer, prompts, [r["rejected"] for r in rows], 256)
+    pairs = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c is not None and r is not None]
+    other = encode(tokenizer, ["def other():\n    return"], [" 1\n"], 256)[0]
+    assert other is not None
+    pairs.append((pairs[0][0], other))  # sides with different prompts: scored apart
+    device = torch.device("cpu")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    got = pair_logps(lm, pairs, 4, pad, device)
+    alone = row_logps(lm, [c for c, _ in pairs] + [r for _, r in pairs], 1, pad, device)
+    want = list(zip(alone[:len(pairs)], alone[len(pairs):], strict=True))
+    assert len(got) == len(pairs) >= 6
+    for (gc, gr), (wc, wr) in zip(got, want, strict=True):
+        assert math.isclose(gc, wc, rel_tol=1e-4, abs_tol=1e-4) and math.isclose(gr, wr, rel_tol=1e-4, abs_tol=1e-4)
+    assert len({round(c - r, 3) for c, r in got}) > 1  # the pairs differ: nothing trivially equal

@@ -28,8 +28,8 @@ from pipelines.evaluate.gate import EvalReport, ModelScore
 from pipelines.evaluate.metrics import edit_similarity, exact_match
 from pipelines.evaluate.scores import RowScores, adapter_identity, base_identity, forget_others, row_key
 from pipelines.files import write_json_atomic
-from pipelines.train.batching import Encoded, collate, encode
-from pipelines.train.losses import LM, sequence_logps
+from pipelines.train.batching import Encoded, Shared, collate, collate_shared, encode
+from pipelines.train.losses import LM, sequence_logps, shared_logps
 from pipelines.train.rundir import RunConfig, read_rows
 from pipelines.train.train import pick_device, quiet_libraries
 
@@ -46,6 +46,34 @@ def row_logps(lm: LM, seqs: list[Encoded], batch_size: int, pad_id: int, device:
         logps = sequence_logps(lm, collate([seqs[i] for i in part], pad_id, device)).tolist()
         for i, value in zip(part, logps, strict=True):
             out[i] = value
+    return out
+
+
+@torch.no_grad()
+def pair_logps(lm: LM, pairs: list[tuple[Encoded, Encoded]], batch_size: int, pad_id: int,
+               device: torch.device) -> list[tuple[float, float]]:
+    """Each pair's (chosen, rejected) completion log-likelihoods. Where both sides hold the same prompt (all
+    but a pair whose sides were cut to different lengths) and the attention takes a mask, the prompt goes
+    through the model once for both, laid out as DPO training scores its pairs (batching.Shared); the rest are
+    scored as two rows each."""
+    out = [(0.0, 0.0)] * len(pairs)
+    units: dict[int, Shared] = {}
+    apart: list[int] = []
+    for i, (c, r) in enumerate(pairs):
+        if lm.shares_prompts and c.n_prompt == r.n_prompt and c.ids[:c.n_prompt] == r.ids[:r.n_prompt]:
+            units[i] = Shared(c.ids[:c.n_prompt], (c.ids[c.n_prompt:], r.ids[r.n_prompt:]))
+        else:
+            apart.append(i)
+    order = sorted(units, key=lambda i: units[i].n_tokens)
+    for start in range(0, len(order), batch_size):
+        part = order[start:start + batch_size]
+        logps = shared_logps(lm, collate_shared([units[i] for i in part], pad_id, device, True))
+        for i, (chosen, rejected) in zip(part, logps.view(len(part), 2).tolist(), strict=True):
+            out[i] = (chosen, rejected)
+    if apart:
+        flat = row_logps(lm, [pairs[i][0] for i in apart] + [pairs[i][1] for i in apart], batch_size, pad_id, device)
+        for j, i in enumerate(apart):
+            out[i] = (flat[j], flat[len(apart) + j])
     return out
 
 
@@ -144,10 +172,8 @@ def evaluate_run(run_dir: Path) -> EvalReport:
     scores: dict[str, ModelScore] = {}
     generating, generated_rows = 0.0, 0  # rows generated (not remembered) by all models together
 
-    def pair_logps(todo: list[int]) -> list[list[float]]:
-        logps = row_logps(lm, [pairs[i][0] for i in todo] + [pairs[i][1] for i in todo], cfg.batch_size, pad_id,
-                          device)
-        return [[c, r] for c, r in zip(logps[:len(todo)], logps[len(todo):], strict=True)]
+    def pair_scores(todo: list[int]) -> list[list[float]]:
+        return [[c, r] for c, r in pair_logps(lm, [pairs[i] for i in todo], cfg.batch_size, pad_id, device)]
 
     def generated(todo: list[int]) -> list[list[float]]:
         nonlocal generating, generated_rows
@@ -161,7 +187,7 @@ def evaluate_run(run_dir: Path) -> EvalReport:
     def score(remembered: RowScores) -> ModelScore:
         fim_logps = _remembered(remembered, fim_keys, lambda todo: [
             [v] for v in row_logps(lm, [fim[i] for i in todo], cfg.batch_size, pad_id, device)])
-        pair_values = _remembered(remembered, pair_keys, pair_logps)
+        pair_values = _remembered(remembered, pair_keys, pair_scores)
         target_tokens = sum(e.n_target for e in fim)
         loss = -sum(v[0] for v in fim_logps) / target_tokens if target_tokens else float("nan")
         accuracy = sum(c > r for c, r in pair_values) / len(pairs) if pairs else None
