@@ -175,6 +175,25 @@ def all_text(db: Path) -> str:
         con.close()
 
 
+def wait_until(check: Any, timeout: float = 30, step: float = 0.3) -> Any:
+    """`check()`'s first truthy value, polled every `step` seconds; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def process_running(pid: int) -> bool:
+    """Whether `pid` still runs: it exists and is not a zombie left for its parent or init to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def days(n: float) -> timedelta:
     return timedelta(days=n)
 

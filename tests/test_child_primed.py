@@ -4,6 +4,7 @@ that same process with the environment handed over; discarded, it runs nothing; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import child
+from support import process_running, wait_until
 
 STAGE = '''
 import json, os, sys
@@ -37,18 +39,12 @@ def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def wait_for(path: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def test_a_primed_child_runs_the_stage_itself_with_the_environment_handed_over(modules: Path) -> None:
     result, log = modules / "result.json", modules / "stage.log"
     primed = child.Primed("stagemod", [str(result)], log, "slowimport")
     pid = primed.proc.pid if primed.proc else None
-    wait_for(modules / "imported")  # the import is done before the stage is asked for
+    # The import is done before the stage is asked for.
+    wait_until((modules / "imported").exists, timeout=60, step=0.05)
     assert not result.exists()  # and the stage waits for it
     child.run_child("stagemod", [str(result)], log, 60, env={"DEVTUNE_TEST_X": "42"}, primed=primed)
     seen = json.loads(result.read_text())
@@ -73,7 +69,7 @@ def test_a_discarded_child_runs_nothing_and_leaves_no_log(modules: Path) -> None
     primed = child.Primed("stagemod", [str(result)], log, "slowimport")
     proc = primed.proc
     assert proc is not None
-    wait_for(modules / "imported")
+    wait_until((modules / "imported").exists, timeout=60, step=0.05)
     primed.discard()
     assert proc.wait(timeout=10) == 0  # end of input: it exits by itself
     assert not result.exists() and not log.exists()
@@ -100,7 +96,7 @@ def test_a_fresh_child_runs_the_stage_when_the_primed_one_is_gone(modules: Path,
     proc = primed.proc
     assert proc is not None
     if how == "stopped":  # `devtune cancel` and the service's shutdown find it like any running child
-        wait_for(modules / "imported")
+        wait_until((modules / "imported").exists, timeout=60, step=0.05)
         assert child.stop_matching(str(result)) == 1
     proc.wait(timeout=60)
     child.run_child("stagemod", [str(result)], log, 60, env={"DEVTUNE_TEST_X": "7"}, primed=primed)
@@ -136,17 +132,9 @@ def test_a_primed_child_whose_parent_is_killed_exits_by_itself(modules: Path) ->
     out, _ = parent.communicate(timeout=60)
     assert parent.returncode == -9
     pid = int(out.strip())
-
-    def running() -> bool:  # not gone, and not a zombie left for init to reap
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + 30
-    while running() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    still = running()
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not process_running(pid), timeout=30, step=0.05)
+    still = process_running(pid)
     if still:
         os.kill(pid, 9)
     assert not still and not (modules / "result.json").exists()

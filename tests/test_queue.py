@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 
 import pytest
 
 from daemon.runner import QueueClosed, TrainingQueue, gpu_slots
+from support import wait_until
 
 
 def test_runs_wait_their_turn_in_arrival_order() -> None:
@@ -33,10 +32,10 @@ def test_runs_wait_their_turn_in_arrival_order() -> None:
     assert entered.wait(10)
     t2 = threading.Thread(target=later, args=("r2",))
     t2.start()
-    _wait_until(lambda: len(queue.snapshot()) == 2)
+    wait_until(lambda: len(queue.snapshot()) == 2, timeout=10, step=0.01)
     t3 = threading.Thread(target=later, args=("r3",))
     t3.start()
-    _wait_until(lambda: len(queue.snapshot()) == 3)
+    wait_until(lambda: len(queue.snapshot()) == 3, timeout=10, step=0.01)
     snap = queue.snapshot()
     assert [(e["run_id"], e["state"]) for e in snap] == [("r1", "running"), ("r2", "waiting"), ("r3", "waiting")]
     assert snap[0]["gpus"] == ["0"] and snap[1]["gpus"] == []
@@ -61,7 +60,7 @@ def test_two_gpus_run_two_trainings_at_once_and_close_releases_waiters() -> None
 
         t = threading.Thread(target=waiter)
         t.start()
-        _wait_until(lambda: len(queue.snapshot()) == 3)
+        wait_until(lambda: len(queue.snapshot()) == 3, timeout=10, step=0.01)
         queue.close()
         t.join(10)
         assert len(errors) == 1 and "service stopped" in str(errors[0])
@@ -75,13 +74,6 @@ def test_gpu_slots_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch, 
                                                slots: list[tuple[str, ...]]) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert gpu_slots(per_run) == slots
-
-
-def _wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_several_gpus_per_run_launch_the_same_entry_point_under_accelerate() -> None:

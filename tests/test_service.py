@@ -30,9 +30,11 @@ from support import (
     day_ms,
     devtune_json,
     make_repo,
+    process_running,
     run_devtune,
     tabby_action,
     tabby_completion,
+    wait_until,
     write_config,
     write_lines,
 )
@@ -91,16 +93,6 @@ def service(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Service]
         notify.close()
         os.unlink(sock_path)
         os.rmdir(sock_dir)
-
-
-def wait_until(check: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError("condition not met in time")
 
 
 def test_service_lifecycle(service: Service, tmp_path: Path) -> None:
@@ -173,8 +165,7 @@ def test_an_event_posted_by_continue_survives_a_kill_right_after_the_answer(serv
     service.proc.kill()  # SIGKILL at once: no debounced collect can have run (debounce_s = 0.3)
     service.proc.wait()
     # The worker goes with it (the kernel kills it): it must not keep the store from the next one.
-    wait_until(lambda: not Path(f"/proc/{worker[0]}").exists() or
-               Path(f"/proc/{worker[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", timeout=30)
+    wait_until(lambda: not process_running(worker[0]), timeout=30)
     collect = run_devtune("--config", str(service.config), "collect", "--json")
     assert collect.returncode == 0, collect.stderr
     from pipelines.store.db import Store
