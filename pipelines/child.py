@@ -71,12 +71,8 @@ class Primed:
 
     def __init__(self, module: str, args: list[str], log_path: Path, preload: str) -> None:
         self.log_path = log_path
-        with log_path.open("ab") as log:
-            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.primed", preload, module, *args], stdin=subprocess.PIPE,
-                stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
-        with _running_lock:
-            _running.add(self.proc)
+        self.proc: subprocess.Popen[bytes] | None = _spawn(
+            [sys.executable, "-m", "pipelines.primed", preload, module, *args], log_path, child_env(), subprocess.PIPE)
 
     def take(self, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
         """The child, told to run now with `env` added; None when it is gone (stopped, or its import failed:
@@ -125,13 +121,19 @@ def run_child(module: str, args: list[str], log_path: Path, timeout_s: float,
         if _wait(proc, module, log_path, timeout_s, started, on_tick, tick_s) != PRIMED_UNUSABLE:
             return _checked(proc, module, log_path, started)
         started = time.monotonic()
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(child_command(module, args, processes), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=child_env(env), start_new_session=True)
-    with _running_lock:
-        _running.add(proc)
+    proc = _spawn(child_command(module, args, processes), log_path, child_env(env), subprocess.DEVNULL)
     _wait(proc, module, log_path, timeout_s, started, on_tick, tick_s)
     return _checked(proc, module, log_path, started)
+
+
+def _spawn(command: list[str], log_path: Path, env: dict[str, str], stdin: int) -> subprocess.Popen[bytes]:
+    """Start a child in its own process group, appending its output to `log_path`, and track it as running."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=stdin, env=env,
+                                start_new_session=True)
+    with _running_lock:
+        _running.add(proc)
+    return proc
 
 
 def _wait(proc: subprocess.Popen[bytes], module: str, log_path: Path, timeout_s: float, started: float,

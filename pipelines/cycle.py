@@ -82,7 +82,7 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
               collect: Collect) -> CycleResult:
     """Run one full cycle for `scope` (team:<team>, or dev:<id> of `team`) as run `run_id` (recorded)."""
     run_dir = cfg.state_dir / "runs" / run_id
-    made = not run_dir.exists()
+    made = not run_dir.exists()  # a run skipped before its datasets leaves no empty folder behind
     # The training child starts now and imports torch, transformers and peft (4.8-6.5 s on 2 cores) while
     # this thread collects and builds the datasets (7.5 s for 100k stored suggestions): the night saves up to
     # the shorter of the two. A run resuming from its checkpoint has nothing to build; a skipped one discards
@@ -94,9 +94,9 @@ def run_cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, t
     finally:
         if primed is not None:
             primed.discard()  # a no-op once its stage took it
-        if made:  # skipped before its datasets: leave no folder that holds nothing
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+            if made:  # skipped before its datasets: leave no folder that holds nothing
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
 
 
 def _cycle(store: Store, cfg: Config, scope: Scope, team: str, run_id: str, turn: Turn, collect: Collect,
