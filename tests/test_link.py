@@ -21,7 +21,7 @@ from pipelines.datasets.build import build_datasets
 from pipelines.datasets.link import accepted_part, link_suggestions
 from pipelines.datasets.paths import PathIndex
 from pipelines.scope import team
-from pipelines.store.db import Store
+from pipelines.store.db import VECTOR_ROWS, Store
 from pipelines.tokens import load_base_tokenizer
 from support import (
     QWEN,
@@ -60,7 +60,9 @@ def event(minute: int, prefix: str, suffix: str, completion: str, **kw: Any) -> 
 
 
 @pytest.fixture
-def linked(tmp_path: Path) -> tuple[Store, dict[str, dict[str, Any]], Path]:
+def linked(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, dict[str, dict[str, Any]], Path]:
+    """The suggestions collected and linked; with `request.param` unrelated files stored before the repository's
+    (vectors of them: then the repository's are few and close, and are read apart, Store._blob_contents)."""
     make_repo(tmp_path / "repo", [
         CommitSpec({"ledger/math.py": BASE}, author=ALICE, when=T0, message="math"),
         CommitSpec({"ledger/shared.py": "def shared():\n    return 2\n"}, author=BOB, when=T0 + hours(2)),
@@ -100,6 +102,8 @@ def linked(tmp_path: Path) -> tuple[Store, dict[str, dict[str, Any]], Path]:
         developers=[{"id": ALICE[1], "aliases": ["tabby-alice"]}])
     cfg = load_config(setup.config)
     store = Store.open(cfg.state_dir / "store.duckdb")
+    store.con.execute("INSERT INTO blobs SELECT 'pad' || i, 'x = ' || i FROM range(?) t(i)",
+                      [getattr(request, "param", 0)])
     assert jobs.collect(store, cfg)["error"] is None
     stored = store.con.execute("SELECT developer, partial, accepted FROM suggestions WHERE id = ?",
                                [partial]).fetchone()
@@ -113,8 +117,16 @@ def linked(tmp_path: Path) -> tuple[Store, dict[str, dict[str, Any]], Path]:
     return store, {name: by_id[i] for name, i in ids.items()}, tmp_path
 
 
+@pytest.mark.parametrize("linked", [0, 3 * VECTOR_ROWS], indirect=True, ids=["joined", "read-apart"])
 def test_each_accepted_suggestion_gets_a_verdict_with_its_evidence(linked: Any) -> None:
     store, links, _ = linked
+    padded = store.con.execute("SELECT count(*) FROM blobs WHERE blob LIKE 'pad%'").fetchone()[0] > 0
+    files = {b for (b,) in store.con.execute("SELECT blob FROM blobs WHERE blob NOT LIKE 'pad%'").fetchall()}
+    assert (store._blob_contents(files) is not None) == padded  # which way link_groups read them
+    payments = team("payments")
+    shas = {sha for (sha,) in store.con.execute("SELECT sha FROM commits WHERE author_name = 'Alice'").fetchall()}
+    assert list(store.committed_files(payments, shas)) == [f for f in store.committed_files(payments)
+                                                           if f.sha in shas]
     head = store.con.execute("SELECT sha FROM commits WHERE message = 'mul, div, pow'").fetchone()[0]
     kept = links["kept"]
     assert (kept["status"], kept["reason"], kept["repo"], kept["path"], kept["sha"], kept["similarity"]) == \

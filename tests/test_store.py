@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipelines.store.db import Store, StoreBusy
+from pipelines.store.db import BLOB_READ_APART, VECTOR_ROWS, Store, StoreBusy
 from pipelines.store.migrations import MIGRATIONS
 
 
@@ -158,3 +158,15 @@ def test_a_store_from_before_the_prefix_header_keeps_its_rows_and_their_logged_p
     store.close()
     assert rows == {"old": ["x = 1\n", "# a.py\nx = 1\n", "comment_header"],  # had its text: left as it was
                     "blank": ["y = 2\n", "# b.py\ny = 2\n", "comment_header"]}  # had none: filled
+
+
+def test_a_few_close_files_are_read_apart_and_many_or_spread_ones_are_not(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store.duckdb")
+    n = 4 * VECTOR_ROWS
+    store.con.execute("INSERT INTO blobs SELECT 'b' || i, 'content ' || i FROM range(?) t(i)", [n])
+    late = {f"b{i}" for i in range(n - 300, n)}  # a night's: the last rows stored
+    assert store._blob_contents(late | {"absent"}) == {b: f"content {b[1:]}" for b in late}
+    assert store._blob_contents({f"b{v * VECTOR_ROWS}" for v in range(4)}) is None  # one in each vector
+    assert store._blob_contents({f"b{i}" for i in range(BLOB_READ_APART + 1)}) is None
+    assert store._blob_contents(set()) == {}
+    store.close()

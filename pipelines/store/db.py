@@ -45,6 +45,11 @@ from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, arrow_
 
 R = TypeVar("R")
 log = logging.getLogger("devtune.store")
+# DuckDB's vector, the rows its compressed columns are read in (Store._blob_contents).
+VECTOR_ROWS = 2048
+# Up to this many blobs are read apart from the query that names them (Store._blob_contents): a night's new
+# commits' files are a few hundred; a first build, which needs every file, reads them through the join.
+BLOB_READ_APART = 5000
 
 
 def _unique(rows: list[Any], key: tuple[str, ...]) -> list[Any]:
@@ -400,12 +405,55 @@ class Store:
         of `shas` when given."""
         column = "c.team" if scope.kind == "team" else "c.developer"
         only = "" if shas is None else "AND c.sha IN (SELECT unnest(?)) "
-        cur = self.con.execute(
-            "SELECT c.sha, c.developer, c.committed_at, f.path, f.added, b.content "
-            "FROM commits c JOIN commit_files f ON f.sha = c.sha JOIN blobs b ON b.blob = f.blob "
-            f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 {only}"
-            "ORDER BY c.committed_at, c.sha, f.path", [scope.name] + ([] if shas is None else [sorted(shas)]))
-        yield from _records(cur, CommittedFile)
+        select = ("SELECT c.sha, c.developer, c.committed_at, f.path, f.added, {} "
+                  "FROM commits c JOIN commit_files f ON f.sha = c.sha JOIN blobs b ON b.blob = f.blob "
+                  f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 {only}"
+                  "ORDER BY c.committed_at, c.sha, f.path")
+        params = [scope.name] + ([] if shas is None else [sorted(shas)])
+        if shas is not None:  # a night's new commits: their contents read apart (_blob_contents)
+            rows = self.con.execute(select.format("f.blob"), params).fetchall()
+            contents = self._blob_contents({r[-1] for r in rows})
+            if contents is not None:
+                yield from (CommittedFile(sha, developer, at, path, added, contents[blob])
+                            for sha, developer, at, path, added, blob in rows if blob in contents)
+                return
+        yield from _records(self.con.execute(select.format("b.content"), params), CommittedFile)
+
+    def _blob_contents(self, blobs: set[str]) -> dict[str, str] | None:
+        """The contents of a few `blobs`, reading only the parts of the table that hold them; None when they are
+        many or spread over most of it (then a join reads them best, in one pass).
+
+        DuckDB compresses the content column a vector (2,048 rows) at a time, and reading any row decompresses
+        its vector. A join or an IN on the blob key made it decompress every vector for the night's few: with
+        the 10k-commit history of bench/nightly_growth.py (17.6k blobs, 235 MB), the 173 files of the night's 100
+        commits took 0.18-0.33 s against 0.006 s with 1k commits, growing with the history. Blobs are stored in
+        the order they were harvested, so a night's new ones share the table's last vectors: found by their row
+        ids (only the key column is read), then read by row-id range, they took 0.02-0.04 s."""
+        if not blobs or len(blobs) > BLOB_READ_APART:
+            return None if blobs else {}
+        keys = sorted(blobs)
+        rowids = sorted(r for (r,) in self.con.execute(
+            "SELECT rowid FROM blobs WHERE blob IN (SELECT unnest(?::VARCHAR[]))", [keys]).fetchall())
+        (last,) = self.con.execute("SELECT coalesce(max(rowid), 0) FROM blobs").fetchone() or (0,)
+        runs: list[list[int]] = []  # rowid ranges, apart where a whole vector lies between two wanted rows
+        for r in rowids:
+            if runs and r - runs[-1][1] < VECTOR_ROWS:
+                runs[-1][1] = r
+            else:
+                runs.append([r, r])
+        vectors = sum(hi // VECTOR_ROWS - lo // VECTOR_ROWS + 1 for lo, hi in runs)
+        if vectors * 2 > last // VECTOR_ROWS + 1:
+            return None
+        out: dict[str, str] = {}
+        for lo, hi in runs:
+            out.update(self.con.execute(
+                "SELECT blob, content FROM blobs WHERE rowid BETWEEN ? AND ? AND blob IN (SELECT unnest(?::VARCHAR[]))",
+                [lo, hi, keys]).fetchall())
+        # A row id moves only when a checkpoint compacts deleted rows (a forget), between the two reads above
+        if len(out) < len(rowids):
+            out.update(self.con.execute("SELECT blob, content FROM blobs WHERE blob IN (SELECT unnest(?::VARCHAR[]))",
+                                        [sorted(set(keys) - set(out))]).fetchall())
+        return out
 
     def committed_file_keys(self, scope: Scope) -> list[tuple[str, str, datetime, str]]:
         """(sha, developer, committed_at, path) of `committed_files`, in its order, without reading content."""
@@ -475,16 +523,25 @@ class Store:
             "FROM mapped m JOIN suggestions s ON s.id = m.id ORDER BY m.repo, m.path, s.developer, s.shown_at, s.id")
         com = self.con.cursor()
         com.register("mapped", mapped)
-        versions = com.execute(
-            "WITH wanted AS (SELECT m.repo, m.path, s.developer, min(s.shown_at) AS first_at, "
-            "  max(s.shown_at) + to_microseconds(CAST(? * 3600e6 AS BIGINT)) AS last_at "
-            "  FROM mapped m JOIN suggestions s ON s.id = m.id GROUP BY ALL) "
-            "SELECT w.repo, w.path, c.developer, c.sha, c.committed_at, f.status, b.content "
-            "FROM wanted w JOIN commits c ON c.repo = w.repo AND c.developer = w.developer "
-            "  AND c.committed_at > w.first_at AND c.committed_at <= w.last_at "
-            "JOIN commit_files f ON f.sha = c.sha AND f.path = w.path LEFT JOIN blobs b ON b.blob = f.blob "
-            "WHERE NOT c.opted_out ORDER BY w.repo, w.path, c.developer, c.committed_at, c.sha", [window_h])
-        return _records(suggestions, LinkCandidate), _records(versions, FileVersion)
+        select = ("WITH wanted AS (SELECT m.repo, m.path, s.developer, min(s.shown_at) AS first_at, "
+                  "  max(s.shown_at) + to_microseconds(CAST(? * 3600e6 AS BIGINT)) AS last_at "
+                  "  FROM mapped m JOIN suggestions s ON s.id = m.id GROUP BY ALL) "
+                  "SELECT w.repo, w.path, c.developer, c.sha, c.committed_at, f.status, {} "
+                  "FROM wanted w JOIN commits c ON c.repo = w.repo AND c.developer = w.developer "
+                  "  AND c.committed_at > w.first_at AND c.committed_at <= w.last_at "
+                  "JOIN commit_files f ON f.sha = c.sha AND f.path = w.path {}"
+                  "WHERE NOT c.opted_out ORDER BY w.repo, w.path, c.developer, c.committed_at, c.sha")
+        # A night's few versions: their contents read apart (_blob_contents)
+        rows = com.execute(select.format("f.blob", ""), [window_h]).fetchall()
+        contents = self._blob_contents({r[-1] for r in rows if r[-1] is not None})
+        if contents is not None:
+            versions: Iterator[FileVersion] = (
+                FileVersion(repo, path, developer, sha, at, status, None if blob is None else contents.get(blob))
+                for repo, path, developer, sha, at, status, blob in rows)
+        else:
+            versions = _records(com.execute(select.format("b.content", "LEFT JOIN blobs b ON b.blob = f.blob "),
+                                            [window_h]), FileVersion)
+        return _records(suggestions, LinkCandidate), versions
 
     def token_counts(self, tokenizer: str) -> dict[bytes, int]:
         """Token counts stored by earlier dataset builds for `tokenizer` (a fingerprint), by text hash."""
