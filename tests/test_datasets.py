@@ -148,6 +148,13 @@ def test_sft_rows_use_the_base_tokens_and_hold_out_the_latest(tmp_path: Path, ti
     digest = hashlib.sha256(b"".join((tmp_path / "data" / name).read_bytes() for name in FILES)).hexdigest()
     assert manifest["sha256"] == digest and manifest["fim_family"] == "qwen2.5-coder"
     assert manifest["files"]["sft.jsonl"] == report.counts["train"]
+    # data/lines.json names every training row's line and ts, as scanning the files finds them
+    from pipelines.train.rundir import read_line_index, scan_index
+
+    index = read_line_index(tmp_path / "data")
+    assert set(index) == {"sft.jsonl", "dpo.jsonl", "kto.jsonl", "chat.jsonl"}
+    assert all(lines == scan_index(tmp_path / "data" / name) for name, lines in index.items())
+    assert len(index["sft.jsonl"][0]) == len(train) and len(index["kto.jsonl"][0]) == len(kto) > 0
 
 
 def test_committed_rows_use_blocks_and_suffix_first_layouts_where_the_family_has_them(tmp_path: Path) -> None:
@@ -206,7 +213,7 @@ def test_dataset_build_and_show_on_the_command_line(tmp_path: Path) -> None:
     built = run_devtune("--config", str(config), "dataset", "build", "--scope", "team:payments", "--out", str(out))
     assert built.returncode == 0, built.stderr
     assert "team:payments:" in built.stdout and "SFT training rows" in built.stdout
-    assert {p.name for p in out.iterdir()} == {*FILES, "manifest.json"}
+    assert {p.name for p in out.iterdir()} == {*FILES, "manifest.json", "lines.json"}
     shown = run_devtune("--config", str(config), "dataset", "show", str(out))
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()

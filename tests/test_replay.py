@@ -17,7 +17,7 @@ from pipelines.datasets.outcomes import Side
 from pipelines.datasets.sft import ChatExample, FimExample, chat_row, fim_row
 from pipelines.tokens import FAMILIES, FimTokens
 from pipelines.train.replay import latest_ts, new_rows, select_rows
-from pipelines.train.rundir import read_rows
+from pipelines.train.rundir import new_lines, read_line_index, read_rows, write_line_index
 from pipelines.train.train import read_training_rows
 
 
@@ -54,8 +54,9 @@ def test_replay_is_capped_by_what_exists_and_nothing_new_means_nothing() -> None
 TRICKY = ['x = {"ts":"2099-01-01T00:00:00"}\n', 'say "ts": "1999"\u2028next\u0085', "plain code\n", '\\"ts\\":\\"']
 
 
-def write_dataset(data: Path, n: int) -> list[str]:
-    """The four training files as the dataset builder writes them (its row functions and writer)."""
+def write_dataset(data: Path, n: int, index: bool = False) -> list[str]:
+    """The four training files as the dataset builder writes them (its row functions and writer; with `index`,
+    data/lines.json too)."""
     family, _, (pre, suf, mid), eos, spm = FAMILIES[1]  # StarCoder: SPM rows too
     fim = FimTokens(family, pre, suf, mid, eos or "<|endoftext|>", spm_supported=spm)
     start = datetime(2026, 10, 1, 9, tzinfo=UTC)
@@ -72,17 +73,28 @@ def write_dataset(data: Path, n: int) -> list[str]:
                        for i in range(0, n, 3)],
     }
     data.mkdir(parents=True)
+    lines = {name: new_lines() for name in rows}
     for name, written in rows.items():
-        write_jsonl(data / name, iter(written), hashlib.sha256())
+        write_jsonl(data / name, iter(written), hashlib.sha256(), lines[name])
+    if index:
+        write_line_index(data, lines)
     return [t.isoformat() for t in ts]
 
 
+@pytest.mark.parametrize("index", ["scanned", "indexed", "rewritten"])
 @pytest.mark.parametrize("chat_template", [None, "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"])
 def test_a_run_reads_the_rows_that_parsing_every_row_would_pick(tmp_path: Path, tiny_model: Path,
-                                                                  chat_template: str | None) -> None:
-    """Only the picked rows are parsed (a row's ts is read from its line): the same rows, counts and
-    data_until as selecting from every parsed row, on rows whose texts imitate a `ts` key and hold U+2028."""
-    stamps = write_dataset(tmp_path / "data", 40)
+                                                                  chat_template: str | None, index: str) -> None:
+    """Only the picked rows are parsed (a row's ts is read from its line, or from the build's data/lines.json):
+    the same rows, counts and data_until as selecting from every parsed row, on rows whose texts imitate a `ts`
+    key and hold U+2028. A file rewritten after the index was written is scanned."""
+    data = tmp_path / "data"
+    stamps = write_dataset(data, 40, index=index != "scanned")
+    if index == "rewritten":  # a row removed from kto.jsonl (as by hand): the index no longer describes it
+        kept = (data / "kto.jsonl").read_bytes().split(b"\n")
+        (data / "kto.jsonl").write_bytes(b"\n".join(kept[:10] + kept[11:]))
+    assert set(read_line_index(data)) == {"scanned": set(), "rewritten": {"sft.jsonl", "dpo.jsonl", "chat.jsonl"},
+                                          "indexed": {"sft.jsonl", "dpo.jsonl", "kto.jsonl", "chat.jsonl"}}[index]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     tokenizer.chat_template = chat_template
     cfg = TrainConfig(replay_share=0.3, seed=7)

@@ -1,7 +1,8 @@
 """A run directory: everything a training or evaluation child needs, and everything it leaves behind.
 
     runs/<run_id>/config.json      RunConfig (written by the cycle, read by the children)
-                  data/            sft.jsonl, dpo.jsonl, kto.jsonl, chat.jsonl, heldout.jsonl, manifest.json
+                  data/            sft.jsonl, dpo.jsonl, kto.jsonl, chat.jsonl, heldout.jsonl, manifest.json,
+                                   lines.json (LINE_INDEX: where each training row's line is, and its `ts`)
                   checkpoints/     <stage>/step-N/ and <stage>/done/ (resume after a crash or kill -9)
                   adapter/         the finished LoRA adapter (renamed into place when complete)
                   train.json       training metrics        progress.json   live step/loss/ETA
@@ -122,6 +123,66 @@ def scan_lines(path: Path, chunk_bytes: int = 16 << 20) -> Iterator[tuple[int, b
                 at += len(line) + 1
         if tail.strip():
             yield at, tail
+
+
+# data/lines.json, written by the dataset build beside its files: {file: {"size", "mtime_ns", "offsets": [...],
+# "lengths": [...], "ts": "ts\\nts..."}} for each training file, its lines in order. A warm-started run picks its
+# rows from it instead of scanning every line for its `ts` (0.29-0.34 s against 0.07 s for the 141k training
+# rows of a night at 100k stored suggestions, bench/nightly_growth.py; in proportion to the history). An entry
+# counts only for the file as written: one rewritten or replaced since (another size or modification time) is
+# scanned, and so is one the index does not name.
+LINE_INDEX = "lines.json"
+Lines = tuple[list[int], list[int], list[str]]  # each line's offset, length and `ts`, in file order
+
+
+def new_lines() -> Lines:
+    return [], [], []
+
+
+def scan_index(path: Path) -> Lines:
+    """`path`'s Lines, read from the file itself."""
+    lines = new_lines()
+    offsets, lengths, stamps = lines
+    for at, line in scan_lines(path):
+        offsets.append(at)
+        lengths.append(len(line))
+        stamps.append(line_ts(line))
+    return lines
+
+
+def write_line_index(data: Path, files: dict[str, Lines]) -> None:
+    """data/lines.json for `files` (file name -> its Lines), already written in `data`."""
+    index = {}
+    for name, (offsets, lengths, stamps) in files.items():
+        if any("\n" in t for t in stamps):
+            continue  # cannot be joined: that file is scanned
+        st = (data / name).stat()
+        index[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "offsets": offsets, "lengths": lengths,
+                       "ts": "\n".join(stamps)}
+    tmp = data / f".{LINE_INDEX}.tmp"
+    tmp.write_bytes(orjson.dumps(index))
+    tmp.replace(data / LINE_INDEX)
+
+
+def read_line_index(data: Path) -> dict[str, Lines]:
+    """The entries of data/lines.json that still describe their file, by file name; none when it is absent or
+    unreadable."""
+    try:
+        index = orjson.loads((data / LINE_INDEX).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    out = {}
+    for name, entry in index.items() if isinstance(index, dict) else ():
+        try:
+            st = (data / name).stat()
+            offsets, lengths = entry["offsets"], entry["lengths"]
+            stamps = entry["ts"].split("\n") if entry["ts"] else []
+            if (entry["size"], entry["mtime_ns"]) == (st.st_size, st.st_mtime_ns) and \
+                    len(offsets) == len(lengths) == len(stamps):
+                out[name] = (offsets, lengths, stamps)
+        except (OSError, KeyError, TypeError, AttributeError):
+            continue
+    return out
 
 
 def read_spans(path: Path, spans: Sequence[tuple[int, int]]) -> list[bytes]:

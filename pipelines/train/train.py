@@ -56,7 +56,7 @@ from pipelines.train.lora_linear import CpuLoraLinear
 from pipelines.train.losses import LM, dpo_loss, kto_loss, sft_loss, shared_logps
 from pipelines.train.oom import OutOfMemory, free_memory, is_out_of_memory
 from pipelines.train.replay import latest_ts, select_indices
-from pipelines.train.rundir import RunConfig, line_ts, read_rows, read_spans, scan_lines
+from pipelines.train.rundir import RunConfig, read_line_index, read_rows, read_spans, scan_index, scan_lines
 
 log = logging.getLogger("devtune.train")
 
@@ -178,6 +178,7 @@ def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_unt
     chosen: dict[str, list[dict[str, Any]]] = {}
     counts: dict[str, dict[str, int]] = {}
     newest: list[str | None] = []
+    index = read_line_index(data) if data_until is not None else {}
     for name in ("sft", "chat", "dpo", "kto"):
         path = data / f"{name}.jsonl"
         if name == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -193,13 +194,9 @@ def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_unt
             # Only the picked rows are parsed, and only their lines kept: a night picks its new rows and a
             # replay share of the old ones, so parsing every row (87k KTO rows, 0.39 s, at 100k suggestions)
             # or holding every line (1.8 GB of KTO rows at 1M) would cost in proportion to the whole history.
-            spans: list[tuple[int, int]] = []
-            stamps: list[str] = []
-            for at, line in scan_lines(path):
-                spans.append((at, len(line)))
-                stamps.append(line_ts(line))
+            offsets, lengths, stamps = index.get(path.name) or scan_index(path)
             keep, new, replayed = select_indices(stamps, data_until, cfg.replay_share, cfg.seed)
-            rows = [orjson.loads(line) for line in read_spans(path, [spans[i] for i in keep])]
+            rows = [orjson.loads(line) for line in read_spans(path, [(offsets[i], lengths[i]) for i in keep])]
             newest.append(max(filter(None, stamps), default=None))
         chosen[name] = rows
         counts[name] = {"rows": len(rows), "new": new, "replayed": replayed}
