@@ -514,7 +514,8 @@ class Store:
         """Two streams sorted alike by (repo, path, developer): the mapped suggestions (`mapped` holds id, repo,
         path), and every version of those files their developers committed inside some suggestion's window.
 
-        They come as two streams, merged by the caller, so no more than one file's history is held at once.
+        They come as two streams, merged by the caller, so no more than one file's history is held at once; but
+        when the versions are a night's few (at most BLOB_READ_APART files), their contents are read first, apart.
         """
         sug = self.con.cursor()
         sug.register("mapped", mapped)

@@ -193,7 +193,8 @@ def read_training_rows(run_dir: Path, cfg: TrainConfig, tokenizer: Any, data_unt
         else:
             # Only the picked rows are parsed, and only their lines kept: a night picks its new rows and a
             # replay share of the old ones, so parsing every row (87k KTO rows, 0.39 s, at 100k suggestions)
-            # or holding every line (1.8 GB of KTO rows at 1M) would cost in proportion to the whole history.
+            # or holding every line (1.8 GB of KTO rows at 1M) would cost in proportion to the whole history;
+            # the lines are found through the build's data/lines.json, where it still describes the file.
             offsets, lengths, stamps = index.get(path.name) or scan_index(path)
             keep, new, replayed = select_indices(stamps, data_until, cfg.replay_share, cfg.seed)
             rows = [orjson.loads(line) for line in read_spans(path, [(offsets[i], lengths[i]) for i in keep])]
