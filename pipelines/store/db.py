@@ -409,8 +409,11 @@ class Store:
                   "FROM commits c JOIN commit_files f ON f.sha = c.sha JOIN blobs b ON b.blob = f.blob "
                   f"WHERE {column} = ? AND NOT c.opted_out AND len(f.added) > 0 {only}"
                   "ORDER BY c.committed_at, c.sha, f.path")
-        params = [scope.name] + ([] if shas is None else [sorted(shas)])
-        if shas is not None:  # a night's new commits: their contents read apart (_blob_contents)
+        wanted = None if shas is None else sorted(shas)
+        params = [scope.name] + ([] if wanted is None else [wanted])
+        # A night's new commits: their contents read apart (_blob_contents). Not a first build's every commit:
+        # that many commits hold more files than the bound as a rule, and their keys would be read only to be dropped.
+        if wanted is not None and len(wanted) <= BLOB_READ_APART:
             rows = self.con.execute(select.format("f.blob"), params).fetchall()
             contents = self._blob_contents({r[-1] for r in rows})
             if contents is not None:
