@@ -214,6 +214,9 @@ class Batch:
     cursor: Cursor
     note: str = ""  # something worth logging once, e.g. "file was replaced: re-reading from the start"
     read: int = 0  # how much of the stream this batch consumed, in the collector's `unit` (for progress)
+    # Part of a batch: stored with the parts after it, [collect] batch_events at a time, in one transaction with
+    # the last one's cursor (git hands over 256 commits at a time, so that it reads ahead while they are scrubbed).
+    partial: bool = False
 
 
 @dataclass(frozen=True)

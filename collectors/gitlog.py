@@ -28,11 +28,15 @@ a number) is handed back as a `Reject` with its sha and the reason. Either way t
 from __future__ import annotations
 
 import codecs
+import collections
+import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import subprocess
 import tempfile
+import threading
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,6 +69,11 @@ _STDERR_CHARS = 2000  # what an error or a reject quotes of git's stderr (its la
 # partial clone that cannot fetch) costs linear time, not a walk per commit.
 MAX_RESTARTS = 16
 READ_AHEAD = 64  # commits without text files that wait at most for the next one's round trip
+# A batch of commits is read whole, then scrubbed (pipelines/ingest). While it is scrubbed git inflates the next
+# commits' objects asked for ahead (ObjectReader.AHEAD): ~3.4 objects a commit in the generated history, ~2.2 in
+# flask's, so 256 commits keep git busy through the scrub. With [collect] batch_events' 2,000 git sat idle
+# through most of it. The parts are stored batch_events at a time (Batch.partial).
+BATCH_COMMITS = 256
 
 
 class GitError(Exception):
@@ -128,11 +137,11 @@ class GitCollector:
                 else:
                     events.append(item)
                     last = item.sha
-                if len(events) + len(rejects) >= limits.batch_events:
+                if len(events) + len(rejects) >= min(limits.batch_events, BATCH_COMMITS):
                     # Parents come before children, so all of `last`'s history is in this batch or earlier ones
                     # (stored, or quarantined: a retry does not read a quarantined commit again).
                     yield Batch(tuple(events), tuple(rejects), Cursor(stream=stream, sha=last), note,
-                                read=len(events) + len(rejects))
+                                read=len(events) + len(rejects), partial=True)
                     events, rejects, note = [], [], ""
         except GitError:
             if events or rejects:  # what was read before git failed is stored, and a retry starts after it
@@ -218,8 +227,9 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
     restarts = 0
     done: set[str] = set()  # commits of the current walk read so far
 
-    def emit(waiting: list[tuple[bytes, _Record | Reject]]) -> Iterator[Commit | Reject]:
-        for record, item in _complete(objects, waiting, max_file_bytes, stream):
+    def emit(waiting: list[tuple[bytes, _Record | Reject]],
+             objs: _Objects | None = None) -> Iterator[Commit | Reject]:
+        for record, item in _complete(objects, waiting, max_file_bytes, stream, objs):
             yield item
             if isinstance(item, Commit):
                 _advance(tips, done, item.sha, item.parents)
@@ -227,10 +237,31 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
                 sha, _, parents = record.partition(b"\n")[0].partition(b" ")
                 _advance(tips, done, sha.decode(), parents.decode().split())
 
+    # Commits parsed and their objects asked for, not read yet, oldest first: git inflates them while the
+    # commits before them are scrubbed and stored (ObjectReader).
+    asked: collections.deque[list[tuple[bytes, _Record | Reject]]] = collections.deque()
+
+    def emit_asked(room: int | None = None) -> Iterator[Commit | Reject]:
+        """Read and hand on the oldest groups asked for until `room` more objects may be asked (None: all of
+        them, those with no object to read too)."""
+        while asked and (room is None or objects.asked + room > ObjectReader.AHEAD):
+            group = asked.popleft()
+            yield from emit(group, objects.take(_objects_of(group), max_file_bytes))
+
+    def emit_ahead(waiting: list[tuple[bytes, _Record | Reject]]) -> Iterator[Commit | Reject]:
+        shas = _objects_of(waiting)
+        if len(shas) > ObjectReader.AHEAD:  # a commit of very many files: read in its own round trips
+            yield from emit_asked()
+            yield from emit(waiting)
+            return
+        yield from emit_asked(len(shas))
+        objects.ask(shas)
+        asked.append(waiting)
+
     try:
         while True:
             done.clear()
-            waiting: list[tuple[bytes, _Record | Reject]] = []  # parsed, their objects not read yet
+            waiting: list[tuple[bytes, _Record | Reject]] = []  # parsed, their objects not asked for yet
             try:
                 for record in _git_records(cwd, ["log", *DIFF_OPTIONS, "--topo-order", "--reverse", *walk, "--"]):
                     parsed = _parse(record, max_file_bytes, stream, objects.seen)
@@ -239,12 +270,15 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
                     # for the next one that has, and their objects come in one round trip: a round trip per commit
                     # made the collector alone 12% slower on flask (0.71 -> 0.81 s, after 4 alternating runs).
                     if (isinstance(parsed, _Record) and len(parsed.objects) > 1) or len(waiting) >= READ_AHEAD:
-                        yield from emit(waiting)
+                        yield from emit_ahead(waiting)
                         waiting = []
+                yield from emit_asked()
                 yield from emit(waiting)
                 return
             except _GitFailed as failure:
-                yield from emit(waiting)  # whole records: the failure is handled from the commit after them
+                # whole records: the failure is handled from the commit after them
+                yield from emit_asked()
+                yield from emit(waiting)
                 # Git stops at the first commit it cannot show ("fatal: unable to read <blob>"). The record it was
                 # writing is held back, so that commit is the first one of this walk not read yet, or the next
                 # one when git had finished writing it (it reads a commit's trees before writing its header).
@@ -335,6 +369,10 @@ def _git_records(cwd: Path, args: list[str | bytes]) -> Generator[bytes, None, N
         proc = subprocess.Popen(["git", *GIT_CONFIG, *args], cwd=cwd,
                                 stdout=subprocess.PIPE, stderr=err, env=_git_env())
         assert proc.stdout is not None
+        # git writes on while the commits before are scrubbed, until the pipe is full: 1 MiB (the most an
+        # unprivileged process may set, /proc/sys/fs/pipe-max-size) holds ~170 commits of the generated history
+        # against ~10 in Linux's default 64 KiB (harvest 7.7-8.1 against 8.2-8.6 s, alternating).
+        _widen(proc.stdout.fileno())
         try:
             held = None
             for record in _records(proc.stdout):
@@ -353,6 +391,79 @@ def _git_records(cwd: Path, args: list[str | bytes]) -> Generator[bytes, None, N
                 proc.kill()
             proc.stdout.close()
             proc.wait()
+
+
+def _widen(fd: int) -> None:
+    with contextlib.suppress(OSError):  # a lower pipe-max-size: git waits for each read, as with the default
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+
+
+class _Drain:
+    """A pipe read in a thread as git writes it, up to `max_bytes` ahead of the reader (`read1`): `git cat-file`
+    answers all it was asked (ObjectReader) while the harvest scrubs, not only what fits the pipe.
+
+    The thread holds the GIL only to take a chunk (up to 1 MiB) of what git wrote. Tried for `git log` too: no
+    gain over a 1 MiB pipe there (7.2-7.6 against 7.4-7.8 s, 3 alternating pairs), with more system time.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fd: int, max_bytes: int = 64 << 20):
+        self.fd = fd
+        self.max_bytes = max_bytes  # how far git may run ahead: ~10,000 commits of the generated history
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.held = 0
+        self.ended = False
+        self.error: OSError | None = None
+        self.stopped = False
+        self.cond = threading.Condition()
+        _widen(fd)  # each read takes what git wrote since the last one, up to CHUNK
+        self.thread = threading.Thread(target=self._run, name="git-output", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        chunk = b"-"
+        try:
+            while chunk:
+                with self.cond:
+                    while self.held >= self.max_bytes and not self.stopped:
+                        self.cond.wait()
+                    if self.stopped:
+                        return
+                chunk = os.read(self.fd, self.CHUNK)
+                with self.cond:
+                    if chunk:
+                        self.chunks.append(chunk)
+                        self.held += len(chunk)
+                    self.cond.notify_all()
+        except OSError as e:
+            with self.cond:
+                self.error = e
+        finally:
+            with self.cond:
+                self.ended = True
+                self.cond.notify_all()
+
+    def read1(self, size: int = -1) -> bytes:
+        """The next chunk git wrote (of any size: `size` is ignored), or b"" once git closed its end."""
+        with self.cond:
+            while not self.chunks and not self.ended:
+                self.cond.wait()
+            if not self.chunks:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            chunk = self.chunks.popleft()
+            self.held -= len(chunk)
+            self.cond.notify_all()
+            return chunk
+
+    def close(self) -> None:
+        """Stop reading; git must have exited or been killed (the thread may be in a read until it has)."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        self.thread.join()
 
 
 def _failure(code: int, err: IO[bytes]) -> str:
@@ -418,55 +529,132 @@ def _records(stdout: Any) -> Iterator[bytes]:
 
 
 class ObjectReader:
-    """One `git cat-file --batch` process; objects are asked for in groups and read back in order."""
+    """One `git cat-file --batch` process; objects are asked for ahead (`ask`) and read back in order (`take`).
 
-    GROUP = 64  # requests written before reading: 64 x 41 bytes never fill the pipe git reads from
+    Its output is drained by a thread (`_Drain`), so git inflates what was asked while the harvest scrubs and
+    stores what it read before: answered one round trip at a time, git sat idle through every batch's scrub and
+    the harvest waited on it through every batch's reading (answering from memory instead took the generated
+    5,000-commit history from 8.1-8.9 s to 7.1-7.6 s; bench/git_harvest.py).
+    """
+
+    GROUP = 64  # `read`: requests written before reading
+    # Objects asked for and not taken, at most: 1,024 requests (42 KB) never fill the 64 KiB pipe git reads them
+    # from, and their answers (~30 MB of the generated history's file versions) wait in the drain.
+    AHEAD = 1024
 
     def __init__(self, git_dir: Path):
         self.err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process; closed in close()
         self.proc = subprocess.Popen(["git", "--git-dir", str(git_dir), "cat-file", "--batch"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
+        assert self.proc.stdout is not None
+        self.out = _Buffered(_Drain(self.proc.stdout.fileno()))
         self.seen: set[str] = set()  # every blob asked for so far (40-char shas: ~100 bytes each)
+        self.asked = 0  # objects asked for and not taken yet
 
     def read(self, shas: list[str], max_bytes: int) -> dict[str, tuple[int, bytes] | None]:
         """Each object's size and bytes (only the first `max_bytes` of a larger one), or None when missing."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert not self.asked, "objects asked for ahead are taken first"
         out: dict[str, tuple[int, bytes] | None] = {}
-        self.seen.update(shas)
         for i in range(0, len(shas), self.GROUP):
             group = shas[i:i + self.GROUP]
-            try:
-                self.proc.stdin.write(b"".join(sha.encode() + b"\n" for sha in group))
-                self.proc.stdin.flush()
-            except BrokenPipeError:
-                raise self._died() from None
-            for sha in group:
-                line = self.proc.stdout.readline()  # "<sha> <type> <size>" or "<sha> missing"
-                if not line:
-                    raise self._died()
-                header = line.split()
-                if len(header) != 3:
-                    out[sha] = None
-                    continue
-                size = int(header[2])
-                if size <= max_bytes:
-                    out[sha] = (size, self.proc.stdout.read(size + 1)[:-1])  # the object, then "\n"
-                    continue
-                out[sha] = (size, self.proc.stdout.read(max_bytes))
-                _skip(self.proc.stdout, size - max_bytes + 1)
+            self.ask(group)
+            out.update(self.take(group, max_bytes))
+        return out
+
+    def ask(self, shas: list[str]) -> None:
+        """Ask for objects without reading them; `take` reads them, in the order asked."""
+        assert self.proc.stdin is not None and self.asked + len(shas) <= max(self.AHEAD, self.GROUP)
+        self.seen.update(shas)
+        self.asked += len(shas)
+        try:
+            self.proc.stdin.write(b"".join(sha.encode() + b"\n" for sha in shas))
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._died() from None
+
+    def take(self, shas: list[str], max_bytes: int) -> dict[str, tuple[int, bytes] | None]:
+        """The answers to the first objects asked for and not taken yet: `shas`, as they were asked."""
+        assert len(shas) <= self.asked
+        self.asked -= len(shas)
+        out: dict[str, tuple[int, bytes] | None] = {}
+        for sha in shas:
+            line = self.out.readline()  # "<sha> <type> <size>" or "<sha> missing"
+            if not line.endswith(b"\n"):
+                raise self._died()
+            header = line.split()
+            if len(header) != 3:
+                out[sha] = None
+                continue
+            size = int(header[2])
+            data = self.out.read(min(size + 1, max_bytes))  # the object, then "\n"
+            if len(data) < min(size + 1, max_bytes):
+                raise self._died()
+            if size < max_bytes:
+                out[sha] = (size, data[:-1])
+                continue
+            out[sha] = (size, data[:max_bytes])
+            _skip(self.out, size - max_bytes + 1)
         return out
 
     def _died(self) -> GitError:
-        code = self.proc.wait()
+        try:
+            code = self.proc.wait(timeout=10)  # its output ended or broke off: it is exiting
+        except subprocess.TimeoutExpired:  # it answered what it was not asked: never wait on it
+            self.proc.kill()
+            code = self.proc.wait()
         return GitError(f"git cat-file stopped: {_failure(code, self.err)}")
 
     def close(self) -> None:
         if self.proc.stdin is not None:
-            self.proc.stdin.close()
+            self.proc.stdin.close()  # git answers what it was asked, then exits
+        self.out.source.close()
         if self.proc.stdout is not None:
-            self.proc.stdout.close()
+            self.proc.stdout.close()  # a git still writing answers nobody reads gets EPIPE
         self.proc.wait()
         self.err.close()
+
+
+class _Buffered:
+    """`readline` and `read` over a `_Drain`'s chunks."""
+
+    def __init__(self, source: _Drain):
+        self.source = source
+        self.buf = b""
+        self.pos = 0
+
+    def readline(self) -> bytes:
+        """The next line with its "\n", or what is left (no "\n") once the output ended."""
+        while (end := self.buf.find(b"\n", self.pos)) < 0:
+            if not self._more():
+                return self.read(len(self.buf) - self.pos)
+        line = self.buf[self.pos:end + 1]
+        self.pos = end + 1
+        return line
+
+    def read(self, n: int) -> bytes:
+        """The next `n` bytes, or fewer once the output ended."""
+        if len(self.buf) - self.pos >= n:
+            out = self.buf[self.pos:self.pos + n]
+            self.pos += n
+            return out
+        parts = [self.buf[self.pos:]]  # a large object: its chunks joined once, not the buffer grown each time
+        need = n - len(parts[0])
+        self.buf, self.pos = b"", 0
+        while need > 0 and (chunk := self.source.read1()):
+            if len(chunk) > need:
+                self.buf, self.pos = chunk, need
+                chunk = chunk[:need]
+            parts.append(chunk)
+            need -= len(chunk)
+        return b"".join(parts)
+
+    def _more(self) -> bool:
+        chunk = self.source.read1()
+        if not chunk:
+            return False
+        self.buf = self.buf[self.pos:] + chunk if self.pos < len(self.buf) else chunk
+        self.pos = 0
+        return True
 
 
 def _skip(stream: Any, n: int) -> None:
@@ -516,12 +704,20 @@ def _read(objects: ObjectReader, record: bytes, max_file_bytes: int, stream: str
 
 
 def _complete(objects: ObjectReader, parsed: list[tuple[bytes, _Record | Reject]], max_file_bytes: int,
-              stream: str) -> list[tuple[bytes, Commit | Reject]]:
-    """Parsed commits with their messages and contents, read in one round trip, in their order."""
-    objs = objects.read([sha for _, one in parsed if isinstance(one, _Record) for sha in one.objects],
-                        max_file_bytes)
+              stream: str, objs: _Objects | None = None) -> list[tuple[bytes, Commit | Reject]]:
+    """Parsed commits with their messages and contents, in their order: `objs` when they were read already,
+    else read in one round trip."""
+    if objs is None:
+        objs = objects.read(_objects_of(parsed), max_file_bytes)
     return [(record, one if isinstance(one, Reject) else _commit(one, objs, max_file_bytes, stream))
             for record, one in parsed]
+
+
+_Objects = dict[str, tuple[int, bytes] | None]  # sha -> (size, bytes), None when missing
+
+
+def _objects_of(parsed: list[tuple[bytes, _Record | Reject]]) -> list[str]:
+    return [sha for _, one in parsed if isinstance(one, _Record) for sha in one.objects]
 
 
 def _commit(record: _Record, objs: dict[str, tuple[int, bytes] | None], max_file_bytes: int,

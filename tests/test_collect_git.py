@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import io
+import random
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
-from collectors.gitlog import _records
+import pytest
+
+from collectors.gitlog import BATCH_COMMITS, ObjectReader, _records
+from pipelines.store.db import Rows, Store
 from support import T0, CommitSpec, collect_site, commit, days, make_repo, merge, table_rows, write_config
 
 BOB = ("Bob", "bob@example.com")
@@ -115,6 +121,90 @@ def test_a_path_that_is_not_a_repository_fails_with_a_clear_error(tmp_path: Path
     result, _ = collect(tmp_path, tmp_path / "plain")
     assert result["error"] is not None
     assert "is not a git repository: point [[sources]] path at one" in result["error"]
+
+
+def test_objects_asked_ahead_come_back_in_order_whatever_their_size(tmp_path: Path) -> None:
+    # A 3 MB file spans several of the drain's 1 MiB chunks; a 2 MB one is cut at max_bytes; one sha is missing.
+    rng = random.Random(3)
+    texts = {"small.py": "X = 1\n", "big.txt": "".join(f"{rng.random()}\n" for _ in range(150_000)),
+             "cut.txt": "y" * (2 << 20)}
+    repo = make_repo(tmp_path / "repo", [CommitSpec(texts, when=T0)])  # type: ignore[arg-type]
+    sha = {path: repo.git.rev_parse(f"HEAD:{path}") for path in texts}
+    missing = "0" * 40
+    reader = ObjectReader(Path(repo.git_dir))
+    try:
+        first = [sha["small.py"], sha["big.txt"], missing, sha["small.py"]]
+        reader.ask(first)
+        reader.ask([sha["cut.txt"], sha["big.txt"]])
+        got = reader.take(first, 4 << 20)
+        assert got[missing] is None
+        assert got[sha["small.py"]] == (6, b"X = 1\n")
+        assert got[sha["big.txt"]] == (len(texts["big.txt"]), texts["big.txt"].encode())
+        cut = reader.take([sha["cut.txt"], sha["big.txt"]], 1000)
+        assert cut[sha["cut.txt"]] == (2 << 20, b"y" * 1000)
+        assert cut[sha["big.txt"]] == (len(texts["big.txt"]), texts["big.txt"][:1000].encode())
+        # after objects asked ahead, a plain read still pairs each answer with its question
+        assert reader.read([sha["small.py"], missing], 100) == {sha["small.py"]: (6, b"X = 1\n"), missing: None}
+        reader.ask([sha["big.txt"]] * 8)  # 24 MB asked and never taken: closing must not wait for a reader
+    finally:
+        closing = threading.Thread(target=reader.close)
+        closing.start()
+        closing.join(30)
+    assert not closing.is_alive()
+    assert reader.proc.returncode is not None
+
+
+def test_a_history_longer_than_a_batch_and_the_objects_asked_ahead_is_stored_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 300 commits of 4 files each: more than git's parts of a batch and more objects than are asked for ahead,
+    # so parts end and groups of objects wait while others are read.
+    n = BATCH_COMMITS + 44
+    assert n * 4 > ObjectReader.AHEAD
+    rng = random.Random(5)
+    repo_dir = tmp_path / "repo"
+    make_repo(repo_dir, [])
+    stream = []
+    contents: dict[str, list[str]] = {f"m{k}.py": [f"def f{k}():\n", "    return 0\n"] for k in range(12)}
+    for i in range(n):
+        files = []
+        for path in rng.sample(sorted(contents), 4):
+            lines = contents[path]
+            lines.insert(rng.randrange(len(lines) + 1), f"V{i} = {rng.random()!r}\n")
+            data = "".join(lines).encode()
+            files.append(f"M 100644 inline {path}\ndata {len(data)}\n".encode() + data + b"\n")
+        message = f"change {i}\n".encode()
+        stream.append(b"commit refs/heads/main\n"
+                      + f"author Alice <alice@example.com> {1_700_000_000 + i * 60} +0000\n".encode()
+                      + f"committer Alice <alice@example.com> {1_700_000_000 + i * 60} +0000\n".encode()
+                      + f"data {len(message)}\n".encode() + message + b"".join(files))
+    subprocess.run(["git", "fast-import", "--quiet"], cwd=repo_dir, input=b"".join(stream), check=True)
+    stored = []  # the events of each transaction
+    apply_batch = Store.apply_batch
+
+    def observed(self: Store, source: str, rows: Rows, *args: Any, **kwargs: Any) -> Any:
+        stored.append(sum(len(batch) for table, batch in rows.tables.items() if table.name == "commits"))
+        return apply_batch(self, source, rows, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "apply_batch", observed)
+    result, db = collect(tmp_path, repo_dir)
+    assert result["error"] is None and result["status"]["commits"]["total"] == n
+    assert stored == [n]  # git's parts of 256 and 44 commits, stored batch_events (2,000) at a time
+    stored.clear()
+    _, small = collect(tmp_path / "small", repo_dir, batch_events=100)
+    assert stored == [100, 100, 100, 0]  # each part a whole batch; the last moves the cursor to the head
+    assert all(table_rows(small, t) == table_rows(db, t) for t in ("commits", "commit_files", "blobs"))
+    blobs = dict(table_rows(db, "blobs"))
+    files = table_rows(db, "commit_files")
+    assert len(files) == 4 * n
+    wanted = "\n".join(blob for _, _, _, blob, *_ in files) + "\n"
+    out = subprocess.run(["git", "cat-file", "--batch"], cwd=repo_dir, input=wanted.encode(), capture_output=True,
+                         check=True).stdout
+    at = 0
+    for _, path, _, blob, *_ in files:
+        header_end = out.index(b"\n", at)
+        size = int(out[at:header_end].split()[2])
+        assert blobs[blob] == out[header_end + 1:header_end + 1 + size].decode(), path
+        at = header_end + 1 + size + 1
 
 
 class Trickle(io.RawIOBase):

@@ -119,15 +119,33 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
             progress = Progress(log, f"collect source={name} stream={stream}",
                                 collector.pending(root, stream, cursor), collector.unit)
             storing: tuple[Future[Applied], int] | None = None  # the batch in flight, and its events
-            for batch in collector.collect(root, stream, cursor, limits):
-                if batch.note:
-                    log.warning("source=%s stream=%s: %s", name, stream, batch.note)
-                    report.notes.append(f"{stream}: {batch.note}")
-                rows = to_rows(batch, source, repo, cfg, directory, contents)
-                _settle(report, storing)
-                storing = (writer.submit(store.apply_batch, name, rows, batch.cursor),
-                           len(batch.events) + len(batch.rejects))
-                progress.advance(batch.read)
+            # A batch is scrubbed as it comes; parts of one (Batch.partial: git hands over 256 commits at a time,
+            # so that it reads ahead while they are scrubbed) are stored `batch_events` at a time. Stored one by one
+            # they cost ~35 ms each more than their share of a larger transaction, most of it the storing thread
+            # waiting for the GIL (the harvest of psf/requests, 26 transactions against 4: 5.4-5.7 s against 5.1-5.4).
+            rows, events, last = Rows(), 0, None
+            batches = collector.collect(root, stream, cursor, limits)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except BaseException:
+                    if last is not None:  # what was read before the collector failed is stored, with its cursor
+                        _settle(report, storing)
+                        storing = (writer.submit(store.apply_batch, name, rows, last), events)
+                    raise
+                if batch is not None:
+                    if batch.note:
+                        log.warning("source=%s stream=%s: %s", name, stream, batch.note)
+                        report.notes.append(f"{stream}: {batch.note}")
+                    to_rows(batch, source, repo, cfg, directory, contents, rows)
+                    events, last = events + len(batch.events) + len(batch.rejects), batch.cursor
+                    progress.advance(batch.read)
+                if last is not None and (batch is None or not batch.partial or events >= cfg.batch_events):
+                    _settle(report, storing)
+                    storing = (writer.submit(store.apply_batch, name, rows, last), events)
+                    rows, events, last = Rows(), 0, None
+                if batch is None:
+                    break
             _settle(report, storing)
             report.seconds += progress.finish()
     return report
@@ -150,12 +168,13 @@ def _account(report: SourceReport, applied: Applied, n: int) -> None:
 
 
 def to_rows(batch: Batch, source: SourceConfig, repo: str | None, cfg: CollectConfig,
-            directory: Directory, contents: FileScrubber | None = None) -> Rows:
-    """Apply identity, privacy rules and scrubbing to a batch and lay it out for the store.
+            directory: Directory, contents: FileScrubber | None = None, rows: Rows | None = None) -> Rows:
+    """Apply identity, privacy rules and scrubbing to a batch and lay it out for the store (added to `rows` when
+    given: the batches before it, to be stored with it).
 
     `contents` scrubs committed file contents; pass one for all the batches of a harvest, so that each
     version of a file costs only what it changed."""
-    rows = Rows()
+    rows = rows if rows is not None else Rows()
     ingested = now()
     contents = contents or FileScrubber()
     for event in batch.events:
