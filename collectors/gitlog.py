@@ -110,9 +110,8 @@ class GitCollector:
 
     def collect(self, root: Path, stream: str, cursor: Cursor | None, limits: Limits) -> Iterator[Batch]:
         repo = open_repo(root)
-        try:
-            head = repo.head.commit.hexsha
-        except ValueError:
+        head = _head(repo)
+        if head is None:
             return  # no commits yet
         if cursor is not None and cursor.sha == head:
             return
@@ -183,10 +182,10 @@ def git_dirs(path: Path) -> tuple[Path, Path]:
 def count_commits(root: Path, cursor: Cursor | None) -> int:
     """How many commits a harvest from `cursor` will walk (for progress and ETA)."""
     repo = open_repo(root)
-    try:
-        revs = [repo.head.commit.hexsha]
-    except ValueError:
+    head = _head(repo)
+    if head is None:
         return 0
+    revs = [head]
     if cursor is not None and cursor.sha and _is_commit(repo, cursor.sha):
         revs.append(f"^{cursor.sha}")
     return int(_git(_cwd(repo), "rev-list", "--count", *revs, "--"))
@@ -206,11 +205,22 @@ def remote_name(root: Path) -> str:
     return Path(repo.working_tree_dir or root).resolve().name.lower()
 
 
+# Commits are resolved by git itself: GitPython cannot parse a SHA-256 repository's references ("Failed to parse
+# reference information"), which read as "no commits yet", so such a repository was never harvested.
+def _head(repo: git.Repo) -> str | None:
+    """The commit HEAD names, or None when there is none yet (an empty repository)."""
+    return _commit_of(repo, "HEAD")
+
+
 def _is_commit(repo: git.Repo, sha: str) -> bool:
-    try:
-        return repo.commit(sha).type == "commit"
-    except (ValueError, git.BadName):
-        return False
+    return _commit_of(repo, sha) is not None
+
+
+def _commit_of(repo: git.Repo, rev: str) -> str | None:
+    out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"],
+                         cwd=_cwd(repo), capture_output=True, env=_git_env())
+    sha = out.stdout.decode().strip()
+    return sha if out.returncode == 0 and sha else None
 
 
 def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
@@ -538,9 +548,11 @@ class ObjectReader:
     """
 
     GROUP = 64  # `read`: requests written before reading
-    # Objects asked for and not taken, at most: 1,024 requests (42 KB) never fill the 64 KiB pipe git reads them
-    # from, and their answers (~30 MB of the generated history's file versions) wait in the drain.
-    AHEAD = 1024
+    # Objects asked for and not taken, at most. Their requests must fit the 64 KiB pipe git reads them from: when
+    # the drain is full (64 MB of answers: large files) git stops reading requests until we take answers, and a
+    # request written into a full pipe would wait for ever. 960 names of a SHA-256 repository are 62,400 bytes
+    # (SHA-1: 39,360). Their answers are ~28 MB of the generated history's file versions.
+    AHEAD = 960
 
     def __init__(self, git_dir: Path):
         self.err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process; closed in close()

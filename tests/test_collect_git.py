@@ -154,15 +154,8 @@ def test_objects_asked_ahead_come_back_in_order_whatever_their_size(tmp_path: Pa
     assert reader.proc.returncode is not None
 
 
-def test_a_history_longer_than_a_batch_and_the_objects_asked_ahead_is_stored_whole(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # 300 commits of 4 files each: more than git's parts of a batch and more objects than are asked for ahead,
-    # so parts end and groups of objects wait while others are read.
-    n = BATCH_COMMITS + 44
-    assert n * 4 > ObjectReader.AHEAD
-    rng = random.Random(5)
-    repo_dir = tmp_path / "repo"
-    make_repo(repo_dir, [])
+def fast_import(repo_dir: Path, n: int, rng: random.Random) -> None:
+    """`n` commits into `repo_dir`, each adding a line to 4 of 12 files."""
     stream = []
     contents: dict[str, list[str]] = {f"m{k}.py": [f"def f{k}():\n", "    return 0\n"] for k in range(12)}
     for i in range(n):
@@ -178,6 +171,17 @@ def test_a_history_longer_than_a_batch_and_the_objects_asked_ahead_is_stored_who
                       + f"committer Alice <alice@example.com> {1_700_000_000 + i * 60} +0000\n".encode()
                       + f"data {len(message)}\n".encode() + message + b"".join(files))
     subprocess.run(["git", "fast-import", "--quiet"], cwd=repo_dir, input=b"".join(stream), check=True)
+
+
+def test_a_history_longer_than_a_batch_and_the_objects_asked_ahead_is_stored_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 300 commits of 4 files each: more than git's parts of a batch and more objects than are asked for ahead,
+    # so parts end and groups of objects wait while others are read.
+    n = BATCH_COMMITS + 44
+    assert n * 4 > ObjectReader.AHEAD
+    repo_dir = tmp_path / "repo"
+    make_repo(repo_dir, [])
+    fast_import(repo_dir, n, random.Random(5))
     stored = []  # the events of each transaction
     apply_batch = Store.apply_batch
 
@@ -193,9 +197,24 @@ def test_a_history_longer_than_a_batch_and_the_objects_asked_ahead_is_stored_who
     _, small = collect(tmp_path / "small", repo_dir, batch_events=100)
     assert stored == [100, 100, 100, 0]  # each part a whole batch; the last moves the cursor to the head
     assert all(table_rows(small, t) == table_rows(db, t) for t in ("commits", "commit_files", "blobs"))
+    assert_blobs_as_git_has_them(repo_dir, db, 4 * n)
+
+
+def test_a_sha256_repository_is_harvested_whole(tmp_path: Path) -> None:
+    # 64-character names: longer requests to cat-file, asked ahead just the same.
+    repo_dir = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", "--object-format=sha256", "-b", "main", str(repo_dir)], check=True)
+    fast_import(repo_dir, 300, random.Random(6))
+    result, db = collect(tmp_path, repo_dir)
+    assert result["error"] is None and result["status"]["commits"]["total"] == 300
+    assert {len(sha) for sha, *_ in table_rows(db, "commits")} == {64}
+    assert_blobs_as_git_has_them(repo_dir, db, 4 * 300)
+
+
+def assert_blobs_as_git_has_them(repo_dir: Path, db: Path, n_files: int) -> None:
     blobs = dict(table_rows(db, "blobs"))
     files = table_rows(db, "commit_files")
-    assert len(files) == 4 * n
+    assert len(files) == n_files
     wanted = "\n".join(blob for _, _, _, blob, *_ in files) + "\n"
     out = subprocess.run(["git", "cat-file", "--batch"], cwd=repo_dir, input=wanted.encode(), capture_output=True,
                          check=True).stdout
