@@ -70,9 +70,10 @@ _STDERR_CHARS = 2000  # what an error or a reject quotes of git's stderr (its la
 MAX_RESTARTS = 16
 READ_AHEAD = 64  # commits without text files that wait at most for the next one's round trip
 # A batch of commits is read whole, then scrubbed (pipelines/ingest). While it is scrubbed git inflates the next
-# commits' objects asked for ahead (ObjectReader.AHEAD): ~3.4 objects a commit in the generated history, ~2.2 in
-# flask's, so 256 commits keep git busy through the scrub. With [collect] batch_events' 2,000 git sat idle
-# through most of it. The parts are stored batch_events at a time (Batch.partial).
+# commits' objects asked for ahead (ObjectReader.AHEAD): 256 commits are ~900 objects in the generated history
+# (3.5 a commit: the commit and its files), ~690 in flask's, ~580 in requests', so the next part is asked for
+# whole while this one is scrubbed. With [collect] batch_events' 2,000 git sat idle through most of the scrub.
+# The parts are stored batch_events at a time (Batch.partial).
 BATCH_COMMITS = 256
 
 
@@ -412,8 +413,9 @@ class _Drain:
     """A pipe read in a thread as git writes it, up to `max_bytes` ahead of the reader (`read1`): `git cat-file`
     answers all it was asked (ObjectReader) while the harvest scrubs, not only what fits the pipe.
 
-    The thread holds the GIL only to take a chunk (up to 1 MiB) of what git wrote. Tried for `git log` too: no
-    gain over a 1 MiB pipe there (7.2-7.6 against 7.4-7.8 s, 3 alternating pairs), with more system time.
+    The thread holds the GIL only to take a chunk (up to 1 MiB) of what git wrote. Tried for `git log` too: slower
+    than its plain pipe (7.4-7.8 against 7.2-7.6 s, 3 alternating pairs), with more system time; a 1 MiB pipe is
+    what helped there (`_widen`).
     """
 
     CHUNK = 1 << 20
