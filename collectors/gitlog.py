@@ -250,14 +250,14 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
 
     # Commits parsed and their objects asked for, not read yet, oldest first: git inflates them while the
     # commits before them are scrubbed and stored (ObjectReader).
-    asked: collections.deque[list[tuple[bytes, _Record | Reject]]] = collections.deque()
+    asked: collections.deque[tuple[list[tuple[bytes, _Record | Reject]], list[str]]] = collections.deque()
 
     def emit_asked(room: int | None = None) -> Iterator[Commit | Reject]:
         """Read and hand on the oldest groups asked for until `room` more objects may be asked (None: all of
         them, those with no object to read too)."""
         while asked and (room is None or objects.asked + room > ObjectReader.AHEAD):
-            group = asked.popleft()
-            yield from emit(group, objects.take(_objects_of(group), max_file_bytes))
+            group, shas = asked.popleft()
+            yield from emit(group, objects.take(shas, max_file_bytes))
 
     def emit_ahead(waiting: list[tuple[bytes, _Record | Reject]]) -> Iterator[Commit | Reject]:
         shas = _objects_of(waiting)
@@ -267,7 +267,7 @@ def iter_commits(repo: git.Repo, revs: list[str], max_file_bytes: int,
             return
         yield from emit_asked(len(shas))
         objects.ask(shas)
-        asked.append(waiting)
+        asked.append((waiting, shas))
 
     try:
         while True:
