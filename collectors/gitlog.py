@@ -422,7 +422,9 @@ class _Drain:
 
     def __init__(self, fd: int, max_bytes: int = 64 << 20):
         self.fd = fd
-        self.max_bytes = max_bytes  # how far git may run ahead: ~10,000 commits of the generated history
+        # How far git may run ahead of what is read. The objects asked ahead bound it first (ObjectReader.AHEAD:
+        # ~28 MB of the generated history's file versions); this bounds a run of large files.
+        self.max_bytes = max_bytes
         self.chunks: collections.deque[bytes] = collections.deque()
         self.held = 0
         self.ended = False
@@ -456,8 +458,8 @@ class _Drain:
                 self.ended = True
                 self.cond.notify_all()
 
-    def read1(self, size: int = -1) -> bytes:
-        """The next chunk git wrote (of any size: `size` is ignored), or b"" once git closed its end."""
+    def read1(self) -> bytes:
+        """The next chunk git wrote, or b"" once git closed its end."""
         with self.cond:
             while not self.chunks and not self.ended:
                 self.cond.wait()
@@ -600,8 +602,9 @@ class ObjectReader:
                 out[sha] = None
                 continue
             size = int(header[2])
-            data = self.out.read(min(size + 1, max_bytes))  # the object, then "\n"
-            if len(data) < min(size + 1, max_bytes):
+            wanted = min(size + 1, max_bytes)  # the object, then "\n"; or its first max_bytes
+            data = self.out.read(wanted)
+            if len(data) < wanted:
                 raise self._died()
             if size < max_bytes:
                 out[sha] = (size, data[:-1])

@@ -23,6 +23,7 @@ from collectors import COLLECTORS
 from collectors.base import (
     Batch,
     Commit,
+    Cursor,
     EditOutcome,
     GatewayRequest,
     Interaction,
@@ -130,8 +131,7 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
                     batch = next(batches, None)
                 except BaseException:
                     if last is not None:  # what was read before the collector failed is stored, with its cursor
-                        _settle(report, storing)
-                        storing = (writer.submit(store.apply_batch, name, rows, last), events)
+                        storing = _store_next(report, storing, writer, store, name, rows, last, events)
                     raise
                 if batch is not None:
                     if batch.note:
@@ -141,14 +141,20 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
                     events, last = events + len(batch.events) + len(batch.rejects), batch.cursor
                     progress.advance(batch.read)
                 if last is not None and (batch is None or not batch.partial or events >= cfg.batch_events):
-                    _settle(report, storing)
-                    storing = (writer.submit(store.apply_batch, name, rows, last), events)
+                    storing = _store_next(report, storing, writer, store, name, rows, last, events)
                     rows, events, last = Rows(), 0, None
                 if batch is None:
                     break
             _settle(report, storing)
             report.seconds += progress.finish()
     return report
+
+
+def _store_next(report: SourceReport, storing: tuple[Future[Applied], int] | None, writer: ThreadPoolExecutor,
+                store: Store, source: str, rows: Rows, cursor: Cursor, events: int) -> tuple[Future[Applied], int]:
+    """Wait for the batch in flight, then hand `rows` and their cursor to the storing thread: the new one."""
+    _settle(report, storing)
+    return writer.submit(store.apply_batch, source, rows, cursor), events
 
 
 def _settle(report: SourceReport, storing: tuple[Future[Applied], int] | None) -> None:
