@@ -15,7 +15,8 @@ from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
 from pipelines.datasets.build import FILES, _cut, _shrink, build_datasets
-from pipelines.datasets.quality import FitMemo, TokenCounts, exact_key, fit_tokens
+from pipelines.datasets.context import Spool, TextContext
+from pipelines.datasets.quality import FitMemo, TokenCounts, exact_key, fit_tokens, text_size
 from pipelines.datasets.sft import FimExample
 from pipelines.scope import team
 from pipelines.store.db import Store
@@ -118,14 +119,16 @@ def test_replayed_fits_are_the_rounds_own_under_any_bound(tiny_model: Path) -> N
     tokenizer = load_base_tokenizer(str(tiny_model))
     rng = random.Random(7)
     words = ["alpha", "beta", "γάμμα", "delta_epsilon", "(x)", "\n", "    ", "return", "0xdeadbeef", "ünïcode"]
+    spool = Spool()
     rows = [FimExample(id=str(i), signal="committed", developer="a", ts=T0 + days(i), path="a.py",
-                       prefix="".join(rng.choices(words, k=rng.randint(0, 120 if i % 3 else 6))),
-                       suffix="".join(rng.choices(words, k=rng.randint(0, 60 if i % 3 else 200))),
+                       context=(TextContext if i % 2 else spool.put)(
+                           "".join(rng.choices(words, k=rng.randint(0, 120 if i % 3 else 6))),
+                           "".join(rng.choices(words, k=rng.randint(0, 60 if i % 3 else 200)))),
                        middle="".join(rng.choices(words, k=rng.randint(1, 30)))) for i in range(300)]
     keys = [exact_key(e.prefix, e.suffix, e.middle) for e in rows]
 
-    def parts(e: FimExample) -> tuple[str, ...]:
-        return e.prefix, e.suffix, e.middle, "<>"
+    def size(e: FimExample) -> tuple[int, int]:
+        return text_size(e.prefix, e.suffix, e.middle, "<>")
 
     def render(e: FimExample) -> str:
         return e.prefix + "<" + e.suffix + ">" + e.middle
@@ -133,7 +136,7 @@ def test_replayed_fits_are_the_rounds_own_under_any_bound(tiny_model: Path) -> N
     def fit(ratio: float | None, memo: FitMemo | None) -> tuple[list[FimExample], Counter[str], Counter[str]]:
         dropped: Counter[str] = Counter()
         counted: Counter[str] = Counter()
-        out = fit_tokens(rows, parts, render, _shrink, TokenCounts(tokenizer, {}), 96, ratio, dropped, counted,
+        out = fit_tokens(rows, size, render, _shrink, TokenCounts(tokenizer, {}), 96, ratio, dropped, counted,
                          memo, keys if memo else (), _cut if memo else None)
         return out, dropped, counted
 

@@ -16,7 +16,8 @@ import pytest
 from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
-from pipelines.datasets.build import FILES, _with_context, build_datasets
+from pipelines.datasets.build import FILES, _cut, build_datasets
+from pipelines.datasets.context import Spool, TextContext
 from pipelines.datasets.dpo import PairExample
 from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix
 from pipelines.datasets.sft import FimExample, block_bodies
@@ -283,11 +284,15 @@ def test_rows_cut_to_fit_are_the_rows_dataclasses_replace_would_make() -> None:
     """The token stage copies a row with new context without __init__: only sound while the row types
     validate nothing in __post_init__ and keep their fields in __dict__."""
     at = datetime(2026, 11, 2, 9)
-    rows = [FimExample("f", "kept", "alice", at, "r/a.py", "def f():\n", "\n", "  return 1", "spm"),
-            PairExample("a>b", "rejected", "kept", "alice", at, "r/a.py", "x = ", "\n", "1", "2"),
-            Side("s", "rejected", False, "alice", at, "r/a.py", "y = ", "\n", "3")]
-    for row in rows:
-        assert not hasattr(type(row), "__post_init__") and not hasattr(type(row), "__slots__")
-        cut, want = _with_context(row, "f():\n", ""), replace(row, prefix="f():\n", suffix="")
-        assert cut == want and hash(cut) == hash(want)
-        assert type(cut) is type(row) and row.prefix != cut.prefix  # the original is untouched
+    spool = Spool()
+    for context in (TextContext("def f():\n", "\nx\n"), spool.put("def f():\n", "\nx\n")):
+        rows = [FimExample("f", "kept", "alice", at, "r/a.py", context, "  return 1", "spm"),
+                PairExample("a>b", "rejected", "kept", "alice", at, "r/a.py", context, "1", "2"),
+                Side("s", "rejected", False, "alice", at, "r/a.py", context, "3")]
+        for row in rows:
+            assert not hasattr(type(row), "__post_init__") and not hasattr(type(row), "__slots__")
+            cut, want = _cut(row, 5, 1), replace(row, context=TextContext("f():\n", "\n"))
+            assert cut == want and hash(cut) == hash(want)
+            assert (cut.prefix, cut.suffix) == ("f():\n", "\n")
+            assert type(cut) is type(row) and row.prefix != cut.prefix  # the original is untouched
+    spool.close()

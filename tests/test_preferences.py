@@ -11,6 +11,7 @@ from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
 from pipelines.datasets.build import build_datasets
+from pipelines.datasets.context import TextContext
 from pipelines.datasets.dpo import pair_examples, same_text
 from pipelines.datasets.kto import kto_weights
 from pipelines.datasets.outcomes import Outcome, sides
@@ -37,7 +38,7 @@ SUFFIX = "\n\ndef perimeter(r):\n    return 2 * math.pi * r\n"
 def outcome(n: int, text: str, accepted: bool, link: str = "", developer: str = "alice", prefix: str = PREFIX,
             suffix: str = SUFFIX, committed: str | None = None) -> Outcome:
     return Outcome(id=f"s{n}", developer=developer, ts=T0 + timedelta(minutes=n), path="acme/geo/geo.py",
-                   prefix=prefix, suffix=suffix, text=text, accepted=accepted,
+                   context=TextContext(prefix, suffix), text=text, accepted=accepted,
                    link=link or ("unknown" if accepted else ""), committed_text=committed)
 
 

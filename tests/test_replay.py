@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from pipelines.config import TrainConfig
 from pipelines.datasets.build import write_jsonl
+from pipelines.datasets.context import TextContext
 from pipelines.datasets.dpo import PairExample, pair_row
 from pipelines.datasets.kto import kto_row
 from pipelines.datasets.outcomes import Side
@@ -63,12 +64,13 @@ def write_dataset(data: Path, n: int, index: bool = False) -> list[str]:
     ts = [start + timedelta(hours=7 * i) for i in range(n)]
     text = [TRICKY[i % len(TRICKY)] * (1 + i % 3) for i in range(n)]
     rows = {
-        "sft.jsonl": [fim_row(FimExample(f"s{i}", "kept", "alice", ts[i], "r/a.py", text[i], "tail", "mid " + text[i],
-                                         "spm" if i % 5 == 0 else "psm"), fim) for i in range(n)],
-        "dpo.jsonl": [pair_row(PairExample(f"p{i}", "rejected", "kept", "alice", ts[i], "r/a.py", text[i], "", "yes",
-                                           "no" + text[i]), fim) for i in range(0, n, 2)],
-        "kto.jsonl": [kto_row(Side(f"k{i}", "rejected", i % 3 == 0, "alice", ts[i], "r/a.py", text[i], "s", "t"), fim)
-                      for i in range(n)],
+        "sft.jsonl": [fim_row(FimExample(f"s{i}", "kept", "alice", ts[i], "r/a.py", TextContext(text[i], "tail"),
+                                         "mid " + text[i], "spm" if i % 5 == 0 else "psm"), fim) for i in range(n)],
+        "dpo.jsonl": [pair_row(PairExample(f"p{i}", "rejected", "kept", "alice", ts[i], "r/a.py",
+                                           TextContext(text[i], ""), "yes", "no" + text[i]), fim)
+                      for i in range(0, n, 2)],
+        "kto.jsonl": [kto_row(Side(f"k{i}", "rejected", i % 3 == 0, "alice", ts[i], "r/a.py", TextContext(text[i], "s"),
+                                   "t"), fim) for i in range(n)],
         "chat.jsonl": [chat_row(ChatExample(f"c{i}", "edit", "alice", ts[i], "a.py", text[i], '{"ts":"0"}'))
                        for i in range(0, n, 3)],
     }

@@ -41,12 +41,15 @@ import orjson
 
 from pipelines.config import DatasetsConfig
 from pipelines.datasets.cache import BuildCache
-from pipelines.datasets.dpo import PairExample, pair_examples, pair_row
+from pipelines.datasets.context import Spool
+from pipelines.datasets.dpo import PairExample, match_key, pair_examples, pair_row
 from pipelines.datasets.kto import kto_row, kto_weights
 from pipelines.datasets.link import link_suggestions
 from pipelines.datasets.outcomes import Outcome, Side, clip_prefix, clip_suffix, outcomes, sides
 from pipelines.datasets.paths import PathIndex
 from pipelines.datasets.quality import (
+    NEAR_PREFIX_CHARS,
+    NEAR_SUFFIX_CHARS,
     RowTexts,
     TokenCounts,
     calibrate,
@@ -58,6 +61,7 @@ from pipelines.datasets.quality import (
     near_duplicates_of,
     near_text,
     sketch,
+    text_size,
 )
 from pipelines.datasets.sft import (
     ChatExample,
@@ -124,15 +128,18 @@ def build_datasets(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: B
     # again as they pile up (creating 1M records plus 1M dicts took 3.5 s with it, 2.6 s without).
     collecting = gc.isenabled()
     gc.disable()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    spool = Spool(out_dir.parent, match_key)
     try:
-        return _build(store, scope, cfg, tokenizer, out_dir, cache_dir)
+        return _build(store, scope, cfg, tokenizer, out_dir, cache_dir, spool)
     finally:
+        spool.close()
         if collecting:
             gc.enable()
 
 
 def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseTokenizer, out_dir: Path,
-           cache_dir: Path | None) -> DatasetReport:
+           cache_dir: Path | None, spool: Spool) -> DatasetReport:
     seconds: dict[str, float] = {}
     clock = _Clock(seconds, str(scope))
     fim_tokens = tokenizer.fim
@@ -145,12 +152,12 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     index = PathIndex.build(store.repo_paths())
     progress = Progress(log, f"dataset {scope}: read suggestions", store.count_scope_suggestions(scope), "rows")
     suggestions = _advancing(store.scope_suggestions(scope, cfg.max_prefix_chars, cfg.max_suffix_chars), progress)
-    items = list(outcomes(suggestions, index, cfg, dropped))
+    items = list(outcomes(suggestions, index, cfg, dropped, spool))
     items.sort(key=_shown)  # the store streams them unsorted (Store.scope_suggestions); every set is oldest first
     progress.finish()
     fim = list(accepted_examples(items, dropped))
     if cache.folder is None:
-        fim += committed_examples(store.committed_files(scope), cfg, fim_tokens, dropped)
+        fim += committed_examples(store.committed_files(scope), cfg, fim_tokens, dropped, spool)
     else:
         fim += cache.committed_examples(store.committed_file_keys(scope),
                                         lambda shas: store.committed_files(scope, shas), cfg, fim_tokens, dropped)
@@ -162,9 +169,9 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     del items
     clock.lap("rows")
 
-    fim_k = keyed_unique(fim, lambda e: exact_key(e.prefix, e.suffix, e.middle), dropped)
-    pairs_k = keyed_unique(pairs, lambda p: exact_key(p.prefix, p.suffix, p.chosen, p.rejected), dropped)
-    kto_k = keyed_unique(kto, lambda k: exact_key(k.prefix, k.suffix, k.text, str(k.desirable)), dropped)
+    fim_k = keyed_unique(fim, lambda e: e.context.key(e.middle), dropped)
+    pairs_k = keyed_unique(pairs, lambda p: p.context.key(p.chosen, p.rejected), dropped)
+    kto_k = keyed_unique(kto, lambda k: k.context.key(k.text, str(k.desirable)), dropped)
     chat = drop_exact_duplicates(chat, lambda c: exact_key(c.user, c.assistant), dropped)
     del fim, pairs, kto
     clock.lap("dedup")
@@ -189,40 +196,40 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     fingerprint = tokenizer.fingerprint()
     counts = TokenCounts(tokenizer, store.token_counts(fingerprint))
     ratio = None if cfg.exact_token_counts else calibrate(
-        [_fim_text(e, fim_tokens.psm(e.prefix, e.suffix), fim_tokens.eos)
+        [_fim_text(e, fim_tokens.psm(*e.context.texts()), fim_tokens.eos)
          for e, _ in _spread(fim_train_k + fim_held_k)]
         + [kto_text(k, fim_tokens) for k, _ in _spread(kto_train_k)], counts)
 
-    def fit(rows: Keyed[Ctx], parts: Callable[[Ctx], tuple[str, ...]], render: Callable[[Ctx], str],
-            cap: int) -> list[Ctx]:
+    def fit(rows: Keyed[Ctx], middle: Callable[[Ctx], str], render: Callable[[Ctx], str], cap: int) -> list[Ctx]:
         plain = [r for r, _ in rows]
+
+        def size(row: Ctx) -> tuple[int, int]:  # the context's size without reading it, when it is ASCII
+            size, extra = row.context.size()
+            more, more_extra = text_size(middle(row), sentinels)
+            return size + more, extra + more_extra
+
         if cache.folder is None:
-            return fit_tokens(plain, parts, render, _shrink, counts, cap, ratio, dropped, counted)
+            return fit_tokens(plain, size, render, _shrink, counts, cap, ratio, dropped, counted)
         # A FIM row's layout is part of what is tokenized, and not of its exact_key
         keys = [_FIT_TAGS[type(r).__name__, getattr(r, "order", "")] + k for r, k in rows]
-        return fit_tokens(plain, parts, render, _shrink, counts, cap, ratio, dropped, counted, cache.fits, keys,
+        return fit_tokens(plain, size, render, _shrink, counts, cap, ratio, dropped, counted, cache.fits, keys,
                           _cut)
 
     cap = cfg.max_row_tokens
     sentinels = fim_tokens.psm("", "") + fim_tokens.eos  # the same characters in either layout
 
-    def fim_parts(e: FimExample) -> tuple[str, ...]:
-        return e.prefix, e.suffix, e.middle, sentinels
-
     def fim_render(e: FimExample) -> str:
         return _fim_text(e, fim_prompt(e, fim_tokens), fim_tokens.eos)
 
-    fim_train = fit(fim_train_k, fim_parts, fim_render, cap)
-    fim_held = fit(fim_held_k, fim_parts, fim_render, cap)
-    pair_train = fit(pair_train_k, lambda p: (p.prefix, p.suffix, max(p.chosen, p.rejected, key=len), sentinels),
-                     lambda p: pair_text(p, fim_tokens), cap)
-    pair_held = fit(pair_held_k, lambda p: (p.prefix, p.suffix, max(p.chosen, p.rejected, key=len), sentinels),
-                    lambda p: pair_text(p, fim_tokens), cap)
-    kto_train = fit(kto_train_k, lambda k: (k.prefix, k.suffix, k.text, sentinels),
-                    lambda k: kto_text(k, fim_tokens), cap)
+    fim_train = fit(fim_train_k, _middle, fim_render, cap)
+    fim_held = fit(fim_held_k, _middle, fim_render, cap)
+    pair_train = fit(pair_train_k, _longer_side, lambda p: pair_text(p, fim_tokens), cap)
+    pair_held = fit(pair_held_k, _longer_side, lambda p: pair_text(p, fim_tokens), cap)
+    kto_train = fit(kto_train_k, _kto_middle, lambda k: kto_text(k, fim_tokens), cap)
     del fim_train_k, fim_held_k, pair_train_k, pair_held_k, kto_train_k
-    chat_train = fit_tokens(chat_train, lambda c: (c.user, "\n", c.assistant), lambda c: c.user + "\n" + c.assistant,
-                            _no_shrink, counts, cap - CHAT_TEMPLATE_TOKENS, ratio, dropped, counted)
+    chat_train = fit_tokens(chat_train, lambda c: text_size(c.user, "\n", c.assistant),
+                            lambda c: c.user + "\n" + c.assistant, _no_shrink, counts, cap - CHAT_TEMPLATE_TOKENS,
+                            ratio, dropped, counted)
     store.save_token_counts(fingerprint, counts.new)
     clock.lap("tokens")
     cache.save()
@@ -402,7 +409,8 @@ def drop_near_duplicates(fim_train: Keyed[FimExample], fim_held: Keyed[FimExampl
 
 # The texts near-duplicates are found in: a row's window (prefix, middle, suffix) and its middle alone.
 def _fim_near(e: FimExample) -> str:
-    return near_text(e.prefix, e.middle, e.suffix)
+    prefix, suffix = e.context.ends(NEAR_PREFIX_CHARS, NEAR_SUFFIX_CHARS)
+    return near_text(prefix, e.middle, suffix)
 
 
 def _middle(e: FimExample) -> str:
@@ -410,7 +418,8 @@ def _middle(e: FimExample) -> str:
 
 
 def _pair_near(p: PairExample) -> str:
-    return near_text(p.prefix, _pair_middle(p), p.suffix)
+    prefix, suffix = p.context.ends(NEAR_PREFIX_CHARS, NEAR_SUFFIX_CHARS)
+    return near_text(prefix, _pair_middle(p), suffix)
 
 
 def _pair_middle(p: PairExample) -> str:
@@ -418,11 +427,13 @@ def _pair_middle(p: PairExample) -> str:
 
 
 def _chosen_near(p: PairExample) -> str:
-    return near_text(p.prefix, p.chosen, p.suffix)
+    prefix, suffix = p.context.ends(NEAR_PREFIX_CHARS, NEAR_SUFFIX_CHARS)
+    return near_text(prefix, p.chosen, suffix)
 
 
 def _rejected_near(p: PairExample) -> str:
-    return near_text(p.prefix, p.rejected, p.suffix)
+    prefix, suffix = p.context.ends(NEAR_PREFIX_CHARS, NEAR_SUFFIX_CHARS)
+    return near_text(prefix, p.rejected, suffix)
 
 
 def _chosen(p: PairExample) -> str:
@@ -434,11 +445,17 @@ def _rejected(p: PairExample) -> str:
 
 
 def _kto_near(k: Side) -> str:
-    return near_text(k.prefix, k.text, k.suffix)
+    prefix, suffix = k.context.ends(NEAR_PREFIX_CHARS, NEAR_SUFFIX_CHARS)
+    return near_text(prefix, k.text, suffix)
 
 
 def _kto_middle(k: Side) -> str:
     return k.text
+
+
+def _longer_side(p: PairExample) -> str:
+    """The longer of a pair's two completions: the one its row's size is bounded by."""
+    return max(p.chosen, p.rejected, key=len)
 
 
 def _advancing(rows: Iterable[T], progress: Progress) -> Iterator[T]:
@@ -479,36 +496,31 @@ def _fim_text(e: FimExample, prompt: str, eos: str) -> str:
 
 def pair_text(p: PairExample, fim: FimTokens) -> str:
     """The longer of a pair's two rows: the one the cap must hold."""
-    return fim.psm(p.prefix, p.suffix) + max(p.chosen, p.rejected, key=len) + fim.eos
+    return fim.psm(*p.context.texts()) + _longer_side(p) + fim.eos
 
 
 def kto_text(k: Side, fim: FimTokens) -> str:
-    return fim.psm(k.prefix, k.suffix) + k.text + fim.eos
+    return fim.psm(*k.context.texts()) + k.text + fim.eos
 
 
 def _shrink(row: Ctx) -> Ctx | None:
     """The row with 3/4 of its context, or None when it has none left to cut."""
-    if not row.prefix and not row.suffix:
+    if row.context.lengths() == (0, 0):
         return None
-    return _with_context(row, clip_prefix(row.prefix, len(row.prefix) * 3 // 4),
-                         clip_suffix(row.suffix, len(row.suffix) * 3 // 4))
+    prefix, suffix = row.context.texts()
+    return _cut(row, len(clip_prefix(prefix, len(prefix) * 3 // 4)), len(clip_suffix(suffix, len(suffix) * 3 // 4)))
 
 
 def _cut(row: Ctx, prefix_len: int, suffix_len: int) -> Ctx:
     """The row with the last `prefix_len` characters of its prefix and the first `suffix_len` of its suffix: where
-    `_shrink` rounds leave it (clip_prefix and clip_suffix keep an end of the text)."""
-    return _with_context(row, row.prefix[len(row.prefix) - prefix_len:], row.suffix[:suffix_len])
+    `_shrink` rounds leave it (clip_prefix and clip_suffix keep an end of the text).
 
-
-def _with_context(row: Ctx, prefix: str, suffix: str) -> Ctx:
-    """`dataclasses.replace(row, prefix=..., suffix=...)` for these plain frozen dataclasses (no __post_init__,
-    no slots) without going through __init__: 0.65 against 3.6 µs, and a 100k-suggestion build cuts 137k rows
-    (0.4 s)."""
+    `dataclasses.replace(row, context=...)` for these plain frozen dataclasses (no __post_init__, no slots)
+    without going through __init__: 0.65 against 3.6 µs, and a 100k-suggestion build cuts 137k rows (0.4 s)."""
     new = object.__new__(type(row))
     fields = new.__dict__
     fields.update(row.__dict__)
-    fields["prefix"] = prefix
-    fields["suffix"] = suffix
+    fields["context"] = row.context.cut(prefix_len, suffix_len)
     return new
 
 

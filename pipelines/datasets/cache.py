@@ -36,6 +36,7 @@ import numpy as np
 
 from pipelines.config import DatasetsConfig
 from pipelines.datasets import outcomes, quality, sft
+from pipelines.datasets.context import TextContext
 from pipelines.datasets.quality import BINS, FitMemo, RowTexts, sketch
 from pipelines.datasets.sft import FimExample, committed_examples
 from pipelines.store.records import CommittedFile
@@ -123,7 +124,7 @@ class BuildCache:
                    if (entry := self.files.get((sha, path))) is None or entry[0] != developer}
         for f in read(missing) if missing else ():
             lost: Counter[str] = Counter()
-            rows = [(e.id, e.prefix, e.suffix, e.middle, e.order) for e in committed_examples([f], cfg, fim, lost)]
+            rows = [(e.id, *e.context.texts(), e.middle, e.order) for e in committed_examples([f], cfg, fim, lost)]
             self.files[(f.sha, f.path)] = (f.developer, rows, dict(lost))
         self.file_hits = len(keys) - sum(1 for sha, _, _, _ in keys if sha in missing)
         out = []
@@ -131,8 +132,8 @@ class BuildCache:
             entry = self.files[(sha, path)]
             self.kept_files[(sha, path)] = entry
             dropped.update(entry[2])
-            out += [FimExample(id=i, signal="committed", developer=developer, ts=at, path=path, prefix=p, suffix=s,
-                               middle=m, order=o) for i, p, s, m, o in entry[1]]
+            out += [FimExample(id=i, signal="committed", developer=developer, ts=at, path=path,
+                               context=TextContext(p, s), middle=m, order=o) for i, p, s, m, o in entry[1]]
         return out
 
     def stats(self) -> dict[str, int]:

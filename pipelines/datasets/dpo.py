@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pipelines.datasets.context import Context
 from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix
 from pipelines.tokens import FimTokens
 
@@ -47,21 +48,37 @@ class PairExample:
     developer: str
     ts: datetime  # the later of the two sides
     path: str
-    prefix: str
-    suffix: str
+    context: Context
     chosen: str
     rejected: str
+
+    @property
+    def prefix(self) -> str:
+        return self.context.texts()[0]
+
+    @property
+    def suffix(self) -> str:
+        return self.context.texts()[1]
 
 
 def context_key(s: Side) -> tuple[str, str, int, int, int, int]:
     """The context two sides must share to be paired (see the module docstring), as a key for this process's
-    grouping only: the texts near the cursor by length and Python's 64-bit string hash, not kept (a copy of
+    grouping only: the developer, the file, and `match_key` of the texts near the cursor."""
+    known = s.context.match()
+    if known is None:
+        # clip_prefix(tail, n) of a tail one character longer than n is clip_prefix(prefix, n); so at the suffix
+        known = match_key(*s.context.ends(PREFIX_MATCH_CHARS + 1, SUFFIX_MATCH_CHARS + 1))
+    return s.developer, s.path, *known
+
+
+def match_key(prefix: str, suffix: str) -> tuple[int, int, int, int]:
+    """The texts near the cursor, normalised, by length and Python's 64-bit string hash: not kept (a copy of
     every normalised context would add ~1 KB a side to the build's peak) and not hashed by exact_key (2.1
     against 0.5 us a side, joining and encoding them first). Two contexts of one developer and file would
     have to agree in both lengths and collide in the hash to be taken for one."""
-    prefix = _strip_line_ends(clip_prefix(s.prefix, PREFIX_MATCH_CHARS))
-    suffix = _strip_line_ends(clip_suffix(s.suffix, SUFFIX_MATCH_CHARS) + "\n").rstrip("\n")
-    return s.developer, s.path, len(prefix), hash(prefix), len(suffix), hash(suffix)
+    prefix = _strip_line_ends(clip_prefix(prefix, PREFIX_MATCH_CHARS))
+    suffix = _strip_line_ends(clip_suffix(suffix, SUFFIX_MATCH_CHARS) + "\n").rstrip("\n")
+    return len(prefix), hash(prefix), len(suffix), hash(suffix)
 
 
 def _strip_line_ends(text: str) -> str:
@@ -126,7 +143,7 @@ def _pair_group(group: list[Side], cap: int, dropped: Counter[str]) -> tuple[lis
         used.add(match.id)
         pairs.append(PairExample(
             id=f"{match.id}>{r.id}", signal=r.signal, chosen_signal=match.signal, developer=match.developer,
-            ts=max(match.ts, r.ts), path=match.path, prefix=match.prefix, suffix=match.suffix,
+            ts=max(match.ts, r.ts), path=match.path, context=match.context,
             chosen=match.text, rejected=r.text))
     left.extend(c for c in chosen if c.id not in used)
     return pairs, left
@@ -135,6 +152,6 @@ def _pair_group(group: list[Side], cap: int, dropped: Counter[str]) -> tuple[lis
 def pair_row(p: PairExample, fim: FimTokens, kind: str | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"kind": kind} if kind else {}
     row.update({"id": p.id, "signal": p.signal, "chosen_signal": p.chosen_signal, "developer": p.developer,
-                "ts": p.ts.isoformat(), "path": p.path, "prompt": fim.psm(p.prefix, p.suffix),
+                "ts": p.ts.isoformat(), "path": p.path, "prompt": fim.psm(*p.context.texts()),
                 "chosen": p.chosen + fim.eos, "rejected": p.rejected + fim.eos})
     return row

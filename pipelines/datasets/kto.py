@@ -38,4 +38,4 @@ def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
 def kto_row(s: Side, fim: FimTokens) -> dict[str, Any]:
     """An unpaired side as a KTO row: its completion, labelled desirable or not."""
     return {"id": s.id, "signal": s.signal, "developer": s.developer, "ts": s.ts.isoformat(), "path": s.path,
-            "prompt": fim.psm(s.prefix, s.suffix), "completion": s.text + fim.eos, "label": s.desirable}
+            "prompt": fim.psm(*s.context.texts()), "completion": s.text + fim.eos, "label": s.desirable}

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from pipelines.config import DatasetsConfig
+from pipelines.datasets.context import Context, Spool, spool_or_text
 from pipelines.datasets.link import accepted_part
 from pipelines.datasets.paths import PathIndex, path_parts
 from pipelines.datasets.quality import content_problem, path_problem
@@ -29,12 +30,19 @@ class Outcome:
     developer: str
     ts: datetime
     path: str  # "owner/name/repo-relative path" when the file maps onto a stored repository, else as logged
-    prefix: str  # clipped to max_prefix_chars
-    suffix: str  # clipped to max_suffix_chars
+    context: Context  # the prefix clipped to max_prefix_chars, the suffix to max_suffix_chars
     text: str  # the suggestion (its accepted part for a partial accept)
     accepted: bool
     link: str  # "kept" | "rewritten" | "deleted" | "unknown" (accepted); "" (rejected)
     committed_text: str | None  # rewritten: the committed middle that replaced it (None: not alignable)
+
+    @property
+    def prefix(self) -> str:
+        return self.context.texts()[0]
+
+    @property
+    def suffix(self) -> str:
+        return self.context.texts()[1]
 
 
 @dataclass(frozen=True)
@@ -47,9 +55,16 @@ class Side:
     developer: str
     ts: datetime
     path: str
-    prefix: str
-    suffix: str
+    context: Context
     text: str
+
+    @property
+    def prefix(self) -> str:
+        return self.context.texts()[0]
+
+    @property
+    def suffix(self) -> str:
+        return self.context.texts()[1]
 
 
 def clip_prefix(text: str, max_chars: int) -> str:
@@ -71,8 +86,9 @@ def clip_suffix(text: str, max_chars: int) -> str:
 
 
 def outcomes(rows: Iterable[LinkedSuggestion], index: PathIndex, cfg: DatasetsConfig,
-             dropped: Counter[str]) -> Iterator[Outcome]:
-    """Suggestions from the store (`Store.scope_suggestions`) as Outcomes, minus the rows no set can use."""
+             dropped: Counter[str], spool: Spool | None = None) -> Iterator[Outcome]:
+    """Suggestions from the store (`Store.scope_suggestions`) as Outcomes, minus the rows no set can use; their
+    contexts are written to `spool` when there is one (pipelines.datasets.context)."""
     files: dict[tuple[str | None, str], tuple[str, str, str | None]] = {}
     for r in rows:
         if r.prefix is None:
@@ -99,9 +115,9 @@ def outcomes(rows: Iterable[LinkedSuggestion], index: PathIndex, cfg: DatasetsCo
             continue
         yield Outcome(
             id=r.id, developer=r.developer, ts=r.shown_at, path=path,
-            prefix=clip_prefix(r.prefix, cfg.max_prefix_chars),
             # Continue logs "\n" for an empty suffix; the model saw "\n" too, so keep it as logged.
-            suffix=clip_suffix(suffix, cfg.max_suffix_chars),
+            context=spool_or_text(spool, clip_prefix(r.prefix, cfg.max_prefix_chars),
+                                  clip_suffix(suffix, cfg.max_suffix_chars)),
             text=text, accepted=bool(r.accepted),
             link=(r.link_status or "unknown") if r.accepted else "",
             committed_text=r.committed_text,
@@ -112,8 +128,7 @@ def sides(items: Iterable[Outcome]) -> list[Side]:
     """Every chosen or rejected completion the outcomes hold (a rewritten suggestion holds one of each)."""
     out = []
     for o in items:
-        common: dict[str, Any] = {"developer": o.developer, "ts": o.ts, "path": o.path, "prefix": o.prefix,
-                                  "suffix": o.suffix}
+        common: dict[str, Any] = {"developer": o.developer, "ts": o.ts, "path": o.path, "context": o.context}
         if not o.accepted:
             out.append(Side(id=o.id, signal="rejected", desirable=False, text=o.text, **common))
         elif o.link == "rewritten":

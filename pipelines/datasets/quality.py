@@ -398,18 +398,26 @@ class FitMemo:
         self.replayed = 0
 
 
-def fit_tokens(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Callable[[T], str],
+def text_size(*texts: str) -> tuple[int, int]:
+    """(UTF-8 bytes, of which bytes beyond one a character) of `texts` together, without encoding ASCII text
+    (str.isascii is O(1) in CPython: a flag on the string)."""
+    chars = sum(map(len, texts))
+    extra = sum(len(t.encode("utf-8", "surrogatepass")) - len(t) for t in texts if not t.isascii())
+    return chars + extra, extra
+
+
+def fit_tokens(rows: list[T], size: Callable[[T], tuple[int, int]], render: Callable[[T], str],
                shrink: Callable[[T], T | None], tokenizer: Counts, max_tokens: int, ratio: float | None,
                dropped: Counter[str], counted: Counter[str], memo: FitMemo | None = None,
                keys: Sequence[bytes] = (), cut: Callable[[T, int, int], T] | None = None) -> list[T]:
     """Fit rows into `max_tokens` by cutting their context (`shrink` keeps 3/4 of it, None when there is
-    nothing left to cut); drop a row only when it cannot fit. `parts` gives the strings a row's text is made
-    of (their sizes bound its length without building it), `render` the text itself, built only for rows
-    that must be tokenized. `ratio` is the tokens-per-byte bound from `calibrate`, or None to tokenize every
-    row longer in bytes than the cap. `counted` tallies how each row's length was established: "bytes"
-    (short enough), "estimated" (under the bound) or "tokenized". With a `memo`, rows are named by `keys` and
-    a row traced by an earlier build is replayed (FitMemo) and cut to its lengths by `cut(row, prefix_len,
-    suffix_len)`."""
+    nothing left to cut); drop a row only when it cannot fit. `size` gives a row's text's UTF-8 bytes and how
+    many of them are beyond one a character (`text_size` of its parts: what bounds its length without building
+    it), `render` the text itself, built only for rows that must be tokenized. `ratio` is the tokens-per-byte bound
+    from `calibrate`, or None to tokenize every row longer in bytes than the cap. `counted` tallies how each row's
+    length was established: "bytes" (short enough), "estimated" (under the bound) or "tokenized". With a `memo`,
+    rows are named by `keys` and a row traced by an earlier build is replayed (FitMemo) and cut to its lengths by
+    `cut(row, prefix_len, suffix_len)`."""
     out: list[T | None] = list(rows)
     todo = list(range(len(out)))
     traces: dict[int, list[tuple[int, int, int, int, int]]] = {}
@@ -440,13 +448,13 @@ def fit_tokens(rows: list[T], parts: Callable[[T], tuple[str, ...]], render: Cal
         over = []
         for lo in range(0, len(todo), 10_000):  # rendered in chunks: a million rendered rows would be GBs
             chunk = todo[lo:lo + 10_000]
-            bounds = _upper_bounds([out[i] for i in chunk], parts, render, tokenizer, ratio, max_tokens, counted,
+            bounds = _upper_bounds([out[i] for i in chunk], size, render, tokenizer, ratio, max_tokens, counted,
                                    round_ == 0)
             over += [i for i, (n, _, _, _) in zip(chunk, bounds, strict=True) if n > max_tokens]
             if memo is not None:
-                for i, (_, size, extra, count) in zip(chunk, bounds, strict=True):
+                for i, (_, n_bytes, extra, count) in zip(chunk, bounds, strict=True):
                     row: Any = out[i]
-                    traces[i].append((size, extra, count, len(row.prefix), len(row.suffix)))
+                    traces[i].append((n_bytes, extra, count, *row.context.lengths()))
         if round_ == _MAX_ROUNDS:
             dropped["over_max_row_tokens"] += len(over)
             for i in over:
@@ -506,7 +514,7 @@ def calibrate(sample: list[str], tokenizer: Counts) -> float | None:
     return max(c / s for c, s in zip(counts, sizes, strict=True)) * SAMPLE_MARGIN
 
 
-def _upper_bounds(rows: list[Any], parts: Callable[[Any], tuple[str, ...]], render: Callable[[Any], str],
+def _upper_bounds(rows: list[Any], size_of: Callable[[Any], tuple[int, int]], render: Callable[[Any], str],
                   tokenizer: Counts, ratio: float | None, max_tokens: int, counted: Counter[str],
                   first_round: bool) -> list[tuple[int, int, int, int]]:
     """Per row, its token count or an upper bound of it that is enough to compare with `max_tokens`, then what
@@ -514,16 +522,13 @@ def _upper_bounds(rows: list[Any], parts: Callable[[Any], tuple[str, ...]], rend
     out = [(0, 0, 0, -1)] * len(rows)
     exact_needed = []
     for i, r in enumerate(rows):
-        pieces = parts(r)
-        chars = sum(map(len, pieces))
-        # str.isascii is O(1) in CPython (a flag on the string), so ASCII text is sized without encoding it
-        size = chars + sum(len(p.encode("utf-8", "surrogatepass")) - len(p) for p in pieces if not p.isascii())
-        found = _bound(size, size - chars, ratio, max_tokens)
+        size, extra = size_of(r)
+        found = _bound(size, extra, ratio, max_tokens)
         if found is None:
-            out[i] = (0, size, size - chars, -1)
+            out[i] = (0, size, extra, -1)
             exact_needed.append(i)
             continue
-        out[i] = (found[0], size, size - chars, -1)
+        out[i] = (found[0], size, extra, -1)
         if first_round:
             counted[found[1]] += 1
     if exact_needed:

@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from pipelines.config import DatasetsConfig
+from pipelines.datasets.context import Context, Spool, spool_or_text
 from pipelines.datasets.outcomes import Outcome, clip_prefix, clip_suffix
 from pipelines.datasets.paths import path_parts
 from pipelines.datasets.quality import file_problem
@@ -43,10 +44,17 @@ class FimExample:
     developer: str
     ts: datetime
     path: str
-    prefix: str
-    suffix: str
+    context: Context
     middle: str
     order: str = "psm"  # "psm" | "spm"
+
+    @property
+    def prefix(self) -> str:
+        return self.context.texts()[0]
+
+    @property
+    def suffix(self) -> str:
+        return self.context.texts()[1]
 
 
 @dataclass(frozen=True)
@@ -72,13 +80,14 @@ def accepted_examples(items: Iterable[Outcome], dropped: Counter[str]) -> Iterat
             signal, middle = "rewritten", o.committed_text
         else:
             signal, middle = ("kept" if o.link == "kept" else "accepted"), o.text
-        yield FimExample(id=o.id, signal=signal, developer=o.developer, ts=o.ts, path=o.path, prefix=o.prefix,
-                         suffix=o.suffix, middle=middle)
+        yield FimExample(id=o.id, signal=signal, developer=o.developer, ts=o.ts, path=o.path, context=o.context,
+                         middle=middle)
 
 
 def committed_examples(files: Iterable[CommittedFile], cfg: DatasetsConfig, fim: FimTokens,
-                       dropped: Counter[str]) -> Iterator[FimExample]:
-    """Up to `fim_spans_per_file` middles per (commit, file), cut from the lines that commit added."""
+                       dropped: Counter[str], spool: Spool | None = None) -> Iterator[FimExample]:
+    """Up to `fim_spans_per_file` middles per (commit, file), cut from the lines that commit added; their
+    contexts are written to `spool` when there is one."""
     for f in files:
         lines = f.content.splitlines(keepends=True)
         ranges = [(a, min(b, len(lines))) for a, b in f.added if a <= len(lines)]
@@ -99,8 +108,8 @@ def committed_examples(files: Iterable[CommittedFile], cfg: DatasetsConfig, fim:
             yield FimExample(
                 id=f"{f.sha}:{f.path}:{start}-{end}", signal="committed", developer=f.developer,
                 ts=f.committed_at, path=f.path,
-                prefix=clip_prefix("".join(lines[: start - 1]), cfg.max_prefix_chars),
-                suffix=clip_suffix("".join(lines[end:]), cfg.max_suffix_chars),
+                context=spool_or_text(spool, clip_prefix("".join(lines[: start - 1]), cfg.max_prefix_chars),
+                                      clip_suffix("".join(lines[end:]), cfg.max_suffix_chars)),
                 middle=middle, order=order,
             )
 
@@ -181,7 +190,8 @@ def edit_examples(rows: Iterable[EditRecord], dropped: Counter[str]) -> Iterator
 
 
 def fim_prompt(e: FimExample, fim: FimTokens) -> str:
-    return fim.spm(e.prefix, e.suffix) if e.order == "spm" else fim.psm(e.prefix, e.suffix)
+    prefix, suffix = e.context.texts()
+    return fim.spm(prefix, suffix) if e.order == "spm" else fim.psm(prefix, suffix)
 
 
 def fim_row(e: FimExample, fim: FimTokens) -> dict[str, Any]:
