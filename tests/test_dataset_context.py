@@ -16,7 +16,7 @@ from pipelines.datasets.context import Spool, SpooledContext, TextContext
 from pipelines.datasets.dpo import context_key, match_key
 from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix
 from pipelines.datasets.quality import exact_key
-from tests.support import T0
+from support import T0
 
 # ASCII code, then what is not: two-byte and three-byte characters, an astral one, a lone surrogate (git can
 # hand one over through surrogateescape), line breaks of every kind

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pipelines.store import db
 from pipelines.store.db import BLOB_READ_APART, VECTOR_ROWS, Store, StoreBusy
 from pipelines.store.migrations import MIGRATIONS
 
@@ -169,4 +170,32 @@ def test_a_few_close_files_are_read_apart_and_many_or_spread_ones_are_not(tmp_pa
     assert store._blob_contents({f"b{v * VECTOR_ROWS}" for v in range(4)}) is None  # one in each vector
     assert store._blob_contents({f"b{i}" for i in range(BLOB_READ_APART + 1)}) is None
     assert store._blob_contents(set()) == {}
+    store.close()
+
+
+def test_release_cache_lets_go_of_cached_blocks_and_keeps_the_memory_limit(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # What this table caches (~20 MB) is under the 256 MB a release keeps: let go down to 4 MB here
+    monkeypatch.setattr(db, "RELEASE_LIMIT", "4MB")
+    store = Store.open(tmp_path / "store.duckdb")
+    default = store.con.execute("SELECT current_setting('memory_limit')").fetchone()
+    # ~40 MB of hex that compresses poorly, checkpointed so it is read back through the buffer pool
+    store.con.execute("CREATE TABLE filler AS SELECT i, concat(md5(i::VARCHAR), md5((i * 7)::VARCHAR), "
+                      "md5((i * 13)::VARCHAR), md5((i * 31)::VARCHAR)) AS s FROM range(300000) t(i)")
+    store.con.execute("CHECKPOINT")
+    store.close()
+    store = Store.open(tmp_path / "store.duckdb")
+
+    def cached() -> int:
+        row = store.con.execute("SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'").fetchone()
+        return int(row[0]) if row else 0
+
+    total = store.con.execute("SELECT sum(length(s)) FROM filler").fetchone()
+    assert total == (300000 * 128,)
+    before = cached()
+    assert before > 8 << 20
+    store.release_cache()
+    assert cached() < before // 4
+    assert store.con.execute("SELECT current_setting('memory_limit')").fetchone() == default
+    assert store.con.execute("SELECT count(*) FROM filler WHERE s LIKE '%ab%'").fetchone()[0] > 0  # still readable
     store.close()

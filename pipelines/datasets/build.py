@@ -144,6 +144,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     clock = _Clock(seconds, str(scope))
     fim_tokens = tokenizer.fim
     link = link_suggestions(store, cfg)
+    store.release_cache()  # the link pass's reads (600 MB of cached blocks at 1M suggestions) are not read again
     clock.lap("link")
     cache = BuildCache(None if cache_dir is None else cache_dir / str(scope).replace(":", "-"), cfg, fim_tokens,
                        tokenizer.fingerprint())
@@ -167,6 +168,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     shown = len(items)
     accept_rate = sum(o.accepted for o in items) / shown if shown else 0.0
     del items
+    store.release_cache()  # every suggestion was read: their blocks stay cached otherwise (420 MB at 1M)
     clock.lap("rows")
 
     fim_k = keyed_unique(fim, lambda e: e.context.key(e.middle), dropped)

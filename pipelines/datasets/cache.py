@@ -82,15 +82,23 @@ class BuildCache:
         self.fits = FitMemo(self._load("fits.marshal"))
 
     def _load(self, name: str) -> dict[Any, Any]:
-        data = self._read(name)
-        if data is None:
+        """A file `_dumped` wrote: its dicts, read one at a time and joined."""
+        path = self._path(name)
+        if path is None:
             return {}
+        loaded: dict[Any, Any] = {}
         try:
-            loaded = marshal.loads(data)
+            with path.open("rb") as f:
+                f.seek(len(self.fingerprint.hex()) + 1)
+                while f.peek(1):
+                    part = marshal.load(f)
+                    if not isinstance(part, dict):
+                        raise TypeError(f"a {type(part).__name__}, not a dict")
+                    loaded.update(part)
         except (EOFError, ValueError, TypeError) as e:
             log.warning("dataset cache %s: %s unreadable (%s); computing it again", self.folder, name, e)
             return {}
-        return loaded if isinstance(loaded, dict) else {}
+        return loaded
 
     def _path(self, name: str) -> Path | None:
         """The file, when it exists and starts with this build's fingerprint line."""
@@ -99,11 +107,6 @@ class BuildCache:
         head = self.fingerprint.hex().encode() + b"\n"
         with (self.folder / name).open("rb") as f:
             return self.folder / name if f.read(len(head)) == head else None
-
-    def _read(self, name: str) -> bytes | None:
-        """The file's contents after its fingerprint line, or None when absent or made by other settings."""
-        path = self._path(name)
-        return None if path is None else path.read_bytes()[len(self.fingerprint.hex()) + 1:]
 
     def _write(self, name: str, parts: Iterable[bytes]) -> None:
         assert self.folder is not None
@@ -145,9 +148,22 @@ class BuildCache:
         """Write what this build used, and only that."""
         if self.folder is None:
             return
-        self._write("committed.marshal", [marshal.dumps(self.kept_files)])
-        self._write("fits.marshal", [marshal.dumps(self.fits.kept)])
+        self._write("committed.marshal", _dumped(self.kept_files))
+        self._write("fits.marshal", _dumped(self.fits.kept))
         self._write("sketches.bin", [self.sketches.spooled_rows.to_bytes(8, "little"), *self.sketches.spooled()])
+
+
+def _dumped(entries: dict[Any, Any], per_part: int = 4096) -> Iterator[bytes]:
+    """`entries` as marshalled dicts of `per_part` entries each, back to back: one dump of a 1M-suggestion
+    build's committed rows and fit traces added their whole size (~150 MB) to the build's peak at once."""
+    part: dict[Any, Any] = {}
+    for k, v in entries.items():
+        part[k] = v
+        if len(part) == per_part:
+            yield marshal.dumps(part)
+            part = {}
+    if part or not entries:
+        yield marshal.dumps(part)
 
 
 class Sketches:
