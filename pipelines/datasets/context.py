@@ -89,7 +89,7 @@ class Spool:
             mapped = self._remap(offset + size)
         data = mapped[offset:offset + size]
         self._read_since_release += size + FAULT_AROUND_BYTES
-        if self._read_since_release >= RELEASE_BYTES:
+        if self._read_since_release >= RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):  # Linux and the BSDs
             self._read_since_release = 0
             mapped.madvise(mmap.MADV_DONTNEED)
         return data
