@@ -124,7 +124,22 @@ class Spool:
         self._file.close()
 
 
-class TextContext:
+class _Texts:
+    """What both kinds of context share: they are equal when their texts are."""
+
+    __slots__ = ()
+
+    def texts(self) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Texts) and self.texts() == other.texts()
+
+    def __hash__(self) -> int:
+        return hash(self.texts())
+
+
+class TextContext(_Texts):
     """A prefix and suffix held as strings."""
 
     __slots__ = ("_prefix", "_suffix")
@@ -163,17 +178,11 @@ class TextContext:
         """The last `prefix_chars` of the prefix and the first `suffix_chars` of the suffix, as a context."""
         return TextContext(*self.ends(prefix_chars, suffix_chars))
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, (TextContext, SpooledContext)) and self.texts() == other.texts()
-
-    def __hash__(self) -> int:
-        return hash(self.texts())
-
     def __repr__(self) -> str:
         return f"TextContext({self._prefix!r}, {self._suffix!r})"
 
 
-class SpooledContext:
+class SpooledContext(_Texts):
     """A context in a `Spool`: number `at`, of which the last `keep_prefix` characters of the prefix and the first
     `keep_suffix` of the suffix (-1: all of it; clip_prefix and clip_suffix, which token cuts use, keep an end)."""
 
@@ -260,17 +269,26 @@ class SpooledContext:
         plen, slen = self.lengths()
         return SpooledContext(self.spool, self.at, min(prefix_chars, plen), min(suffix_chars, slen))
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, (TextContext, SpooledContext)) and self.texts() == other.texts()
-
-    def __hash__(self) -> int:
-        return hash(self.texts())
-
     def __repr__(self) -> str:
         return f"SpooledContext(#{self.at}, {self.lengths()})"
 
 
 Context = TextContext | SpooledContext
+
+
+class WithContext:
+    """A row whose `context` holds its prefix and suffix: both read as properties (each reads the context; the
+    build's stages ask the context for only what they need)."""
+
+    context: Context
+
+    @property
+    def prefix(self) -> str:
+        return self.context.texts()[0]
+
+    @property
+    def suffix(self) -> str:
+        return self.context.texts()[1]
 
 
 def spool_or_text(spool: Spool | None, prefix: str, suffix: str) -> Context:

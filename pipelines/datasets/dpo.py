@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pipelines.datasets.context import Context
+from pipelines.datasets.context import Context, WithContext
 from pipelines.datasets.outcomes import Side, clip_prefix, clip_suffix
 from pipelines.tokens import FimTokens
 
@@ -41,7 +41,7 @@ _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 
 
 @dataclass(frozen=True)
-class PairExample:
+class PairExample(WithContext):
     id: str  # "<chosen id>><rejected id>"
     signal: str  # the rejected side's signal: "rejected" | "replaced"
     chosen_signal: str
@@ -51,14 +51,6 @@ class PairExample:
     context: Context
     chosen: str
     rejected: str
-
-    @property
-    def prefix(self) -> str:
-        return self.context.texts()[0]
-
-    @property
-    def suffix(self) -> str:
-        return self.context.texts()[1]
 
 
 def context_key(s: Side) -> tuple[str, str, int, int, int, int]:

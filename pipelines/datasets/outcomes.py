@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from pipelines.config import DatasetsConfig
-from pipelines.datasets.context import Context, Spool, spool_or_text
+from pipelines.datasets.context import Context, Spool, WithContext, spool_or_text
 from pipelines.datasets.link import accepted_part
 from pipelines.datasets.paths import PathIndex, path_parts
 from pipelines.datasets.quality import content_problem, path_problem
@@ -23,7 +23,7 @@ from pipelines.store.records import LinkedSuggestion
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Outcome(WithContext):
     """One shown suggestion, what the developer did with it, and what became of it in git."""
 
     id: str
@@ -36,17 +36,9 @@ class Outcome:
     link: str  # "kept" | "rewritten" | "deleted" | "unknown" (accepted); "" (rejected)
     committed_text: str | None  # rewritten: the committed middle that replaced it (None: not alignable)
 
-    @property
-    def prefix(self) -> str:
-        return self.context.texts()[0]
-
-    @property
-    def suffix(self) -> str:
-        return self.context.texts()[1]
-
 
 @dataclass(frozen=True)
-class Side:
+class Side(WithContext):
     """One completion for one context, and whether the developer wanted it."""
 
     id: str  # the suggestion's id (a rewrite's replacement: id + ":committed")
@@ -57,14 +49,6 @@ class Side:
     path: str
     context: Context
     text: str
-
-    @property
-    def prefix(self) -> str:
-        return self.context.texts()[0]
-
-    @property
-    def suffix(self) -> str:
-        return self.context.texts()[1]
 
 
 def clip_prefix(text: str, max_chars: int) -> str:

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from pipelines.config import DatasetsConfig
-from pipelines.datasets.context import Context, Spool, spool_or_text
+from pipelines.datasets.context import Context, Spool, WithContext, spool_or_text
 from pipelines.datasets.outcomes import Outcome, clip_prefix, clip_suffix
 from pipelines.datasets.paths import path_parts
 from pipelines.datasets.quality import file_problem
@@ -38,7 +38,7 @@ NEXT_EDIT_INSTRUCTION = "Make the next edit to this code."
 
 
 @dataclass(frozen=True)
-class FimExample:
+class FimExample(WithContext):
     id: str
     signal: str  # "kept" | "rewritten" | "accepted" | "committed"
     developer: str
@@ -47,14 +47,6 @@ class FimExample:
     context: Context
     middle: str
     order: str = "psm"  # "psm" | "spm"
-
-    @property
-    def prefix(self) -> str:
-        return self.context.texts()[0]
-
-    @property
-    def suffix(self) -> str:
-        return self.context.texts()[1]
 
 
 @dataclass(frozen=True)
