@@ -74,6 +74,9 @@ def outcomes(rows: Iterable[LinkedSuggestion], index: PathIndex, cfg: DatasetsCo
     """Suggestions from the store (`Store.scope_suggestions`) as Outcomes, minus the rows no set can use; their
     contexts are written to `spool` when there is one (pipelines.datasets.context)."""
     files: dict[tuple[str | None, str], tuple[str, str, str | None]] = {}
+    # The store hands over a new string per row for the same developer or link status: one object each instead
+    # (a million rows held ~70 MB of copies of a few developers' names)
+    shared: dict[str, str] = {}
     for r in rows:
         if r.prefix is None:
             dropped["no_raw_prefix"] += 1  # the logged prefix held context we could not strip (FORMATS §1.5)
@@ -98,12 +101,12 @@ def outcomes(rows: Iterable[LinkedSuggestion], index: PathIndex, cfg: DatasetsCo
             dropped[problem] += 1
             continue
         yield Outcome(
-            id=r.id, developer=r.developer, ts=r.shown_at, path=path,
+            id=r.id, developer=shared.setdefault(r.developer, r.developer), ts=r.shown_at, path=path,
             # Continue logs "\n" for an empty suffix; the model saw "\n" too, so keep it as logged.
             context=spool_or_text(spool, clip_prefix(r.prefix, cfg.max_prefix_chars),
                                   clip_suffix(suffix, cfg.max_suffix_chars)),
             text=text, accepted=bool(r.accepted),
-            link=(r.link_status or "unknown") if r.accepted else "",
+            link=shared.setdefault(r.link_status or "unknown", r.link_status or "unknown") if r.accepted else "",
             committed_text=r.committed_text,
         )
 
