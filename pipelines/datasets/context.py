@@ -25,7 +25,7 @@ from array import array
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.datasets.quality import exact_key
+from pipelines.datasets.quality import exact_key, text_size
 
 Match = tuple[int, int, int, int]
 
@@ -168,11 +168,7 @@ class TextContext(_Texts):
 
     def size(self) -> tuple[int, int]:
         """(UTF-8 bytes, of which bytes beyond one a character) of prefix and suffix together."""
-        chars = len(self._prefix) + len(self._suffix)
-        # str.isascii is O(1) in CPython (a flag on the string), so ASCII text is sized without encoding it
-        extra = sum(len(t.encode("utf-8", "surrogatepass")) - len(t) for t in (self._prefix, self._suffix)
-                    if not t.isascii())
-        return chars + extra, extra
+        return text_size(self._prefix, self._suffix)
 
     def cut(self, prefix_chars: int, suffix_chars: int) -> TextContext:
         """The last `prefix_chars` of the prefix and the first `suffix_chars` of the suffix, as a context."""
@@ -194,10 +190,15 @@ class SpooledContext(_Texts):
         self.keep_prefix = keep_prefix
         self.keep_suffix = keep_suffix
 
-    def texts(self) -> tuple[str, str]:
+    def _stored(self) -> tuple[bytes, int]:
+        """The whole context's bytes as written, and where its suffix starts in them."""
         sp, at = self.spool, self.at
         pb = sp.prefix_bytes[at]
-        data = sp.read(sp.offsets[at], pb + sp.suffix_bytes[at])
+        return sp.read(sp.offsets[at], pb + sp.suffix_bytes[at]), pb
+
+    def texts(self) -> tuple[str, str]:
+        sp, at = self.spool, self.at
+        data, pb = self._stored()
         if len(data) == sp.prefix_chars[at] + sp.suffix_chars[at]:  # ASCII: one decode, cut where the bytes are
             text = data.decode("ascii")
             prefix, suffix = text[:pb], text[pb:]
@@ -215,9 +216,7 @@ class SpooledContext(_Texts):
         are the UTF-8 bytes exact_key would encode (an update per part gives the digest of one update)."""
         if self.keep_prefix >= 0 or self.keep_suffix >= 0:
             return exact_key(*self.texts(), *more)
-        sp, at = self.spool, self.at
-        pb = sp.prefix_bytes[at]
-        data = sp.read(sp.offsets[at], pb + sp.suffix_bytes[at])
+        data, pb = self._stored()
         h = hashlib.blake2b(digest_size=16)
         h.update(data[:pb])
         h.update(b"\x00")
@@ -248,8 +247,7 @@ class SpooledContext(_Texts):
         pb, pc = sp.prefix_bytes[at], sp.prefix_chars[at]
         sb, sc = sp.suffix_bytes[at], sp.suffix_chars[at]
         if pb != pc or sb != sc:
-            prefix, suffix = self.texts()
-            return prefix[len(prefix) - min(prefix_chars, len(prefix)):], suffix[:suffix_chars]
+            return TextContext(*self.texts()).ends(prefix_chars, suffix_chars)
         # One character a byte: read only the bytes on either side of the cursor
         a = min(prefix_chars, pc if self.keep_prefix < 0 else self.keep_prefix)
         b = min(suffix_chars, sc if self.keep_suffix < 0 else self.keep_suffix)
@@ -259,10 +257,8 @@ class SpooledContext(_Texts):
     def size(self) -> tuple[int, int]:
         """(UTF-8 bytes, of which bytes beyond one a character) of prefix and suffix together."""
         if self._ascii():
-            chars = sum(self.lengths())
-            return chars, 0
-        prefix, suffix = self.texts()
-        return TextContext(prefix, suffix).size()
+            return sum(self.lengths()), 0
+        return text_size(*self.texts())
 
     def cut(self, prefix_chars: int, suffix_chars: int) -> SpooledContext:
         """The last `prefix_chars` of the prefix and the first `suffix_chars` of the suffix, as a context."""

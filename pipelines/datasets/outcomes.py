@@ -100,13 +100,14 @@ def outcomes(rows: Iterable[LinkedSuggestion], index: PathIndex, cfg: DatasetsCo
         if problem is not None:
             dropped[problem] += 1
             continue
+        link = (r.link_status or "unknown") if r.accepted else ""
         yield Outcome(
             id=r.id, developer=shared.setdefault(r.developer, r.developer), ts=r.shown_at, path=path,
             # Continue logs "\n" for an empty suffix; the model saw "\n" too, so keep it as logged.
             context=spool_or_text(spool, clip_prefix(r.prefix, cfg.max_prefix_chars),
                                   clip_suffix(suffix, cfg.max_suffix_chars)),
             text=text, accepted=bool(r.accepted),
-            link=shared.setdefault(r.link_status or "unknown", r.link_status or "unknown") if r.accepted else "",
+            link=shared.setdefault(link, link),
             committed_text=r.committed_text,
         )
 
