@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
@@ -150,7 +152,8 @@ def test_replayed_fits_are_the_rounds_own_under_any_bound(tiny_model: Path) -> N
         assert replayed.replayed > 0
 
 
-def test_sketches_spooled_during_a_build_are_the_ones_the_next_build_reads(tmp_path: Path, tiny_model: Path) -> None:
+def test_sketches_spooled_during_a_build_are_the_ones_the_next_build_reads(tmp_path: Path, tiny_model: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # The signatures go to a spool file as each set asks for them (not held until the build saves); the saved
     # file must give every key the sketch of its own text, each key once, and leave no spool behind.
     import subprocess
@@ -158,8 +161,11 @@ def test_sketches_spooled_during_a_build_are_the_ones_the_next_build_reads(tmp_p
 
     import numpy as np
 
+    from pipelines.datasets import cache as cache_module
     from pipelines.datasets.cache import BuildCache
     from pipelines.datasets.quality import sketch
+
+    monkeypatch.setattr(cache_module, "COPY_BLOCK", 7)  # stored signatures gathered in many blocks
 
     tokenizer = load_base_tokenizer(str(tiny_model))
     folder = tmp_path / "team-payments"
@@ -184,6 +190,10 @@ def test_sketches_spooled_during_a_build_are_the_ones_the_next_build_reads(tmp_p
         assert np.array_equal(got, sketch(text))
         assert np.array_equal(again.sketches(tag, part, lambda t: t), got)  # the stored rows, not recomputed
     assert again.sketches.computed == 0 and again.sketches.hits == 30 + 20 + 5
+    # Stored and new rows mixed: each gets its own text's sketch
+    mixed = rows[33:] + [(t, exact_key(t)) for t in ("def g(): pass\n", "x = 1\n" * 9)] + rows[:12]
+    assert np.array_equal(again.sketches(0, mixed, lambda t: t), sketch([t for t, _ in mixed]))
+    assert again.sketches.computed == 2 and again.sketches.hits == 30 + 20 + 5 + 7 + 12
 
 
 def test_the_sketch_key_index_finds_what_a_dict_finds() -> None:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
@@ -168,3 +170,27 @@ def test_a_developer_with_too_few_examples_is_skipped_with_the_reason(tmp_path: 
     store.close()
     assert report.skipped.endswith("fewer than [datasets] min_dev_examples = 200")
     assert report.skipped.startswith(f"{report.train_rows} training rows of {ALICE[1]}")
+
+
+def test_near_duplicates_compared_a_block_at_a_time_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_similar compares candidate rows a block at a time (a 600k-row set held 256 MB of gathered signatures at
+    once): the verdicts do not depend on the block."""
+    import random
+
+    import numpy as np
+
+    from pipelines.datasets import quality
+    from pipelines.datasets.quality import near_duplicates, near_duplicates_of, sketch
+
+    rng = random.Random(5)
+    base = [functions(f"f{i}") for i in range(12)]
+    texts = [b.replace("+ 3\n", f"+ {rng.randint(0, 4)}\n") if rng.random() < 0.7 else functions(f"g{i}")
+             for i, b in enumerate(rng.choices(base, k=300))]
+    middles = [t[-60:] for t in texts]
+    sig, mid = sketch(texts), sketch(middles)
+    ref, ref_mid = sig[:40], mid[:40]
+    whole = near_duplicates(sig, mid, 0.85), near_duplicates_of(sig[40:], mid[40:], ref, ref_mid, 0.85)
+    assert whole[0].sum() > 100 and whole[1].sum() > 50
+    monkeypatch.setattr(quality, "SIMILAR_BLOCK", 3)
+    blocked = near_duplicates(sig, mid, 0.85), near_duplicates_of(sig[40:], mid[40:], ref, ref_mid, 0.85)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, blocked, strict=True))

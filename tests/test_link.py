@@ -7,6 +7,8 @@ partial accept; other suggestions have no commit of theirs in the window, or a f
 
 from __future__ import annotations
 
+import os
+import random
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,12 @@ from daemon import jobs
 from daemon.config import load_config
 from pipelines.config import DatasetsConfig
 from pipelines.datasets.build import build_datasets
-from pipelines.datasets.link import accepted_part, link_suggestions
+from pipelines.datasets.context import ByteSpool
+from pipelines.datasets.link import accepted_part, by_file, link_suggestions
 from pipelines.datasets.paths import PathIndex
 from pipelines.scope import team
 from pipelines.store.db import VECTOR_ROWS, Store
+from pipelines.store.records import LinkCandidate
 from pipelines.tokens import load_base_tokenizer
 from support import (
     QWEN,
@@ -122,7 +126,7 @@ def test_each_accepted_suggestion_gets_a_verdict_with_its_evidence(linked: Any) 
     store, links, _ = linked
     padded = store.con.execute("SELECT count(*) FROM blobs WHERE blob LIKE 'pad%'").fetchone()[0] > 0
     files = {b for (b,) in store.con.execute("SELECT blob FROM blobs WHERE blob NOT LIKE 'pad%'").fetchall()}
-    assert (store._blob_contents(files) is not None) == padded  # which way link_groups read them
+    assert (store._blob_contents(files) is not None) == padded  # which way blob_contents read them
     payments = team("payments")
     shas = {sha for (sha,) in store.con.execute("SELECT sha FROM commits WHERE author_name = 'Alice'").fetchall()}
     assert list(store.committed_files(payments, shas)) == [f for f in store.committed_files(payments)
@@ -219,3 +223,31 @@ def test_a_partial_accept_takes_the_first_line() -> None:
     assert accepted_part("    return a\n    b = 1\n") == "    return a\n"
     assert accepted_part("\n    return a\n    b\n") == "\n    return a\n"
     assert accepted_part("x + 1") == "x + 1"
+
+
+def test_candidates_come_back_by_file_whole_from_their_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """by_file hands the link pass its suggestions in the order the store's ORDER BY did (repo, path, developer,
+    shown_at, id), each with the texts it went in with: non-ASCII ones, an empty or missing suffix, partial."""
+    from pipelines.datasets import context as context_module
+
+    monkeypatch.setattr(context_module, "FLUSH_BYTES", 61)  # texts cut across many flushes
+    rng = random.Random(7)
+    pieces = ["def f(x):\n", "    return x\n", "\n", "é", "γάμμα", "→", "😀", "\r\n", "x" * 40]
+
+    def text(k: int) -> str:
+        return "".join(rng.choices(pieces, k=rng.randint(0, k)))
+
+    candidates = [LinkCandidate(rng.choice(["acme/web", "acme/pay", "acme/pay-é"]),
+                                rng.choice(["a.py", "b/c.py", "ä.py"]),
+                                rng.choice(["alice@example.com", "bob@example.com"]), f"s{i:04d}",
+                                T0 + hours(rng.randint(0, 5)), rng.random() < 0.3, text(30),
+                                rng.choice([None, "", text(10)]), text(6))
+                  for i in range(500)]
+    spool = ByteSpool(tmp_path)
+    try:
+        got = list(by_file(iter(candidates), spool))
+    finally:
+        spool.close()
+    assert got == sorted(candidates, key=lambda c: (c.repo, c.path, c.developer, c.shown_at, c.id))
+    assert sum(c.suffix is None for c in got) > 100 and sum(c.partial for c in got) > 100
+    assert os.listdir(tmp_path) == []  # the spool never had a name

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pytest
@@ -199,3 +200,38 @@ def test_release_cache_lets_go_of_cached_blocks_and_keeps_the_memory_limit(tmp_p
     assert store.con.execute("SELECT current_setting('memory_limit')").fetchone() == default
     assert store.con.execute("SELECT count(*) FROM filler WHERE s LIKE '%ab%'").fetchone()[0] > 0  # still readable
     store.close()
+
+
+def test_a_long_read_lets_go_of_cached_blocks_as_it_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_records with `release` (how the link pass and the build read their suggestions) ends holding few cached
+    blocks, where the same read without it holds every block it read; and every row still comes through."""
+    monkeypatch.setattr(db, "RELEASE_LIMIT", "4MB")
+    monkeypatch.setattr(db, "RELEASE_ROWS", 20_000)
+    store = Store.open(tmp_path / "store.duckdb")
+    store.con.execute("CREATE TABLE filler AS SELECT i, concat(md5(i::VARCHAR), md5((i * 7)::VARCHAR), "
+                      "md5((i * 13)::VARCHAR), md5((i * 31)::VARCHAR)) AS s FROM range(300000) t(i)")
+    store.con.execute("CHECKPOINT")
+    store.close()
+
+    class Filler(NamedTuple):
+        i: int
+        s: str
+
+    def stream(release: bool) -> tuple[int, int, int]:
+        store = Store.open(tmp_path / "store.duckdb")
+        cur = store.con.cursor()
+        cur.execute("SELECT i, s FROM filler")
+        n = total = 0
+        for row in db._records(cur, Filler, release=store.release_cache if release else None):
+            n += 1
+            total += row.i + len(row.s)
+        found = store.con.execute("SELECT memory_usage_bytes FROM duckdb_memory() WHERE tag = 'BASE_TABLE'").fetchone()
+        store.close()
+        return n, total, int(found[0]) if found else 0
+
+    rows, total, kept = stream(release=False)
+    assert (rows, total) == (300000, sum(range(300000)) + 300000 * 128)
+    assert kept > 16 << 20  # ~40 MB of text read
+    released = stream(release=True)
+    assert released[:2] == (rows, total)
+    assert released[2] < kept // 4

@@ -143,7 +143,7 @@ def _build(store: Store, scope: Scope, cfg: DatasetsConfig, tokenizer: BaseToken
     seconds: dict[str, float] = {}
     clock = _Clock(seconds, str(scope))
     fim_tokens = tokenizer.fim
-    link = link_suggestions(store, cfg)
+    link = link_suggestions(store, cfg, out_dir.parent)  # its spool beside the contexts'
     store.release_cache()  # the link pass's reads (600 MB of cached blocks at 1M suggestions) are not read again
     clock.lap("link")
     cache = BuildCache(None if cache_dir is None else cache_dir / str(scope).replace(":", "-"), cfg, fim_tokens,

@@ -37,16 +37,14 @@ RELEASE_BYTES = 64 << 20
 FAULT_AROUND_BYTES = 64 << 10
 
 
-class Spool:
-    """Contexts appended to an unlinked temporary file and read back by number. The file has no name from the
-    moment it is made, so a killed build leaves nothing behind; its texts are scrubbed store rows, the same
-    that the build writes into its datasets."""
+class ByteSpool:
+    """Bytes appended to an unlinked temporary file and read back by offset. The file has no name from the moment
+    it is made, so a killed build leaves nothing behind; what goes in is scrubbed store rows, the same that the
+    build writes into its datasets. The link pass keeps its suggestions' texts and file versions in one
+    (link.py), the build its rows' contexts (`Spool`)."""
 
-    def __init__(self, folder: Path | None = None, match: Callable[[str, str], Match] | None = None) -> None:
-        """`match(prefix, suffix)`, when given, is computed as each context is written and kept (32 bytes a
-        context): dpo.match_key, which groups the sides of a million suggestions and would otherwise read every
-        context back once more."""
-        self._file = tempfile.TemporaryFile(dir=folder, prefix=".contexts-")  # noqa: SIM115 (closed by close())
+    def __init__(self, folder: Path | None = None, name: str = ".spool-") -> None:
+        self._file = tempfile.TemporaryFile(dir=folder, prefix=name)  # noqa: SIM115 (closed by close())
         self._fd = self._file.fileno()
         self._pending = bytearray()
         self._flushed = 0
@@ -55,33 +53,15 @@ class Spool:
         # 350k reads), a slice of the mapping a fraction of that.
         self._map: mmap.mmap | None = None
         self._read_since_release = 0
-        # Per context: where its bytes start, then the prefix's and the suffix's length in bytes and in characters.
-        # Arrays, not tuples: 24 bytes a context instead of ~200 for a tuple of five ints.
-        self.offsets = array("q")
-        self.prefix_bytes = array("i")
-        self.suffix_bytes = array("i")
-        self.prefix_chars = array("i")
-        self.suffix_chars = array("i")
-        self._match = match
-        self.matches = array("q")  # four per context
 
-    def put(self, prefix: str, suffix: str) -> SpooledContext:
-        p = prefix.encode("utf-8", "surrogatepass")
-        s = suffix.encode("utf-8", "surrogatepass")
-        n = len(self.offsets)
-        self.offsets.append(self._flushed + len(self._pending))
-        self.prefix_bytes.append(len(p))
-        self.suffix_bytes.append(len(s))
-        self.prefix_chars.append(len(prefix))
-        self.suffix_chars.append(len(suffix))
-        if self._match is not None:
-            self.matches.extend(self._match(prefix, suffix))
-        self._pending += p
-        self._pending += s
+    def write(self, data: bytes) -> int:
+        """Append `data`; where it starts."""
+        at = self._flushed + len(self._pending)
+        self._pending += data
         if len(self._pending) >= FLUSH_BYTES:
             with self._lock:
                 self._flush()
-        return SpooledContext(self, n)
+        return at
 
     def read(self, offset: int, size: int) -> bytes:
         mapped = self._map
@@ -103,7 +83,7 @@ class Spool:
             if self._map is None or end > len(self._map):
                 self._flush()
                 if end > self._flushed:
-                    raise ValueError(f"context spool: {end} bytes asked for, {self._flushed} written")
+                    raise ValueError(f"spool: {end} bytes asked for, {self._flushed} written")
                 self._map = mmap.mmap(self._fd, self._flushed, prot=mmap.PROT_READ)
             return self._map
 
@@ -122,6 +102,39 @@ class Spool:
     def close(self) -> None:
         self._map = None
         self._file.close()
+
+
+class Spool(ByteSpool):
+    """Contexts in a `ByteSpool`, read back by number."""
+
+    def __init__(self, folder: Path | None = None, match: Callable[[str, str], Match] | None = None) -> None:
+        """`match(prefix, suffix)`, when given, is computed as each context is written and kept (32 bytes a
+        context): dpo.match_key, which groups the sides of a million suggestions and would otherwise read every
+        context back once more."""
+        super().__init__(folder, ".contexts-")
+        # Per context: where its bytes start, then the prefix's and the suffix's length in bytes and in characters.
+        # Arrays, not tuples: 24 bytes a context instead of ~200 for a tuple of five ints.
+        self.offsets = array("q")
+        self.prefix_bytes = array("i")
+        self.suffix_bytes = array("i")
+        self.prefix_chars = array("i")
+        self.suffix_chars = array("i")
+        self._match = match
+        self.matches = array("q")  # four per context
+
+    def put(self, prefix: str, suffix: str) -> SpooledContext:
+        p = prefix.encode("utf-8", "surrogatepass")
+        s = suffix.encode("utf-8", "surrogatepass")
+        n = len(self.offsets)
+        self.offsets.append(self.write(p))
+        self.write(s)
+        self.prefix_bytes.append(len(p))
+        self.suffix_bytes.append(len(s))
+        self.prefix_chars.append(len(prefix))
+        self.suffix_chars.append(len(suffix))
+        if self._match is not None:
+            self.matches.extend(self._match(prefix, suffix))
+        return SpooledContext(self, n)
 
 
 class _Texts:

@@ -43,19 +43,22 @@ import difflib
 import itertools
 import logging
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from pipelines.config import DatasetsConfig
+from pipelines.datasets.context import ByteSpool
 from pipelines.datasets.paths import PathIndex
 from pipelines.progress import Progress
 from pipelines.store.db import Store, now
-from pipelines.store.records import FileVersion, LinkCandidate
+from pipelines.store.records import FileVersion, LinkCandidate, VersionKey
 from pipelines.store.schema import SuggestionLinkRow, arrow_table
 
 log = logging.getLogger("devtune.link")
@@ -64,7 +67,7 @@ ANCHOR_LINES = 2  # two non-blank lines pin a place in a file; one ("return x", 
 NEAR_LINES = 3  # the suggestion may start this many lines after its place (the developer added some above it)
 FAR_LINES = 20  # with only the following code found, or for a replacement, look this far back / ahead
 STRENGTH = {"kept": 3, "rewritten": 2, "deleted": 1, "unknown": 0}
-# The suggestions whose file was found in a repository, as handed to Store.link_groups.
+# The suggestions whose file was found in a repository, as handed to Store.link_candidates and link_versions.
 MAPPED = pa.schema([("id", pa.string()), ("repo", pa.string()), ("path", pa.string())])
 
 
@@ -90,8 +93,9 @@ class LinkReport:
         return {"linked": self.linked, "counts": self.counts, "seconds": round(self.seconds, 3)}
 
 
-def link_suggestions(store: Store, cfg: DatasetsConfig) -> LinkReport:
-    """(Re)link every accepted suggestion whose verdict may still change, and store the verdicts."""
+def link_suggestions(store: Store, cfg: DatasetsConfig, folder: Path | None = None) -> LinkReport:
+    """(Re)link every accepted suggestion whose verdict may still change, and store the verdicts. The texts being
+    linked wait in a spool in `folder` (the system's temporary folder when None) while the pass runs."""
     started = time.monotonic()
     index = PathIndex.build(store.repo_paths())
     todo = list(store.suggestions_to_link())
@@ -116,21 +120,28 @@ def link_suggestions(store: Store, cfg: DatasetsConfig) -> LinkReport:
         mapped["path"].append(target[1])
     progress = Progress(log, "link", len(todo), "suggestions")
     progress.advance(len(todo) - len(mapped["id"]))
-    suggestions, versions = store.link_groups(arrow_table(mapped, MAPPED), cfg.link_window_h)
-    for (repo, path, _), group, history in merge_groups(suggestions, versions):
-        times = [v.committed_at for v in history]
-        parsed: dict[str, FileText | None] = {}
-        for c in group:
-            lo = bisect.bisect_right(times, c.shown_at)
-            hi = bisect.bisect_right(times, c.shown_at + window)
-            text = accepted_part(c.completion) if c.partial else c.completion
-            decision = decide(c.prefix, c.suffix or "", text, history[lo:hi], parsed, cfg.link_min_similarity)
-            rows.append(_link_row(c.id, decision, repo, path, c.shown_at + window, linked_at))
-            counts[decision.status] += 1
-        progress.advance(len(group))
-        if len(rows) >= 5000:
-            store.save_links(rows)
-            rows = []
+    table = arrow_table(mapped, MAPPED)
+    spool = ByteSpool(folder, ".link-")
+    try:
+        suggestions = by_file(store.link_candidates(table), spool)
+        versions = with_contents(store.link_versions(table, cfg.link_window_h), store, spool)
+        for (repo, path, _), group, history in merge_groups(suggestions, versions):
+            times = [v.committed_at for v in history]
+            parsed: dict[str, FileText | None] = {}
+            for c in group:
+                lo = bisect.bisect_right(times, c.shown_at)
+                hi = bisect.bisect_right(times, c.shown_at + window)
+                text = accepted_part(c.completion) if c.partial else c.completion
+                decision = decide(c.prefix, c.suffix or "", text, history[lo:hi], parsed, cfg.link_min_similarity)
+                rows.append(_link_row(c.id, decision, repo, path, c.shown_at + window, linked_at))
+                counts[decision.status] += 1
+            progress.advance(len(group))
+            if len(rows) >= 5000:
+                store.save_links(rows)
+                rows = []
+        log.debug("link: %.0f MB of texts and file versions spooled", spool.size / 2**20)
+    finally:
+        spool.close()
     store.save_links(rows)
     progress.finish()
     return LinkReport(linked=len(todo), counts=dict(counts), seconds=time.monotonic() - started)
@@ -141,6 +152,47 @@ def _link_row(suggestion_id: str, d: Decision, repo: str | None, path: str | Non
     return SuggestionLinkRow(suggestion_id=suggestion_id, status=d.status, reason=d.reason, repo=repo, path=path,
                              sha=d.sha, line=d.line, similarity=d.similarity, committed_text=d.committed_text,
                              window_closes_at=closes, linked_at=linked_at)
+
+
+def by_file(candidates: Iterable[LinkCandidate], spool: ByteSpool) -> Iterator[LinkCandidate]:
+    """`candidates` sorted by (repo, path, developer, shown_at, id), their texts waiting in `spool` meanwhile.
+
+    Sorted here, not by the store: DuckDB sorts a result with all its columns and holds it whole, and the texts
+    (prefix, suffix and completion: ~2 KB a suggestion) are most of it. What stays in memory is a key per
+    suggestion (~270 bytes: 80 MB for the 300k accepted suggestions of a 1M-suggestion first build)."""
+    keys: list[tuple[str, str, str, datetime, str, int]] = []
+    names: dict[str, str] = {}  # one string per repository, path and developer, not one per suggestion
+    offsets, sizes = array("q"), array("i")  # per suggestion: where its texts start, then three lengths in bytes
+    flags = bytearray()  # per suggestion: partial, and whether it has a suffix
+    for c in candidates:
+        p, s, t = (x.encode("utf-8", "surrogatepass") for x in (c.prefix, c.suffix or "", c.completion))
+        offsets.append(spool.write(p + s + t))
+        sizes.extend((len(p), len(s), len(t)))
+        flags.append(c.partial | (c.suffix is not None) << 1)
+        repo, path, developer = (names.setdefault(v, v) for v in (c.repo, c.path, c.developer))
+        keys.append((repo, path, developer, c.shown_at, c.id, len(keys)))
+    keys.sort()  # the order of the ORDER BY it replaces: DuckDB compares VARCHARs by their UTF-8 bytes, which
+    # order as Python's code points do
+    for repo, path, developer, shown_at, id_, n in keys:
+        lp, ls, lt = sizes[3 * n], sizes[3 * n + 1], sizes[3 * n + 2]
+        data = spool.read(offsets[n], lp + ls + lt)
+        prefix, suffix, text = (data[a:b].decode("utf-8", "surrogatepass")
+                                for a, b in ((0, lp), (lp, lp + ls), (lp + ls, lp + ls + lt)))
+        yield LinkCandidate(repo, path, developer, id_, shown_at, bool(flags[n] & 1), prefix,
+                            suffix if flags[n] & 2 else None, text)
+
+
+def with_contents(rows: list[VersionKey], store: Store, spool: ByteSpool) -> Iterator[FileVersion]:
+    """The listed versions with their contents, which wait in `spool` (17k versions, 600 MB at 1M suggestions)
+    until their file's turn comes."""
+    where: dict[str, tuple[int, int]] = {}
+    for key, content in store.blob_contents({r[-1] for r in rows if r[-1] is not None}):
+        data = content.encode("utf-8", "surrogatepass")
+        where[key] = spool.write(data), len(data)
+    for repo, path, developer, sha, at, status, blob in rows:
+        stored = None if blob is None else where.get(blob)
+        yield FileVersion(repo, path, developer, sha, at, status,
+                          None if stored is None else spool.read(*stored).decode("utf-8", "surrogatepass"))
 
 
 def merge_groups(suggestions: Iterator[LinkCandidate], versions: Iterator[FileVersion]

@@ -58,6 +58,7 @@ _MAX_ROUNDS = 8  # each round keeps 3/4 of the context: 8 rounds reach 10%
 SAMPLE_MARGIN = 1.10
 NON_ASCII_SHARE = 0.02
 SKETCH_THREADS = 2
+SIMILAR_BLOCK = 65_536  # rows whose signatures _similar compares at once: 33 MB of gathered signatures
 
 VENDORED_DIRS = frozenset({
     "vendor", "vendors", "third_party", "thirdparty", "third-party", "node_modules", "bower_components",
@@ -201,7 +202,7 @@ def sketch(texts: Sequence[str]) -> np.ndarray:
     never matches."""
     n = len(texts)
     flat = np.full(n * BINS, EMPTY, dtype=np.uint32)
-    chunk = 25_000  # ~8 MB of text per chunk keeps each thread's temporary arrays near 100 MB
+    chunk = 10_000  # ~3 MB of text per chunk keeps each thread's temporary arrays near 40 MB (100 MB at 25k)
     # Chunks write disjoint slices, so two threads can share the work: numpy releases the GIL in its
     # array loops (the hashing), which is most of a chunk's time.
     def one(lo: int) -> None:
@@ -324,9 +325,15 @@ def near_duplicates_of(sig: np.ndarray, middle: np.ndarray, reference: np.ndarra
 
 def _similar(sig: np.ndarray, middle: np.ndarray, rows: np.ndarray, other: np.ndarray, other_middle: np.ndarray,
              others: np.ndarray, threshold: float) -> np.ndarray:
-    close = (sig[rows] == other[others]).mean(axis=1) >= threshold
-    at = np.flatnonzero(close)  # the middles only where the windows agree
-    close[at] = (middle[rows[at]] == other_middle[others[at]]).mean(axis=1) >= threshold
+    close = np.empty(len(rows), dtype=bool)
+    # A band of a 600k-row KTO label has ~500k rows to compare: their signatures gathered at once were 256 MB
+    # (two copies of 256 bytes a row), the build's peak; a block at a time (SIMILAR_BLOCK) holds 33 MB.
+    for lo in range(0, len(rows), SIMILAR_BLOCK):
+        r, o = rows[lo:lo + SIMILAR_BLOCK], others[lo:lo + SIMILAR_BLOCK]
+        part = (sig[r] == other[o]).mean(axis=1) >= threshold
+        at = np.flatnonzero(part)  # the middles only where the windows agree
+        part[at] = (middle[r[at]] == other_middle[o[at]]).mean(axis=1) >= threshold
+        close[lo:lo + SIMILAR_BLOCK] = part
     return close
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,11 +35,11 @@ from pipelines.store.migrations import MIGRATIONS
 from pipelines.store.records import (
     CommittedFile,
     EditRecord,
-    FileVersion,
     LinkCandidate,
     LinkedSuggestion,
     RepoFile,
     ToLink,
+    VersionKey,
 )
 from pipelines.store.schema import TABLES, Row, SuggestionLinkRow, Table, arrow_table, as_arrow, text_columns
 
@@ -50,6 +50,7 @@ VECTOR_ROWS = 2048
 # Up to this many blobs are read apart from the query that names them (Store._blob_contents): a night's new
 # commits' files are a few hundred; a first build, which needs every file, reads them through the join.
 BLOB_READ_APART = 5000
+RELEASE_ROWS = 65_536  # _records: rows streamed between two releases of DuckDB's cached blocks
 RELEASE_LIMIT = "256MB"  # Store.release_cache: above what a collector's or the API's queries pin at once
 
 
@@ -393,14 +394,15 @@ class Store:
         `clip_suffix` still see a cut to move to a line boundary, without pulling whole files into Python.
         """
         column = "s.team" if scope.kind == "team" else "s.developer"
-        cur = self.con.execute(
+        cur = self.con.cursor()  # the cached blocks are let go (release_cache, on self.con) while it streams
+        cur.execute(
             "SELECT s.id, s.source_kind, s.developer, s.shown_at, s.repo, s.filepath, s.accepted, s.partial, "
             "right(s.prefix, ?) AS prefix, left(s.suffix, ?) AS suffix, s.completion, "
             "l.status AS link_status, l.committed_text, l.repo AS link_repo, l.path AS link_path "
             "FROM suggestions s LEFT JOIN suggestion_links l ON l.suggestion_id = s.id "
             f"WHERE {column} = ?",
             [max_prefix_chars + 1, max_suffix_chars + 1, scope.name])
-        yield from _records(cur, LinkedSuggestion)
+        yield from _records(cur, LinkedSuggestion, release=self.release_cache)
 
     def count_scope_suggestions(self, scope: Scope) -> int:
         column = "team" if scope.kind == "team" else "developer"
@@ -515,7 +517,7 @@ class Store:
         """Accepted suggestions whose link may still change: never linked, linked before their window closed,
         or left unknown and since joined by a stored commit of their developer inside their window.
 
-        Only a commit inside the window can change a verdict (link_groups reads no other), so an unknown is not
+        Only a commit inside the window can change a verdict (link_versions lists no other), so an unknown is not
         relinked for a commit outside it: relinking every unknown of a developer with any new commit made the
         nightly link pass grow with the history (bench/nightly_growth.py; see bench/README.md)."""
         cur = self.con.execute(
@@ -527,40 +529,45 @@ class Store:
             "AND c.committed_at <= l.window_closes_at))) ORDER BY s.id")
         yield from _records(cur, ToLink)
 
-    def link_groups(self, mapped: pa.Table, window_h: float
-                    ) -> tuple[Iterator[LinkCandidate], Iterator[FileVersion]]:
-        """Two streams sorted alike by (repo, path, developer): the mapped suggestions (`mapped` holds id, repo,
-        path), and every version of those files their developers committed inside some suggestion's window.
+    def link_candidates(self, mapped: pa.Table) -> Iterator[LinkCandidate]:
+        """The mapped suggestions (`mapped` holds id, repo, path) with their texts, in no set order: the caller
+        sorts them by file (link.by_file). With an ORDER BY here DuckDB held the sorted texts at once (300k
+        accepted suggestions: ~600 MB, and as much again for the versions below, 2.2 GB at the link pass's peak)."""
+        cur = self.con.cursor()
+        cur.register("mapped", mapped)
+        cur.execute("SELECT m.repo, m.path, s.developer, s.id, s.shown_at, s.partial, s.prefix, s.suffix, "
+                    "s.completion FROM mapped m JOIN suggestions s ON s.id = m.id")
+        yield from _records(cur, LinkCandidate, release=self.release_cache)
 
-        They come as two streams, merged by the caller, so no more than one file's history is held at once; but
-        when the versions are a night's few (at most BLOB_READ_APART files), their contents are read first, apart.
-        """
-        sug = self.con.cursor()
-        sug.register("mapped", mapped)
-        suggestions = sug.execute(
-            "SELECT m.repo, m.path, s.developer, s.id, s.shown_at, s.partial, s.prefix, s.suffix, s.completion "
-            "FROM mapped m JOIN suggestions s ON s.id = m.id ORDER BY m.repo, m.path, s.developer, s.shown_at, s.id")
-        com = self.con.cursor()
-        com.register("mapped", mapped)
-        select = ("WITH wanted AS (SELECT m.repo, m.path, s.developer, min(s.shown_at) AS first_at, "
-                  "  max(s.shown_at) + to_microseconds(CAST(? * 3600e6 AS BIGINT)) AS last_at "
-                  "  FROM mapped m JOIN suggestions s ON s.id = m.id GROUP BY ALL) "
-                  "SELECT w.repo, w.path, c.developer, c.sha, c.committed_at, f.status, {} "
-                  "FROM wanted w JOIN commits c ON c.repo = w.repo AND c.developer = w.developer "
-                  "  AND c.committed_at > w.first_at AND c.committed_at <= w.last_at "
-                  "JOIN commit_files f ON f.sha = c.sha AND f.path = w.path {}"
-                  "WHERE NOT c.opted_out ORDER BY w.repo, w.path, c.developer, c.committed_at, c.sha")
-        # A night's few versions: their contents read apart (_blob_contents)
-        rows = com.execute(select.format("f.blob", ""), [window_h]).fetchall()
-        contents = self._blob_contents({r[-1] for r in rows if r[-1] is not None})
-        if contents is not None:
-            versions: Iterator[FileVersion] = (
-                FileVersion(repo, path, developer, sha, at, status, None if blob is None else contents.get(blob))
-                for repo, path, developer, sha, at, status, blob in rows)
-        else:
-            versions = _records(com.execute(select.format("b.content", "LEFT JOIN blobs b ON b.blob = f.blob "),
-                                            [window_h]), FileVersion)
-        return _records(suggestions, LinkCandidate), versions
+    def link_versions(self, mapped: pa.Table, window_h: float) -> list[VersionKey]:
+        """Every version of the mapped suggestions' files their developers committed inside some suggestion's
+        window, sorted by (repo, path, developer, committed_at, sha), with the blob holding its content (None
+        when the file was deleted or not kept); `blob_contents` reads the contents."""
+        cur = self.con.cursor()
+        cur.register("mapped", mapped)
+        return cur.execute(
+            "WITH wanted AS (SELECT m.repo, m.path, s.developer, min(s.shown_at) AS first_at, "
+            "  max(s.shown_at) + to_microseconds(CAST(? * 3600e6 AS BIGINT)) AS last_at "
+            "  FROM mapped m JOIN suggestions s ON s.id = m.id GROUP BY ALL) "
+            "SELECT w.repo, w.path, c.developer, c.sha, c.committed_at, f.status, f.blob "
+            "FROM wanted w JOIN commits c ON c.repo = w.repo AND c.developer = w.developer "
+            "  AND c.committed_at > w.first_at AND c.committed_at <= w.last_at "
+            "JOIN commit_files f ON f.sha = c.sha AND f.path = w.path "
+            "WHERE NOT c.opted_out ORDER BY w.repo, w.path, c.developer, c.committed_at, c.sha",
+            [window_h]).fetchall()
+
+    def blob_contents(self, blobs: set[str]) -> Iterator[tuple[str, str]]:
+        """(blob, content) of those of `blobs` that are stored, in no set order. A night's few are read apart
+        (`_blob_contents`); many, in one pass over the table."""
+        few = self._blob_contents(blobs)
+        if few is not None:
+            yield from few.items()
+            return
+        cur = self.con.cursor()
+        cur.execute("SELECT blob, content FROM blobs WHERE blob IN (SELECT unnest(?::VARCHAR[]))", [sorted(blobs)])
+        while rows := cur.fetchmany(1024):
+            yield from rows
+            self.release_cache()  # ~35 KB a content at 1M suggestions: 35 MB of rows, more of cached blocks
 
     def token_counts(self, tokenizer: str) -> dict[bytes, int]:
         """Token counts stored by earlier dataset builds for `tokenizer` (a fingerprint), by text hash."""
@@ -940,19 +947,29 @@ class Store:
         return int(row[0]) if row else 0
 
 
-def _records(cur: duckdb.DuckDBPyConnection, record: type[R], batch_rows: int = 2000) -> Iterator[R]:
+def _records(cur: duckdb.DuckDBPyConnection, record: type[R], batch_rows: int = 2000,
+             release: Callable[[], None] | None = None) -> Iterator[R]:
     """A query's rows as `record`s, fetched in batches so a large result never sits in memory twice. The
-    query's column names must be the record's fields, in order: checked once, before the first row."""
+    query's column names must be the record's fields, in order: checked once, before the first row.
+
+    `release` (Store.release_cache), when given, is called every RELEASE_ROWS rows: a query streaming from a
+    large table leaves each block it read cached (DuckDB keeps them until its memory limit presses), 420 MB
+    for a 1M-suggestion build's read of its suggestions, which need not stay while the rest streams."""
     names = [d[0] for d in cur.description]
     make = getattr(record, "_make", None)  # a NamedTuple (records.LinkedSuggestion), else a dataclass
     fields = list(record._fields if make else record.__dataclass_fields__)  # type: ignore[attr-defined]
     assert names == fields, f"query columns {names} are not {record.__name__}'s fields {fields}"
+    since_release = 0
     while rows := cur.fetchmany(batch_rows):
         if make:
             yield from map(make, rows)
         else:
             for r in rows:
                 yield record(*r)
+        since_release += len(rows)
+        if release is not None and since_release >= RELEASE_ROWS:
+            release()
+            since_release = 0
 
 
 # A developer's own rows, per table: the WHERE clause, and what each `?` stands for (the developer's id, or

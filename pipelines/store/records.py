@@ -86,7 +86,7 @@ class ToLink:
 
 @dataclass(frozen=True, slots=True)
 class LinkCandidate:
-    """A suggestion mapped onto a repository file, ready to be linked (`Store.link_groups`)."""
+    """A suggestion mapped onto a repository file, ready to be linked (`Store.link_candidates`)."""
 
     repo: str
     path: str
@@ -101,7 +101,7 @@ class LinkCandidate:
 
 @dataclass(frozen=True, slots=True)
 class FileVersion:
-    """A version of a file its developer committed inside some suggestion's window (`Store.link_groups`)."""
+    """A version of a file its developer committed inside some suggestion's window (`Store.link_versions`)."""
 
     repo: str
     path: str
@@ -110,3 +110,7 @@ class FileVersion:
     committed_at: datetime
     status: str  # A, M, D, T
     content: str | None  # None when deleted or not kept
+
+
+# A FileVersion as Store.link_versions lists it: its content's blob key in place of the content.
+VersionKey = tuple[str, str, str, str, datetime, str, str | None]
