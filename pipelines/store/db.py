@@ -33,6 +33,7 @@ from pipelines.scope import Scope
 from pipelines.store import StoreBusy
 from pipelines.store.migrations import MIGRATIONS
 from pipelines.store.records import (
+    BlobContent,
     CommittedFile,
     EditRecord,
     LinkCandidate,
@@ -531,8 +532,9 @@ class Store:
 
     def link_candidates(self, mapped: pa.Table) -> Iterator[LinkCandidate]:
         """The mapped suggestions (`mapped` holds id, repo, path) with their texts, in no set order: the caller
-        sorts them by file (link.by_file). With an ORDER BY here DuckDB held the sorted texts at once (300k
-        accepted suggestions: ~600 MB, and as much again for the versions below, 2.2 GB at the link pass's peak)."""
+        sorts them by file (link.by_file). With an ORDER BY here, and the versions' contents sorted too, DuckDB
+        held both sorted results at once (231 and 615 MB by duckdb_memory() for a first 1M-suggestion build,
+        beside 590 MB of cached blocks: the link pass peaked at 2.2 GB)."""
         cur = self.con.cursor()
         cur.register("mapped", mapped)
         cur.execute("SELECT m.repo, m.path, s.developer, s.id, s.shown_at, s.partial, s.prefix, s.suffix, "
@@ -565,9 +567,8 @@ class Store:
             return
         cur = self.con.cursor()
         cur.execute("SELECT blob, content FROM blobs WHERE blob IN (SELECT unnest(?::VARCHAR[]))", [sorted(blobs)])
-        while rows := cur.fetchmany(1024):
-            yield from rows
-            self.release_cache()  # ~35 KB a content at 1M suggestions: 35 MB of rows, more of cached blocks
+        # ~35 KB a content at 1M suggestions: 35 MB of rows between two releases, and more of cached blocks
+        yield from _records(cur, BlobContent, batch_rows=1024, release=self.release_cache, release_rows=1024)
 
     def token_counts(self, tokenizer: str) -> dict[bytes, int]:
         """Token counts stored by earlier dataset builds for `tokenizer` (a fingerprint), by text hash."""
@@ -948,17 +949,19 @@ class Store:
 
 
 def _records(cur: duckdb.DuckDBPyConnection, record: type[R], batch_rows: int = 2000,
-             release: Callable[[], None] | None = None) -> Iterator[R]:
+             release: Callable[[], None] | None = None, release_rows: int | None = None) -> Iterator[R]:
     """A query's rows as `record`s, fetched in batches so a large result never sits in memory twice. The
     query's column names must be the record's fields, in order: checked once, before the first row.
 
-    `release` (Store.release_cache), when given, is called every RELEASE_ROWS rows: a query streaming from a
-    large table leaves each block it read cached (DuckDB keeps them until its memory limit presses), 420 MB
-    for a 1M-suggestion build's read of its suggestions, which need not stay while the rest streams."""
+    `release` (Store.release_cache), when given, is called every `release_rows` rows (RELEASE_ROWS when None):
+    a query streaming from a large table leaves each block it read cached (DuckDB keeps them until its memory
+    limit presses), 420 MB for a 1M-suggestion build's read of its suggestions, which need not stay while the
+    rest streams."""
     names = [d[0] for d in cur.description]
     make = getattr(record, "_make", None)  # a NamedTuple (records.LinkedSuggestion), else a dataclass
     fields = list(record._fields if make else record.__dataclass_fields__)  # type: ignore[attr-defined]
     assert names == fields, f"query columns {names} are not {record.__name__}'s fields {fields}"
+    every = release_rows or RELEASE_ROWS
     since_release = 0
     while rows := cur.fetchmany(batch_rows):
         if make:
@@ -967,7 +970,7 @@ def _records(cur: duckdb.DuckDBPyConnection, record: type[R], batch_rows: int = 
             for r in rows:
                 yield record(*r)
         since_release += len(rows)
-        if release is not None and since_release >= RELEASE_ROWS:
+        if release is not None and since_release >= every:
             release()
             since_release = 0
 

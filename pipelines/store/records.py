@@ -112,5 +112,12 @@ class FileVersion:
     content: str | None  # None when deleted or not kept
 
 
+class BlobContent(NamedTuple):
+    """A stored file content by its blob key (`Store.blob_contents`)."""
+
+    blob: str
+    content: str
+
+
 # A FileVersion as Store.link_versions lists it: its content's blob key in place of the content.
 VersionKey = tuple[str, str, str, str, datetime, str, str | None]
