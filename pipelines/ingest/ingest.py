@@ -8,6 +8,7 @@ same data stores nothing the second time, and every counter is a keyed row, so r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -18,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from collectors import COLLECTORS
 from collectors.base import (
@@ -35,7 +37,9 @@ from collectors.base import (
 )
 from collectors.continue_dev import language_of
 from pipelines.config import CollectConfig, SourceConfig
+from pipelines.ingest import parallel
 from pipelines.ingest.identity import Directory, Identity
+from pipelines.ingest.parallel import ScrubPool
 from pipelines.ingest.scrub import (
     FileScrubber,
     cursor_spans,
@@ -78,10 +82,11 @@ class SourceReport:
     seen: int = 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    workers: int = 0  # scrub worker processes a large stream was read with (parallel.py); 0: none
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": self.source, "seen": self.seen, "stored": dict(self.stored), "notes": self.notes,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "workers": self.workers}
 
 
 def collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, directory: Directory) -> SourceReport:
@@ -111,15 +116,33 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
     # one is read and scrubbed: DuckDB lets go of the GIL while it inserts, compresses and commits, and the
     # harvest of a 5k-commit history spent ~2 of its ~8 s there with the other core half idle (git runs on
     # it). One batch in flight: at most two batches in memory, and nothing is stored out of order.
-    with ThreadPoolExecutor(1, thread_name_prefix=f"store-{name}") as writer:
+    pool: ScrubPool | None = None  # worker processes for a large log backlog (parallel.py), started when needed
+    with ThreadPoolExecutor(1, thread_name_prefix=f"store-{name}") as writer, contextlib.ExitStack() as stack:
         for stream in collector.streams(root):
             cursor = store.load_cursor(name, stream)
             if cursor is None:
                 log.info("source=%s: new stream %s", name, stream)
+            pending = collector.pending(root, stream, cursor)
             # Progress in the collector's unit (bytes of a log file, commits of a repository): a rate and an ETA.
-            progress = Progress(log, f"collect source={name} stream={stream}",
-                                collector.pending(root, stream, cursor), collector.unit)
+            progress = Progress(log, f"collect source={name} stream={stream}", pending, collector.unit)
             storing: tuple[Future[Applied], int] | None = None  # the batch in flight, and its events
+            if workers := parallel.wanted(cfg, source, stream, pending):
+                if pool is None:
+                    pool = ScrubPool(workers, source, repo, cfg, directory, to_rows)
+                    stack.callback(pool.close)
+                report.workers = workers
+                log.info("source=%s stream=%s: %.0f MB to read, parsed and scrubbed by %d worker processes", name,
+                         stream, pending / 1e6, workers)
+
+                def store_tables(tables: dict[str, pa.Table], touched: set[str], at: Cursor, events: int) -> None:
+                    nonlocal storing
+                    _settle(report, storing)
+                    storing = writer.submit(store.apply_tables, name, tables, touched, at), events
+
+                pool.collect(stream, cursor, progress, store_tables, report.notes)
+                _settle(report, storing)
+                report.seconds += progress.finish()
+                continue
             # A batch is scrubbed as it comes; parts of one (Batch.partial: git hands over 256 commits at a time,
             # so that it reads ahead while they are scrubbed) are stored `batch_events` at a time. Stored one by
             # one, psf/requests' 26 parts kept the storing thread busy 4.4 s instead of 2.6 s for 4 transactions,

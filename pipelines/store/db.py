@@ -77,6 +77,15 @@ class Rows:
         self.tables.setdefault(TABLES[type(row)], []).append(row)
 
 
+_TABLES_BY_NAME = {t.name: t for t in TABLES.values()}
+
+
+def arrow_tables(rows: Rows) -> dict[str, pa.Table]:
+    """A batch's rows as one Arrow table per store table (by name), each row once by its key: what
+    `Store.apply_tables` inserts. A collect's scrub workers build them (pipelines/ingest/parallel.py)."""
+    return {table.name: as_arrow(table, _unique(batch, table.key)) for table, batch in rows.tables.items() if batch}
+
+
 @dataclass(frozen=True)
 class Applied:
     """What one batch changed in the store."""
@@ -222,10 +231,15 @@ class Store:
         `settle` lists quarantine rows (by their key columns) that this batch resolves: they are deleted in the
         same transaction (`devtune quarantine retry`).
         """
+        return self.apply_tables(source, arrow_tables(rows), rows.tabby_touched, cursor, settle)
+
+    def apply_tables(self, source: str, tables: dict[str, pa.Table], tabby_touched: set[str], cursor: Cursor | None,
+                     settle: tuple[dict[str, Any], ...] = ()) -> Applied:
+        """`apply_batch` for rows already laid out as Arrow tables (`arrow_tables`), named by store table."""
         with self.transaction():
-            n = {table.name: self._insert(table, batch) for table, batch in rows.tables.items() if batch}
-            if rows.tabby_touched:
-                self.link_tabby(rows.tabby_touched)
+            n = {name: self._insert_arrow(_TABLES_BY_NAME[name], batch) for name, batch in tables.items()}
+            if tabby_touched:
+                self.link_tabby(tabby_touched)
             for q in settle:
                 self.con.execute('DELETE FROM quarantine WHERE source = ? AND stream = ? AND "offset" = ? '
                                  "AND line_sha1 = ?", [q["source"], q["stream"], q["offset"], q["line_sha1"]])
@@ -238,7 +252,9 @@ class Store:
                        interactions=n.get("interactions", 0), requests=n.get("gateway_requests", 0))
 
     def _insert(self, table: Table, rows: list[Any]) -> int:
-        batch = as_arrow(table, _unique(rows, table.key))  # noqa: F841 - read by DuckDB
+        return self._insert_arrow(table, as_arrow(table, _unique(rows, table.key)))
+
+    def _insert_arrow(self, table: Table, batch: pa.Table) -> int:
         cols = ", ".join(f'"{c}"' for c in table.columns)
         result = self.con.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM batch "
                                   f"ON CONFLICT {table.on_conflict}")

@@ -1,0 +1,184 @@
+"""A large backlog of log lines parsed and scrubbed in worker processes, and stored here, in order.
+
+A log stream's first collect can be a developer's months of Continue events: 200k events are 874 MB
+(bench/ingest_continue.py). Parsing, identifying and scrubbing a line costs ~110 µs of Python, all of it on one
+core under the GIL, and the collect used 1.2 of this machine's 2 cores for it (the storing thread, which lets go
+of the GIL in DuckDB, most of the rest). Here each batch of `[collect] batch_events` lines goes to a worker
+process, which parses the lines with the stream's `line_parser`, applies identity, privacy rules and scrubbing
+(`ingest.to_rows`, the same code as the serial path) and hands back one Arrow table per store table. This
+process reads the lines, and stores each batch's tables with its cursor in one transaction, in file order, as
+the serial path does: a kill at any point leaves the stream where its last stored batch ended, and nothing runs
+twice. Building the Arrow tables moved too: sending the row objects back and unpickling them took the GIL from
+the storing thread (25.5 s for 200k events against 27 s serial; with tables, 21 s).
+
+Only log collectors (a `line_parser`) and only a stream with MIN_BYTES or more to read take this path: a worker
+costs ~0.5 s to start (it imports the scrubber and the store's schema), more than the service's usual few lines
+take. Unscrubbed lines cross a pipe to our own child processes, in memory; nothing unscrubbed is written.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from collectors import COLLECTORS
+from collectors.base import Batch, Cursor, LineParser, RawEvent, Reject
+from collectors.jsonl import Line, Oversized, cursor_at, iter_lines, oversized_reject, reject, resume_offset
+from pipelines.config import CollectConfig, SourceConfig
+from pipelines.ingest.identity import Directory
+from pipelines.progress import Progress
+from pipelines.store.db import Rows, arrow_tables
+
+log = logging.getLogger("devtune.ingest")
+
+MIN_BYTES = 64 << 20  # ~15k Continue events, ~2 s of serial collect: a pool's start is a small part of that
+MAX_WORKERS = 4
+
+RowMaker = Callable[[Batch, SourceConfig, "str | None", CollectConfig, Directory], Rows]
+# A line as the worker gets it: (offset, end, bytes). Bytes of an oversized line are its first 256 (for the
+# excerpt), and its `oversized` flag is set.
+_Item = tuple[int, int, bytes, bool]
+
+
+def workers(cfg: CollectConfig) -> int:
+    """How many scrub workers a large stream gets: `[collect] scrub_workers`, or one per CPU core this process
+    may run on, at most MAX_WORKERS (on 2 cores, 2: this process then mostly waits on them and DuckDB)."""
+    if cfg.scrub_workers > 0:
+        return cfg.scrub_workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(MAX_WORKERS, cores)
+
+
+def wanted(cfg: CollectConfig, source: SourceConfig, stream: str, pending: int) -> int:
+    """Workers for `stream` of `source` with `pending` units to read; 0 to collect it in this process."""
+    n = workers(cfg)
+    collector = COLLECTORS[source.kind]
+    if n <= 1 or collector.unit != "bytes" or pending < MIN_BYTES:
+        return 0
+    return n if collector.line_parser(source.path, stream) is not None else 0
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every batch of a source is scrubbed with: sent to each worker once, when it starts."""
+
+    source: SourceConfig
+    repo: str | None
+    cfg: CollectConfig
+    directory: Directory
+    to_rows: RowMaker  # ingest.to_rows, passed (by name) so that this module does not import ingest's
+
+
+_context: _Context | None = None  # a worker's own, set by _start
+_parsers: dict[str, LineParser] = {}  # a worker's parser per stream
+
+
+def _start(context: _Context) -> None:
+    global _context
+    _context = context
+
+
+def _scrub(stream: str, items: list[_Item]) -> tuple[dict[str, pa.Table], set[str], int]:
+    """In a worker: one batch of lines as the store's Arrow tables, the Tabby completions it touches, and how
+    many events and rejects it held (what the serial path counts as seen)."""
+    assert _context is not None, "a scrub worker starts with its source's context"
+    c = _context
+    parse = _parsers.get(stream)
+    if parse is None:
+        # Continue's parser reads the file's mtime once, for legacy lines without a timestamp: as the serial path
+        # does when it starts reading the stream (it can only be later here, never earlier).
+        made = COLLECTORS[c.source.kind].line_parser(c.source.path, stream)
+        assert made is not None, "only log collectors take this path (wanted)"
+        parse = _parsers[stream] = made
+    events: list[RawEvent] = []
+    rejects: list[Reject] = []
+    for offset, end, raw, oversized in items:
+        if oversized:
+            rejects.append(oversized_reject(stream, Oversized(offset, raw, end), c.cfg.max_line_bytes))
+        elif raw.strip():  # blank lines carry nothing (collectors/jsonl.py)
+            parsed = parse(raw)
+            if isinstance(parsed, str):
+                rejects.append(reject(stream, offset, raw, end - offset, parsed))
+            else:
+                events.extend(parsed)
+    rows = c.to_rows(Batch(tuple(events), tuple(rejects), Cursor(stream=stream)), c.source, c.repo, c.cfg,
+                     c.directory)
+    return arrow_tables(rows), rows.tabby_touched, len(events) + len(rejects)
+
+
+class ScrubPool:
+    """Worker processes for one source's large streams, started on first use and stopped with `close`."""
+
+    def __init__(self, n: int, source: SourceConfig, repo: str | None, cfg: CollectConfig, directory: Directory,
+                 to_rows: RowMaker):
+        self.n = n
+        self._context = _Context(source, repo, cfg, directory, to_rows)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def collect(self, stream: str, cursor: Cursor | None, progress: Progress,
+                store: Callable[[dict[str, pa.Table], set[str], Cursor, int], None],
+                notes: list[str]) -> None:
+        """Read `stream` after `cursor`, each batch scrubbed by a worker and handed to `store(tables, touched,
+        cursor, events)` in file order. A worker's failure is raised here, after every batch before it was
+        handed on; so is a read error, after every batch read before it."""
+        source = self._context.source
+        path = source.path / stream
+        start, note = resume_offset(path, cursor)
+        if note:
+            log.warning("source=%s stream=%s: %s", source.name, stream, note)
+            notes.append(f"{stream}: {note}")
+        pool = self._started()
+        batch_lines = self._context.cfg.batch_events
+        # Each worker has one batch queued behind the one it scrubs, so none waits while this process stores.
+        inflight: collections.deque[tuple[Future[tuple[dict[str, pa.Table], set[str], int]], Cursor, int]] = \
+            collections.deque()
+
+        def hand_on(keep: int) -> None:
+            while len(inflight) > keep:
+                future, at, read = inflight.popleft()
+                tables, touched, events = future.result()
+                store(tables, touched, at, events)
+                progress.advance(read)
+
+        items: list[_Item] = []
+        end = done = start
+        try:
+            for item in iter_lines(path, start, self._context.cfg.max_line_bytes):
+                if isinstance(item, Line):
+                    items.append((item.offset, item.end, item.raw, False))
+                else:
+                    items.append((item.offset, item.end, item.head, True))
+                end = item.end
+                if len(items) >= batch_lines:
+                    inflight.append((pool.submit(_scrub, stream, items), cursor_at(path, stream, end), end - done))
+                    items, done = [], end
+                    hand_on(2 * self.n)
+        except OSError:
+            hand_on(0)  # what was read before the file failed is stored, with its cursor, as in the serial path
+            raise
+        if items or end != start or note:
+            inflight.append((pool.submit(_scrub, stream, items), cursor_at(path, stream, end), end - done))
+        hand_on(0)
+
+    def _started(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: this process runs DuckDB's and the storing thread's threads, and a forked child
+            # would inherit their locks in whatever state they were.
+            self._pool = ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start, initargs=(self._context,))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
