@@ -100,9 +100,11 @@ def duckdb_read_json(path: Path, db: Path) -> float:
     return time.monotonic() - started
 
 
-def devtune_collect(folder: Path, site: Path, batch_events: int) -> tuple[float, dict[str, object]]:
+def devtune_collect(folder: Path, site: Path, batch_events: int,
+                    scrub_workers: int = 0) -> tuple[float, dict[str, object]]:
     config = site / "config.toml"
-    config.write_text(render_config({"": {"state_dir": "state"}, "collect": {"batch_events": batch_events}},
+    config.write_text(render_config({"": {"state_dir": "state"},
+                                     "collect": {"batch_events": batch_events, "scrub_workers": scrub_workers}},
                                     sources=[{"kind": "continue", "path": str(folder), "name": "bench"}]))
     cfg = load_config(config)
     warm(folder / "dev_data" / "0.2.0" / "autocomplete.jsonl")
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/devtune-bench-ingest"))
     parser.add_argument("--batch-events", type=int, default=2000, help="[collect] batch_events")
+    parser.add_argument("--scrub-workers", type=int, default=0, help="[collect] scrub_workers (1: none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     folder = args.workdir / "continue"
@@ -139,7 +142,7 @@ def main() -> None:
     base_s = duckdb_read_json(log_file, args.workdir / "readjson.duckdb")
     print(f"duckdb read_json:  {args.events:,} events ({size_mb:,.0f} MB) in {base_s:.1f}s = "
           f"{args.events / base_s:,.0f} events/s", flush=True)
-    ours_s, report = devtune_collect(folder, args.workdir / "site", args.batch_events)
+    ours_s, report = devtune_collect(folder, args.workdir / "site", args.batch_events, args.scrub_workers)
     stored = report["suggestions"]["total"]  # type: ignore[index]
     print(f"devtune collect:   {stored:,} events in {ours_s:.1f}s = {args.events / ours_s:,.0f} events/s "
           f"(scrubbed {report['scrubbed']})", flush=True)
