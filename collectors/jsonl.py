@@ -92,6 +92,28 @@ def iter_lines(path: Path, start: int, max_line_bytes: int) -> Iterator[Line | O
                 buf = b""
 
 
+def line_ranges(path: Path, start: int, lines: int) -> Iterator[tuple[int, int]]:
+    """(start, end) byte ranges of `lines` complete lines each from `start` (the last range may hold fewer),
+    found by their newlines alone: `iter_lines` over a range gives its lines. A trailing line without a newline
+    is in no range, as `iter_lines` leaves it for the next run."""
+    with path.open("rb") as f:
+        f.seek(start)
+        pos = begin = last = start  # where the chunk, the range and the last complete line end
+        count = 0
+        while chunk := f.read(CHUNK_BYTES):
+            at = 0
+            while (nl := chunk.find(b"\n", at)) >= 0:
+                at = nl + 1
+                count += 1
+                if count == lines:
+                    yield begin, pos + at
+                    begin, count = pos + at, 0
+            last = pos + at if at else last
+            pos += len(chunk)
+        if last > begin:
+            yield begin, last
+
+
 def reject(stream: str, offset: int, raw: bytes, length: int, reason: str) -> Reject:
     return Reject(stream=stream, offset=offset, length=length, line_sha1=hashlib.sha1(raw).hexdigest(),
                   reason=reason, excerpt=excerpt(raw))
