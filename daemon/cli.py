@@ -282,7 +282,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
         for r in result["sources"]:
             stored = ", ".join(f"{n} {k}" for k, n in r["stored"].items() if n) or "nothing new"
             verdict = f"FAILED: {r['error']}" if r["error"] else r.get("skipped") or "ok"
-            print(f"{r['source']}: read {r['seen']:,} records, stored {stored} ({r['seconds']:.1f}s); {verdict}")
+            workers = f", parsed and scrubbed by {r['workers']} worker processes" if r.get("workers") else ""
+            print(f"{r['source']}: read {r['seen']:,} records, stored {stored} ({r['seconds']:.1f}s{workers}); "
+                  f"{verdict}")
             for note in r["notes"]:
                 print(f"  note: {note}")
         if result["failed"]:

@@ -15,7 +15,7 @@ import pytest
 
 from pipelines.ingest import parallel
 from pipelines.store.db import Store
-from support import autocomplete_event, collect_site, continue_log, write_config
+from support import autocomplete_event, collect_site, continue_log, devtune_json, write_config
 
 TABLES = ("suggestions", "quarantine", "scrubs", "identities", "drops", "cursors", "suggestion_served")
 WHEN_STORED = {"ingested_at", "quarantined_at", "updated_at", "attributed_at"}  # the clock, not the data
@@ -145,3 +145,22 @@ def test_small_streams_and_git_sources_stay_in_the_collecting_process(tmp_path: 
     continue_log(tmp_path / "logs", backlog(30))
     result = collect(tmp_path / "logs", tmp_path / "site", workers=2)
     assert result["sources"][0]["workers"] == 0  # 30 lines, under MIN_BYTES
+
+
+def test_devtune_collect_reads_a_64_mb_backlog_with_workers_from_its_own_entry_point(tmp_path: Path) -> None:
+    """The real `devtune collect` process starts the workers (spawned: each imports the entry point's module
+    again, which must not collect or start anything itself), over the real MIN_BYTES."""
+    body = "".join(f"def step_{i}(x):\n    return x + {i}\n\n" for i in range(150))  # 4.4 KB of code
+    lines = [autocomplete_event(completionId=f"big-{i:05d}", uniqueId="alice-id", prefix=body + f"# {i}\n",
+                                completion=f'    API_TOKEN = "{TOKEN}"\n' if i % 1000 == 0 else "    pass\n")
+             for i in range(15_500)]
+    log = continue_log(tmp_path / "logs", lines)
+    assert log.stat().st_size > parallel.MIN_BYTES
+    config = write_config(tmp_path / "pooled", [{"kind": "continue", "path": str(tmp_path / "logs"), "name": "logs"}],
+                          overrides={"collect": {"scrub_workers": 2}}).config
+    result = devtune_json("--config", str(config), "collect", "--json")
+    (source,) = result["sources"]
+    assert (source["workers"], source["error"], source["stored"]["suggestions"]) == (2, None, 15_500)
+    collect(tmp_path / "logs", tmp_path / "serial", workers=1, batch_events=2000)
+    a, b = stored(tmp_path / "serial"), stored(tmp_path / "pooled")
+    assert b["suggestions"] == a["suggestions"] and b["scrubs"] == a["scrubs"] and len(a["scrubs"]) == 16

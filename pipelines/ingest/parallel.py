@@ -1,19 +1,23 @@
 """A large backlog of log lines parsed and scrubbed in worker processes, and stored here, in order.
 
 A log stream's first collect can be a developer's months of Continue events: 200k events are 874 MB
-(bench/ingest_continue.py). Parsing, identifying and scrubbing a line costs ~110 µs of Python, all of it on one
-core under the GIL, and the collect used 1.2 of this machine's 2 cores for it (the storing thread, which lets go
-of the GIL in DuckDB, most of the rest). Here each batch of `[collect] batch_events` lines goes to a worker
-process, which parses the lines with the stream's `line_parser`, applies identity, privacy rules and scrubbing
-(`ingest.to_rows`, the same code as the serial path) and hands back one Arrow table per store table. This
-process reads the lines, and stores each batch's tables with its cursor in one transaction, in file order, as
-the serial path does: a kill at any point leaves the stream where its last stored batch ended, and nothing runs
-twice. Building the Arrow tables moved too: sending the row objects back and unpickling them took the GIL from
-the storing thread (25.5 s for 200k events against 27 s serial; with tables, 21 s).
+(bench/ingest_continue.py). Parsing, identifying and scrubbing a line costs ~90 µs of Python, and in one process
+all of it ran on one core under the GIL: the collect used 1.2 of this machine's 2 cores (the storing thread,
+which lets go of the GIL in DuckDB, most of the rest). Here this process cuts the stream into byte ranges of
+`[collect] batch_events` lines (`jsonl.line_ranges`, by their newlines alone) and hands each range to a worker
+process, which reads its lines from the log itself, parses them with the stream's `line_parser`, applies
+identity, privacy rules and scrubbing (`ingest.to_rows`, the same code as the serial path) and hands back one
+Arrow table per store table. This process stores each range's tables with its cursor in one transaction, in
+file order, as the serial path stores a batch: a kill at any point leaves the stream where its last stored
+batch ended, and nothing is stored twice.
+
+What crosses the pipes was measured (200k events, 2 workers): sending each batch's lines took this process 3 s
+of a 21 s collect, so workers read them; sending back row objects, whose unpickling took the GIL from the
+storing thread, made the collect 25.5 s instead of 27 s, so workers build the Arrow tables (21 s).
 
 Only log collectors (a `line_parser`) and only a stream with MIN_BYTES or more to read take this path: a worker
 costs ~0.5 s to start (it imports the scrubber and the store's schema), more than the service's usual few lines
-take. Unscrubbed lines cross a pipe to our own child processes, in memory; nothing unscrubbed is written.
+take. Unscrubbed text stays in the log file and in the workers' memory; what comes back is scrubbed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ MIN_BYTES = 64 << 20  # ~15k Continue events, ~2 s of serial collect: a pool's s
 MAX_WORKERS = 4
 
 RowMaker = Callable[[Batch, SourceConfig, "str | None", CollectConfig, Directory], Rows]
+
 
 def workers(cfg: CollectConfig) -> int:
     """How many scrub workers a large stream gets: `[collect] scrub_workers`, or one per CPU core this process
@@ -87,7 +92,7 @@ def _start(context: _Context) -> None:
 def _scrub(stream: str, start: int, end: int) -> tuple[dict[str, pa.Table], set[str], int]:
     """In a worker: the lines from byte `start` to `end` of the stream (`line_ranges`) as the store's Arrow tables,
     the Tabby completions they touch, and how many events and rejects they held (what the serial path counts as
-    seen). The worker reads the lines itself: sending them took this process 3 of a 200k collect's 21 s."""
+    seen)."""
     assert _context is not None, "a scrub worker starts with its source's context"
     c = _context
     path = c.source.path / stream
