@@ -3,6 +3,7 @@ serial collect stores: the same rows, quarantine, scrub counts, identities, drop
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -164,3 +165,21 @@ def test_devtune_collect_reads_a_64_mb_backlog_with_workers_from_its_own_entry_p
     collect(tmp_path / "logs", tmp_path / "serial", workers=1, batch_events=2000)
     a, b = stored(tmp_path / "serial"), stored(tmp_path / "pooled")
     assert b["suggestions"] == a["suggestions"] and b["scrubs"] == a["scrubs"] and len(a["scrubs"]) == 16
+
+
+def test_line_ranges_hold_every_complete_line_once_across_read_chunks(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from collectors import jsonl
+
+    monkeypatch.setattr(jsonl, "CHUNK_BYTES", 7)  # lines and ranges across many reads
+    lines = [b"x" * (i * 5 % 23) for i in range(40)]  # blank ones among them
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n" + b'{"half": tr')  # a last line still being written
+    whole = path.read_bytes()
+    start = len(lines[0]) + 1 + len(lines[1]) + 1  # resuming at a cursor
+    ranges = list(jsonl.line_ranges(path, start, 3))
+    assert ranges[0][0] == start and ranges[-1][1] == whole.rindex(b"\n") + 1
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous
+    assert [whole[a:b].count(b"\n") for a, b in ranges] == [3] * 12 + [2]
+    got = [item.raw for a, b in ranges for item in jsonl.iter_lines(path, a, 1 << 20) if item.end <= b]
+    assert got == lines[2:]
