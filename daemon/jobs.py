@@ -38,6 +38,11 @@ log = logging.getLogger("devtune.jobs")
 
 # One forget at a time (a collect finishes pending ones first): two would race on the same files.
 forgetting = threading.Lock()
+# A timer, a file event, a cycle and `devtune collect` can each ask the service for a collect at once. Their
+# sources are read one at a time (ingest.collect_lock), but what follows a source's collect was not: two collects
+# ending together both inserted a new source's health row (a constraint error, the second collect failed) and
+# attributed the same new suggestions to what served them (the online review failed). One collect at a time.
+collecting = threading.Lock()
 
 # A failing source is tried again after interval_s, then twice that, and so on up to an hour: a repository
 # that cannot be read is not re-walked every 5 minutes, and one that was fixed is picked up within the hour.
@@ -51,6 +56,11 @@ def collect(store: Store, cfg: Config, only: str | None = None, due_only: bool =
     `due_only` (the service's timer) skips a failed source until its back-off has passed; a collect asked
     for by hand or by a file event tries it at once. First, an interrupted forget is finished and what was
     stored of developers added to `opt_out` since is removed."""
+    with collecting:
+        return _collect(store, cfg, only, due_only)
+
+
+def _collect(store: Store, cfg: Config, only: str | None, due_only: bool) -> dict[str, Any]:
     with forgetting:
         forgotten = run_job("forget-pending", lambda: (finish_forgets(store, cfg), forget_opted_out(store, cfg)))
     if forgotten.error:  # the rows stay until the next collect tries again; collecting is still safe

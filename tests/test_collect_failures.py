@@ -105,3 +105,41 @@ def test_a_batch_that_fails_to_store_ends_its_source_there_and_the_next_collect_
     finally:
         store.close()
     assert len(ids) == len(set(ids)) == 25
+
+
+def collect_twice_at_once(store: Store, cfg: Any) -> tuple[list[dict[str, Any]], list[BaseException]]:
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(jobs.collect(store.cursor(), cfg))
+        except BaseException as e:  # noqa: BLE001 - the failure is what the test looks for
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_collects_asked_for_at_once_both_finish(tmp_path: Path) -> None:
+    """The service's timer, a file event and `devtune collect` can ask at once. Two collects of a new source ending
+    together both inserted its health row, and both attributed its new suggestions: one of them failed with a
+    constraint error (in most of 20 such pairs here, before the collects were serialised)."""
+    for attempt in range(8):
+        folder = tmp_path / str(attempt)
+        continue_log(folder / "logs", [autocomplete_event(completionId=f"c{attempt}-{i}") for i in range(5)])
+        cfg = load_config(write_config(folder / "site", [{"kind": "continue", "path": str(folder / "logs"),
+                                                          "name": "logs"}]).config)
+        store = Store.open(cfg.state_dir / "store.duckdb")
+        try:
+            results, errors = collect_twice_at_once(store, cfg)
+            assert errors == [] and [r["error"] for r in results] == [None, None], (errors, results)
+            assert sorted(r["sources"][0]["seen"] for r in results) == [0, 5]  # the lines were read once
+            assert store.source_health()["logs"]["failures"] == 0
+            assert store.con.execute("SELECT count(*) FROM suggestion_served").fetchone() == (5,)
+        finally:
+            store.close()
