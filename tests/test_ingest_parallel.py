@@ -59,11 +59,11 @@ def collect(folder: Path, site: Path, workers: int, batch_events: int = 40) -> d
     return result
 
 
-def stored(site: Path) -> dict[str, list[tuple[Any, ...]]]:
+def stored(site: Path, tables: tuple[str, ...] = TABLES) -> dict[str, list[tuple[Any, ...]]]:
     con = duckdb.connect(str(site / "state" / "store.duckdb"), read_only=True)
     try:
         out = {}
-        for table in TABLES:
+        for table in tables:
             cols = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall() if r[0] not in WHEN_STORED]
             names = ", ".join(f'"{c}"' for c in cols)
             out[table] = sorted(con.execute(f"SELECT {names} FROM {table}").fetchall(), key=repr)
@@ -183,3 +183,46 @@ def test_line_ranges_hold_every_complete_line_once_across_read_chunks(tmp_path: 
     assert [whole[a:b].count(b"\n") for a, b in ranges] == [3] * 12 + [2]
     got = [item.raw for a, b in ranges for item in jsonl.iter_lines(path, a, 1 << 20) if item.end <= b]
     assert got == lines[2:]
+
+
+def test_tabby_days_together_over_the_threshold_go_to_workers_with_their_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tabby writes a file a day: a backlog of small day files takes the workers too, day after day, and a
+    completion shown one day and selected the next is linked as in the serial collect."""
+    from support import day_ms, tabby_action, tabby_completion, write_lines
+
+    monkeypatch.setattr(parallel, "MIN_BYTES", 20_000)  # more than any one day file below, less than all of them
+    days = [f"2026-10-{d:02d}" for d in range(1, 6)]
+    for n, day in enumerate(days):
+        lines: list[Any] = []
+        for i in range(30):
+            cid = f"cmpl-{n}-{i}"
+            lines.append(tabby_completion(cid, day_ms(day, i), text=f'    token = "{TOKEN}"\n' if i == 3 else
+                                          f"    return {i}\n"))
+            if i % 3 == 0:
+                lines.append(tabby_action("select", cid, day_ms(day, i + 1)))
+            if i % 5 == 0 and n > 0:  # yesterday's completion, selected today
+                lines.append(tabby_action("select", f"cmpl-{n - 1}-{i + 1}", day_ms(day, 100 + i)))
+        write_lines(tmp_path / "tabby" / "events" / f"{day}.json", lines)
+    assert all((tmp_path / "tabby" / "events" / f"{d}.json").stat().st_size < 20_000 for d in days)
+
+    def collected(site: str, workers: int) -> dict[str, Any]:
+        config = write_config(tmp_path / site, [{"kind": "tabby", "path": str(tmp_path / "tabby"), "name": "t"}],
+                              overrides={"collect": {"scrub_workers": workers, "batch_events": 16}}).config
+        result, _ = collect_site(config)
+        assert result["error"] is None, result["error"]
+        return result["sources"][0]
+
+    assert collected("pooled", 2)["workers"] == 2
+    assert collected("serial", 1)["workers"] == 0
+    tables = ("tabby_completions", "tabby_actions", "suggestions", "scrubs", "cursors")
+    a, b = stored(tmp_path / "serial", tables), stored(tmp_path / "pooled", tables)
+    assert b == a and len(a["cursors"]) == 5 and len(a["scrubs"]) == 5
+    # 10 selected the day they were shown, each day; 16 more the day after (6 a day on 4 days, 2 of them already);
+    # a completion no one acted on derives no suggestion
+    con = duckdb.connect(str(tmp_path / "pooled" / "state" / "store.duckdb"), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FILTER (accepted), count(*) FROM suggestions").fetchone() == (66, 66)
+    finally:
+        con.close()
+

@@ -116,17 +116,20 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
     # one is read and scrubbed: DuckDB lets go of the GIL while it inserts, compresses and commits, and the
     # harvest of a 5k-commit history spent ~2 of its ~8 s there with the other core half idle (git runs on
     # it). One batch in flight: at most two batches in memory, and nothing is stored out of order.
-    pool: ScrubPool | None = None  # worker processes for a large log backlog (parallel.py), started when needed
+    streams = {stream: store.load_cursor(name, stream) for stream in collector.streams(root)}
+    pendings = {stream: collector.pending(root, stream, cursor) for stream, cursor in streams.items()}
+    # A large backlog goes to worker processes (parallel.py), even spread over many small files (Tabby's days)
+    workers = parallel.wanted(cfg, source, sum(pendings.values()))
+    pool: ScrubPool | None = None  # started when a stream needs it
     with ThreadPoolExecutor(1, thread_name_prefix=f"store-{name}") as writer, contextlib.ExitStack() as stack:
-        for stream in collector.streams(root):
-            cursor = store.load_cursor(name, stream)
+        for stream, cursor in streams.items():
             if cursor is None:
                 log.info("source=%s: new stream %s", name, stream)
-            pending = collector.pending(root, stream, cursor)
+            pending = pendings[stream]
             # Progress in the collector's unit (bytes of a log file, commits of a repository): a rate and an ETA.
             progress = Progress(log, f"collect source={name} stream={stream}", pending, collector.unit)
             storing: tuple[Future[Applied], int] | None = None  # the batch in flight, and its events
-            if workers := parallel.wanted(cfg, source, stream, pending):
+            if workers and pending and collector.line_parser(root, stream) is not None:
                 if pool is None:
                     pool = ScrubPool(workers, source, repo, cfg, directory, to_rows)
                     stack.callback(pool.close)

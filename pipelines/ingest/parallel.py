@@ -15,9 +15,10 @@ What crosses the pipes was measured (200k events, 2 workers): sending each batch
 of a 21 s collect, so workers read them; sending back row objects, whose unpickling took the GIL from the
 storing thread, made the collect 25.5 s instead of 27 s, so workers build the Arrow tables (21 s).
 
-Only log collectors (a `line_parser`) and only a stream with MIN_BYTES or more to read take this path: a worker
-costs ~0.5 s to start (it imports the scrubber and the store's schema), more than the service's usual few lines
-take. Unscrubbed text stays in the log file and in the workers' memory; what comes back is scrubbed.
+Only log collectors (a `line_parser`) and only a source with MIN_BYTES or more to read take this path (in one
+stream or many: Tabby writes a file a day): a worker costs ~0.5 s to start (it imports the scrubber and the
+store's schema), more than the service's usual few lines take. Unscrubbed text stays in the log file and in
+the workers' memory; what comes back is scrubbed.
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ def workers(cfg: CollectConfig) -> int:
     return min(MAX_WORKERS, cores)
 
 
-def wanted(cfg: CollectConfig, source: SourceConfig, stream: str, pending: int) -> int:
-    """Workers for `stream` of `source` with `pending` units to read; 0 to collect it in this process."""
+def wanted(cfg: CollectConfig, source: SourceConfig, pending: int) -> int:
+    """Workers for the log streams of `source`, which has `pending` units left to read in all; 0 to collect it
+    in this process. Only streams with a `line_parser` (log files) can go to them."""
     n = workers(cfg)
-    collector = COLLECTORS[source.kind]
-    if n <= 1 or collector.unit != "bytes" or pending < MIN_BYTES:
+    if n <= 1 or COLLECTORS[source.kind].unit != "bytes" or pending < MIN_BYTES:
         return 0
-    return n if collector.line_parser(source.path, stream) is not None else 0
+    return n
 
 
 @dataclass(frozen=True)
