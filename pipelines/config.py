@@ -61,7 +61,7 @@ class CollectConfig:
     watch: bool = key(True, "watch log folders and git refs, and collect soon after they change")
     debounce_s: float = key(5.0, "after a file event, wait this long for more before collecting")
     batch_events: int = key(2000, "events per store transaction; the cursor is saved with each batch")
-    scrub_workers: int = key(0, "processes that parse and scrub a log stream with over 64 MB to read (a first "
+    scrub_workers: int = key(0, "processes that parse and scrub a log source with over 64 MB to read (a first "
                              "backfill) while the collect stores; 0 = one per CPU core, at most 4; 1 = none")
     max_line_bytes: int = key(1 << 20, "log lines longer than this are quarantined without being parsed")
     max_file_bytes: int = key(512 * 1024, "committed files and diffs larger than this are not stored")

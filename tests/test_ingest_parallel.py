@@ -142,7 +142,7 @@ def test_a_killed_worker_fails_the_collect_after_the_batches_before_it_and_the_n
     assert stored(tmp_path / "pooled") == stored(tmp_path / "serial")
 
 
-def test_small_streams_and_git_sources_stay_in_the_collecting_process(tmp_path: Path) -> None:
+def test_a_small_backlog_stays_in_the_collecting_process(tmp_path: Path) -> None:
     continue_log(tmp_path / "logs", backlog(30))
     result = collect(tmp_path / "logs", tmp_path / "site", workers=2)
     assert result["sources"][0]["workers"] == 0  # 30 lines, under MIN_BYTES
