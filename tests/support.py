@@ -94,6 +94,18 @@ def autocomplete_event(**overrides: Any) -> dict[str, Any]:
     return event
 
 
+BIG_BACKLOG_TOKEN = "ghp_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z5A"
+
+
+def big_backlog(n: int) -> list[Any]:
+    """`n` Continue lines of 4.5 KB each (15,500 are 69 MB: over the size that takes scrub workers,
+    pipelines/ingest/parallel.py), a planted token in every thousandth completion."""
+    body = "".join(f"def step_{i}(x):\n    return x + {i}\n\n" for i in range(150))
+    return [autocomplete_event(completionId=f"big-{i:05d}", uniqueId="alice-id", prefix=body + f"# {i}\n",
+                               completion=f'    API_TOKEN = "{BIG_BACKLOG_TOKEN}"\n' if i % 1000 == 0 else "    pass\n")
+            for i in range(n)]
+
+
 def continue_log(folder: Path, lines: list[dict[str, Any] | str | bytes], schema: str = "0.2.0",
                  append: bool = False) -> Path:
     """Write (or append) autocomplete lines under folder/dev_data/<schema>/autocomplete.jsonl."""

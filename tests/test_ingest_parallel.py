@@ -16,7 +16,7 @@ import pytest
 
 from pipelines.ingest import parallel
 from pipelines.store.db import Store
-from support import autocomplete_event, collect_site, continue_log, devtune_json, write_config
+from support import autocomplete_event, big_backlog, collect_site, continue_log, devtune_json, write_config
 
 TABLES = ("suggestions", "quarantine", "scrubs", "identities", "drops", "cursors", "suggestion_served")
 WHEN_STORED = {"ingested_at", "quarantined_at", "updated_at", "attributed_at"}  # the clock, not the data
@@ -118,7 +118,7 @@ def test_a_killed_worker_fails_the_collect_after_the_batches_before_it_and_the_n
         tmp_path: Path, small_backlogs: None, monkeypatch: pytest.MonkeyPatch) -> None:
     continue_log(tmp_path / "logs", backlog(600))
     apply = Store.apply_tables
-    calls = []
+    calls: list[int] = []
 
     def kill_workers_after_the_first_batch(self: Store, *args: Any, **kwargs: Any) -> Any:
         applied = apply(self, *args, **kwargs)
@@ -151,11 +151,7 @@ def test_a_small_backlog_stays_in_the_collecting_process(tmp_path: Path) -> None
 def test_devtune_collect_reads_a_64_mb_backlog_with_workers_from_its_own_entry_point(tmp_path: Path) -> None:
     """The real `devtune collect` process starts the workers (spawned: each imports the entry point's module
     again, which must not collect or start anything itself), over the real MIN_BYTES."""
-    body = "".join(f"def step_{i}(x):\n    return x + {i}\n\n" for i in range(150))  # 4.4 KB of code
-    lines = [autocomplete_event(completionId=f"big-{i:05d}", uniqueId="alice-id", prefix=body + f"# {i}\n",
-                                completion=f'    API_TOKEN = "{TOKEN}"\n' if i % 1000 == 0 else "    pass\n")
-             for i in range(15_500)]
-    log = continue_log(tmp_path / "logs", lines)
+    log = continue_log(tmp_path / "logs", big_backlog(15_500))
     assert log.stat().st_size > parallel.MIN_BYTES
     config = write_config(tmp_path / "pooled", [{"kind": "continue", "path": str(tmp_path / "logs"), "name": "logs"}],
                           overrides={"collect": {"scrub_workers": 2}}).config
@@ -181,7 +177,8 @@ def test_line_ranges_hold_every_complete_line_once_across_read_chunks(tmp_path: 
     assert ranges[0][0] == start and ranges[-1][1] == whole.rindex(b"\n") + 1
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous
     assert [whole[a:b].count(b"\n") for a, b in ranges] == [3] * 12 + [2]
-    got = [item.raw for a, b in ranges for item in jsonl.iter_lines(path, a, 1 << 20) if item.end <= b]
+    got = [item.raw for a, b in ranges for item in jsonl.iter_lines(path, a, 1 << 20)
+           if isinstance(item, jsonl.Line) and item.end <= b]
     assert got == lines[2:]
 
 

@@ -25,6 +25,7 @@ from support import (
     T0,
     CommitSpec,
     autocomplete_event,
+    big_backlog,
     commit,
     continue_log,
     day_ms,
@@ -72,7 +73,8 @@ def service(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Service]
         {"kind": "tabby", "path": str(tmp_path / "tabby"), "name": "tabby"},
         {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}],
         # a base model that is not there: nothing is downloaded, whatever the machine's network or cache
-        overrides={"": {"base_model": str(tmp_path / "no-model")}, "collect": {"interval_s": 3600.0, "debounce_s": 0.3},
+        overrides={"": {"base_model": str(tmp_path / "no-model")},
+                   "collect": {"interval_s": 3600.0, "debounce_s": 0.3, **extra.get("collect", {})},
                    "schedule": {"cycle_cron": "0 3 1 1 *"}, "continue_http": {"enabled": True},
                    **{k: v for k, v in extra.items() if k not in ("", "collect")}})
     # AF_UNIX paths are limited to 108 bytes: keep the socket out of pytest's long tmp paths.
@@ -317,3 +319,18 @@ def test_a_store_worker_that_dies_is_replaced_by_the_next_request(service: Servi
     assert service.proc.wait(timeout=60) == 0
     out = service.proc.stdout.read() if service.proc.stdout else ""
     assert f"store worker pid={first} exited with status -9; starting a new one" in out
+
+
+@pytest.mark.parametrize("service", [{"collect": {"scrub_workers": 2}}], indirect=True)
+def test_a_large_backlog_is_scrubbed_by_workers_under_the_service(service: Service, tmp_path: Path) -> None:
+    """The store worker (`python -m daemon.worker`) starts the scrub workers: spawned, each imports that module
+    again, which must not start a service of its own."""
+    service.wait_for("READY=1")
+    continue_log(tmp_path / "alice", big_backlog(15_500), append=True)  # 69 MB: over parallel.MIN_BYTES
+    result = devtune_json("--config", str(service.config), "collect", "--json")
+    assert result["error"] is None, result
+    assert service.status()["suggestions"]["total"] == 3 + 15_500
+    service.proc.terminate()
+    out, _ = service.proc.communicate(timeout=60)
+    assert "parsed and scrubbed by 2 worker processes" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
