@@ -142,6 +142,20 @@ def decode_object(raw: bytes) -> dict[str, Any] | str:
     return value
 
 
+def take_line(item: Line | Oversized, stream: str, parse: LineParser, max_line_bytes: int, events: list[RawEvent],
+              rejects: list[Reject]) -> None:
+    """One line of `iter_lines` under the policy: an oversized one rejected unparsed, a blank one skipped (the
+    cursor still moves past it), any other parsed into `events` or rejected with the parser's reason."""
+    if isinstance(item, Oversized):
+        rejects.append(oversized_reject(stream, item, max_line_bytes))
+    elif item.raw.strip():
+        parsed = parse(item.raw)
+        if isinstance(parsed, str):
+            rejects.append(reject(stream, item.offset, item.raw, item.end - item.offset, parsed))
+        else:
+            events.extend(parsed)
+
+
 def collect_lines(path: Path, stream: str, cursor: Cursor | None, limits: Limits,
                   parse: LineParser) -> Iterator[Batch]:
     """Batches of what `parse` makes of each complete line after `cursor`: the loop every log collector shares."""
@@ -150,14 +164,7 @@ def collect_lines(path: Path, stream: str, cursor: Cursor | None, limits: Limits
     rejects: list[Reject] = []
     end = done = start
     for item in iter_lines(path, start, limits.max_line_bytes):
-        if isinstance(item, Oversized):
-            rejects.append(oversized_reject(stream, item, limits.max_line_bytes))
-        elif item.raw.strip():  # blank lines carry nothing; the cursor still moves past them
-            parsed = parse(item.raw)
-            if isinstance(parsed, str):
-                rejects.append(reject(stream, item.offset, item.raw, item.end - item.offset, parsed))
-            else:
-                events.extend(parsed)
+        take_line(item, stream, parse, limits.max_line_bytes, events, rejects)
         end = item.end
         if len(events) + len(rejects) >= limits.batch_events:
             yield Batch(tuple(events), tuple(rejects), cursor_at(path, stream, end), note, read=end - done)

@@ -16,11 +16,19 @@ import pytest
 
 from pipelines.ingest import parallel
 from pipelines.store.db import Store
-from support import autocomplete_event, big_backlog, collect_site, continue_log, devtune_json, write_config
+from support import (
+    BIG_BACKLOG_TOKEN,
+    autocomplete_event,
+    big_backlog,
+    collect_site,
+    continue_log,
+    devtune_json,
+    write_config,
+)
 
 TABLES = ("suggestions", "quarantine", "scrubs", "identities", "drops", "cursors", "suggestion_served")
 WHEN_STORED = {"ingested_at", "quarantined_at", "updated_at", "attributed_at"}  # the clock, not the data
-TOKEN = "ghp_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z5A"
+TOKEN = BIG_BACKLOG_TOKEN  # a GitHub token's shape, as big_backlog plants it
 
 
 def backlog(n: int) -> list[Any]:

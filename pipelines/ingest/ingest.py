@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -139,8 +140,8 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
 
                 def store_tables(tables: dict[str, pa.Table], touched: set[str], at: Cursor, events: int) -> None:
                     nonlocal storing
-                    _settle(report, storing)
-                    storing = writer.submit(store.apply_tables, name, tables, touched, at), events
+                    storing = _store_next(report, storing, writer, events, store.apply_tables, name, tables, touched,
+                                          at)
 
                 pool.collect(stream, cursor, progress, store_tables, report.notes)
                 _settle(report, storing)
@@ -157,7 +158,7 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
                     batch = next(batches, None)
                 except BaseException:
                     if last is not None:  # what was read before the collector failed is stored, with its cursor
-                        storing = _store_next(report, storing, writer, store, name, rows, last, events)
+                        storing = _store_next(report, storing, writer, events, store.apply_batch, name, rows, last)
                     raise
                 if batch is not None:
                     if batch.note:
@@ -167,7 +168,7 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
                     events, last = events + len(batch.events) + len(batch.rejects), batch.cursor
                     progress.advance(batch.read)
                 if last is not None and (batch is None or not batch.partial or events >= cfg.batch_events):
-                    storing = _store_next(report, storing, writer, store, name, rows, last, events)
+                    storing = _store_next(report, storing, writer, events, store.apply_batch, name, rows, last)
                     rows, events, last = Rows(), 0, None
                 if batch is None:
                     break
@@ -177,10 +178,11 @@ def _collect_source(store: Store, source: SourceConfig, cfg: CollectConfig, dire
 
 
 def _store_next(report: SourceReport, storing: tuple[Future[Applied], int] | None, writer: ThreadPoolExecutor,
-                store: Store, source: str, rows: Rows, cursor: Cursor, events: int) -> tuple[Future[Applied], int]:
-    """Wait for the batch in flight, then hand `rows` and their cursor to the storing thread: the new one."""
+                events: int, apply: Callable[..., Applied], *batch: Any) -> tuple[Future[Applied], int]:
+    """Wait for the batch in flight, then hand the next one to the storing thread (`apply(*batch)`:
+    Store.apply_batch, or apply_tables for a scrub worker's tables): the new one in flight, with its events."""
     _settle(report, storing)
-    return writer.submit(store.apply_batch, source, rows, cursor), events
+    return writer.submit(apply, *batch), events
 
 
 def _settle(report: SourceReport, storing: tuple[Future[Applied], int] | None) -> None:

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from collectors import COLLECTORS
 from collectors.base import Batch, Cursor, LineParser, RawEvent, Reject
-from collectors.jsonl import Oversized, cursor_at, iter_lines, line_ranges, oversized_reject, reject, resume_offset
+from collectors.jsonl import cursor_at, iter_lines, line_ranges, resume_offset, take_line
 from pipelines.config import CollectConfig, SourceConfig
 from pipelines.ingest.identity import Directory
 from pipelines.progress import Progress
@@ -107,18 +107,11 @@ def _scrub(stream: str, start: int, end: int) -> tuple[dict[str, pa.Table], set[
     events: list[RawEvent] = []
     rejects: list[Reject] = []
     at = start
-    for item in iter_lines(path, start, c.cfg.max_line_bytes):  # the line policy of collectors/jsonl.py
+    for item in iter_lines(path, start, c.cfg.max_line_bytes):
         if item.end > end:
             break
         at = item.end
-        if isinstance(item, Oversized):
-            rejects.append(oversized_reject(stream, item, c.cfg.max_line_bytes))
-        elif item.raw.strip():  # blank lines carry nothing
-            parsed = parse(item.raw)
-            if isinstance(parsed, str):
-                rejects.append(reject(stream, item.offset, item.raw, item.end - item.offset, parsed))
-            else:
-                events.extend(parsed)
+        take_line(item, stream, parse, c.cfg.max_line_bytes, events, rejects)  # as the serial collect_lines does
         if at == end:
             break
     if at != end:
