@@ -244,39 +244,97 @@ def _versions(rng: random.Random, text: str, n: int) -> list[str]:
     lines = text.splitlines(keepends=True)
     out = []
     for _ in range(n):
-        at = rng.randrange(len(lines) + 1)
-        roll = rng.random()
-        if roll < 0.35:
-            lines[at:at] = [s + "\n" for s in rng.choice(_AT_A_CUT).split("\n")]
-        elif roll < 0.55:
-            del lines[at:at + rng.randint(1, 4)]  # may join a name to a value across blank lines
-        elif roll < 0.75:
-            lines[at:at] = ["\n"] * rng.randint(1, 3)
-        else:
-            donor = rng.choice([*_AT_A_CUT, text]).splitlines(keepends=True) or ["\n"]
-            start = rng.randrange(len(donor))
-            lines[at:at + rng.randint(0, 3)] = donor[start:start + rng.randint(1, 8)]
+        _edit(rng, lines, text)
         out.append("".join(lines))
     return out
 
 
-def test_file_scrubber_gives_the_whole_file_scrub_on_every_version() -> None:
-    """A harvest scrubs each version of a file piece by piece, reusing pieces it saw in earlier versions; the
+def _edit(rng: random.Random, lines: list[str], text: str) -> None:
+    """One commit's edit of a file's lines, in place."""
+    at = rng.randrange(len(lines) + 1)
+    roll = rng.random()
+    if roll < 0.35:
+        lines[at:at] = [s + "\n" for s in rng.choice(_AT_A_CUT).split("\n")]
+    elif roll < 0.55:
+        del lines[at:at + rng.randint(1, 4)]  # may join a name to a value across blank lines
+    elif roll < 0.75:
+        lines[at:at] = ["\n"] * rng.randint(1, 3)
+    else:
+        donor = rng.choice([*_AT_A_CUT, text]).splitlines(keepends=True) or ["\n"]
+        start = rng.randrange(len(donor))
+        lines[at:at + rng.randint(0, 3)] = donor[start:start + rng.randint(1, 8)]
+
+
+@pytest.mark.parametrize("against_base", [False, True])
+def test_file_scrubber_gives_the_whole_file_scrub_on_every_version(against_base: bool) -> None:
+    """A harvest scrubs each version of a file piece by piece, reusing pieces it saw in earlier versions, and
+    (`against_base`) only the part that differs from the version before when that one gave up nothing; the
     result must be what scrubbing the whole file gives, secrets at the cuts included."""
     rng = random.Random(3)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     sources = [p.read_text(encoding="utf-8") for p in sorted((stdlib / "email").glob("*.py"))[:6]]
-    scrubber = FileScrubber(max_chars=200_000)  # small, so pieces are also dropped and scanned again
+    scrubber = FileScrubber(max_chars=200_000)  # small, so pieces and clean versions are also dropped
     checked = planted = 0
-    for text in sources:
-        for version in _versions(rng, text, 60):
+    for f, text in enumerate(sources):
+        base = ""
+        for n, version in enumerate(_versions(rng, text, 60)):
             mine: Counter[str] = Counter()
             whole: Counter[str] = Counter()
-            assert scrubber.scrub(version, mine) == scrub(version, whole)
+            if against_base:
+                out = scrubber.scrub_version(f"{f}.{n}", version, mine, base)
+                base = f"{f}.{n}"
+            else:
+                out = scrubber.scrub(version, mine)
+            assert out == scrub(version, whole)
             assert mine == whole
             checked += 1
             planted += _PW in version or _KEY in version
     assert checked == 360 and planted > 200
+
+
+def test_a_version_read_against_a_clean_one_before_gives_the_whole_file_scrub() -> None:
+    """A version whose version before gave up nothing is scrubbed only between the safe cuts around what
+    changed. Each edit here starts from the last version without a secret (as a commit after a clean one),
+    so most of them plant a secret next to text shared with that version: beside a name left above a cut, in
+    a blank-line run, after an operator alone on its line; the result must be what scrubbing the whole file
+    gives."""
+    rng = random.Random(5)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = [p.read_text(encoding="utf-8") for p in sorted((stdlib / "email").glob("*.py"))[:6]]
+    scrubber = FileScrubber(max_chars=200_000)
+    read_against = planted = 0
+    for f, text in enumerate(sources):
+        base, base_lines = "", text.splitlines(keepends=True)
+        for n in range(60):
+            lines = list(base_lines)
+            _edit(rng, lines, text)
+            version = "".join(lines)
+            before = scrubber.against_base
+            mine: Counter[str] = Counter()
+            whole: Counter[str] = Counter()
+            assert scrubber.scrub_version(f"{f}.{n}", version, mine, base) == scrub(version, whole)
+            assert mine == whole
+            read_against += scrubber.against_base - before
+            if whole:
+                planted += scrubber.against_base - before
+            else:
+                base, base_lines = f"{f}.{n}", lines
+    assert read_against > 250 and planted > 50, (read_against, planted)
+
+
+@pytest.mark.parametrize("planted", [p for p in _AT_A_CUT if "PRIVATE KEY" not in p])
+def test_a_value_put_after_a_name_left_above_a_cut_is_scrubbed(planted: str) -> None:
+    """The version before holds the name and a harmless value after the cut (it gave up nothing); the commit
+    changes only the value's line. The changed part must start before the name's piece, which runs on."""
+    values = (_PW, _KEY, SECRETS["aws_access_key"], SECRETS["url_credentials"], _PW.replace("-", "") + "2")
+    value = next(v for v in values if v in planted)
+    before = f"def f():\n    return 1\n\n\n{planted.replace(value, 'None')}\n\ndef g():\n    return 2\n"
+    after = before.replace("None", value)
+    scrubber = FileScrubber()
+    assert scrubber.scrub_version("before", before) == before == scrub(before)
+    out = scrubber.scrub_version("after", after, base="before")
+    assert scrubber.against_base == 1
+    assert out == scrub(after) and value not in out
 
 
 def test_file_scrubber_rescans_only_the_changed_pieces() -> None:

@@ -352,12 +352,14 @@ def _commit_rows(c: Commit, rows: Rows, source_name: str, repo: str, cfg: Collec
             _dropped(rows, source_name, "excluded_path", f"{c.sha}:{f.path}")
             continue
         keep_blob = f.content is not None
-        if keep_blob:
-            scrubs = Counter()
-            rows.add(BlobRow(blob=f.blob, content=contents.scrub_version(f.blob, f.content or "", scrubs)))
-            _scrubbed(rows, "blobs", f.blob, scrubs)
         if f.old_content is not None and f.old_blob not in contents.versions:
             contents.scrub_version(f.old_blob, f.old_content)  # stored by an earlier harvest: only its secrets matter
+        if keep_blob:
+            scrubs = Counter()
+            # Read against the version before (the blob this commit changed), scrubbed here or just above.
+            rows.add(BlobRow(blob=f.blob, content=contents.scrub_version(f.blob, f.content or "", scrubs,
+                                                                         f.old_blob)))
+            _scrubbed(rows, "blobs", f.blob, scrubs)
         scrubs = Counter()
         # The diff's "+" lines are lines of this version and its "-" lines of the one before: what scrubbing
         # those whole found goes from the diff too, and where both were scrubbed here that is all of it.
