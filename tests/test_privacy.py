@@ -319,7 +319,7 @@ def test_a_version_read_against_a_clean_one_before_gives_the_whole_file_scrub() 
                 planted += scrubber.against_base - before
             else:
                 base, base_lines = f"{f}.{n}", lines
-    assert read_against > 250 and planted > 50, (read_against, planted)
+    assert read_against > 250 and planted > 100, (read_against, planted)  # 271 and 127 when written
 
 
 @pytest.mark.parametrize("planted", [p for p in _AT_A_CUT if "PRIVATE KEY" not in p])
