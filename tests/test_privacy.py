@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sysconfig
 from collections import Counter
 from datetime import datetime, timedelta
@@ -16,6 +17,7 @@ from daemon.config import load_config
 from pipelines.ingest.scrub import (
     CUT_SECRET_CHARS,
     FileScrubber,
+    _not_code,
     cursor_spans,
     is_excluded,
     scrub,
@@ -437,6 +439,19 @@ def test_a_patch_between_scrubbed_versions_is_scanned_only_outside_its_code_line
     assert SECRETS["aws_access_key"] not in scrub_diff(patch)
     known = [("aws_access_key", SECRETS["aws_access_key"])]
     assert scrub_diff(patch, known=known, versions_scrubbed=True) == scrub_diff(patch, known=known)
+
+
+@pytest.mark.parametrize("patch", [
+    "", "\n", "+a", "-a\n", "---x", "+++ b\n@@ -1 +1 @@ x\n+y\n\\ No newline at end of file",
+    "\n\n@@\n", "a\n\nb\n-c\n--- d\n-- e\n++ f\n+++ g", "diff --git a/x b/x\nnew file mode 100644\nindex 0..1\n"
+    "--- /dev/null\n+++ b/x\n@@ -0,0 +1,2 @@\n+one\n+two\ndiff --git a/x b/x\n--- a/x\n+++ b/x\n"
+    "@@ -4 +3,0 @@ def g():\n-z",
+])
+def test_the_lines_outside_code_are_those_a_multiline_match_finds(patch: str) -> None:
+    """`_not_code` finds a patch's non-code lines by searching for "\n" (in C); the reference is the plain
+    multi-line pattern it replaced."""
+    reference = re.compile(r"^(?:[^+\-\n][^\n]*|\+\+\+[^\n]*|---[^\n]*)$", re.M)
+    assert _not_code(patch) == [(m.start(), m.group()) for m in reference.finditer(patch)]
 
 
 def test_a_key_inside_a_one_line_literal_goes_from_a_patch_with_another_key_block() -> None:
