@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
 import sysconfig
 from collections import Counter
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from pipelines.ingest.scrub import (
     FileScrubber,
     _not_code,
     cursor_spans,
+    find_secrets,
     is_excluded,
     scrub,
     scrub_diff,
@@ -389,6 +391,46 @@ def test_a_secret_cut_from_its_name_by_a_hunk_is_scrubbed_in_diffs_and_contents(
     diffs = [r[5] for r in table_rows(db, "commit_files") if r[1] == "app/db.py"]
     assert sum('+"<SECRET:secret_assignment>"' in d for d in diffs) == 1
     assert sum('-"<SECRET:secret_assignment>"' in d for d in diffs) == 1
+
+
+def test_a_harvest_a_few_commits_at_a_time_stores_what_one_harvest_of_the_history_stores(tmp_path: Path) -> None:
+    """The service harvests a few commits at a time: each modified file's version before was stored by an
+    earlier collect, is read again, and the new version is scrubbed against it (`scrub_version`'s base). The
+    commits edit two real files as `_edit` does (secrets planted beside shared text, lines deleted and copied);
+    every stored row must be what one harvest of the whole history stores. (A planted value can stay where an
+    edit left it on a line without its name: no pattern knows it there, in either harvest.)"""
+    rng = random.Random(11)
+    email = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    texts = {f"app/{name}": (email / name).read_text(encoding="utf-8") for name in ("charset.py", "header.py")}
+    lines = {path: text.splitlines(keepends=True) for path, text in texts.items()}
+    repo = make_repo(tmp_path / "repo", [CommitSpec(dict(texts), when=T0, message="first")])
+    steps = write_config(tmp_path / "steps", [{"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}])
+    collect_site(steps.config)
+    for n in range(1, 31):
+        changed = {}
+        for path in rng.sample(sorted(texts), rng.randint(1, 2)):
+            # Each edit starts from the file's last version without a secret, so that many versions are read
+            # against a clean version before and plant a secret next to what they share with it.
+            edited = list(lines[path])
+            _edit(rng, edited, texts[path])
+            changed[path] = "".join(edited)
+            if not find_secrets(changed[path]):
+                lines[path] = edited
+        commit(repo, CommitSpec(changed, when=T0 + timedelta(hours=n), message=f"edit {n}"))
+        if n % 3 == 0:
+            report, steps_db = collect_site(steps.config)
+            assert report["error"] is None
+    whole = write_config(tmp_path / "whole", [{"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}])
+    report, whole_db = collect_site(whole.config)
+    assert report["status"]["commits"]["total"] == 31
+    for table in ("commits", "commit_files", "blobs", "scrubs"):
+        assert table_rows(steps_db, table) == table_rows(whole_db, table), table
+    scrubbed = [r for r in table_rows(steps_db, "scrubs") if r[0] == "blobs"]
+    assert sum(r[3] for r in scrubbed) > 15  # the planted secrets the versions gave up (23 when written)
+    for blob, content in table_rows(steps_db, "blobs"):  # and each version is what scrubbing it whole gives
+        raw = subprocess.run(["git", "cat-file", "blob", blob], cwd=tmp_path / "repo", capture_output=True,
+                             check=True).stdout.decode("utf-8")
+        assert content == scrub(raw), blob
 
 
 def test_a_value_removed_in_a_later_harvest_leaves_no_trace_in_its_diff(tmp_path: Path) -> None:
