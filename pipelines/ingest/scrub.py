@@ -1247,6 +1247,7 @@ class FileScrubber:
         if cut is not None and "PRIVATE KEY" not in text[cut[0]:cut[1]]:
             # The base held no key block, so a text without one in its changed part holds none.
             start, end = cut
+            self.chars += len(text) - (end - start)  # the rest was asked for too; `scrub` counts the middle
             middle = self.scrub(text[start:end], counts, found)
             scrubbed = text[:start] + middle + text[end:] if found else text
             self.against_base += 1
