@@ -242,6 +242,12 @@ _AT_A_CUT = [
 ]
 
 
+def _email_sources() -> list[str]:
+    """Six real files whose successive versions the FileScrubber tests make: the stdlib's email package."""
+    email = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    return [p.read_text(encoding="utf-8") for p in sorted(email.glob("*.py"))[:6]]
+
+
 def _versions(rng: random.Random, text: str, n: int) -> list[str]:
     """Successive versions of one file, as commits make them: spans of lines replaced, deleted or added, a
     planted secret now and then, blank lines added and removed next to them."""
@@ -275,8 +281,7 @@ def test_file_scrubber_gives_the_whole_file_scrub_on_every_version(against_base:
     (`against_base`) only the part that differs from the version before when that one gave up nothing; the
     result must be what scrubbing the whole file gives, secrets at the cuts included."""
     rng = random.Random(3)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    sources = [p.read_text(encoding="utf-8") for p in sorted((stdlib / "email").glob("*.py"))[:6]]
+    sources = _email_sources()
     scrubber = FileScrubber(max_chars=200_000)  # small, so pieces and clean versions are also dropped
     checked = planted = 0
     for f, text in enumerate(sources):
@@ -303,8 +308,7 @@ def test_a_version_read_against_a_clean_one_before_gives_the_whole_file_scrub() 
     a blank-line run, after an operator alone on its line; the result must be what scrubbing the whole file
     gives."""
     rng = random.Random(5)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    sources = [p.read_text(encoding="utf-8") for p in sorted((stdlib / "email").glob("*.py"))[:6]]
+    sources = _email_sources()
     scrubber = FileScrubber(max_chars=200_000)
     read_against = planted = 0
     for f, text in enumerate(sources):

@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
 from re import _parser  # type: ignore[attr-defined]  # a pattern's shortest match (getwidth)
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import unquote
 
 from ahocorasick_rs import AhoCorasick, BytesAhoCorasick, Implementation
@@ -1210,13 +1210,9 @@ class FileScrubber:
     """
 
     def __init__(self, max_chars: int = 32 << 20):
-        # Two generations: a piece used in the current one stays; the older one is dropped when the current
-        # one holds `max_chars` / 2 characters. Plain dicts: an LRU's move_to_end cost 0.3 s per 660k pieces.
         # Only pieces that do not run on are kept, so a piece found here always ends at a safe cut.
         self.max_chars = max_chars
-        self._current: dict[str, _Piece] = {}
-        self._previous: dict[str, _Piece] = {}
-        self._chars = 0
+        self._pieces: _Generations[_Piece] = _Generations(max_chars)
         self.chars = 0  # characters asked for
         self.new_chars = 0  # characters scanned (in pieces not seen before)
         self.against_base = 0  # versions scrubbed only where they differ from the one before
@@ -1226,11 +1222,9 @@ class FileScrubber:
         # The keys of every version scrubbed whole here: a diff between two of them needs no scan of its own
         # code lines (scrub_diff's `versions_scrubbed`). ~100 bytes a version: 27 MB for git/git's ~300k.
         self.versions: set[str] = set()
-        # The versions scrubbed here that gave up nothing, by key, two generations like the pieces: a commit's
-        # next version of a file is read against the one before it (`scrub_version`'s `base`).
-        self._clean: dict[str, str] = {}
-        self._clean_before: dict[str, str] = {}
-        self._clean_chars = 0
+        # The versions scrubbed here that gave up nothing, by key: a commit's next version of a file is read
+        # against the one before it (`scrub_version`'s `base`).
+        self._clean: _Generations[str] = _Generations(max_chars)
 
     def scrub_version(self, key: str, text: str, counts: Counter[str] | None = None, base: str = "") -> str:
         """`scrub(text, counts)` for one file version, remembered under `key` (its blob sha) in `versions`, and
@@ -1242,7 +1236,7 @@ class FileScrubber:
         secret. Cutting and looking up every piece of every version took ~1.2 s of the 5k-commit history's
         ~7 s harvest (168 MB of file versions; bench/README.md, "Git harvest")."""
         found: list[tuple[str, str]] = []
-        old = (self._clean.get(base) or self._clean_before.get(base)) if base else None
+        old = self._clean.get(base) if base else None
         cut = _changed_part(old, text) if old is not None else None
         if cut is not None and "PRIVATE KEY" not in text[cut[0]:cut[1]]:
             # The base held no key block, so a text without one in its changed part holds none.
@@ -1259,14 +1253,8 @@ class FileScrubber:
         if found:
             self.found_in[key] = tuple(found)
         if clean:
-            self._remember_clean(key, text)
+            self._clean.put(key, text, len(text))
         return scrubbed
-
-    def _remember_clean(self, key: str, text: str) -> None:
-        if self._clean_chars >= self.max_chars // 2:
-            self._clean_before, self._clean, self._clean_chars = self._clean, {}, 0
-        self._clean[key] = text
-        self._clean_chars += len(text)
 
     def scrub(self, text: str, counts: Counter[str] | None = None,
               secrets: list[tuple[str, str]] | None = None) -> str:
@@ -1280,7 +1268,7 @@ class FileScrubber:
             return scrubbed
         # 660k pieces in that history: the common path (every piece known) stays in C (map, join, filter).
         parts = text.split(PIECE_SEPARATOR)
-        pieces: list[_Piece | None] = list(map(self._current.get, parts))
+        pieces: list[_Piece | None] = list(map(self._pieces.current.get, parts))
         if None in pieces:
             parts, pieces = self._fill(parts, pieces)
         known: list[_Piece] = pieces  # type: ignore[assignment]  # _fill left no None
@@ -1300,13 +1288,13 @@ class FileScrubber:
             found += pieces[done:i]
             unit = parts[i]
             i += 1
-            while (piece := self._previous.get(unit)) is None and i < len(parts) and _runs_on(unit):
+            while (piece := self._pieces.previous.get(unit)) is None and i < len(parts) and _runs_on(unit):
                 unit += PIECE_SEPARATOR + parts[i]
                 i += 1
-                if (piece := self._current.get(unit)) is not None:
+                if (piece := self._pieces.current.get(unit)) is not None:
                     break
             if piece is not None:
-                self._keep(unit, piece)  # into the current generation
+                self._pieces.put(unit, piece, len(unit))  # into the current generation
             units.append(unit)
             found.append(piece)
             done = i
@@ -1341,16 +1329,36 @@ class FileScrubber:
                 k += 1
             piece = _replace(unit, mine) if mine else (unit, ())
             if not (last and n == len(units) - 1 and _runs_on(unit)):
-                self._keep(unit, piece)  # the text's last unit may run on; the cache holds no such piece
+                self._pieces.put(unit, piece, len(unit))  # the text's last unit may run on; none is kept
             pieces.append(piece)
             start = end + len(PIECE_SEPARATOR)
         return pieces
 
-    def _keep(self, unit: str, piece: _Piece) -> None:
+
+
+_T = TypeVar("_T")
+
+
+class _Generations(Generic[_T]):
+    """Values by text key in two generations: what is put stays in the current one; the older one is dropped
+    when the current one holds `max_chars` / 2 characters. Plain dicts, read directly where it counts: an LRU's
+    move_to_end cost 0.3 s per 660k pieces."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars = max_chars
+        self.current: dict[str, _T] = {}
+        self.previous: dict[str, _T] = {}
+        self._chars = 0
+
+    def get(self, key: str) -> _T | None:
+        found = self.current.get(key)
+        return self.previous.get(key) if found is None else found
+
+    def put(self, key: str, value: _T, chars: int) -> None:
         if self._chars >= self.max_chars // 2:
-            self._previous, self._current, self._chars = self._current, {}, 0
-        self._current[unit] = piece
-        self._chars += len(unit)
+            self.previous, self.current, self._chars = self.current, {}, 0
+        self.current[key] = value
+        self._chars += chars
 
 
 def _changed_part(old: str, new: str) -> tuple[int, int] | None:
@@ -1556,11 +1564,10 @@ _NOT_CODE_AFTER = re.compile(r"\n(?:[^+\-\n]|\+\+\+|---)")
 def _not_code(diff: str) -> list[tuple[int, str]]:
     """A patch's lines that are not lines of code (not empty), with where each starts."""
     lines = []
-    if diff[:1] not in ("+", "-", "\n", "") or diff.startswith(("+++", "---")):
-        end = diff.find("\n")
-        lines.append((0, diff if end < 0 else diff[:end]))
-    for m in _NOT_CODE_AFTER.finditer(diff):
-        start = m.start() + 1
+    # Searched with a line break before the first line too: a match's "\n" in that text is at its line's
+    # start in `diff`.
+    for m in _NOT_CODE_AFTER.finditer("\n" + diff):
+        start = m.start()
         end = diff.find("\n", start)
         lines.append((start, diff[start:] if end < 0 else diff[start:end]))
     return lines
