@@ -1150,25 +1150,91 @@ def _add(found: list[Span], start: int, end: int, kind: str) -> None:
 
 def scrub(text: str, counts: Counter[str] | None = None, scanned: Scan | None = None,
           extra: list[Span] | None = None) -> str:
-    """`text` with every secret replaced by `<SECRET:kind>`; kinds found are added to `counts`. `extra`: spans
-    to replace besides what the scan finds."""
+    """`text` with every secret replaced by `<SECRET:kind>`, and their values where they show again without
+    their names (`replace_repeats`); kinds found are added to `counts`. `extra`: spans to replace besides what
+    the scan finds."""
+    out, found = _scrubbed(text, counts, scanned, extra)
+    return replace_repeats(out, found, counts) if found else out
+
+
+def _scrubbed(text: str, counts: Counter[str] | None, scanned: Scan | None,
+              extra: list[Span] | None) -> _Piece:
+    """`text` with the secrets found in it replaced, and what they were (kind, original text); their values
+    are not yet replaced where they show again (`replace_repeats`)."""
     if not text:
-        return text
+        return text, ()
     spans = _find(text, scanned, literals=True)
     if extra:
         spans = _merge(spans, extra)
-    if not spans:
-        return text
-    out = []
-    pos = 0
-    for start, end, kind in spans:
-        out.append(text[pos:start])
-        out.append(f"<SECRET:{kind}>")
-        pos = end
+    out, found = _replace(text, spans)
+    _tally(found, counts, None)
+    return out, found
+
+
+# -- a secret's value where its name is not --------------------------------------------------------------------
+
+# A value is a secret where a name says so (`password = "..."`), and the same value is one where it shows again
+# without it: `login("...")`, `assert app.secret_key == '...'`, a line of the file an edit left, a table of
+# example tokens in the docs. What a value found that way must not be to be replaced elsewhere, measured on the
+# values five git histories gave up that showed again in the same file version (bench/README.md, "A secret's
+# value where its name is not"): shorter than 8 characters (`config` showed 1,311 times in flask's, as part of
+# other words), a pattern (`([a-z0-9]{64})`), a dotted or colon-joined name (`~opencensus.tags.tag_key.TagKey`,
+# `decoded:base64`), or one word with a number (`complex128`, 156 times as `np.complex128` beside 72 literals):
+# the detector's false positives there would spread through whole files.
+REPEAT_MIN_CHARS = 8
+_PATTERN_SYNTAX = re.compile(r"\[[^\]\n]*\]|\{\d*,?\d*\}|\(\?|\\[wdsbWDS]")
+_DOTTED_NAME = re.compile(r"~?[A-Za-z_]\w*(?:(?:\.|::?|->)[A-Za-z_]\w*)+")
+_ONE_WORD = re.compile(_WORD_PART)
+_JOINED_NAME = re.compile(r"[_.:]")
+# Two capitalized words glued (`MLDSA44Ed25519PrivateKey`): a type's name, however random the rest reads.
+_GLUED_NAMES = re.compile(r"(?:[A-Z][a-z]{2,}){2}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+KEY_MIN_CHARS = 12
+_QUOTES = ("\"", "'", "`")
+
+
+def _repeatable(value: str) -> bool:
+    """Whether a value found as a secret is one wherever it stands as a whole string literal."""
+    return (len(value) >= REPEAT_MIN_CHARS and "\n" not in value and not placeholder(value)
+            and not _TEMPLATE.search(value) and not _PATTERN_SYNTAX.search(value)
+            and not _DOTTED_NAME.fullmatch(value) and not _ONE_WORD.fullmatch(value)
+            and not (_JOINED_WORDS.fullmatch(value) and _JOINED_NAME.search(value)))
+
+
+def _key_like(value: str) -> bool:
+    """Whether a value is random enough to be the same secret inside any text, not only as a literal: a comment,
+    a URL, a table in the docs (`| oauth_token | kkk9d7dh3k39sjv7 |` in requests'). Hex, or letters and digits
+    switching at a key's rate (`looks_random`'s, without its 24 characters: a 24+ one in a literal is found
+    there anyway)."""
+    return (len(value) >= KEY_MIN_CHARS and _DIGIT.search(value) is not None and _LETTER.search(value) is not None
+            and (_HEX.fullmatch(value) is not None or _switch_rate(value) >= SWITCH_RATE)
+            and not _GLUED_NAMES.search(value))
+
+
+def replace_repeats(text: str, found: Iterable[tuple[str, str]], counts: Counter[str] | None = None) -> str:
+    """`text`, already scrubbed, with each value in `found` (kind, original text) replaced where it shows again
+    without its name: as a whole string literal (the quotes kept), or anywhere when it reads as a key.
+
+    The same for a text scrubbed whole or in pieces (`FileScrubber`): it reads only the scrubbed text and the set
+    of what was found. Longest first, as `scrub_diff` replaces lines: a shorter value replaced first could cut a
+    longer one that holds it."""
+    for kind, value in sorted(set(found), key=lambda f: (-len(f[1]), f)):
+        if value not in text or not _repeatable(value):
+            continue
+        marker = f"<SECRET:{kind}>"
+        n = 0
+        if _key_like(value):
+            n = text.count(value)
+            text = text.replace(value, marker)
+        else:
+            for q in _QUOTES:
+                literal = q + value + q
+                if literal in text:
+                    n += text.count(literal)
+                    text = text.replace(literal, q + marker + q)
         if counts is not None:
-            counts[kind] += 1
-    out.append(text[pos:])
-    return "".join(out)
+            counts[kind] += n
+    return text
 
 
 # Where a file is cut into pieces that are scrubbed on their own (see FileScrubber).
@@ -1243,7 +1309,8 @@ class FileScrubber:
             start, end = cut
             self.chars += len(text) - (end - start)  # the rest was asked for too; `scrub` counts the middle
             middle = self.scrub(text[start:end], counts, found)
-            scrubbed = text[:start] + middle + text[end:] if found else text
+            # what the middle gave up can show again in the base's text around it
+            scrubbed = replace_repeats(text[:start] + middle + text[end:], found, counts) if found else text
             self.against_base += 1
             clean = not found
         else:
@@ -1265,16 +1332,19 @@ class FileScrubber:
             self.new_chars += len(text)
             scrubbed, found = _replace(text, find_secrets(text))
             _tally(found, counts, secrets)
-            return scrubbed
+            return replace_repeats(scrubbed, found, counts) if found else scrubbed
         # 660k pieces in that history: the common path (every piece known) stays in C (map, join, filter).
         parts = text.split(PIECE_SEPARATOR)
         pieces: list[_Piece | None] = list(map(self._pieces.current.get, parts))
         if None in pieces:
             parts, pieces = self._fill(parts, pieces)
         known: list[_Piece] = pieces  # type: ignore[assignment]  # _fill left no None
-        for _, found in filter(itemgetter(1), known):
-            _tally(found, counts, secrets)
-        return PIECE_SEPARATOR.join(map(itemgetter(0), known))
+        scrubbed = PIECE_SEPARATOR.join(map(itemgetter(0), known))
+        mine = tuple(itertools.chain.from_iterable(map(itemgetter(1), filter(itemgetter(1), known))))
+        if not mine:
+            return scrubbed
+        _tally(mine, counts, secrets)
+        return replace_repeats(scrubbed, mine, counts)  # a value one piece gave up can show in any other
 
     def _fill(self, parts: list[str], pieces: list[_Piece | None]) -> tuple[list[str], list[_Piece | None]]:
         """Units (a part, or parts joined while one runs on) and their pieces, scanning the ones not seen.
@@ -1668,7 +1738,9 @@ def _merge(spans: list[Span], extra: list[Span]) -> list[Span]:
 def scrub_fields(texts: list[str | None], counts: Counter[str] | None = None,
                  extra: list[list[Span]] | None = None) -> list[str | None]:
     """Scrub the text fields of one event, scanning for markers and keywords once over all of them; `extra`
-    holds spans to replace in each field besides (`cursor_spans`)."""
+    holds spans to replace in each field besides (`cursor_spans`). A value one field gives up as a secret is
+    replaced where it shows again in any of them (`replace_repeats`): the prefix's `password = "..."` and a
+    completion's `login("...")`."""
     present = [t for t in texts if t]
     extra = extra or [[] for _ in texts]
     if len(present) < 2:
@@ -1676,6 +1748,7 @@ def scrub_fields(texts: list[str | None], counts: Counter[str] | None = None,
     joined = "\0".join(present)  # no marker or keyword holds NUL, so none can span two fields
     anchored, floating, keywords = _scan(joined, lower_in_place(joined))
     out: list[str | None] = []
+    found: list[tuple[str, str]] = []
     start = 0
     a = k = 0
     for t, more in zip(texts, extra, strict=True):
@@ -1692,9 +1765,11 @@ def scrub_fields(texts: list[str | None], counts: Counter[str] | None = None,
         while k < len(keywords) and keywords[k] < end:
             mine.append(keywords[k] - start)
             k += 1
-        out.append(scrub(t, counts, (mine_anchored, floating, mine), more))
+        field, field_found = _scrubbed(t, counts, (mine_anchored, floating, mine), more)
+        out.append(field)
+        found += field_found
         start = end + 1
-    return out
+    return [replace_repeats(t, found, counts) if t else t for t in out] if found else out
 
 
 def scrub_json(value: Any, counts: Counter[str] | None = None) -> Any:
