@@ -490,6 +490,17 @@ def test_a_value_the_detector_took_from_code_is_not_spread_through_the_file(valu
     assert replace_repeats(text, [("secret_assignment", value)]) == text
 
 
+@pytest.mark.parametrize("cursor", [0, 1, 2])
+def test_a_value_a_cursor_cuts_from_its_quotes_is_scrubbed(cursor: int) -> None:
+    """A completion that is the value, or starts or ends a literal whose other quote is across the cursor."""
+    parts = [f'password = "{_PW}"\n\nlogin("', _PW, '", retries=3)\n']
+    if cursor != 1:  # the cursor after the opening quote, the completion the rest of the line
+        parts = [parts[0], parts[1] + parts[2], ""] if cursor == 0 else [parts[0] + parts[1], parts[2], ""]
+    fields = scrub_fields(parts)
+    assert not any(_PW in (f or "") for f in fields), fields
+    assert scrub_fields(["x = 1\n", _PW + '", retries=3)']) == ["x = 1\n", _PW + '", retries=3)']  # none named
+
+
 def test_a_value_spread_is_counted_and_the_quotes_stay() -> None:
     counts: Counter[str] = Counter()
     text = 'a = "open-sesame-please"\nb = `open-sesame-please`\n# open-sesame-please\n'
@@ -499,19 +510,29 @@ def test_a_value_spread_is_counted_and_the_quotes_stay() -> None:
 
 
 def test_a_value_named_once_leaves_the_store_wherever_it_shows_again(tmp_path: Path) -> None:
-    """End to end: a file version and an autocomplete event that name a value once and use it again."""
+    """End to end: a file version, a Continue and a Tabby completion that name a value once and use it again."""
     code = f'DB_PASSWORD = "{_PW}"\n\n\ndef connect():\n    return db.login("app", "{_PW}")\n'
+    named, used = f'password = "{_PW}"\n\n', f'login("{_PW}")\n'
     continue_log(tmp_path / "alice", [
-        autocomplete_event(prefix=f'password = "{_PW}"\n\n', completion=f'login("{_PW}")\n', accepted=True)])
+        autocomplete_event(prefix=named, completion=used, accepted=True),
+        # the model suggests the value it read above, the cursor inside the literal
+        autocomplete_event(prefix=named + "db.connect(user, '", completion=f"{_PW}')", suffix="\n", accepted=True)])
+    write_lines(tmp_path / "tabby" / "events" / "2026-10-01.json", [
+        tabby_completion("cmpl-1", day_ms("2026-10-01", 1), prefix=named, text="sign(" + used),
+        tabby_action("view", "cmpl-1", day_ms("2026-10-01", 2))])
     make_repo(tmp_path / "repo", [CommitSpec({"app/db.py": code}, when=T0, message="first")])
     setup = write_config(tmp_path / "site", [
         {"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice"},
+        {"kind": "tabby", "path": str(tmp_path / "tabby"), "name": "tabby"},
         {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}])
     report, db = collect_site(setup.config)
     assert report["error"] is None and report["status"]["commits"]["total"] == 1
+    assert report["status"]["suggestions"]["total"] == 3
     text = all_text(db)
     assert _PW not in text
-    assert 'db.login("app", "<SECRET:secret_assignment>")' in text and 'login("<SECRET:secret_assignment>")' in text
+    for kept in ('db.login("app", "<SECRET:secret_assignment>")', 'sign(login("<SECRET:secret_assignment>")',
+                 "<SECRET:secret_assignment>')"):
+        assert kept in text, kept
 
 
 def test_a_value_removed_in_a_later_harvest_leaves_no_trace_in_its_diff(tmp_path: Path) -> None:

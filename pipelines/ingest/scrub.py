@@ -1211,9 +1211,14 @@ def _key_like(value: str) -> bool:
             and not _GLUED_NAMES.search(value))
 
 
-def replace_repeats(text: str, found: Iterable[tuple[str, str]], counts: Counter[str] | None = None) -> str:
+def replace_repeats(text: str, found: Iterable[tuple[str, str]], counts: Counter[str] | None = None,
+                    edges: bool = False) -> str:
     """`text`, already scrubbed, with each value in `found` (kind, original text) replaced where it shows again
     without its name: as a whole string literal (the quotes kept), or anywhere when it reads as a key.
+
+    `edges`: `text` is a field of an event, which a cursor cut from the text around it. A value that starts it
+    before a quote, ends it after one, or is all of it, is a literal whose other quote is across the cursor: a
+    completion `correct-horse-battery")` after a prefix that ends `login("` (and names the value above).
 
     The same for a text scrubbed whole or in pieces (`FileScrubber`): it reads only the scrubbed text and the set
     of what was found. Longest first, as `scrub_diff` replaces lines: a shorter value replaced first could cut a
@@ -1232,6 +1237,11 @@ def replace_repeats(text: str, found: Iterable[tuple[str, str]], counts: Counter
                 if literal in text:
                     n += text.count(literal)
                     text = text.replace(literal, q + marker + q)
+            if edges:
+                if text.startswith(value) and text[len(value):len(value) + 1] in ("", *_QUOTES):
+                    text, n = marker + text[len(value):], n + 1
+                if text.endswith(value) and text[-len(value) - 1:-len(value)] in _QUOTES:
+                    text, n = text[:-len(value)] + marker, n + 1
         if counts is not None:
             counts[kind] += n
     return text
@@ -1769,7 +1779,7 @@ def scrub_fields(texts: list[str | None], counts: Counter[str] | None = None,
         out.append(field)
         found += field_found
         start = end + 1
-    return [replace_repeats(t, found, counts) if t else t for t in out] if found else out
+    return [replace_repeats(t, found, counts, edges=True) if t else t for t in out] if found else out
 
 
 def scrub_json(value: Any, counts: Counter[str] | None = None) -> Any:
