@@ -490,15 +490,19 @@ def test_a_value_the_detector_took_from_code_is_not_spread_through_the_file(valu
     assert replace_repeats(text, [("secret_assignment", value)]) == text
 
 
-@pytest.mark.parametrize("cursor", [0, 1, 2])
-def test_a_value_a_cursor_cuts_from_its_quotes_is_scrubbed(cursor: int) -> None:
-    """A completion that is the value, or starts or ends a literal whose other quote is across the cursor."""
-    parts = [f'password = "{_PW}"\n\nlogin("', _PW, '", retries=3)\n']
-    if cursor != 1:  # the cursor after the opening quote, the completion the rest of the line
-        parts = [parts[0], parts[1] + parts[2], ""] if cursor == 0 else [parts[0] + parts[1], parts[2], ""]
-    fields = scrub_fields(parts)
-    assert not any(_PW in (f or "") for f in fields), fields
-    assert scrub_fields(["x = 1\n", _PW + '", retries=3)']) == ["x = 1\n", _PW + '", retries=3)']  # none named
+@pytest.mark.parametrize(("name", "value"), [("password", _PW), ("oauth_token", "kkk9d7dh3k39sjv7")])  # words, a key
+def test_a_value_the_cursor_cuts_anywhere_is_scrubbed(name: str, value: str) -> None:
+    """The prefix names the value, and the cursor sits anywhere in a later use of it: before or after it, or
+    inside it (`login("corr` in the prefix, `ect-horse-battery", ...` in the completion); the value is also
+    all of a completion."""
+    named = f'{name} = "{value}"\n\nlogin("'
+    for cut in range(len(value) + 1):
+        fields = scrub_fields([named + value[:cut], value[cut:] + '", retries=3)\n', "\nx = 1\n"])
+        assert not any(value[:4] in (f or "") or value[-4:] in (f or "") for f in fields), (cut, fields)
+    fields = scrub_fields([named, value, '", retries=3)\n'])
+    assert fields[1] == "<SECRET:secret_assignment>"
+    # nothing names it: left, at every cut
+    assert scrub_fields(['login("' + value[:5], value[5:] + '")']) == ['login("' + value[:5], value[5:] + '")']
 
 
 def test_a_value_spread_is_counted_and_the_quotes_stay() -> None:
@@ -516,7 +520,8 @@ def test_a_value_named_once_leaves_the_store_wherever_it_shows_again(tmp_path: P
     continue_log(tmp_path / "alice", [
         autocomplete_event(prefix=named, completion=used, accepted=True),
         # the model suggests the value it read above, the cursor inside the literal
-        autocomplete_event(prefix=named + "db.connect(user, '", completion=f"{_PW}')", suffix="\n", accepted=True)])
+        autocomplete_event(prefix=named + "db.connect(user, '", completion=f"{_PW}')", suffix="\n", accepted=True),
+        autocomplete_event(prefix=named + f"db.connect(user, '{_PW[:6]}", completion=f"{_PW[6:]}')", accepted=True)])
     write_lines(tmp_path / "tabby" / "events" / "2026-10-01.json", [
         tabby_completion("cmpl-1", day_ms("2026-10-01", 1), prefix=named, text="sign(" + used),
         tabby_action("view", "cmpl-1", day_ms("2026-10-01", 2))])
@@ -527,12 +532,13 @@ def test_a_value_named_once_leaves_the_store_wherever_it_shows_again(tmp_path: P
         {"kind": "git", "path": str(tmp_path / "repo"), "name": "repo"}])
     report, db = collect_site(setup.config)
     assert report["error"] is None and report["status"]["commits"]["total"] == 1
-    assert report["status"]["suggestions"]["total"] == 3
+    assert report["status"]["suggestions"]["total"] == 4
     text = all_text(db)
     assert _PW not in text
     for kept in ('db.login("app", "<SECRET:secret_assignment>")', 'sign(login("<SECRET:secret_assignment>")',
                  "<SECRET:secret_assignment>')"):
         assert kept in text, kept
+    assert _PW[:6] not in text and _PW[6:] not in text
 
 
 def test_a_value_removed_in_a_later_harvest_leaves_no_trace_in_its_diff(tmp_path: Path) -> None:

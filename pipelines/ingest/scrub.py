@@ -1779,7 +1779,44 @@ def scrub_fields(texts: list[str | None], counts: Counter[str] | None = None,
         out.append(field)
         found += field_found
         start = end + 1
-    return [replace_repeats(t, found, counts, edges=True) if t else t for t in out] if found else out
+    if not found:
+        return out
+    return _repeats_across_cursor([replace_repeats(t, found, counts, edges=True) if t else t for t in out],
+                                  found, counts)
+
+
+def _repeats_across_cursor(texts: list[str | None], found: list[tuple[str, str]],
+                           counts: Counter[str] | None) -> list[str | None]:
+    """The fields of one event with each value in `found` replaced where the cursor cut it in two: one field ends
+    with its start (`login("s3cr`), another starts with the rest (`etPass99")`), each after or before a quote
+    unless the value reads as a key. Each part becomes a marker, as `cursor_spans` replaces each part of a
+    pattern that a cursor cuts."""
+    out = list(texts)
+    for kind, value in sorted(set(found), key=lambda f: (-len(f[1]), f)):
+        if not _repeatable(value):
+            continue
+        quoted = not _key_like(value)
+        for i, field in enumerate(out):
+            if not field or not (k := _cut_at(field, value, quoted)):
+                continue
+            rest = value[k:]
+            for j, other in enumerate(out):
+                if j != i and other and other.startswith(rest) and (
+                        not quoted or other[len(rest):len(rest) + 1] in ("", *_QUOTES)):
+                    out[i] = field[:-k] + f"<SECRET:{kind}>"
+                    out[j] = f"<SECRET:{kind}>" + other[len(rest):]
+                    if counts is not None:
+                        counts[kind] += 1
+                    break
+    return out
+
+
+def _cut_at(field: str, value: str, quoted: bool) -> int:
+    """How many of `value`'s first characters end `field` (after a quote when `quoted`), the longest; 0: none."""
+    for k in range(min(len(value), len(field)) - 1, 0, -1):
+        if field.endswith(value[:k]) and (not quoted or field[-k - 1:-k] in _QUOTES):
+            return k
+    return 0
 
 
 def scrub_json(value: Any, counts: Counter[str] | None = None) -> Any:
