@@ -41,7 +41,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from re import _parser  # type: ignore[attr-defined]  # a pattern's shortest match (getwidth)
@@ -1796,27 +1796,26 @@ def _repeats_across_cursor(texts: list[str | None], found: list[tuple[str, str]]
         if not _repeatable(value):
             continue
         quoted = not _key_like(value)
+        ends = ("", *_QUOTES) if quoted else None
         for i, field in enumerate(out):
-            if not field or not (k := _cut_at(field, value, quoted)):
-                continue
-            rest = value[k:]
-            for j, other in enumerate(out):
-                if j != i and other and other.startswith(rest) and (
-                        not quoted or other[len(rest):len(rest) + 1] in ("", *_QUOTES)):
-                    out[i] = field[:-k] + f"<SECRET:{kind}>"
-                    out[j] = f"<SECRET:{kind}>" + other[len(rest):]
+            for k in _cuts(field or "", value, quoted):
+                rest = value[k:]
+                j = next((j for j, other in enumerate(out) if j != i and other and other.startswith(rest)
+                          and (ends is None or other[len(rest):len(rest) + 1] in ends)), -1)
+                if j >= 0:
+                    out[i] = (field or "")[:-k] + f"<SECRET:{kind}>"
+                    out[j] = f"<SECRET:{kind}>" + (out[j] or "")[len(rest):]
                     if counts is not None:
                         counts[kind] += 1
                     break
     return out
 
 
-def _cut_at(field: str, value: str, quoted: bool) -> int:
-    """How many of `value`'s first characters end `field` (after a quote when `quoted`), the longest; 0: none."""
+def _cuts(field: str, value: str, quoted: bool) -> Iterator[int]:
+    """Each count of `value`'s first characters that ends `field` (after a quote when `quoted`), longest first."""
     for k in range(min(len(value), len(field)) - 1, 0, -1):
         if field.endswith(value[:k]) and (not quoted or field[-k - 1:-k] in _QUOTES):
-            return k
-    return 0
+            yield k
 
 
 def scrub_json(value: Any, counts: Counter[str] | None = None) -> Any:
