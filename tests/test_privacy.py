@@ -481,13 +481,21 @@ def test_a_secret_value_is_scrubbed_where_it_shows_again_without_its_name(named:
     "decoded:base64", "~opencensus.tags.tag_key.TagKey", "cafebabe:deadbeef",  # names joined by "." or ":"
     "([a-z0-9]{64})", "pypi-[A-Za-z0-9]{8}",  # patterns
     "config", "user123",  # shorter than 8 characters (`config` showed 1,311 times in flask's versions)
-    "MLDSA44Ed25519PrivateKey",  # glued capitalized words: a type's name (the entropy rule's false positive)
-    "open-sesame-please",  # words, not a key: replaced as a whole literal only
 ])
 def test_a_value_the_detector_took_from_code_is_not_spread_through_the_file(value: str) -> None:
-    text = (f"from x import {value}\nx = np.{value}\n# {value}\nf({value}, 2)\nurl = 'https://h/{value}/y'\n"
-            f"y = '{value}x'\n")
+    text = (f"from x import {value}\nx = np.{value}\n# {value}\nf({value}, 2)\nz = \"{value}\"\n"
+            f"url = 'https://h/{value}/y'\n")
     assert replace_repeats(text, [("secret_assignment", value)]) == text
+
+
+@pytest.mark.parametrize("value", [
+    "MLDSA44Ed25519PrivateKey",  # glued capitalized words: a type's name (the entropy rule's false positive)
+    "open-sesame-please",  # words
+])
+def test_a_value_that_reads_as_no_key_is_spread_only_as_a_whole_literal(value: str) -> None:
+    text = f"from x import {value}\n# {value}\nurl = 'https://h/{value}/y'\nz = '{value}'\n"
+    out = replace_repeats(text, [("high_entropy", value)])
+    assert out == text.replace(f"'{value}'", "'<SECRET:high_entropy>'") and out != text
 
 
 @pytest.mark.parametrize(("name", "value"), [("password", _PW), ("oauth_token", "kkk9d7dh3k39sjv7")])  # words, a key
