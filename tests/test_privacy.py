@@ -26,6 +26,7 @@ from pipelines.ingest.scrub import (
     scrub,
     scrub_diff,
     scrub_fields,
+    scrub_json,
 )
 from support import (
     T0,
@@ -547,6 +548,31 @@ def test_a_value_named_once_leaves_the_store_wherever_it_shows_again(tmp_path: P
                  "<SECRET:secret_assignment>')"):
         assert kept in text, kept
     assert _PW[:6] not in text and _PW[6:] not in text
+
+
+def test_a_tool_call_names_its_secrets_by_key(tmp_path: Path) -> None:
+    """A tool call's parameters are an object: the key names the value (`{"db_password": "..."}`), which alone
+    names nothing; a value given up there goes wherever the call shows it again (its output)."""
+    pw, token = "Wq7zLk2xVn9pRt4m", "hunter2-Prod-Pw"
+    params = {"host": "db.internal", "db_password": pw, "auth": {"api_token": token, "user": "alice"},
+              "retries": 3, "flags": ["--verbose", "password"]}
+    counts: Counter[str] = Counter()
+    out = scrub_json({**params, "log": f"connected with {pw}"}, counts)
+    assert out == {"host": "db.internal", "db_password": "<SECRET:secret_assignment>",
+                   "auth": {"api_token": "<SECRET:secret_assignment>", "user": "alice"}, "retries": 3,
+                   "flags": ["--verbose", "password"], "log": "connected with <SECRET:secret_assignment>"}
+    assert counts == {"secret_assignment": 3}
+    assert scrub_json({"name": pw, "user": token}) == {"name": pw, "user": token}  # no key names them
+    v2 = tmp_path / "alice" / "dev_data" / "0.2.0"
+    write_lines(v2 / "toolUsage.jsonl", [continue_event(
+        "toolUsage", toolCallId="call-1", functionName="run_query", functionParams=params,
+        toolCallArgs=json.dumps({"sql": "select 1"}), output=[{"content": f"logged in as alice ({token!r})"}])])
+    setup = write_config(tmp_path / "site", [{"kind": "continue", "path": str(tmp_path / "alice"), "name": "alice"}])
+    report, db = collect_site(setup.config)
+    assert report["error"] is None
+    text = all_text(db)
+    assert "run_query" in text and "db.internal" in text
+    assert pw not in text and token not in text
 
 
 def test_a_value_removed_in_a_later_harvest_leaves_no_trace_in_its_diff(tmp_path: Path) -> None:

@@ -1819,13 +1819,48 @@ def _cuts(field: str, value: str, quoted: bool) -> Iterator[int]:
 
 
 def scrub_json(value: Any, counts: Counter[str] | None = None) -> Any:
-    """A JSON value with every string in it (keys excepted) scrubbed."""
+    """A JSON value with every string in it scrubbed (keys excepted). A string under a secret-sounding key is
+    read as that key's value, as the text `"password": "..."` would be: a tool call's parameters
+    (`{"db_password": "..."}`) name their values by key, and a string alone names nothing. What any string gave
+    up is replaced where another shows it again (`replace_repeats`)."""
+    found: list[tuple[str, str]] = []
+    out = _scrub_json(value, counts, found, None)
+    return _replace_json_repeats(out, found, counts) if found else out
+
+
+def _scrub_json(value: Any, counts: Counter[str] | None, found: list[tuple[str, str]], key: str | None) -> Any:
     if isinstance(value, str):
-        return scrub(value, counts)
+        named = _named_by(key, value) if key is not None and value and _names_secret(key) else None
+        text, gave = _scrubbed(value, counts, None, named)
+        found += gave
+        return text
     if isinstance(value, list):
-        return [scrub_json(v, counts) for v in value]
+        return [_scrub_json(v, counts, found, None) for v in value]
     if isinstance(value, dict):
-        return {k: scrub_json(v, counts) for k, v in value.items()}
+        return {k: _scrub_json(v, counts, found, k if isinstance(k, str) else None) for k, v in value.items()}
+    return value
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def _names_secret(key: str) -> bool:
+    return name_strength(key) > 0
+
+
+def _named_by(key: str, value: str) -> list[Span]:
+    """The spans of `value` that the detector finds when it reads it as the value of `key` (`"key": "value"`)."""
+    head = json.dumps(key, ensure_ascii=False) + ': "'
+    at, end = len(head), len(head) + len(value)
+    return [(max(s, at) - at, min(e, end) - at, kind) for s, e, kind in find_secrets(head + value + '"')
+            if e > at and s < end]
+
+
+def _replace_json_repeats(value: Any, found: list[tuple[str, str]], counts: Counter[str] | None) -> Any:
+    if isinstance(value, str):
+        return replace_repeats(value, found, counts)
+    if isinstance(value, list):
+        return [_replace_json_repeats(v, found, counts) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_json_repeats(v, found, counts) for k, v in value.items()}
     return value
 
 
