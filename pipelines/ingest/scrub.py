@@ -41,7 +41,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from re import _parser  # type: ignore[attr-defined]  # a pattern's shortest match (getwidth)
@@ -1211,6 +1211,12 @@ def _key_like(value: str) -> bool:
             and not _GLUED_NAMES.search(value))
 
 
+def _repeatable_values(found: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (kind, value) pairs of `found` whose values are replaced where they show again, each once, longest
+    first, as `scrub_diff` replaces lines: a shorter value replaced first could cut a longer one that holds it."""
+    return sorted({f for f in found if _repeatable(f[1])}, key=lambda f: (-len(f[1]), f))
+
+
 def replace_repeats(text: str, found: Iterable[tuple[str, str]], counts: Counter[str] | None = None,
                     edges: bool = False) -> str:
     """`text`, already scrubbed, with each value in `found` (kind, original text) replaced where it shows again
@@ -1221,10 +1227,9 @@ def replace_repeats(text: str, found: Iterable[tuple[str, str]], counts: Counter
     completion `correct-horse-battery")` after a prefix that ends `login("` (and names the value above).
 
     The same for a text scrubbed whole or in pieces (`FileScrubber`): it reads only the scrubbed text and the set
-    of what was found. Longest first, as `scrub_diff` replaces lines: a shorter value replaced first could cut a
-    longer one that holds it."""
-    for kind, value in sorted(set(found), key=lambda f: (-len(f[1]), f)):
-        if value not in text or not _repeatable(value):
+    of what was found."""
+    for kind, value in _repeatable_values(found):
+        if value not in text:
             continue
         marker = f"<SECRET:{kind}>"
         n = 0
@@ -1818,9 +1823,7 @@ def _repeats_across_cursor(texts: list[str | None], found: list[tuple[str, str]]
     unless the value reads as a key. Each part becomes a marker, as `cursor_spans` replaces each part of a
     pattern that a cursor cuts."""
     out = list(texts)
-    for kind, value in sorted(set(found), key=lambda f: (-len(f[1]), f)):
-        if not _repeatable(value):
-            continue
+    for kind, value in _repeatable_values(found):
         quoted = not _key_like(value)
         ends = ("", *_QUOTES) if quoted else None
         for i, field in enumerate(out):
@@ -1850,20 +1853,26 @@ def scrub_json(value: Any, counts: Counter[str] | None = None) -> Any:
     (`{"db_password": "..."}`) name their values by key, and a string alone names nothing. What any string gave
     up is replaced where another shows it again (`replace_repeats`)."""
     found: list[tuple[str, str]] = []
-    out = _scrub_json(value, counts, found, None)
-    return _replace_json_repeats(out, found, counts) if found else out
+
+    def one(key: str | None, text: str) -> str:
+        named = _named_by(key, text) if key is not None and text and _names_secret(key) else None
+        out, gave = _scrubbed(text, counts, None, named)
+        found.extend(gave)
+        return out
+
+    out = _map_strings(value, one)
+    return _map_strings(out, lambda _, text: replace_repeats(text, found, counts)) if found else out
 
 
-def _scrub_json(value: Any, counts: Counter[str] | None, found: list[tuple[str, str]], key: str | None) -> Any:
+def _map_strings(value: Any, fn: Callable[[str | None, str], str], key: str | None = None) -> Any:
+    """A JSON value with `fn(key, string)` in place of each string in it; `key` names a string that is an object's
+    value (None in a list)."""
     if isinstance(value, str):
-        named = _named_by(key, value) if key is not None and value and _names_secret(key) else None
-        text, gave = _scrubbed(value, counts, None, named)
-        found += gave
-        return text
+        return fn(key, value)
     if isinstance(value, list):
-        return [_scrub_json(v, counts, found, None) for v in value]
+        return [_map_strings(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: _scrub_json(v, counts, found, k if isinstance(k, str) else None) for k, v in value.items()}
+        return {k: _map_strings(v, fn, k if isinstance(k, str) else None) for k, v in value.items()}
     return value
 
 
@@ -1878,16 +1887,6 @@ def _named_by(key: str, value: str) -> list[Span]:
     at, end = len(head), len(head) + len(value)
     return [(max(s, at) - at, min(e, end) - at, kind) for s, e, kind in find_secrets(head + value + '"')
             if e > at and s < end]
-
-
-def _replace_json_repeats(value: Any, found: list[tuple[str, str]], counts: Counter[str] | None) -> Any:
-    if isinstance(value, str):
-        return replace_repeats(value, found, counts)
-    if isinstance(value, list):
-        return [_replace_json_repeats(v, found, counts) for v in value]
-    if isinstance(value, dict):
-        return {k: _replace_json_repeats(v, found, counts) for k, v in value.items()}
-    return value
 
 
 FIM_FIELDS = ("prefix", "completion", "suffix")
