@@ -1420,7 +1420,6 @@ class FileScrubber:
         return pieces
 
 
-
 _T = TypeVar("_T")
 
 
@@ -1827,13 +1826,16 @@ def _repeats_across_cursor(texts: list[str | None], found: list[tuple[str, str]]
         quoted = not _key_like(value)
         ends = ("", *_QUOTES) if quoted else None
         for i, field in enumerate(out):
-            for k in _cuts(field or "", value, quoted):
+            if not field:
+                continue
+            for k in _cuts(field, value, quoted):
                 rest = value[k:]
-                j = next((j for j, other in enumerate(out) if j != i and other and other.startswith(rest)
-                          and (ends is None or other[len(rest):len(rest) + 1] in ends)), -1)
-                if j >= 0:
-                    out[i] = (field or "")[:-k] + f"<SECRET:{kind}>"
-                    out[j] = f"<SECRET:{kind}>" + (out[j] or "")[len(rest):]
+                pair = next(((j, other) for j, other in enumerate(out) if j != i and other and other.startswith(rest)
+                             and (ends is None or other[len(rest):len(rest) + 1] in ends)), None)
+                if pair is not None:
+                    j, other = pair
+                    out[i] = field[:-k] + f"<SECRET:{kind}>"
+                    out[j] = f"<SECRET:{kind}>" + other[len(rest):]
                     if counts is not None:
                         counts[kind] += 1
                     break
