@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pytest
@@ -235,3 +235,50 @@ def test_a_long_read_lets_go_of_cached_blocks_as_it_streams(tmp_path: Path, monk
     released = stream(release=True)
     assert released[:2] == (rows, total)
     assert released[2] < kept // 4
+
+
+def test_batches_stored_plainly_first_leave_what_key_lookups_leave(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same batches into two stores: one inserting fresh tables plainly first (falling back to ON CONFLICT
+    # for a batch that meets a stored row, and for its next UPSERT_BATCHES batches), one always looking keys
+    # up. After each batch both hold the same rows and cursor and report the same counts; a batch that failed
+    # plainly leaves no part of itself behind.
+    from dataclasses import replace
+
+    from collectors.base import Cursor
+    from pipelines.store.db import _TABLES_BY_NAME, Rows
+    from pipelines.store.schema import ScrubRow, SuggestionRow
+    from support import tabby_suggestion
+
+    monkeypatch.setattr(db, "UPSERT_BATCHES", 2)
+    plain, lookups = Store.open(tmp_path / "plain.duckdb"), Store.open(tmp_path / "lookups.duckdb")
+
+    def batch(*ids: str, text: bool = True) -> Rows:
+        rows = Rows()
+        for i in ids:
+            rows.add(SuggestionRow(**tabby_suggestion(id=i, **({} if text else {
+                "prefix": None, "prefix_compiled": None, "prefix_recovery": "no_code", "suffix": None}))))
+            rows.add(ScrubRow(target="suggestions", key=i, kind="github_token", count=1))
+        return rows
+
+    def contents(store: Store) -> list[Any]:
+        return [store.con.execute(f"SELECT {cols} FROM {name} ORDER BY ALL").fetchall()
+                for name, cols in (("suggestions", "*"), ("scrubs", "*"), ("cursors", 'source, stream, "offset"'))]
+
+    steps = [batch("a", "b", text=False), batch("c"), batch("d", "b", "e"),  # b again, now with its text: filled
+             batch("f"), batch("g", "a"), batch("h"), batch("c", "i"), batch("j")]
+    upserting = []
+    for n, rows in enumerate(steps):
+        cursor = Cursor(stream="events", offset=n)
+        done = plain.apply_batch("tabby", rows, cursor)
+        with monkeypatch.context() as m:
+            m.setattr(db, "_TABLES_BY_NAME", {k: replace(t, fresh=False) for k, t in _TABLES_BY_NAME.items()})
+            assert done == lookups.apply_batch("tabby", rows, cursor), n
+        assert contents(plain) == contents(lookups), n
+        upserting.append(plain._upserting.get("suggestions", 0))
+    # plain until "b" came again, then two batches with lookups (the second met "a" again), plain until "c" came
+    # again, then lookups
+    assert upserting == [0, 0, 2, 1, 0, 0, 2, 1]
+    assert plain.con.execute("SELECT prefix FROM suggestions WHERE id = 'b'").fetchone() == ("def f(x):\n",)
+    plain.close()
+    lookups.close()

@@ -234,6 +234,9 @@ class Table:
     row: type
     key: tuple[str, ...]
     on_conflict: str = "DO NOTHING"
+    # Keyed by one event, commit or line of its own: a batch's rows are new but for a log read again or an event
+    # that came twice, so its batches are first inserted without the key lookup (Store.apply_tables).
+    fresh: bool = True
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -269,11 +272,11 @@ TABLES: dict[type, Table] = {t.row: t for t in (
     Table("scrubs", ScrubRow, ("target", "key", "kind")),
     # An identity resolves as the config says now: a later sighting after a config change updates it.
     Table("identities", IdentityRow, ("identity", "source_kind"),
-          "DO UPDATE SET developer = excluded.developer, mapped = excluded.mapped"),
+          "DO UPDATE SET developer = excluded.developer, mapped = excluded.mapped", fresh=False),
     # A relink replaces the earlier decision.
     Table("suggestion_links", SuggestionLinkRow, ("suggestion_id",), "DO UPDATE SET " + ", ".join(
         f"{c} = excluded.{c}" for c in (f.name for f in dataclasses.fields(SuggestionLinkRow))
-        if c != "suggestion_id")),
+        if c != "suggestion_id"), fresh=False),
     Table("gateway_requests", GatewayRequestRow, ("id",)),
 )}
 
