@@ -16,10 +16,12 @@ import pytest
 from collectors.continue_http import append_to_inbox
 from daemon.config import load_config
 from pipelines.ingest.scrub import (
+    _LITERAL,
     CUT_SECRET_CHARS,
     SEAM_CHARS,
     FileScrubber,
     _find,
+    _literals,
     _not_code,
     _nothing_at_the_cursor,
     cursor_spans,
@@ -276,6 +278,32 @@ _AT_A_CUT = [
 # The same values without their names: a secret where a version names it elsewhere (replace_repeats), left
 # where none does.
 _WITHOUT_NAME = f'    login("{_PW}")\n\n    sign(\'{_KEY}\')\n# the key: {_KEY}\n'
+
+
+def test_the_literal_scan_reads_around_long_runs_as_the_whole_text_scan_finds() -> None:
+    """`_literals` runs the high-entropy regex only from before each run of LITERAL_MIN_CHARS token characters;
+    it yields the matches of the regex over the whole text, the same ones in the same order. Real code (the
+    stdlib's email package and a file of secrets, whole and cut anywhere), and texts made of what the regex
+    turns on: quotes, "=", spaces and tabs, runs around 24 and past 512 characters, a non-ASCII character."""
+    rng = random.Random(15)
+    texts = [*_email_sources(), code_with_secrets()]
+    texts += [t[a:a + rng.randrange(1, 3000)] for t in list(texts) for a in rng.sample(range(len(t)), 40)]
+    pieces = ['"', "'", "`", "=", "==", " ", "\t", "\n", "x", ".", "=\t ", "é", *SECRETS.values()]
+    for _ in range(3000):
+        parts = []
+        for _ in range(rng.randrange(1, 12)):
+            if rng.random() < 0.5:
+                parts.append(rng.choice(pieces))
+            else:
+                n = rng.choice([3, 22, 23, 24, 25, 40, 511, 512, 513, 1100])
+                parts.append("".join(rng.choice("aB3+/=_-.~") for _ in range(n)))
+        texts.append("".join(parts))
+    found = 0
+    for text in texts:
+        want = [(m.span(), m.span("s")) for m in _LITERAL.finditer(text)]
+        assert [(m.span(), m.span("s")) for m in _literals(text)] == want, text[:80]
+        found += len(want)
+    assert found > 3000, found
 
 
 def _email_sources() -> list[str]:
