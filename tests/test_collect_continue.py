@@ -149,6 +149,13 @@ def test_timestamps_iso_and_epoch_ms() -> None:
     ("+++++ other/util.py\nx = 1\n\n+++++ ledger/math.py\nimport os\n", "codestral-latest", "import os\n",
      "codestral_multifile"),
     ("import os\nprint(1)\n", "starcoder2:3b", None, "unrecognised"),
+    # the header's edges, as the line-by-line reading found them before it stopped splitting the whole prefix
+    ("\n\n# ledger/math.py\nx\n", "starcoder2:3b", None, "unrecognised"),
+    ("# ledger/math.py", "starcoder2:3b", None, "unrecognised"),  # no line after it: it is the prefix
+    ("# ledger/math.py\n", "starcoder2:3b", "", "comment_header"),
+    ("// a.ts\n# ledger/math.py\nx", "starcoder2:3b", None, "unrecognised"),  # two comment markers
+    ("# math.py\nx = 1\n", "starcoder2:3b", "x = 1\n", "comment_header"),
+    ("# Path: a%20b/c.py\n# ledger/math.py\n\n", "starcoder2:3b", "\n", "comment_header"),
 ])
 def test_prefix_recovery(compiled: str, model: str, expected: str | None, how: str) -> None:
     assert recover_prefix(compiled, "file:///home/a/src/pay/ledger/math.py", model, False) == (expected, how)
