@@ -942,6 +942,8 @@ def _literals(text: str) -> Iterator[re.Match[str]]:
             done = m.end()
             yield m
         at = end
+
+
 ENTROPY_BITS = 4.0
 SWITCH_RATE = 0.3
 _DIGIT = re.compile(r"\d")

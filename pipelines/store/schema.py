@@ -264,12 +264,14 @@ TABLES: dict[type, Table] = {t.row: t for t in (
     Table("interactions", InteractionRow, ("id",)),
     Table("commits", CommitRow, ("sha",)),
     Table("commit_files", CommitFileRow, ("sha", "path")),
-    Table("blobs", BlobRow, ("blob",)),
+    # A file's content recurs: a revert, an empty __init__.py. Each batch of a harvest met one stored before
+    # (psf/requests, pallets/flask, the generated history) when blobs were fresh.
+    Table("blobs", BlobRow, ("blob",), fresh=False),
     Table("tabby_completions", TabbyCompletionRow, ("id",)),
     Table("tabby_actions", TabbyActionRow, ("id",)),
     Table("quarantine", QuarantineRow, ("source", "stream", "offset", "line_sha1")),
     Table("drops", DropRow, ("source", "reason", "key")),
-    Table("scrubs", ScrubRow, ("target", "key", "kind")),
+    Table("scrubs", ScrubRow, ("target", "key", "kind"), fresh=False),  # a recurring blob's secrets recur with it
     # An identity resolves as the config says now: a later sighting after a config change updates it.
     Table("identities", IdentityRow, ("identity", "source_kind"),
           "DO UPDATE SET developer = excluded.developer, mapped = excluded.mapped", fresh=False),
