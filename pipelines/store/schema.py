@@ -264,8 +264,8 @@ TABLES: dict[type, Table] = {t.row: t for t in (
     Table("interactions", InteractionRow, ("id",)),
     Table("commits", CommitRow, ("sha",)),
     Table("commit_files", CommitFileRow, ("sha", "path")),
-    # A file's content recurs: a revert, an empty __init__.py. Each batch of a harvest met one stored before
-    # (psf/requests, pallets/flask, the generated history) when blobs were fresh.
+    # A file's content recurs: a revert, an empty __init__.py. With blobs fresh, the second batch of every harvest
+    # met one stored before and was stored twice (psf/requests, pallets/flask, Pillow, the generated history).
     Table("blobs", BlobRow, ("blob",), fresh=False),
     Table("tabby_completions", TabbyCompletionRow, ("id",)),
     Table("tabby_actions", TabbyActionRow, ("id",)),
