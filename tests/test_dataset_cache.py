@@ -69,7 +69,7 @@ def built(store: Store, tokenizer: Any, out: Path, cache: Path | None, cfg: Data
     manifest = json.loads((out / "manifest.json").read_text())
     files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
     return {"sha": report.sha256, "files": files, "dropped": report.dropped, "cache": manifest["build_cache"],
-            "counted": manifest["token_counts"], "rows": report.train_rows}
+            "counted": manifest["token_counts"], "tokens": manifest["token_count_cache"], "rows": report.train_rows}
 
 
 def test_a_cached_build_writes_what_a_build_from_scratch_writes(tmp_path: Path, tiny_model: Path) -> None:
@@ -81,6 +81,10 @@ def test_a_cached_build_writes_what_a_build_from_scratch_writes(tmp_path: Path, 
         assert scratch["rows"] > 50 and scratch["dropped"].get("near_duplicate", 0) >= 0
         assert scratch["counted"].get("tokenized", 0) > 0  # rows long enough to be cut: the rounds ran
         cold = built(store, tokenizer, root / "cold", cache)
+        # The counts the first build stored are asked for by hash (Store.token_counts), not tokenized again
+        assert scratch["tokens"]["tokenized"] > 0 and cold["tokens"] == {"known": cold["tokens"]["known"],
+                                                                          "tokenized": 0}
+        assert cold["tokens"]["known"] >= scratch["tokens"]["tokenized"]
         warm = built(store, tokenizer, root / "warm", cache)
         for b in (cold, warm):
             assert (b["sha"], b["files"], b["dropped"]) == (scratch["sha"], scratch["files"], scratch["dropped"])

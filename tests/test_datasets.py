@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -282,7 +282,8 @@ def test_dataset_files_read_a_chunk_at_a_time_give_the_lines_a_whole_read_gives(
 
 def test_rows_cut_to_fit_are_the_rows_dataclasses_replace_would_make() -> None:
     """The token stage copies a row with new context without __init__: only sound while the row types
-    validate nothing in __post_init__ and keep their fields in __dict__."""
+    validate nothing in __post_init__ and keep all their fields in __slots__ (no __dict__ besides, which a
+    base class without slots of its own would add: 160 bytes a row instead of 112)."""
     at = datetime(2026, 11, 2, 9)
     spool = Spool()
     for context in (TextContext("def f():\n", "\nx\n"), spool.put("def f():\n", "\nx\n")):
@@ -290,7 +291,8 @@ def test_rows_cut_to_fit_are_the_rows_dataclasses_replace_would_make() -> None:
                 PairExample("a>b", "rejected", "kept", "alice", at, "r/a.py", context, "1", "2"),
                 Side("s", "rejected", False, "alice", at, "r/a.py", context, "3")]
         for row in rows:
-            assert not hasattr(type(row), "__post_init__") and not hasattr(type(row), "__slots__")
+            assert not hasattr(type(row), "__post_init__") and not hasattr(row, "__dict__")
+            assert set(type(row).__slots__) == {f.name for f in fields(row)}
             cut, want = _cut(row, 5, 1), replace(row, context=TextContext("f():\n", "\n"))
             assert cut == want and hash(cut) == hash(want)
             assert (cut.prefix, cut.suffix) == ("f():\n", "\n")

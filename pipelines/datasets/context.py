@@ -287,8 +287,13 @@ Context = TextContext | SpooledContext
 
 class WithContext:
     """A row whose `context` holds its prefix and suffix: both read as properties (each reads the context; the
-    build's stages ask the context for only what they need)."""
+    build's stages ask the context for only what they need).
 
+    The rows are frozen dataclasses with slots, and this base has none of its own: a row then holds its fields
+    in 112 bytes instead of 160 with a `__dict__` (336 once the dict is made: a cut row, before), and a
+    1M-suggestion build holds over a million of them from the rows stage to the write stage."""
+
+    __slots__ = ()
     context: Context
 
     @property

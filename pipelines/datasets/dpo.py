@@ -40,7 +40,7 @@ SUFFIX_MATCH_CHARS = 500
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PairExample(WithContext):
     id: str  # "<chosen id>><rejected id>"
     signal: str  # the rejected side's signal: "rejected" | "replaced"
@@ -75,10 +75,12 @@ def match_key(prefix: str, suffix: str) -> tuple[int, int, int, int]:
 
 def _strip_line_ends(text: str) -> str:
     """Trailing spaces and tabs removed from every line but the last (the checks skip the regex for the
-    common text that has none: a third of this module's time went there)."""
+    common text that has none: a third of this module's time went there). A tab is looked for alone first: a
+    one-character search is a memchr (0.2 against 1.1 us over a bench context's 900 characters), and most code
+    holds no tab at all."""
     if "\r" in text:
         text = text.replace("\r\n", "\n")
-    if " \n" in text or "\t\n" in text:
+    if " \n" in text or ("\t" in text and "\t\n" in text):
         text = _TRAILING_SPACE.sub("\n", text)
     return text
 

@@ -22,7 +22,7 @@ from pipelines.datasets.quality import content_problem, path_problem
 from pipelines.store.records import LinkedSuggestion
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome(WithContext):
     """One shown suggestion, what the developer did with it, and what became of it in git."""
 
@@ -37,7 +37,7 @@ class Outcome(WithContext):
     committed_text: str | None  # rewritten: the committed middle that replaced it (None: not alignable)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Side(WithContext):
     """One completion for one context, and whether the developer wanted it."""
 

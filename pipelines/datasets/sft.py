@@ -37,7 +37,7 @@ from pipelines.tokens import FimTokens
 NEXT_EDIT_INSTRUCTION = "Make the next edit to this code."
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FimExample(WithContext):
     id: str
     signal: str  # "kept" | "rewritten" | "accepted" | "committed"
@@ -49,7 +49,7 @@ class FimExample(WithContext):
     order: str = "psm"  # "psm" | "spm"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChatExample:
     id: str
     signal: str  # "edit"

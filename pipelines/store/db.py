@@ -612,10 +612,16 @@ class Store:
         # ~35 KB a content at 1M suggestions: 35 MB of rows between two releases, and more of cached blocks
         yield from _records(cur, BlobContent, batch_rows=1024, release=self.release_cache, release_rows=1024)
 
-    def token_counts(self, tokenizer: str) -> dict[bytes, int]:
-        """Token counts stored by earlier dataset builds for `tokenizer` (a fingerprint), by text hash."""
-        rows = self.con.execute("SELECT text_hash, tokens FROM token_counts WHERE tokenizer = ?",
-                                [tokenizer]).fetchall()
+    def token_counts(self, tokenizer: str, hashes: list[bytes]) -> dict[bytes, int]:
+        """The token counts of `hashes` (text hashes) that earlier dataset builds stored for `tokenizer` (a
+        fingerprint)."""
+        if not hashes:
+            return {}
+        c = self.con.cursor()  # registered Arrow tables stay on this cursor
+        c.register("asked", arrow_table({"text_hash": hashes}, pa.schema([("text_hash", pa.binary())])))
+        rows = c.execute("SELECT t.text_hash, t.tokens FROM token_counts t JOIN asked a ON a.text_hash = t.text_hash "
+                         "WHERE t.tokenizer = ?", [tokenizer]).fetchall()
+        c.close()
         return dict(rows)
 
     def save_token_counts(self, tokenizer: str, counts: dict[bytes, int]) -> None:
