@@ -618,11 +618,12 @@ class Store:
         if not hashes:
             return {}
         c = self.con.cursor()  # registered Arrow tables stay on this cursor
-        c.register("asked", arrow_table({"text_hash": hashes}, pa.schema([("text_hash", pa.binary())])))
-        rows = c.execute("SELECT t.text_hash, t.tokens FROM token_counts t JOIN asked a ON a.text_hash = t.text_hash "
-                         "WHERE t.tokenizer = ?", [tokenizer]).fetchall()
-        c.close()
-        return dict(rows)
+        try:
+            c.register("asked", arrow_table({"text_hash": hashes}, pa.schema([("text_hash", pa.binary())])))
+            return dict(c.execute("SELECT t.text_hash, t.tokens FROM token_counts t JOIN asked a "
+                                  "ON a.text_hash = t.text_hash WHERE t.tokenizer = ?", [tokenizer]).fetchall())
+        finally:
+            c.close()
 
     def save_token_counts(self, tokenizer: str, counts: dict[bytes, int]) -> None:
         """Add counts a build made (their hashes were not stored yet for `tokenizer`)."""
