@@ -358,9 +358,9 @@ class TokenCounts:
     tokenized again; the counts are the tokenizer's own, so the rows are the same.
 
     `stored(hashes)` gives the stored counts of the texts asked for, or is a dict of them. Asked for, not loaded:
-    a warm build asks about ~4,000 texts (the calibration sample and the rows no earlier build traced), and
-    loading every stored count took 0.15 s of a warm 100k-suggestion build (337k counts), growing with the
-    history."""
+    a warm build asks about the calibration sample and the rows no earlier build traced (1,000 texts in the
+    100k-suggestion state of bench/nightly_growth.py, where every trace replayed), while loading every stored
+    count took 0.15 s of that build (337k counts), growing with the history."""
 
     def __init__(self, tokenizer: BaseTokenizer,
                  stored: dict[bytes, int] | Callable[[list[bytes]], dict[bytes, int]]) -> None:
