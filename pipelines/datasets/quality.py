@@ -357,25 +357,23 @@ class TokenCounts:
     bench/nightly_growth.py). A text counted by an earlier build of the same tokenizer (same fingerprint) is not
     tokenized again; the counts are the tokenizer's own, so the rows are the same.
 
-    `stored(hashes)` gives the stored counts of the texts asked for, or is a dict of them. Asked for, not loaded:
+    `stored(hashes)` gives the stored counts of the texts asked for. Asked for, not loaded:
     a warm build asks about the calibration sample and the rows no earlier build traced (1,000 texts in the
     100k-suggestion state of bench/nightly_growth.py, where every trace replayed), while loading every stored
     count took 0.15 s of that build (337k counts), growing with the history."""
 
-    def __init__(self, tokenizer: BaseTokenizer,
-                 stored: dict[bytes, int] | Callable[[list[bytes]], dict[bytes, int]]) -> None:
+    def __init__(self, tokenizer: BaseTokenizer, stored: Callable[[list[bytes]], dict[bytes, int]]) -> None:
         self.tokenizer = tokenizer
-        self.known: dict[bytes, int] = stored if isinstance(stored, dict) else {}
-        self._stored = None if isinstance(stored, dict) else stored
+        self.stored = stored
+        self.known: dict[bytes, int] = {}  # asked for or counted so far
         self.new: dict[bytes, int] = {}  # counted by this build: what to store
         self.hits = 0
 
     def count(self, texts: list[str]) -> list[int]:
         keys = [text_hash(t) for t in texts]
-        if self._stored is not None:
-            asked = [k for k in keys if k not in self.known]
-            if asked:
-                self.known.update(self._stored(asked))
+        asked = [k for k in keys if k not in self.known]
+        if asked:
+            self.known.update(self.stored(asked))
         out = [self.known.get(k, -1) for k in keys]
         missing = [i for i, n in enumerate(out) if n < 0]
         self.hits += len(texts) - len(missing)
