@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -93,7 +92,9 @@ def _build_rows(out_dir: Path) -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from pipelines.progress import peak_rss_mb as own  # VmHWM: a worker's own peak, not its parent's
+
+    return own()
 
 
 def worker_env(threads: int) -> dict[str, str]:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -292,6 +291,7 @@ def measure(folder: Path, how: str) -> int:
     from daemon.config import load_config
     from pipelines.datasets.build import build_datasets
     from pipelines.datasets.cache import cache_dir
+    from pipelines.progress import peak_rss_mb
     from pipelines.scope import team
     from pipelines.store.db import Store
     from pipelines.tokens import load_base_tokenizer
@@ -311,7 +311,7 @@ def measure(folder: Path, how: str) -> int:
     report = build_datasets(store, team(TEAM), cfg.datasets, tokenizer, folder / "data", cache)
     seconds = time.monotonic() - started
     store.close()
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                       "report": report.as_dict(), "cpus": os.cpu_count(),
                       "manifest": json.loads((folder / "data" / "manifest.json").read_text())}, default=str))
     return 0

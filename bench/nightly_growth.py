@@ -240,6 +240,7 @@ def measure(folder: Path) -> dict[str, Any]:
 
     from daemon import jobs
     from daemon.config import load_config
+    from pipelines.progress import peak_rss_mb
     from pipelines.store.db import Store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -279,8 +280,8 @@ def measure(folder: Path) -> dict[str, Any]:
             "rows": {"new": (s.get("start") or {}).get("new_rows"), "trained": train.get("train_rows"),
                      "steps": train.get("steps"),
                      "dataset_train": (s.get("dataset") or {}).get("train_rows")},
-            "link": ((s.get("dataset") or {}).get("links")), "peak_rss_mb":
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pid": os.getpid()}
+            "link": ((s.get("dataset") or {}).get("links")), "peak_rss_mb": peak_rss_mb(),
+            "pid": os.getpid()}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ def whole_files(run_dir: Path, data_until: str, share: float, seed: int) -> dict
 
 def one(run_dir: Path, how: str, data_until: str) -> dict[str, Any]:
     from pipelines.config import TrainConfig
+    from pipelines.progress import peak_rss_mb
     from pipelines.train.train import read_training_rows
 
     cfg = TrainConfig()
@@ -51,7 +51,7 @@ def one(run_dir: Path, how: str, data_until: str) -> dict[str, Any]:
     else:
         rows = read_training_rows(run_dir, cfg, None, data_until)
         picked = {k: v["rows"] for k, v in rows.counts.items()}
-    return {"seconds": time.monotonic() - t, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"seconds": time.monotonic() - t, "peak_mb": peak_rss_mb(),
             "picked": picked}
 
 

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -74,7 +73,7 @@ from pipelines.datasets.sft import (
     fim_row,
 )
 from pipelines.datasets.split import heldout_cutoff, split_at
-from pipelines.progress import Progress, format_seconds
+from pipelines.progress import Progress, format_seconds, peak_rss_mb
 from pipelines.scope import Scope
 from pipelines.store.db import Store, now
 from pipelines.tokens import BaseTokenizer, FimTokens
@@ -541,7 +540,7 @@ class _Clock:
         self.seconds[stage] = round(t - self.last, 3)
         self.last = t
         # The memory as each stage ends says which one holds it (a 1M-suggestion build peaks at several GB).
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = peak_rss_mb()
         log.info("dataset %s: %s done in %s (resident %s MB, peak %.0f MB)", self.scope, stage,
                  format_seconds(self.seconds[stage]), _resident_mb(), peak)
 

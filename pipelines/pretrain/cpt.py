@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +33,7 @@ from transformers import AutoTokenizer
 from pipelines.config import PretrainConfig
 from pipelines.pretrain.rundir import read_settings
 from pipelines.pretrain.samples import FimShape, chunk_lines, sample_text
-from pipelines.progress import format_seconds
+from pipelines.progress import format_seconds, peak_rss_mb
 from pipelines.tokens import load_base_tokenizer
 from pipelines.train.batching import Encoded, collate
 from pipelines.train.fit import Micro, Settings, Stage, fit
@@ -156,7 +155,7 @@ def train_cpt(run_dir: Path) -> dict[str, Any]:
         "epochs": n / len(chunks), "chars_per_token": ratio, "train_loss": result.loss, "first_loss": result.first_loss,
         "seconds": seconds, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
         "resumed_from_step": {"cpt": result.resumed_from_step}, "oom_backoffs": result.oom_backoffs,
-        "micro_batch": result.micro_batch, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "micro_batch": result.micro_batch, "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if rt.device.type == "cuda" else 0.0,
     }
     if rt.main:

@@ -19,7 +19,6 @@ import importlib.util
 import logging
 import os
 import random
-import resource
 import shutil
 import sys
 import time
@@ -37,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipelines.config import TrainConfig
 from pipelines.files import read_json, write_json_atomic
-from pipelines.progress import format_seconds
+from pipelines.progress import format_seconds, peak_rss_mb
 from pipelines.train import attention
 from pipelines.train.batching import Encoded, Shared, collate, collate_shared, encode, plan_steps, steps_for
 from pipelines.train.dropout import use_lane_dropout
@@ -465,7 +464,7 @@ def train_adapter(run_dir: Path) -> dict[str, Any]:
         "seconds": seconds, "tokens": sum(r.tokens for r in results), "tokens_per_s": head.tokens_per_s,
         "resumed_from_step": {r.name: r.resumed_from_step for r in results},
         "oom_backoffs": sum(r.oom_backoffs for r in results), "micro_batch": results[-1].micro_batch,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if rt.device.type == "cuda" else 0.0,
     }
     if rt.main:
