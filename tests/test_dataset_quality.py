@@ -172,9 +172,9 @@ def test_a_developer_with_too_few_examples_is_skipped_with_the_reason(tmp_path: 
     assert report.skipped.startswith(f"{report.train_rows} training rows of {ALICE[1]}")
 
 
-def test_near_duplicates_compared_a_block_at_a_time_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_near_duplicates_a_block_and_a_band_per_thread_at_a_time_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     """_similar compares candidate rows a block at a time (a 600k-row set held 256 MB of gathered signatures at
-    once): the verdicts do not depend on the block."""
+    once), and the bands are split between threads: the verdicts depend on neither."""
     import random
 
     import numpy as np
@@ -194,3 +194,55 @@ def test_near_duplicates_compared_a_block_at_a_time_are_the_same(monkeypatch: py
     monkeypatch.setattr(quality, "SIMILAR_BLOCK", 3)
     blocked = near_duplicates(sig, mid, 0.85), near_duplicates_of(sig[40:], mid[40:], ref, ref_mid, 0.85)
     assert all(np.array_equal(a, b) for a, b in zip(whole, blocked, strict=True))
+    for threads in (1, 3):  # the bands split between threads: each band's verdicts are its own
+        monkeypatch.setattr(quality, "SKETCH_THREADS", threads)
+        split = near_duplicates(sig, mid, 0.85), near_duplicates_of(sig[40:], mid[40:], ref, ref_mid, 0.85)
+        assert all(np.array_equal(a, b) for a, b in zip(whole, split, strict=True))
+
+
+def _plain_sketch(text: str) -> list[int]:
+    """One-permutation MinHash as `sketch` documents it, one byte 8-gram at a time in plain Python."""
+    from pipelines.datasets.quality import BINS, EMPTY, SHINGLE_BYTES
+
+    data = text.encode("utf-8", "surrogatepass")
+    data = data.ljust(SHINGLE_BYTES, b"\x00") if data else data
+    sig = [int(EMPTY)] * BINS
+    for i in range(len(data) - SHINGLE_BYTES + 1):
+        w0, w1 = int.from_bytes(data[i:i + 4], "little"), int.from_bytes(data[i + 4:i + 8], "little")
+        h = ((w0 * 0x9E3779B1) ^ (w1 * 0x85EBCA77)) & 0xFFFFFFFF
+        h ^= h >> 15
+        h = (h * 0xC2B2AE3D) & 0xFFFFFFFF
+        h ^= h >> 13
+        sig[h >> 26] = min(sig[h >> 26], h & ((1 << 26) - 1))
+    filled = [b for b in range(BINS) if sig[b] != EMPTY]
+    if not filled:
+        return sig
+    out = list(sig)
+    for b in range(BINS):
+        if sig[b] == EMPTY:  # the next filled bin to the right, circularly, offset by its distance
+            d = next(d for d in range(1, BINS) if sig[(b + d) % BINS] != EMPTY)
+            out[b] = (sig[(b + d) % BINS] + d * 0x9E3779B1) & 0xFFFFFFFF & ((1 << 26) - 1)
+    return out
+
+
+def test_sketches_are_the_minhash_of_each_texts_own_byte_8_grams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vectorised sketch (all of a chunk's texts in one buffer, each row's last 7 positions masked, row
+    offsets summed in uint32, empty bins filled by a running minimum) equals a plain per-text MinHash, for
+    empty, short, padded, multi-byte and lone-surrogate texts side by side, across chunk edges."""
+    import random
+
+    import numpy as np
+
+    from pipelines.datasets import quality
+    from pipelines.datasets.quality import sketch
+
+    rng = random.Random(11)
+    words = ["def", "fee", "é", "€", "\U0001f600", "\ud800", " ", "\n", "amount", "x" * 40, "\x00"]
+    texts = ["", "a", "ab", "", "abcdefg", "abcdefgh", "abcdefghi", "", "\x00" * 8, functions("f", 3)]
+    texts += ["".join(rng.choices(words, k=rng.randint(0, 60))) for _ in range(300)]
+    monkeypatch.setattr(quality, "SKETCH_CHUNK", 7)  # chunks of 7 rows: edges fall between empty and full rows
+    got = sketch(texts)
+    assert got.dtype == np.uint32 and got.shape == (len(texts), quality.BINS)
+    for text, row in zip(texts, got, strict=True):
+        assert row.tolist() == _plain_sketch(text), repr(text)
+    assert (got[0] == quality.EMPTY).all() and (got[1] != quality.EMPTY).all()  # "a" is padded to one shingle

@@ -30,6 +30,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -224,7 +225,7 @@ class Sketches:
         prefix = bytes([tag])
         # The tag joins the keys instead of being added to each (a new bytes object a row: 0.14 s of a warm
         # 100k-suggestion build's 9.3 s)
-        keys = prefix + prefix.join([k for _, k in rows]) if rows else b""
+        keys = prefix + prefix.join(map(itemgetter(1), rows)) if rows else b""
         at = self.index.find(keys)
         out = np.empty((len(rows), BINS), dtype=np.uint32)
         found = np.flatnonzero(at >= 0)
