@@ -138,3 +138,21 @@ def test_a_primed_child_whose_parent_is_killed_exits_by_itself(modules: Path) ->
     if still:
         os.kill(pid, 9)
     assert not still and not (modules / "result.json").exists()
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents() -> None:
+    """A stage reports `peak_rss_mb` (the training result, the build's stage lines). Linux's ru_maxrss carries a
+    parent's peak into a child across fork and exec: a child of a parent that touched 300 MB would report 300 MB
+    or more while using ~20, as the build measured in a child of its 2 GB preparing process did."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    inner = "from pipelines.progress import peak_rss_mb; print(peak_rss_mb())"
+    outer = ("import subprocess, sys\n"
+             "x = bytearray(300 << 20)\n"
+             "for i in range(0, len(x), 4096): x[i] = 1\n"
+             f"print(subprocess.run([sys.executable, '-c', {inner!r}], capture_output=True, text=True, check=True)"
+             ".stdout.strip())")
+    got = subprocess.run([sys.executable, "-c", outer], capture_output=True, text=True, check=True, cwd=root)
+    peak = float(got.stdout)
+    assert 0 < peak < 150, peak
