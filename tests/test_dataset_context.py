@@ -115,3 +115,34 @@ def test_two_threads_read_a_spool_while_it_is_flushed(tmp_path: Path, monkeypatc
         t.join()
     assert wrong == []
     spool.close()
+
+
+def test_a_spool_that_cannot_write_its_file_says_so_and_nothing_waits_forever(tmp_path: Path) -> None:
+    """The spool's file is written by a thread of its own. When that write fails (here the file size limit, as a
+    full disk would), the next read or write raises an error that names the folder, instead of waiting for bytes
+    that will never come, and the spool still closes."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal, sys
+from pathlib import Path
+from pipelines.datasets import context
+from pipelines.datasets.context import ByteSpool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+context.FLUSH_BYTES = 64 << 10
+spool = ByteSpool(Path({str(tmp_path)!r}))
+try:
+    at = [spool.write(bytes([i % 251]) * 1000) for i in range(3000)]  # 3 MB: past the limit
+    spool.read(at[-1], 1000)
+except OSError as e:
+    print("raised:", e)
+spool.close()
+print("closed")
+"""
+    root = Path(__file__).resolve().parent.parent
+    got = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=root)
+    assert got.returncode == 0, got.stderr
+    assert f"raised: spool: writing the build's temporary file in {tmp_path} failed" in got.stdout, got.stdout
+    assert "free space" in got.stdout and got.stdout.rstrip().endswith("closed")
