@@ -99,28 +99,41 @@ class ByteSpool:
             self._writer = threading.Thread(target=self._write_chunks, name="spool-writer", daemon=True)
             self._writer.start()
         chunk, self._pending = bytes(self._pending), bytearray()
-        self._chunks.put((self._queued, chunk))
+        while True:  # a full queue waits for the thread, unless the thread has stopped
+            try:
+                self._chunks.put((self._queued, chunk), timeout=1.0)
+                break
+            except queue.Full:
+                self._raise_failure()
         self._queued += len(chunk)
 
     def _write_chunks(self) -> None:
         try:
             while (item := self._chunks.get()) is not None:
+                if self._failed is not None:
+                    continue  # what comes after a failed write is only taken off the queue
                 at, chunk = item
-                done = 0
-                while done < len(chunk):
-                    done += os.pwrite(self._fd, memoryview(chunk)[done:], at + done)
+                try:
+                    done = 0
+                    while done < len(chunk):
+                        done += os.pwrite(self._fd, memoryview(chunk)[done:], at + done)
+                except OSError as e:  # a full disk: the next write or read raises it
+                    failed: OSError | None = e
+                else:
+                    failed = None
                 with self._written:
-                    self._flushed = at + len(chunk)
+                    if failed is None:
+                        self._flushed = at + len(chunk)
+                    else:
+                        self._failed = failed
                     self._written.notify_all()
-        except OSError as e:  # a full disk: the next write or read raises it
-            self._failed = e
         finally:  # however it stops, nobody waits for it any longer
             with self._written:
                 self._stopped = True
                 self._written.notify_all()
 
     def _raise_failure(self) -> None:
-        if self._stopped and self._writer is not None:
+        if self._writer is not None and (self._failed is not None or self._stopped):
             raise OSError(f"spool: writing the build's temporary file in {self._folder} failed ({self._failed}); "
                           "it needs about as much free space as the datasets it builds") from self._failed
 
@@ -133,7 +146,7 @@ class ByteSpool:
             if end > self._queued:  # the bytes asked for are still pending: reads after the last write
                 self._hand_over()
         with self._written:
-            self._written.wait_for(lambda: self._flushed >= end or self._stopped)
+            self._written.wait_for(lambda: self._flushed >= end or self._failed is not None or self._stopped)
             flushed = self._flushed
         if flushed < end:
             self._raise_failure()
