@@ -47,7 +47,8 @@ class ByteSpool:
 
     The bytes are written to the file by a thread of the spool's own, a FLUSH_BYTES chunk at a time, so that
     the build goes on while the kernel takes them: 2 GB written at 1M suggestions go at the disk's pace once the
-    page cache holds its share of dirty pages (2 GB of pwrite took 9.5 s here), and a write waits for that.
+    page cache holds its share of dirty pages (2 GB of 1 MB pwrites took 2.5-4.1 s here on a quiet machine, 9.5 s
+    beside another job), and a write waits for that.
     One thread writes, any may read: a read of bytes not yet in the file waits for them."""
 
     def __init__(self, folder: Path | None = None, name: str = ".spool-") -> None:
@@ -57,11 +58,11 @@ class ByteSpool:
         self._pending = bytearray()
         self._queued = 0  # bytes handed to the writing thread: where `_pending` starts
         self._flushed = 0  # bytes in the file
-        self._written = threading.Condition()  # `_flushed` moved, or the writing thread failed
+        self._written = threading.Condition()  # `_flushed` moved, a write failed, or the writing thread ended
         self._chunks: queue.Queue[tuple[int, bytes] | None] = queue.Queue(WRITE_AHEAD)
         self._writer: threading.Thread | None = None
         self._failed: OSError | None = None
-        self._stopped = False  # the writing thread ended: failed, or closed
+        self._stopped = False  # the writing thread ended: closed, or an error that was not the disk's
         self._lock = threading.Lock()  # near-duplicate sketches read from two threads
         # Read through a mapping, not os.pread: a pread cost 3.8 µs a call here (a 100k-suggestion build makes
         # 350k reads), a slice of the mapping a fraction of that.
