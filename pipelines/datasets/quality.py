@@ -59,7 +59,7 @@ SAMPLE_MARGIN = 1.10
 NON_ASCII_SHARE = 0.02
 SKETCH_THREADS = 2
 SKETCH_CHUNK = 10_000  # ~3 MB of text per chunk keeps each thread's temporary arrays near 40 MB (100 MB at 25k)
-SIMILAR_BLOCK = 65_536  # rows whose signatures _similar compares at once: 33 MB of gathered signatures
+SIMILAR_BLOCK = 65_536  # rows whose signatures _similar compares at once: 33 MB of gathered signatures a band thread
 
 VENDORED_DIRS = frozenset({
     "vendor", "vendors", "third_party", "thirdparty", "third-party", "node_modules", "bower_components",
